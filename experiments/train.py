@@ -1,0 +1,45 @@
+"""Train a Length Value Model.
+
+  python -m experiments.train --config experiments/configs/synthetic.py --workdir runs/synthetic \
+      [--config.train.steps=500 ...]
+
+Rerunning the same command on a workdir with checkpoints resumes exactly where it stopped.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lenvm_jax.train import trainer
+from lenvm_jax.train.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl, TensorBoard, config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def quiet_library_logs():
+  """orbax logs every checkpoint internals at INFO; keep its warnings, drop the chatter."""
+  class _Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  logging.get_absl_handler().addFilter(_Filter())
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

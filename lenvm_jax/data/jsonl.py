@@ -1,0 +1,49 @@
+"""Pre-tokenized trajectory JSONL (schema in lenvm_jax/data/records.py), validated line by line."""
+
+import json
+
+from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
+
+_KNOWN_FIELDS = {"prompt_ids", "completion_ids", "finished", "prompt_id", "generator"}
+
+
+def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> Trajectory:
+  if not isinstance(obj, dict):
+    raise RecordError(source, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+  for field in ("prompt_ids", "completion_ids"):
+    if field not in obj:
+      raise RecordError(source, line, field, "is missing")
+  unknown = set(obj) - _KNOWN_FIELDS
+  if unknown:
+    raise RecordError(source, line, sorted(unknown)[0], f"is not a trajectory field (known: {sorted(_KNOWN_FIELDS)})")
+  prompt = check_token_ids(obj["prompt_ids"], vocab_size, source, line, "prompt_ids")
+  completion = check_token_ids(obj["completion_ids"], vocab_size, source, line, "completion_ids")
+  if len(prompt) >= max_len:
+    raise RecordError(source, line, "prompt_ids",
+                      f"prompt has {len(prompt)} tokens; data.max_len ({max_len}) must leave room for the completion")
+  finished = obj.get("finished", True)
+  if not isinstance(finished, bool):
+    raise RecordError(source, line, "finished", f"must be true or false, got {finished!r:.40}")
+  for field in ("prompt_id", "generator"):
+    if obj.get(field) is not None and not isinstance(obj[field], (str, int)):
+      raise RecordError(source, line, field, f"must be a string or integer, got {obj[field]!r:.40}")
+  prompt_id = obj.get("prompt_id")
+  return Trajectory(prompt, completion, finished, None if prompt_id is None else str(prompt_id),
+                    obj.get("generator"))
+
+
+def read_trajectories(path: str, vocab_size: int, max_len: int) -> list[Trajectory]:
+  """All records of a JSONL file; blank lines are allowed, anything malformed raises RecordError."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, text in enumerate(f, start=1):
+      if not text.strip():
+        continue
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise RecordError(path, line_number, "<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
+      records.append(parse_record(obj, vocab_size, max_len, path, line_number))
+  if not records:
+    raise RecordError(path, 0, "<file>", "holds no records")
+  return records

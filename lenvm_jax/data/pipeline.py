@@ -1,0 +1,74 @@
+"""Data sources -> grain pipelines of fixed-shape row batches, with a checkpointable iterator.
+
+`data.source` picks where trajectories come from; everything after that is one grain pipeline:
+MapDataset(source) -> global shuffle (re-drawn each epoch) -> repeat -> this host's slice -> rows -> batch.
+"""
+
+import functools
+import logging
+
+import grain
+import jax
+import numpy as np
+
+from lenvm_jax.data import jsonl, rows, synthetic
+
+SOURCES = ("synthetic", "jsonl")
+
+
+def synthetic_policy(config) -> synthetic.SyntheticPolicy:
+  """The synthetic generator speaks the model's vocabulary (model.vocab_size)."""
+  return synthetic.SyntheticPolicy(vocab_size=config.model.vocab_size,
+                                   hazards=tuple(config.data.synthetic.hazards),
+                                   switch_prob=config.data.synthetic.switch_prob)
+
+
+def load_source(config, split: str):
+  """The trajectories of a split ("train" or "eval") as a random-access sequence."""
+  data = config.data
+  if data.source == "synthetic":
+    policy = synthetic_policy(config)
+    size = data.synthetic.train_records if split == "train" else data.synthetic.eval_records
+    # Distinct seed streams per split: eval trajectories are never training trajectories.
+    return synthetic.SyntheticSource(policy, size, seed=data.seed * 2 + (split == "eval"), gamma=config.model.gamma)
+  if data.source == "jsonl":
+    path = data.train_path if split == "train" else data.eval_path
+    records = jsonl.read_trajectories(path, config.model.vocab_size, data.max_len)
+    if data.unfinished == "drop":
+      kept = [r for r in records if r.finished]
+      if len(kept) < len(records):
+        logging.warning("%s: dropped %d of %d unfinished completions (data.unfinished=drop)",
+                        path, len(records) - len(kept), len(records))
+      if not kept:
+        raise ValueError(f"{path}: every completion is unfinished and data.unfinished=drop")
+      records = kept
+    return records
+  raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
+
+
+def _to_row(trajectory, max_len, unfinished):
+  return rows.trajectory_to_row(trajectory, max_len, unfinished)
+
+
+def train_dataset(config, source) -> grain.IterDataset:
+  """Endless shuffled batches of this host's share of the global batch."""
+  data = config.data
+  per_host = config.train.batch_size // jax.process_count()
+  ds = grain.MapDataset.source(source).seed(data.seed).shuffle().repeat(None)
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished))
+  ds = ds.batch(per_host, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+
+
+def eval_batches(config, source):
+  """One pass over this host's eval slice, in order; the last batch is padded with empty rows (no valid tokens)."""
+  data = config.data
+  per_host = config.train.eval_batch_size // jax.process_count()
+  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished))
+  for batch in ds.batch(per_host, drop_remainder=False).to_iter_dataset():
+    short = per_host - len(batch["tokens"])
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    yield batch

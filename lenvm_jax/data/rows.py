@@ -1,0 +1,52 @@
+"""Trajectory -> one fixed-length training row (the batch format the model, targets and metrics consume).
+
+Row fields, each [max_len]:
+  tokens             int32  prompt + completion, cut at max_len, then padding (0)
+  positions          int32  position within its own sequence (RoPE)
+  segment_ids        int32  1.. per packed sequence, 0 = padding (attention never crosses segments)
+  value_mask         bool   regression positions: the prompt's last token through EOS (spec section 1)
+  remaining          int32  n_t = L - t from the *untruncated* completion; -1 = unknown (unfinished, kept infinite)
+  completion_index   int32  t at value positions (0 at the prompt's last token), -1 elsewhere
+  completion_length  int32  L of the sequence at value positions (per-position metrics), 0 elsewhere
+  lm_targets         int32  next token at each position
+  lm_mask            bool   positions whose next token is a completion token
+  exact_value        float32 (synthetic data only) the exact V(s_t)
+The layout is already per segment, so packing several trajectories per row only concatenates rows' segments.
+"""
+
+import numpy as np
+
+from lenvm_jax.data.records import Trajectory
+
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+
+
+def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop") -> dict[str, np.ndarray]:
+  prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
+  p, length = len(prompt), len(completion)
+  if p >= max_len:
+    raise ValueError(f"prompt of {p} tokens does not fit data.max_len={max_len} with its completion")
+  tokens = np.concatenate([prompt, completion])[:max_len].astype(np.int32)
+  n = len(tokens)
+  pad = max_len - n
+
+  t = np.arange(n) - (p - 1)  # completion index; 0 at the prompt's last token
+  value = t >= 0
+  infinite = not trajectory.finished and unfinished == "infinite"
+  remaining = np.where(value, -1 if infinite else length - t, 0)
+  lm_mask = value & (np.arange(n) + 1 < n)
+
+  row = {
+      "tokens": tokens,
+      "positions": np.arange(n, dtype=np.int32),
+      "segment_ids": np.ones(n, np.int32),
+      "value_mask": value,
+      "remaining": remaining.astype(np.int32),
+      "completion_index": np.where(value, t, -1).astype(np.int32),
+      "completion_length": np.where(value, length, 0).astype(np.int32),
+      "lm_targets": np.append(tokens[1:], 0).astype(np.int32),
+      "lm_mask": lm_mask,
+  }
+  if trajectory.exact_values is not None:
+    row["exact_value"] = np.where(value, trajectory.exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
+  return {k: np.pad(v, (0, pad)) for k, v in row.items()}

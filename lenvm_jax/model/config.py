@@ -1,0 +1,83 @@
+"""Model shape and numerics, and the named size presets.
+
+Configs keep the model section as plain fields (so `--config.model.num_layers=4` works); a preset is just a
+starting set of values that a config file copies in with `preset_fields(name)`.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 / Qwen2.5 layout.
+  qk_norm: bool = False  # Qwen3 layout: RMSNorm over head_dim on q and k before RoPE.
+  dtype: str = "float32"  # Compute dtype; parameters, value head and loss stay float32.
+  remat: str = "none"  # Recompute each decoder layer in the backward pass: none | full | dots.
+  gamma: float = 0.997  # Discount of the length return G = -(1 - gamma ** n) (spec section 1).
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if not 0.0 < self.gamma < 1.0:
+      raise ValueError(f"model.gamma must lie in (0, 1), got {self.gamma}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, model_config) -> "ModelConfig":
+    """Builds from the `model` section of a run config (an ml_collections ConfigDict or dict)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(model_config)
+    return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+# Shapes of the public checkpoints the paper starts from (their config.json), so that HF import lands on the same
+# parameter tree. vocab_size is the embedding rows (padded), not the tokenizer size.
+PRESETS = {
+    # Seconds-scale tests.
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
+    # The CPU demo: a few minutes of training on 2 cores.
+    "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                         head_dim=64, mlp_dim=4864, rope_theta=1e6, tie_embeddings=True, qkv_bias=True),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                         head_dim=128, mlp_dim=8960, rope_theta=1e6, tie_embeddings=True, qkv_bias=True),
+    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
+                       head_dim=128, mlp_dim=6144, rope_theta=1e6, tie_embeddings=True, qk_norm=True),
+}
+
+
+def preset_fields(name: str) -> dict:
+  """All ModelConfig fields for a preset (defaults filled in), ready to put into a run config."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+              if f.default is not dataclasses.MISSING}
+  return {"vocab_size": 0, **defaults, **PRESETS[name]}

@@ -1,0 +1,55 @@
+"""The training objective: token-mean squared error over the global batch, plus an optional LM term.
+
+Functions here return *sums* and *counts*, never means: the trainer divides by the valid-token count of the whole
+global batch (all micro-batches, all devices), so the gradient does not depend on how the batch is split, and a long
+sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (the paper's convention).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lenvm_jax import targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  kind: targets.TargetKind
+  gae_lambda: float = 1.0
+  lm_weight: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> "Objective":
+    kind = targets.TargetKind(config.loss.target_type, config.model.gamma, config.loss.length_normalizer)
+    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight)
+
+  def value_targets(self, prediction, batch):
+    if self.gae_lambda == 1.0:
+      return self.kind.target(batch["remaining"])
+    return targets.gae_targets(prediction, batch["remaining"], batch["value_mask"], batch["segment_ids"],
+                               self.kind.gamma, self.gae_lambda)
+
+  def sums(self, z, lm_logits, batch):
+    """Un-normalised loss pieces for one (micro-)batch: squared value error and LM cross-entropy, summed."""
+    prediction = self.kind.predict(z)
+    target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
+    mask = batch["value_mask"].astype(jnp.float32)
+    out = {"value_sq_err": jnp.sum(mask * (prediction - target) ** 2)}
+    if lm_logits is not None:
+      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, batch["lm_targets"])
+      out["lm_ce"] = jnp.sum(batch["lm_mask"].astype(jnp.float32) * ce)
+    return out
+
+  def loss(self, sums, value_count, lm_count):
+    """Training loss from summed pieces and global token counts."""
+    loss = sums["value_sq_err"] / jnp.maximum(value_count, 1.0)
+    if "lm_ce" in sums:
+      loss = loss + self.lm_weight * sums["lm_ce"] / jnp.maximum(lm_count, 1.0)
+    return loss
+
+
+def token_counts(batch):
+  """Global valid-token counts of a batch (any leading dims): the loss denominators."""
+  return (jnp.sum(batch["value_mask"].astype(jnp.float32)), jnp.sum(batch["lm_mask"].astype(jnp.float32)))

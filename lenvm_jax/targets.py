@@ -1,0 +1,105 @@
+"""Regression targets (spec sections 1 and 3), computed on device so gamma is only a config value.
+
+`remaining` is the per-token count of tokens still to come, n_t = L - t, taken from the untruncated completion
+length; -1 marks an unknown (infinite) remaining length: a completion that never emitted EOS, kept as G = -1.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
+
+
+def discounted_return(remaining, gamma: float):
+  """G = -(1 - gamma ** n), written as expm1(n log gamma) for accuracy near n = 0; -1 where n is infinite."""
+  n = remaining.astype(jnp.float32)
+  g = jnp.expm1(n * jnp.log(jnp.float32(gamma)))
+  return jnp.where(remaining < 0, -1.0, g)
+
+
+def remaining_from_value(value, gamma: float):
+  """Exact inverse of discounted_return: n = log(1 + V) / log(gamma); V is clipped just inside (-1, 0]."""
+  v = jnp.clip(value.astype(jnp.float32), -1.0 + 1e-7, 0.0)
+  return jnp.log1p(v) / jnp.log(jnp.float32(gamma))
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetKind:
+  """How the value-head logit z becomes a prediction, what it regresses on, and how to read a length back.
+
+  `discounted` is the LenVM target. The others are the paper's section 5.1 ablations: raw length + softplus,
+  length / length_normalizer + sigmoid (clipped to 1), log1p(length) + softplus.
+  """
+  name: str
+  gamma: float
+  length_normalizer: float
+
+  def __post_init__(self):
+    if self.name not in TARGET_TYPES:
+      raise ValueError(f"loss.target_type must be one of {TARGET_TYPES}, got {self.name!r}")
+
+  def predict(self, z):
+    if self.name == "discounted":
+      return -jax.nn.sigmoid(z)
+    if self.name == "normalized_length":
+      return jax.nn.sigmoid(z)
+    return jax.nn.softplus(z)
+
+  def target(self, remaining):
+    n = remaining.astype(jnp.float32)
+    if self.name == "discounted":
+      return discounted_return(remaining, self.gamma)
+    if self.name == "raw_length":
+      return n
+    if self.name == "normalized_length":
+      return jnp.minimum(n / self.length_normalizer, 1.0)
+    return jnp.log1p(n)
+
+  def remaining_estimate(self, prediction):
+    """Predicted remaining length n_hat from a prediction."""
+    if self.name == "discounted":
+      return remaining_from_value(prediction, self.gamma)
+    if self.name == "raw_length":
+      return prediction
+    if self.name == "normalized_length":
+      return prediction * self.length_normalizer
+    return jnp.expm1(prediction)
+
+  def value_estimate(self, prediction):
+    """The prediction expressed as a discounted value V in (-1, 0], so every target type is comparable."""
+    if self.name == "discounted":
+      return prediction
+    return jnp.expm1(self.remaining_estimate(prediction) * jnp.log(jnp.float32(self.gamma)))
+
+
+def gae_targets(values, remaining, value_mask, segment_ids, gamma: float, lam: float):
+  """GAE(lambda) value targets (lambda-returns), with the values held fixed (stop-gradient).
+
+  G^lam_t = r + gamma * ((1 - lam) V_{t+1} + lam G^lam_{t+1}) with r = -(1 - gamma), built backwards along each
+  sequence. The recursion starts from the Monte-Carlo return at the last position of a sequence present in the
+  row (EOS has G = 0; a row cut at max_len keeps its true return), so lam = 1 is exactly the Monte-Carlo return.
+  All arrays are [B, T]; positions outside value_mask get the Monte-Carlo return and are masked by the loss.
+  """
+  values = jax.lax.stop_gradient(values.astype(jnp.float32))
+  mc = discounted_return(remaining, gamma)
+  mask = value_mask.astype(bool)
+  # Position t continues into t + 1 when both are value positions of the same sequence.
+  continues = mask[:, :-1] & mask[:, 1:] & (segment_ids[:, :-1] == segment_ids[:, 1:])
+  continues = jnp.concatenate([continues, jnp.zeros_like(continues[:, :1])], axis=1)
+  next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+  next_is_eos = jnp.concatenate([remaining[:, 1:] == 0, jnp.zeros_like(mask[:, :1])], axis=1)
+  next_values = jnp.where(next_is_eos, 0.0, next_values)  # The terminal state's value is 0, not the model's.
+  reward = -(1.0 - gamma)
+
+  def step(next_return, xs):
+    cont, v_next, mc_t = xs
+    bootstrapped = reward + gamma * ((1.0 - lam) * v_next + lam * next_return)
+    ret = jnp.where(cont, bootstrapped, mc_t)
+    return ret, ret
+
+  columns = lambda a: jnp.moveaxis(a, 1, 0)[::-1]
+  _, returns = jax.lax.scan(step, jnp.zeros(values.shape[0], jnp.float32),
+                            (columns(continues), columns(next_values), columns(mc)))
+  return jnp.moveaxis(returns[::-1], 0, 1)

@@ -1,0 +1,48 @@
+"""orbax checkpoints of the train state and the grain iterator: `<workdir>/checkpoints/<step>/`.
+
+orbax writes each step to a temporary directory and renames it when complete, so a process killed mid-save
+(even kill -9) leaves at most a temporary directory that `latest_step` ignores: resume takes the last complete one.
+"""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every_steps = every_steps
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save),
+        item_names=("state", "data_iter"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iter, force: bool = False) -> bool:
+    """Saves when `step` is due (or `force`); returns whether a save started. Async: returns before the write ends."""
+    if not force and step % self.every_steps:
+      return False
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """State restored into the shardings that `abstract_state` (ShapeDtypeStructs with shardings) names; the data
+    iterator is restored in place when given (inference passes none)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

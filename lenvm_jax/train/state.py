@@ -1,0 +1,74 @@
+"""The train state (a plain pytree) and its sharded initialisation on the mesh.
+
+Parameters live as a pure nested dict (what orbax, optax and HF conversion all want); the NNX module is rebuilt
+from `graphdef` + params inside jit, which costs nothing at run time.
+"""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lenvm_jax import sharding
+from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model.transformer import LengthValueModel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: Any
+  rng: jax.Array  # Raw key data; split once per step for stochastic features (restored on resume).
+  nonfinite_skips: jax.Array  # Steps whose update was skipped for a non-finite loss or gradient.
+
+
+def abstract_model(model_config: ModelConfig):
+  """(graphdef, abstract nnx.State with logical_axes metadata) without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+
+
+def init_params(model_config: ModelConfig, seed: int) -> dict:
+  return nnx.split(LengthValueModel(model_config, nnx.Rngs(seed)))[1].to_pure_dict()
+
+
+def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initialize: bool = True):
+  """The state initialised directly into its sharding (no full host copy), or, with `initialize=False`, only its
+  ShapeDtypeStructs with shardings (the target of a checkpoint restore). Returns (state, shardings)."""
+  _, abstract = abstract_model(model_config)
+  param_sh = sharding.param_shardings(abstract, mesh)
+
+  def init():
+    params = init_params(model_config, seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed + 1)), nonfinite_skips=jnp.zeros((), jnp.int32))
+
+  state_shape = jax.eval_shape(init)
+  state_sh = state_shardings(state_shape, param_sh, mesh)
+  if not initialize:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, state_sh), state_sh
+  return jax.jit(init, out_shardings=state_sh)(), state_sh
+
+
+def shape_structs(tree):
+  """ShapeDtypeStructs (with shardings) of a tree of arrays, for ahead-of-time lowering."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def state_shardings(state_shape: TrainState, param_sh: dict, mesh) -> TrainState:
+  """Optimizer moments shard like their parameters; scalars and counters are replicated."""
+  replicated = NamedSharding(mesh, P())
+  flat_params = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+  def opt_leaf(path, leaf):
+    # optax states embed the params tree: match on the trailing path that equals a parameter path.
+    for start in range(len(path)):
+      if tuple(path[start:]) in flat_params and len(leaf.shape) > 0:
+        return flat_params[tuple(path[start:])]
+    return replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, nonfinite_skips=replicated)

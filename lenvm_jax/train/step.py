@@ -1,0 +1,82 @@
+"""The pure training and evaluation steps. Jitted once by the trainer with explicit shardings.
+
+A train batch is a dict of [accum_steps, micro_batch, max_len] arrays (see lenvm_jax/data/rows.py). Each micro-batch
+loss is divided by the valid-token count of the *whole* batch, so the summed gradient is exactly the token-mean
+gradient of the global batch however it is split.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lenvm_jax import metrics
+from lenvm_jax.objective import Objective, token_counts
+from lenvm_jax.train.state import TrainState
+
+
+def forward(graphdef, params, batch, *, freeze_trunk: bool, with_lm: bool):
+  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T, V]."""
+  model = nnx.merge(graphdef, params)
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  if freeze_trunk:
+    hidden = jax.lax.stop_gradient(hidden)
+  return model.value_logits(hidden), (model.lm_logits(hidden) if with_lm else None)
+
+
+def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
+               freeze_trunk: bool):
+  value_count, lm_count = token_counts(batch)
+  with_lm = objective.lm_weight > 0
+
+  def micro_loss(params, micro):
+    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, with_lm=with_lm)
+    sums = objective.sums(z, lm_logits, micro)
+    return objective.loss(sums, value_count, lm_count), (sums, metrics.metric_sums(z, micro, objective.kind))
+
+  def accumulate(grads, micro):
+    (loss, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, micro)
+    return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, batch)
+  loss = jnp.sum(losses)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # Non-finite guard: the update is dropped (state kept) and counted; the trainer reports it or stops.
+  keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep_new(params, state.params),
+      opt_state=keep_new(opt_state, state.opt_state),
+      rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+      nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32),
+  )
+  step_metrics = jax.tree.map(jnp.sum, metric_sums)
+  step_metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
+  return new_state, step_metrics
+
+
+def eval_step(params, batch, *, graphdef, objective: Objective):
+  """Metric sums of one [B, T] eval batch (no LM logits: eval reports the value metrics)."""
+  z, _ = forward(graphdef, params, batch, freeze_trunk=False, with_lm=False)
+  return metrics.metric_sums(z, batch, objective.kind)
+
+
+def compile_steps(graphdef, objective, tx, config, state_shardings, train_batch_shardings, eval_batch_shardings,
+                  state_shape, train_batch_shape, eval_batch_shape):
+  """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
+  train = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
+                        freeze_trunk=config.train.freeze_trunk),
+      in_shardings=(state_shardings, train_batch_shardings), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, objective=objective),
+                     in_shardings=(state_shardings.params, eval_batch_shardings))
+  return (train.lower(state_shape, train_batch_shape).compile(),
+          evaluate.lower(state_shape.params, eval_batch_shape).compile())

@@ -1,0 +1,160 @@
+"""The training loop: config -> mesh -> state (fresh or resumed) -> compiled step -> log / eval / checkpoint.
+
+Resume is exact: the checkpoint holds params, optimizer state, step, RNG and the grain iterator position, so a
+rerun of the same command continues the same sequence of batches and updates.
+"""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from lenvm_jax import metrics, sharding
+from lenvm_jax.data import pipeline
+from lenvm_jax.objective import Objective
+from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.train.metrics_log import MetricsLog
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _global_batch(local: dict, shardings: dict):
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+def batch_shardings(mesh, example: dict, leading: int) -> dict:
+  return {k: sharding.batch_sharding(mesh, v.ndim, leading) for k, v in example.items()}
+
+
+def evaluate(compiled_eval, params, config, eval_source, shardings) -> dict:
+  totals: dict = {}
+  for batch in pipeline.eval_batches(config, eval_source):
+    sums = jax.device_get(compiled_eval(params, _global_batch(batch, shardings)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return metrics.finalize(totals)
+
+
+def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
+  """ShapeDtypeStructs of the global arrays that hosts' local batches form (leading dim x process count)."""
+  def one(x, s):
+    shape = list(x.shape)
+    shape[leading] *= jax.process_count()
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=s)
+  return {k: one(v, shardings[k]) for k, v in local.items()}
+
+
+def _on_nonfinite(config, step: int, new_skips: int, last_step_finite: bool):
+  message = (f"non-finite loss or gradient: {new_skips} update(s) skipped up to step {step} "
+             f"(the last step was {'finite' if last_step_finite else 'non-finite'})")
+  if config.train.nonfinite == "stop":
+    raise FloatingPointError(message + "; stopping (train.nonfinite='stop'); the last checkpoint is intact")
+  logging.warning("%s; continuing (train.nonfinite='skip')", message)
+
+
+def save_config(config, workdir: str):
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to config.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
+  model_config = config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  config_lib.check_batch_fits_mesh(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
+
+  objective = Objective.from_config(config)
+  train_iter = iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))
+  has_eval = config.data.source == "synthetic" or bool(config.data.eval_path)
+  eval_source = pipeline.load_source(config, "eval") if has_eval else None
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                    config.checkpoint.async_save)
+  log = MetricsLog(workdir)
+
+  with jax.set_mesh(mesh):
+    graphdef, abstract = state_lib.abstract_model(model_config)
+    tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+    resume_step = ckpt.latest_step()
+    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed,
+                                                   initialize=resume_step is None)
+    if resume_step is not None:
+      logging.info("resuming from %s/%d", ckpt.directory, resume_step)
+      state = ckpt.restore(resume_step, state, train_iter)
+
+    accum = config.train.accum_steps
+    first = next(train_iter)
+    to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
+    train_sh = batch_shardings(mesh, to_micro(first), leading=1)
+    eval_example = next(pipeline.eval_batches(config, eval_source)) if has_eval else first
+    eval_sh = batch_shardings(mesh, eval_example, leading=0)
+    compiled_train, compiled_eval = step_lib.compile_steps(
+        graphdef, objective, tx, config, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
+        train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
+        eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
+    flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
+
+    step = int(state.step)
+    reported_skips = int(state.nonfinite_skips)
+    stop = _StopRequest()
+    last_eval: dict = {}
+    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    batch = first
+    try:
+      while step < config.train.steps:
+        state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
+        step += 1
+        window_steps += 1
+        window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
+        if step % config.train.log_every == 0 or step == config.train.steps:
+          values = jax.device_get(step_metrics)
+          elapsed = time.perf_counter() - window_start
+          finite = bool(values.pop("finite"))
+          train_metrics = {"loss": float(values.pop("loss")), "grad_norm": float(values.pop("grad_norm"))}
+          train_metrics.update(metrics.finalize(values))
+          skips = int(state.nonfinite_skips)
+          train_metrics.update(tokens_per_s=window_tokens / elapsed,
+                               flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
+          log.write(step, "train", train_metrics)
+          window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+          if skips > reported_skips:
+            _on_nonfinite(config, step, skips - reported_skips, finite)
+            reported_skips = skips
+        ckpt.save(step, state, train_iter)
+        if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+          last_eval = evaluate(compiled_eval, state.params, config, eval_source, eval_sh)
+          log.write(step, "eval", last_eval)
+        if stop.signal:
+          logging.warning("%s received: checkpointing step %d and exiting", stop.signal, step)
+          break
+        if step < config.train.steps:
+          batch = next(train_iter)
+      if not stop.signal and has_eval:
+        last_eval = evaluate(compiled_eval, state.params, config, eval_source, eval_sh)
+        log.write(step, "eval", last_eval)
+      ckpt.save(step, state, train_iter, force=True)
+      ckpt.wait()
+    finally:
+      stop.restore()
+      ckpt.close()
+      log.close()
+  return last_eval
