@@ -49,10 +49,13 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] |
     if len(devices) % known:
       raise ValueError(f"mesh {fields} cannot fill {len(devices)} devices: {len(devices)} is not a multiple of {known}")
     shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+  if math.prod(shape) > len(devices):
     raise ValueError(
-        f"mesh {fields} needs {math.prod(shape)} devices but {len(devices)} are available "
-        f"({jax.default_backend()}); set the sizes so their product is {len(devices)}, or one of them to -1")
+        f"mesh {fields} needs {math.prod(shape)} devices but only {len(devices)} are available "
+        f"({jax.default_backend()}); make the product of the sizes at most {len(devices)}, or set one to -1")
+  if math.prod(shape) < len(devices):
+    logging.warning("mesh %s uses %d of %d devices", fields, math.prod(shape), len(devices))
+    devices = devices[:math.prod(shape)]
   device_grid = np.asarray(devices).reshape(shape)
   return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -24,6 +24,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.data.train_path = ""  # JSONL trajectories (data.source='jsonl').
   config.data.eval_path = ""  # Held-out JSONL; empty = no eval.
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
+  config.data.packing = True  # First-fit pack several trajectories per row (segment ids keep them apart).
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
   config.data.seed = 0  # Shuffle order (and synthetic sampling).
   config.data.read_threads = 1

@@ -46,28 +46,49 @@ def load_source(config, split: str):
   raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
 
 
-def _to_row(trajectory, max_len, unfinished):
-  return rows.trajectory_to_row(trajectory, max_len, unfinished)
+def _to_row(trajectory, max_len, unfinished, pad):
+  row = rows.trajectory_to_row(trajectory, max_len, unfinished)
+  if pad:
+    return rows.pad_row(row, max_len)
+  del row["positions"], row["segment_ids"]  # Packing renumbers them.
+  return row
+
+
+def _from_packed(packed: dict) -> dict:
+  """grain's packer adds <feature>_segment_ids / _positions per feature; all features share the tokens' ones."""
+  row = {k: v for k, v in packed.items() if not k.endswith(("_segment_ids", "_positions"))}
+  row["segment_ids"] = packed["tokens_segment_ids"]
+  row["positions"] = packed["tokens_positions"]
+  return row
+
+
+def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDataset:
+  """Trajectories -> fixed-length rows: padded one per row, or first-fit packed several per row."""
+  data = config.data
+  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished, pad=not data.packing))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+  if not data.packing:
+    return ds
+  fields = rows.PACKED_FIELDS + (("exact_value",) if data.source == "synthetic" else ())
+  lengths = {k: data.max_len for k in fields}
+  packed = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=rows_per_batch,
+                                                      seed=data.seed, shuffle_bins=False)
+  return packed.map(_from_packed)
 
 
 def train_dataset(config, source) -> grain.IterDataset:
   """Endless shuffled batches of this host's share of the global batch."""
-  data = config.data
   per_host = config.train.batch_size // jax.process_count()
-  ds = grain.MapDataset.source(source).seed(data.seed).shuffle().repeat(None)
+  ds = grain.MapDataset.source(source).seed(config.data.seed).shuffle().repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished))
-  ds = ds.batch(per_host, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+  return _rows(ds, config, per_host).batch(per_host, drop_remainder=True)
 
 
 def eval_batches(config, source):
   """One pass over this host's eval slice, in order; the last batch is padded with empty rows (no valid tokens)."""
-  data = config.data
   per_host = config.train.eval_batch_size // jax.process_count()
   ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished))
-  for batch in ds.batch(per_host, drop_remainder=False).to_iter_dataset():
+  for batch in _rows(ds, config, per_host).batch(per_host, drop_remainder=False):
     short = per_host - len(batch["tokens"])
     if short:
       batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}

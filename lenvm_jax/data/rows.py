@@ -11,7 +11,8 @@ Row fields, each [max_len]:
   lm_targets         int32  next token at each position
   lm_mask            bool   positions whose next token is a completion token
   exact_value        float32 (synthetic data only) the exact V(s_t)
-The layout is already per segment, so packing several trajectories per row only concatenates rows' segments.
+`trajectory_to_row` returns the unpadded arrays (length <= max_len); `pad_row` pads them, and packing
+(lenvm_jax/data/pipeline.py) instead concatenates several into one row, renumbering segment_ids and positions.
 """
 
 import numpy as np
@@ -19,16 +20,18 @@ import numpy as np
 from lenvm_jax.data.records import Trajectory
 
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+# Per-token fields a packer concatenates (positions and segment_ids it renumbers itself).
+PACKED_FIELDS = ("tokens", "value_mask", "remaining", "completion_index", "completion_length", "lm_targets", "lm_mask")
 
 
 def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop") -> dict[str, np.ndarray]:
+  """One sequence's row fields, cut at max_len but not padded."""
   prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
   p, length = len(prompt), len(completion)
   if p >= max_len:
     raise ValueError(f"prompt of {p} tokens does not fit data.max_len={max_len} with its completion")
   tokens = np.concatenate([prompt, completion])[:max_len].astype(np.int32)
   n = len(tokens)
-  pad = max_len - n
 
   t = np.arange(n) - (p - 1)  # completion index; 0 at the prompt's last token
   value = t >= 0
@@ -49,4 +52,8 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
   }
   if trajectory.exact_values is not None:
     row["exact_value"] = np.where(value, trajectory.exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
-  return {k: np.pad(v, (0, pad)) for k, v in row.items()}
+  return row
+
+
+def pad_row(row: dict[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+  return {k: np.pad(v, (0, max_len - len(v))) for k, v in row.items()}

@@ -63,9 +63,13 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
 
 
 def eval_step(params, batch, *, graphdef, objective: Objective):
-  """Metric sums of one [B, T] eval batch (no LM logits: eval reports the value metrics)."""
-  z, _ = forward(graphdef, params, batch, freeze_trunk=False, with_lm=False)
-  return metrics.metric_sums(z, batch, objective.kind)
+  """Sums over one [B, T] eval batch: the metrics, and the objective's pieces with their token counts."""
+  z, lm_logits = forward(graphdef, params, batch, freeze_trunk=False, with_lm=objective.lm_weight > 0)
+  sums = metrics.metric_sums(z, batch, objective.kind)
+  value_count, lm_count = token_counts(batch)
+  sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch).items()},
+              **{"objective/value_count": value_count, "objective/lm_count": lm_count})
+  return sums
 
 
 def compile_steps(graphdef, objective, tx, config, state_shardings, train_batch_shardings, eval_batch_shardings,

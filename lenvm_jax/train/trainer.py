@@ -43,13 +43,16 @@ def batch_shardings(mesh, example: dict, leading: int) -> dict:
   return {k: sharding.batch_sharding(mesh, v.ndim, leading) for k, v in example.items()}
 
 
-def evaluate(compiled_eval, params, config, eval_source, shardings) -> dict:
+def evaluate(compiled_eval, params, objective, config, eval_source, shardings) -> dict:
+  """One pass over the eval split: the training objective (`loss`) and the metrics, from exact sums."""
   totals: dict = {}
   for batch in pipeline.eval_batches(config, eval_source):
     sums = jax.device_get(compiled_eval(params, _global_batch(batch, shardings)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
-  return metrics.finalize(totals)
+  pieces = {k.split("/", 1)[1]: totals.pop(k) for k in list(totals) if k.startswith("objective/")}
+  loss = objective.loss(pieces, pieces.pop("value_count"), pieces.pop("lm_count"))
+  return {"loss": float(loss), **metrics.finalize(totals)}
 
 
 def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
@@ -141,7 +144,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             reported_skips = skips
         ckpt.save(step, state, train_iter)
         if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
-          last_eval = evaluate(compiled_eval, state.params, config, eval_source, eval_sh)
+          last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh)
           log.write(step, "eval", last_eval)
         if stop.signal:
           logging.warning("%s received: checkpointing step %d and exiting", stop.signal, step)
@@ -149,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step < config.train.steps:
           batch = next(train_iter)
       if not stop.signal and has_eval:
-        last_eval = evaluate(compiled_eval, state.params, config, eval_source, eval_sh)
+        last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh)
         log.write(step, "eval", last_eval)
       ckpt.save(step, state, train_iter, force=True)
       ckpt.wait()
