@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lenvm_jax.train import trainer
+from lenvm_jax.data.records import RecordError
 from lenvm_jax.train.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
@@ -35,7 +36,7 @@ def main(argv):
   quiet_library_logs()
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
+  except (ConfigError, RecordError) as e:  # Bad config or data: one clear line, no traceback.
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+
+from lenvm_jax import sharding
+from lenvm_jax.train import config as config_lib
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.gamma", 1.5, "model.gamma"),
+    ("model.gamma", 0.0, "model.gamma"),
+    ("model.num_kv_heads", 3, "model.num_heads"),
+    ("model.dtype", "float16", "model.dtype"),
+    ("data.source", "parquet", "data.source"),
+    ("data.unfinished", "keep", "data.unfinished"),
+    ("loss.target_type", "mse", "loss.target_type"),
+    ("loss.gae_lambda", 1.5, "loss.gae_lambda"),
+    ("train.accum_steps", 3, "train.accum_steps"),
+    ("train.nonfinite", "ignore", "train.nonfinite"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps"),
+])
+def test_bad_values_name_the_field(tiny_config, field, value, message):
+  section, name = field.split(".")
+  with tiny_config.unlocked():
+    setattr(tiny_config[section], name, value)
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    config_lib.validate(tiny_config)
+
+
+def test_jsonl_source_needs_a_path(tiny_config):
+  tiny_config.data.source = "jsonl"
+  with pytest.raises(config_lib.ConfigError, match=r"data\.train_path"):
+    config_lib.validate(tiny_config)
+
+
+def test_mesh_that_does_not_fit_the_devices_fails_clearly():
+  with pytest.raises(ValueError, match=r"needs 16 devices but only 8"):
+    sharding.make_mesh(2, 4, 2)
+  with pytest.raises(ValueError, match=r"cannot fill 8 devices"):
+    sharding.make_mesh(-1, 3, 1)
+  assert dict(sharding.make_mesh(-1, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_micro_batch_must_divide_over_data_and_fsdp(tiny_config):
+  tiny_config.train.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size"):
+    config_lib.check_batch_fits_mesh(tiny_config, sharding.make_mesh(8, 1, 1))
+
+
+def _train_cli(*overrides, workdir):
+  return subprocess.run([sys.executable, "-m", "experiments.train", "--config", "experiments/configs/tiny.py",
+                         "--workdir", str(workdir), *overrides], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_cli_rejects_bad_values_unknown_fields_and_bad_types_at_start(tmp_path):
+  result = _train_cli("--config.model.gamma=1.5", workdir=tmp_path / "a")
+  assert result.returncode != 0 and "model.gamma" in result.stderr
+  result = _train_cli("--config.model.gama=0.9", workdir=tmp_path / "b")
+  assert result.returncode != 0 and "gama" in result.stderr
+  result = _train_cli("--config.train.steps=ten", workdir=tmp_path / "c")
+  assert result.returncode != 0 and "train.steps" in result.stderr
+  assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_cli_reports_a_bad_data_line_by_file_and_line(tmp_path):
+  data = tmp_path / "train.jsonl"
+  data.write_text('{"prompt_ids": [3, 4], "completion_ids": [5, 1]}\n{"prompt_ids": [3], "completion_ids": [500]}\n')
+  result = _train_cli("--config.data.source=jsonl", f"--config.data.train_path={data}", workdir=tmp_path / "w")
+  assert result.returncode != 0
+  assert f"{data}:2: field 'completion_ids'" in result.stderr and "outside the vocabulary" in result.stderr

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+
+from lenvm_jax.data import jsonl, pipeline, rows, synthetic
+from lenvm_jax.data.records import RecordError, Trajectory
+
+
+def test_row_targets_mask_and_truncation_keep_true_remaining_lengths():
+  t = Trajectory(np.array([5, 6, 7], np.int32), np.array([8, 9, 10, 11, 1], np.int32))
+  row = rows.pad_row(rows.trajectory_to_row(t, max_len=6), 6)
+  # Value positions: the prompt's last token (index 2) through EOS; cut at 6 tokens, remaining stays true (L=5).
+  np.testing.assert_array_equal(row["value_mask"], [0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(row["remaining"], [0, 0, 5, 4, 3, 2])
+  np.testing.assert_array_equal(row["completion_index"], [-1, -1, 0, 1, 2, 3])
+  np.testing.assert_array_equal(row["completion_length"], [0, 0, 5, 5, 5, 5])
+  np.testing.assert_array_equal(row["lm_targets"][2:5], [8, 9, 10])
+  np.testing.assert_array_equal(row["lm_mask"], [0, 0, 1, 1, 1, 0])
+  full = rows.pad_row(rows.trajectory_to_row(t, max_len=10), 10)
+  np.testing.assert_array_equal(full["remaining"][2:8], [5, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(full["segment_ids"], [1] * 8 + [0, 0])
+
+
+def test_unfinished_policies():
+  t = Trajectory(np.array([5, 6], np.int32), np.array([8, 9, 10], np.int32), finished=False)
+  assert rows.trajectory_to_row(t, 10, "infinite")["remaining"][1:].tolist() == [-1, -1, -1, -1]
+  assert rows.trajectory_to_row(t, 10, "as_finished")["remaining"][1:].tolist() == [3, 2, 1, 0]
+
+
+def test_synthetic_exact_values_match_monte_carlo():
+  """V(s_t) computed by the policy equals the empirical mean return of rollouts continued from the same state."""
+  policy = synthetic.SyntheticPolicy(vocab_size=40, hazards=(0.02, 0.2), switch_prob=0.1)
+  gamma = 0.95
+  values = policy.mode_values(gamma)
+  rng = np.random.default_rng(0)
+  for mode in range(policy.num_modes):
+    returns = []
+    for _ in range(20000):
+      m, n = mode, 0
+      while True:  # Continue the policy from a non-terminal state in mode m until EOS.
+        n += 1
+        if rng.random() < policy.hazards[m]:
+          break
+        if rng.random() < policy.switch_prob:
+          m = int(rng.integers(policy.num_modes))
+      returns.append(-(1 - gamma**n))
+    assert np.mean(returns) == pytest.approx(values[mode], abs=3 * np.std(returns) / np.sqrt(len(returns)))
+
+
+def test_synthetic_records_are_reproducible_and_carry_exact_values():
+  source = synthetic.SyntheticSource(synthetic.SyntheticPolicy(vocab_size=32), 10, seed=3, gamma=0.9)
+  a, b = source[4], source[4]
+  np.testing.assert_array_equal(a.completion_ids, b.completion_ids)
+  assert a.finished and a.completion_ids[-1] == synthetic.EOS_ID
+  assert len(a.exact_values) == len(a.completion_ids) + 1 and a.exact_values[-1] == 0.0
+  assert ((a.prompt_ids >= 2) & (a.prompt_ids < 32)).all()
+
+
+def _write(tmp_path, lines):
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+GOOD = json.dumps({"prompt_ids": [3, 4], "completion_ids": [5, 1]})
+BAD_LINES = {
+    "not json": ("{'prompt_ids': [1]", "<json>"),
+    "missing completion": (json.dumps({"prompt_ids": [3]}), "completion_ids"),
+    "empty completion": (json.dumps({"prompt_ids": [3], "completion_ids": []}), "completion_ids"),
+    "id out of vocab": (json.dumps({"prompt_ids": [3, 99], "completion_ids": [1]}), "prompt_ids"),
+    "negative id": (json.dumps({"prompt_ids": [3], "completion_ids": [-2]}), "completion_ids"),
+    "non-integer id": (json.dumps({"prompt_ids": [3, "a"], "completion_ids": [1]}), "prompt_ids"),
+    "bad finished": (json.dumps({"prompt_ids": [3], "completion_ids": [1], "finished": "yes"}), "finished"),
+    "unknown field": (json.dumps({"prompt_ids": [3], "completion_ids": [1], "extra": 1}), "extra"),
+    "prompt too long": (json.dumps({"prompt_ids": list(range(2, 12)), "completion_ids": [1]}), "prompt_ids"),
+    "not an object": ("[1, 2]", "<record>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_jsonl_lines_name_file_line_and_field(tmp_path, case):
+  line, field = BAD_LINES[case]
+  path = _write(tmp_path, [GOOD, "", line, GOOD])
+  with pytest.raises(RecordError) as error:
+    jsonl.read_trajectories(path, vocab_size=50, max_len=8)
+  assert error.value.line == 3 and error.value.field == field
+  assert f"{path}:3:" in str(error.value) and field in str(error.value)
+
+
+def test_jsonl_reads_good_records(tmp_path):
+  path = _write(tmp_path, [GOOD, json.dumps({"prompt_ids": [7], "completion_ids": [8, 9], "finished": False,
+                                             "prompt_id": 12, "generator": "g"})])
+  records = jsonl.read_trajectories(path, vocab_size=50, max_len=8)
+  assert len(records) == 2 and records[1].prompt_id == "12" and not records[1].finished
+
+
+def test_packed_rows_reproduce_every_trajectory(tiny_config):
+  """Packing keeps every trajectory's tokens, positions, remaining lengths and mask, each in its own segment."""
+  config = tiny_config
+  source = pipeline.load_source(config, "eval")
+  expected = {}
+  for i in range(len(source)):
+    r = rows.trajectory_to_row(source[i], config.data.max_len)
+    expected[tuple(r["tokens"].tolist())] = r
+  found = 0
+  for batch in pipeline.eval_batches(config, source):
+    for b in range(len(batch["tokens"])):
+      for seg in set(batch["segment_ids"][b].tolist()) - {0}:
+        where = batch["segment_ids"][b] == seg
+        want = expected[tuple(batch["tokens"][b][where].tolist())]
+        for key in ("positions", "remaining", "value_mask", "completion_index", "lm_targets", "lm_mask"):
+          np.testing.assert_array_equal(batch[key][b][where], want[key], err_msg=key)
+        found += 1
+  assert found == len(source)

@@ -1,0 +1,62 @@
+"""The same training on different meshes of 8 fake CPU devices: same losses, parameters sharded by the rules."""
+
+import json
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lenvm_jax import sharding
+from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, trainer
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 1)]
+
+
+def _losses(workdir):
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def test_losses_agree_across_meshes(tiny_config, tmp_path):
+  assert jax.device_count() == 8
+  losses = {}
+  for shape in MESHES:
+    config = tiny_config
+    config.train.steps = 4
+    config.train.eval_every = 0
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+    workdir = tmp_path / "x".join(map(str, shape))
+    trainer.train_and_evaluate(config, str(workdir))
+    losses[shape] = _losses(workdir)
+  reference = losses[(1, 1, 1)]
+  assert sorted(reference) == [1, 2, 3, 4]
+  for shape, got in losses.items():
+    for step, loss in reference.items():
+      assert got[step] == pytest.approx(loss, rel=2e-5), (shape, step)
+
+
+def test_parameters_are_sharded_as_the_rules_say(tiny_config):
+  mesh = sharding.make_mesh(2, 2, 2)
+  model_config = config_lib.validate(tiny_config)
+  with jax.set_mesh(mesh):
+    _, abstract = state_lib.abstract_model(model_config)
+    tx = optimizer.make_optimizer(tiny_config, abstract.to_pure_dict())
+    state, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
+  params = state.params
+  attention = params["layers"][0]["attention"]
+  expected = {
+      "embedding": (params["embedding"], P("tensor", "fsdp")),
+      "q": (attention["q"], P("fsdp", "tensor", None)),
+      "o": (attention["o"], P("tensor", None, "fsdp")),
+      "mlp.down": (params["layers"][1]["mlp"]["down"], P("tensor", "fsdp")),
+      "value_head.fc": (params["value_head"]["fc"], P("fsdp", "tensor")),
+      "norm": (params["final_norm"]["scale"], P(None)),
+  }
+  for name, (array, spec) in expected.items():
+    assert array.sharding.spec == spec, name
+    shard = array.addressable_shards[0].data.shape
+    divisors = [1 if s is None else mesh.shape[s] for s in spec]
+    assert shard == tuple(d // k for d, k in zip(array.shape, divisors)), name
+  # Adam moments shard like their parameters.
+  mu = state.opt_state[1][0].mu
+  assert mu["layers"][0]["attention"]["q"].sharding.spec == P("fsdp", "tensor", None)

@@ -1,0 +1,100 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.train.state import abstract_model
+
+
+def _model(**overrides):
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50, **overrides})
+  return LengthValueModel(config, nnx.Rngs(0))
+
+
+LAYOUTS = [dict(), dict(qkv_bias=True), dict(qk_norm=True, tie_embeddings=True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["llama", "qwen2", "qwen3"])
+def test_packed_sequences_match_separate_rows(layout):
+  """Two sequences packed in one row (segment ids, restarting positions) give the outputs they give alone."""
+  model = _model(**layout)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(1, 50, 7), rng.integers(1, 50, 5)
+  packed = jnp.asarray(np.concatenate([a, b, [0, 0]]))[None]
+  positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(5), [0, 0]]))[None]
+  segments = jnp.asarray([1] * 7 + [2] * 5 + [0, 0])[None]
+  z_packed = model(packed, positions, segments)[0]
+  z_a = model(jnp.asarray(a)[None], jnp.arange(7)[None], jnp.ones((1, 7), jnp.int32))[0]
+  z_b = model(jnp.asarray(b)[None], jnp.arange(5)[None], jnp.ones((1, 5), jnp.int32))[0]
+  np.testing.assert_allclose(z_packed[:7], z_a, atol=1e-5)
+  np.testing.assert_allclose(z_packed[7:12], z_b, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+  model = _model()
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (1, 10)))
+  changed = tokens.at[0, 6:].set(3)
+  pos, seg = jnp.arange(10)[None], jnp.ones((1, 10), jnp.int32)
+  z1, z2 = model(tokens, pos, seg), model(changed, pos, seg)
+  np.testing.assert_allclose(z1[0, :6], z2[0, :6], atol=1e-6)
+  assert not np.allclose(z1[0, 6:], z2[0, 6:])
+
+
+def test_value_head_is_float32_in_bf16_compute_and_close_to_fp32():
+  tokens = jnp.asarray(np.random.default_rng(2).integers(1, 50, (2, 12)))
+  pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+  z32 = _model()(tokens, pos, seg)
+  z16 = _model(dtype="bfloat16")(tokens, pos, seg)
+  assert z16.dtype == jnp.float32
+  np.testing.assert_allclose(z16, z32, atol=5e-2)
+
+
+# Trunk + LM head parameter counts of the public checkpoints (tied embeddings). Qwen2.5: the exact totals of the
+# released safetensors. Qwen3-1.7B: its card says 1.7B total, 1.4B non-embedding (checked to 0.05B below).
+PUBLIC_PARAM_COUNTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
+
+
+def test_qwen3_preset_matches_its_card():
+  config = ModelConfig(**preset_fields("qwen3-1.7b"))
+  params = abstract_model(config)[1].to_pure_dict()
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves({k: v for k, v in params.items() if k != "value_head"}))
+  embedding = config.vocab_size * config.hidden_size
+  assert abs(total - 1.7e9) < 0.05e9 and abs(total - embedding - 1.4e9) < 0.05e9
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLIC_PARAM_COUNTS))
+def test_real_presets_have_the_public_parameter_count(preset):
+  config = ModelConfig(**preset_fields(preset))
+  _, state = abstract_model(config)
+  params = state.to_pure_dict()
+  trunk = sum(int(np.prod(x.shape)) for k, x in jax.tree_util.tree_flatten_with_path(params)[0]
+              if "value_head" not in jax.tree_util.keystr(k))
+  assert trunk == PUBLIC_PARAM_COUNTS[preset]
+  head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["value_head"]))
+  h = config.hidden_size
+  assert head == h * h + h + h + 1  # Spec section 2: W1 [H, H], b1, W2 [1, H], b2.
+
+
+def test_every_parameter_has_logical_axes_matching_its_rank():
+  _, state = abstract_model(ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50, "qkv_bias": True,
+                                           "qk_norm": True}))
+  variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert variables
+  for v in variables:
+    axes = v.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == len(v.value.shape)
+
+
+def test_remat_gives_the_same_gradients():
+  tokens = jnp.asarray(np.random.default_rng(3).integers(1, 50, (2, 9)))
+  pos, seg = jnp.broadcast_to(jnp.arange(9), (2, 9)), jnp.ones((2, 9), jnp.int32)
+
+  def grads(remat):
+    graphdef, params = nnx.split(_model(remat=remat))
+    return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, pos, seg) ** 2))(params.to_pure_dict())
+
+  for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
+    np.testing.assert_allclose(a, b, atol=1e-6)

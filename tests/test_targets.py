@@ -1,0 +1,71 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lenvm_jax import targets
+
+
+def test_discounted_return_exact_values_and_inverse():
+  gamma = 0.997
+  n = jnp.array([0, 1, 2, 10, 500, -1])
+  g = np.asarray(targets.discounted_return(n, gamma))
+  expected = [0.0, -(1 - gamma), -(1 - gamma**2), -(1 - gamma**10), -(1 - gamma**500), -1.0]
+  np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
+  back = np.asarray(targets.remaining_from_value(jnp.asarray(g[:5]), gamma))
+  np.testing.assert_allclose(back, [0, 1, 2, 10, 500], rtol=1e-3, atol=2e-2)
+
+
+def test_bellman_recursion_holds():
+  gamma = 0.98
+  n = jnp.arange(1, 200)
+  g = targets.discounted_return(n, gamma)
+  g_next = targets.discounted_return(n - 1, gamma)
+  np.testing.assert_allclose(g, -(1 - gamma) + gamma * g_next, atol=1e-6)
+
+
+def _packed_row():
+  # Two sequences in one row plus padding: seq A has value positions 1..4 (EOS at 4); seq B is cut at max_len
+  # and keeps its true remaining lengths (7, 6, 5).
+  remaining = jnp.array([[0, 3, 2, 1, 0, 0, 7, 6, 5, 0]])
+  value_mask = jnp.array([[0, 1, 1, 1, 1, 0, 1, 1, 1, 0]], bool)
+  segment_ids = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0]])
+  return remaining, value_mask, segment_ids
+
+
+def test_gae_lambda_one_is_monte_carlo():
+  remaining, value_mask, segment_ids = _packed_row()
+  values = jnp.linspace(-0.9, -0.1, 10)[None]  # Arbitrary: lambda = 1 must ignore them.
+  gae = targets.gae_targets(values, remaining, value_mask, segment_ids, 0.9, 1.0)
+  mc = targets.discounted_return(remaining, 0.9)
+  np.testing.assert_allclose(np.asarray(gae)[value_mask], np.asarray(mc)[value_mask], atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.95])
+def test_gae_matches_a_plain_python_recursion(lam):
+  gamma = 0.9
+  remaining, value_mask, segment_ids = _packed_row()
+  values = np.linspace(-0.9, -0.1, 10)
+  gae = np.asarray(targets.gae_targets(jnp.asarray(values)[None], remaining, value_mask, segment_ids, gamma, lam))[0]
+  r = -(1 - gamma)
+  mc = lambda n: -(1 - gamma**n)
+  # Sequence A (positions 1..4, EOS at 4 whose value is 0 by definition).
+  a = {4: 0.0}
+  for t in (3, 2, 1):
+    v_next = 0.0 if t + 1 == 4 else values[t + 1]
+    a[t] = r + gamma * ((1 - lam) * v_next + lam * a[t + 1])
+  # Sequence B (positions 6..8), cut: the last present position takes its Monte-Carlo return.
+  b = {8: mc(5)}
+  for t in (7, 6):
+    b[t] = r + gamma * ((1 - lam) * values[t + 1] + lam * b[t + 1])
+  for t, want in {**a, **b}.items():
+    assert gae[t] == pytest.approx(want, abs=1e-6), t
+
+
+def test_ablation_target_kinds_round_trip_lengths():
+  n = jnp.array([0, 3, 40, 400])
+  for name in targets.TARGET_TYPES:
+    kind = targets.TargetKind(name, gamma=0.99, length_normalizer=1000.0)
+    estimate = kind.remaining_estimate(kind.target(n))
+    np.testing.assert_allclose(np.asarray(estimate), np.asarray(n, np.float32), rtol=2e-3, atol=2e-3, err_msg=name)
+  with pytest.raises(ValueError, match="target_type"):
+    targets.TargetKind("softmax", 0.99, 1.0)

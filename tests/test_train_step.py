@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lenvm_jax import sharding
+from lenvm_jax.data import pipeline
+from lenvm_jax.objective import Objective
+from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib
+
+
+def _setup(config, tx):
+  model_config = config_lib.validate(config)
+  mesh = sharding.make_mesh(1, 1, 1)
+  graphdef, _ = state_lib.abstract_model(model_config)
+  state, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
+  batch = next(iter(pipeline.train_dataset(config, pipeline.load_source(config, "train"))))
+  return graphdef, state, batch
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight):
+  """Token-mean over the global batch: 1, 2 or 4 micro-batches give the same loss and the same SGD update."""
+  config = tiny_config
+  config.loss.lm_weight = lm_weight
+  tx = optax.sgd(1.0)  # The update is exactly -grad, so any denominator error shows.
+  graphdef, state, batch = _setup(config, tx)
+  counts = batch["value_mask"].sum(axis=1)
+  assert len(set(counts.tolist())) > 1  # Rows differ in valid tokens: a per-micro-batch mean would be wrong.
+  objective = Objective.from_config(config)
+  results = []
+  for accum in (1, 2, 4):
+    micro = {k: jnp.asarray(v.reshape((accum, -1) + v.shape[1:])) for k, v in batch.items()}
+    new_state, out = step_lib.train_step(state, micro, graphdef=graphdef, objective=objective, tx=tx,
+                                         freeze_trunk=False)
+    results.append((float(out["loss"]), new_state.params))
+  for loss, params in results[1:]:
+    assert loss == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_nonfinite_update_is_skipped_and_counted(tiny_config):
+  config = tiny_config
+  tx = optax.adamw(1e-3)
+  graphdef, state, batch = _setup(config, tx)
+  poisoned = state.replace(params={**state.params, "value_head": jax.tree.map(
+      lambda p: jnp.full_like(p, jnp.nan), state.params["value_head"])})
+  micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+  new_state, out = step_lib.train_step(poisoned, micro, graphdef=graphdef, objective=Objective.from_config(config),
+                                       tx=tx, freeze_trunk=False)
+  assert not bool(out["finite"]) and int(new_state.nonfinite_skips) == 1 and int(new_state.step) == 1
+  for a, b in zip(jax.tree.leaves(new_state.params["layers"]), jax.tree.leaves(poisoned.params["layers"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_frozen_trunk_trains_only_the_value_head(tiny_config):
+  config = tiny_config
+  config.train.freeze_trunk = True
+  from lenvm_jax.train import optimizer
+  model_config = config_lib.validate(config)
+  graphdef, abstract = state_lib.abstract_model(model_config)
+  tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+  graphdef, state, batch = _setup(config, tx)
+  micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+  new_state, _ = step_lib.train_step(state, micro, graphdef=graphdef, objective=Objective.from_config(config),
+                                     tx=tx, freeze_trunk=True)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
+  assert all(jax.tree.leaves(changed["value_head"]))
+  assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "value_head"}))
