@@ -18,11 +18,13 @@ STEPS = 24
 def _command(workdir):
   return [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/tiny.py",
           "--workdir", str(workdir), f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=5",
-          "--config.checkpoint.async_save=True", "--config.train.eval_every=0", "--config.train.accum_steps=2"]
+          "--config.checkpoint.async_save=True", "--config.train.eval_every=0", "--config.train.accum_steps=2",
+          "--config.train.batch_size=16"]  # 2 micro-batches of 8 rows over the 8 fake devices (inherited XLA_FLAGS).
 
 
 def _run(workdir):
-  subprocess.run(_command(workdir), cwd=REPO, check=True, capture_output=True, timeout=600)
+  result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _logged(workdir, split="train"):

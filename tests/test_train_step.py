@@ -64,8 +64,32 @@ def test_frozen_trunk_trains_only_the_value_head(tiny_config):
   tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
   graphdef, state, batch = _setup(config, tx)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  new_state, _ = step_lib.train_step(state, micro, graphdef=graphdef, objective=Objective.from_config(config),
-                                     tx=tx, freeze_trunk=True)
+  new_state = state
+  for _ in range(2):  # The warmup schedule starts at lr 0: the second step moves the head.
+    new_state, _ = step_lib.train_step(new_state, micro, graphdef=graphdef, objective=Objective.from_config(config),
+                                       tx=tx, freeze_trunk=True)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
   assert all(jax.tree.leaves(changed["value_head"]))
   assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "value_head"}))
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, caplog):
+  from lenvm_jax.train import trainer
+  config = tiny_config
+  config.optim.lr = 1e30  # The first update overflows the parameters; every later loss is non-finite.
+  config.optim.warmup_steps = 0
+  config.train.steps = 4
+  config.train.eval_every = 0
+  config.train.nonfinite = policy
+  config.mesh.data = 1
+  if policy == "stop":
+    with pytest.raises(FloatingPointError, match="train.nonfinite='stop'"):
+      trainer.train_and_evaluate(config, str(tmp_path))
+    return
+  with caplog.at_level("WARNING"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert "non-finite loss or gradient" in caplog.text
+  import json
+  last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
+  assert last["split"] == "train" and last["nonfinite_skips"] >= 1
