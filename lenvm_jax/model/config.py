@@ -6,9 +6,10 @@ starting set of values that a config file copies in with `preset_fields(name)`.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "auto": None}
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -26,7 +27,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2 / Qwen2.5 layout.
   qk_norm: bool = False  # Qwen3 layout: RMSNorm over head_dim on q and k before RoPE.
-  dtype: str = "float32"  # Compute dtype; parameters, value head and loss stay float32.
+  # Compute dtype; parameters, value head and loss stay float32. "auto": float32 on CPU (bf16 matmuls are slower
+  # there), bfloat16 on accelerators.
+  dtype: str = "auto"
   remat: str = "none"  # Recompute each decoder layer in the backward pass: none | full | dots.
   gamma: float = 0.997  # Discount of the length return G = -(1 - gamma ** n) (spec section 1).
 
@@ -48,6 +51,8 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    if self.dtype == "auto":
+      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return DTYPES[self.dtype]
 
   @classmethod

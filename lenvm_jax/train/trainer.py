@@ -144,8 +144,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             reported_skips = skips
         ckpt.save(step, state, train_iter)
         if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+          eval_start = time.perf_counter()
           last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh)
           log.write(step, "eval", last_eval)
+          window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
         if stop.signal:
           logging.warning("%s received: checkpointing step %d and exiting", stop.signal, step)
           break
