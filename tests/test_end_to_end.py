@@ -13,9 +13,9 @@ from lenvm_jax.infer.predict import Predictor
 from lenvm_jax.train import trainer
 from tests.conftest import REPO
 
-# 300 of the main job's 1500 steps. Measured: the full job closes ~97 % of the gap; 300 steps close well over 0.8.
+# 300 of the main job's 1500 steps. Measured on 2 CPU cores: 300 steps close 97.3 % of the gap, 1500 steps 99.9 %.
 SHORT_RUN_STEPS = 300
-SHORT_RUN_GAP_CLOSED = 0.8
+SHORT_RUN_GAP_CLOSED = 0.9
 
 
 def gap_closed(record):
