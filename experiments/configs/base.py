@@ -1,6 +1,7 @@
 """Every config field, with its default. Other configs start from `get_config()` and change what they need."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from lenvm_jax.model.config import preset_fields
 
@@ -11,7 +12,8 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(preset_fields(preset))
   config.model.vocab_size = 64
-  config.model.gamma = 0.98
+  # A float in (0, 1), or "auto": 0.01 ** (1 / L_p99) of the training split (the resolved value is saved).
+  config.model.gamma = config_dict.FieldReference(0.98, field_type=object)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.target_type = "discounted"  # discounted | raw_length | normalized_length | log_length (ablations)
@@ -20,14 +22,15 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.loss.length_normalizer = 1024.0  # Only for target_type='normalized_length': length that maps to 1.
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # synthetic | jsonl
-  config.data.train_path = ""  # JSONL trajectories (data.source='jsonl').
-  config.data.eval_path = ""  # Held-out JSONL; empty = no eval.
+  config.data.source = "synthetic"  # synthetic | jsonl | arrayrecord
+  config.data.train_path = ""  # jsonl: a file; arrayrecord: a shard file, a glob, or <prepare_data dir>/train.
+  config.data.eval_path = ""  # Held-out split, same forms; empty = no eval.
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
   config.data.packing = True  # First-fit pack several trajectories per row (segment ids keep them apart).
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
   config.data.seed = 0  # Shuffle order (and synthetic sampling).
   config.data.read_threads = 1
+  config.data.worker_count = 0  # Processes that prepare batches ahead (grain mp_prefetch); 0 = in-process threads.
   config.data.prefetch = 4  # Batches prepared ahead by grain threads.
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.hazards = (0.01, 0.03, 0.08, 0.25)  # Stop probability per token in each hidden mode.

@@ -1,7 +1,8 @@
 """Data sources -> grain pipelines of fixed-shape row batches, with a checkpointable iterator.
 
 `data.source` picks where trajectories come from; everything after that is one grain pipeline:
-MapDataset(source) -> global shuffle (re-drawn each epoch) -> repeat -> this host's slice -> rows -> batch.
+MapDataset(source) -> global shuffle (re-drawn each epoch) -> repeat -> this host's slice -> [drop unfinished]
+-> rows -> [first-fit packing] -> batch -> [worker processes (data.worker_count)].
 """
 
 import functools
@@ -11,9 +12,11 @@ import grain
 import jax
 import numpy as np
 
-from lenvm_jax.data import jsonl, rows, synthetic
+from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 
-SOURCES = ("synthetic", "jsonl")
+SOURCES = ("synthetic", "jsonl", "arrayrecord")
+# Trajectories sampled to estimate L_p99 for model.gamma = "auto" (all of them when the split is smaller).
+GAMMA_SAMPLE = 20_000
 
 
 def synthetic_policy(config) -> synthetic.SyntheticPolicy:
@@ -31,19 +34,40 @@ def load_source(config, split: str):
     size = data.synthetic.train_records if split == "train" else data.synthetic.eval_records
     # Distinct seed streams per split: eval trajectories are never training trajectories.
     return synthetic.SyntheticSource(policy, size, seed=data.seed * 2 + (split == "eval"), gamma=config.model.gamma)
+  path = data.train_path if split == "train" else data.eval_path
   if data.source == "jsonl":
-    path = data.train_path if split == "train" else data.eval_path
     records = jsonl.read_trajectories(path, config.model.vocab_size, data.max_len)
-    if data.unfinished == "drop":
-      kept = [r for r in records if r.finished]
-      if len(kept) < len(records):
-        logging.warning("%s: dropped %d of %d unfinished completions (data.unfinished=drop)",
-                        path, len(records) - len(kept), len(records))
-      if not kept:
-        raise ValueError(f"{path}: every completion is unfinished and data.unfinished=drop")
-      records = kept
+    unfinished = sum(not r.finished for r in records)
+    if unfinished:
+      logging.warning("%s: %d of %d completions are unfinished (data.unfinished=%s)", path, unfinished,
+                      len(records), data.unfinished)
     return records
+  if data.source == "arrayrecord":
+    return arrayrecord.ArrayRecordTrajectories(path)
   raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
+
+
+def resolve_gamma(config) -> float:
+  """model.gamma = "auto": gamma = 0.01 ** (1 / L_p99) over the training split's finished completions."""
+  if config.data.source == "synthetic":
+    policy = synthetic_policy(config)  # Lengths do not depend on gamma: sample the policy directly.
+    sample = [policy.sample(np.random.default_rng([config.data.seed * 2, i])) for i in range(
+        min(GAMMA_SAMPLE, config.data.synthetic.train_records))]
+  else:
+    source = load_source(config, "train")
+    step = max(len(source) // GAMMA_SAMPLE, 1)
+    sample = [source[i] for i in range(0, len(source), step)]
+  summary = stats.trajectory_stats(sample)["overall"]
+  if summary["count"] == 0:
+    raise ValueError("model.gamma='auto' needs finished completions in the training split; there are none")
+  gamma = stats.suggested_gamma(summary["p99"])
+  logging.info("model.gamma=auto: L_p99=%.0f over %d completions -> gamma=%.6f", summary["p99"], summary["count"],
+               gamma)
+  return gamma
+
+
+def _is_finished(trajectory) -> bool:
+  return trajectory.finished
 
 
 def _to_row(trajectory, max_len, unfinished, pad):
@@ -65,6 +89,8 @@ def _from_packed(packed: dict) -> dict:
 def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDataset:
   """Trajectories -> fixed-length rows: padded one per row, or first-fit packed several per row."""
   data = config.data
+  if data.unfinished == "drop":
+    ds = ds.filter(_is_finished)
   ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished, pad=not data.packing))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
   if not data.packing:
@@ -81,7 +107,11 @@ def train_dataset(config, source) -> grain.IterDataset:
   per_host = config.train.batch_size // jax.process_count()
   ds = grain.MapDataset.source(source).seed(config.data.seed).shuffle().repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
-  return _rows(ds, config, per_host).batch(per_host, drop_remainder=True)
+  ds = _rows(ds, config, per_host).batch(per_host, drop_remainder=True)
+  if config.data.worker_count:
+    # Worker processes run the pipeline above; the checkpointed iterator state covers what they prefetched.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+  return ds
 
 
 def eval_batches(config, source):

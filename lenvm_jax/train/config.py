@@ -21,9 +21,13 @@ def _require(condition: bool, field: str, message: str):
 
 
 def validate(config) -> ModelConfig:
-  """Raises ConfigError naming the first bad field; returns the typed model config."""
+  """Raises ConfigError naming the first bad field; returns the typed model config (gamma "auto" stays unresolved
+  here: the trainer resolves it from the data, see pipeline.resolve_gamma)."""
+  gamma = config.model.gamma
+  _require(gamma == "auto" or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)), "model.gamma",
+           f"must be a number in (0, 1) or 'auto', got {gamma!r}")
   try:
-    model = ModelConfig.from_config(config.model)
+    model = ModelConfig.from_config({**config.model, "gamma": 0.5 if gamma == "auto" else float(gamma)})
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
 
@@ -37,8 +41,9 @@ def validate(config) -> ModelConfig:
   _require(loss.length_normalizer > 0.0, "loss.length_normalizer", f"must be > 0, got {loss.length_normalizer}")
 
   _require(data.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {data.source!r}")
-  if data.source == "jsonl":
-    _require(bool(data.train_path), "data.train_path", "is required when data.source='jsonl'")
+  if data.source in ("jsonl", "arrayrecord"):
+    _require(bool(data.train_path), "data.train_path", f"is required when data.source='{data.source}'")
+  _require(data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {data.worker_count}")
   _require(data.max_len >= 2, "data.max_len", f"must be >= 2, got {data.max_len}")
   _require(data.unfinished in UNFINISHED_POLICIES, "data.unfinished",
            f"must be one of {UNFINISHED_POLICIES}, got {data.unfinished!r}")

@@ -79,6 +79,9 @@ def save_config(config, workdir: str):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to config.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
+  config_lib.validate(config)
+  if config.model.gamma == "auto":
+    config.model.gamma = pipeline.resolve_gamma(config)
   model_config = config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   config_lib.check_batch_fits_mesh(config, mesh)
@@ -160,6 +163,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.wait()
     finally:
       stop.restore()
+      if hasattr(train_iter, "close"):
+        train_iter.close()  # Stops grain worker processes.
       ckpt.close()
       log.close()
   return last_eval

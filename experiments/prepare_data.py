@@ -1,0 +1,127 @@
+"""Import generator trajectories into validated ArrayRecord shards (train / eval) for training.
+
+  python -m experiments.prepare_data --format=reference_jsonl --input=a.jsonl,b.jsonl --tokenizer=HF_DIR \
+      --output_dir=data/run1 [--generator=NAME] [--eval_fraction=0.1] [--max_len=4096] [--on_bad_record=skip]
+  python -m experiments.prepare_data --format=tokenized_jsonl --input=t.jsonl --vocab_size=32000 --output_dir=...
+
+Writes <output_dir>/{train,eval}-*.array_record and stats.json (lengths per generator, suggested gamma). A bad
+record stops the run with one line "error: <file>:<line>: field ...: ..." and exit code 2, or, with
+--on_bad_record=skip, is skipped and counted in stats.json. Rerunning keeps the shards that already exist.
+
+To add a format: a function(FLAGS) -> iterable of ImportedRecord | RecordError (see lenvm_jax/data/prepare.py),
+registered in FORMATS.
+"""
+
+import functools
+import itertools
+import os
+import sys
+
+from absl import app, flags
+
+from lenvm_jax.data import prepare as prepare_lib, reference_jsonl
+from lenvm_jax.data.records import RecordError
+from lenvm_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+FLAGS = flags.FLAGS
+
+
+@functools.cache
+def tokenizer() -> Tokenizer:
+  """Loaded once: formats and the vocab_size default share it."""
+  if not FLAGS.tokenizer:
+    raise ValueError(f"--format={FLAGS.format} needs --tokenizer (HF tokenizer dir, tokenizer.json or "
+                     "SentencePiece .model)")
+  return load_tokenizer(FLAGS.tokenizer)
+
+
+def vocab_size() -> int:
+  if FLAGS.vocab_size:
+    return FLAGS.vocab_size
+  if FLAGS.tokenizer:
+    return tokenizer().vocab_size
+  raise ValueError("--vocab_size is needed (or --tokenizer, whose vocabulary size is the default)")
+
+
+def input_files(flag_values) -> list[str]:
+  missing = [path for path in flag_values.input if not os.path.isfile(path)]
+  if missing:
+    raise FileNotFoundError(f"--input: no such file: {missing[0]}")
+  return flag_values.input
+
+
+def reference_jsonl_records(flag_values):
+  paths, text_tokenizer = input_files(flag_values), tokenizer()
+  return itertools.chain.from_iterable(
+      reference_jsonl.iter_reference_jsonl(path, text_tokenizer, eval_fraction=flag_values.eval_fraction,
+                                           generator=flag_values.generator) for path in paths)
+
+
+def tokenized_jsonl_records(flag_values):
+  paths, vocab = input_files(flag_values), vocab_size()
+  return itertools.chain.from_iterable(
+      reference_jsonl.iter_tokenized_jsonl(path, vocab, flag_values.max_len,
+                                           eval_fraction=flag_values.eval_fraction) for path in paths)
+
+
+FORMATS = {
+    "reference_jsonl": reference_jsonl_records,
+    "tokenized_jsonl": tokenized_jsonl_records,
+}
+
+flags.DEFINE_enum("format", None, list(FORMATS), "Input format.")
+flags.DEFINE_list("input", None, "Input file(s), comma-separated.")
+flags.DEFINE_string("output_dir", None, "Where the shards and stats.json go.")
+flags.DEFINE_string("tokenizer", None, "HF tokenizer directory, tokenizer.json, or SentencePiece model.")
+flags.DEFINE_string("generator", None, "Generator name for records whose meta_info has none.")
+flags.DEFINE_float("eval_fraction", 0.1, "Share of prompts (not records) that go to the eval split.")
+flags.DEFINE_integer("max_len", 4096, "Training row length; a prompt must be shorter.")
+flags.DEFINE_integer("vocab_size", None, "Token ids must be below this; default: the tokenizer's vocabulary size.")
+flags.DEFINE_integer("shard_size", 4096, "Records per ArrayRecord shard.")
+flags.DEFINE_enum("on_bad_record", "error", prepare_lib.BAD_RECORD_POLICIES,
+                  "error: stop at the first bad record; skip: skip and count it.")
+flags.mark_flags_as_required(["format", "input", "output_dir"])
+flags.register_validator("eval_fraction", lambda value: 0.0 <= value < 1.0, "--eval_fraction must be in [0, 1)")
+
+
+def summary(result: dict) -> str:
+  records, shards = result["records"], result["shards"]
+  lines = [", ".join(f"{split}: {records[split]} records in {shards[split]} shards" for split in records)]
+  skipped = result["skipped"]
+  if skipped["total"]:
+    by_field = ", ".join(f"{field}={count}" for field, count in sorted(skipped["by_field"].items()))
+    lines.append(f"skipped {skipped['total']} bad records ({by_field})")
+  train = result["splits"].get("train", {}).get("overall")
+  if train and train.get("suggested_gamma") is not None:
+    lines.append(f"train: p99 completion length {train['p99']:.0f}, suggested gamma {train['suggested_gamma']:.5f}"
+                 f", unfinished {train['unfinished_fraction']:.1%}")
+  return "\n".join(lines)
+
+
+def fail(error: Exception):
+  """Bad input or data: one clear line on stderr, exit code 2, no traceback."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    records = FORMATS[FLAGS.format](FLAGS)
+    vocab = vocab_size()
+  except (ValueError, OSError) as e:
+    fail(e)
+  try:
+    result = prepare_lib.prepare(records, FLAGS.output_dir, vocab_size=vocab, max_len=FLAGS.max_len,
+                                 shard_size=FLAGS.shard_size, on_bad_record=FLAGS.on_bad_record)
+  except RecordError as e:
+    fail(e)
+  print(summary(result))
+  print(f"wrote {os.path.join(FLAGS.output_dir, 'stats.json')}")
+  if not sum(result["records"].values()):
+    fail(ValueError(f"no records imported from {', '.join(FLAGS.input)}"))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,42 @@
+"""Completion-length statistics of a trajectory set: percentiles per generator, unfinished share, suggested gamma."""
+
+import collections
+
+import numpy as np
+
+
+def suggested_gamma(p99_length: float) -> float:
+  """Spec section 1: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
+  return float(0.01 ** (1.0 / max(p99_length, 1.0)))
+
+
+def length_summary(lengths) -> dict:
+  lengths = np.asarray(lengths, np.float64)
+  if not len(lengths):
+    return {"count": 0}
+  p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+  return {"count": int(len(lengths)), "mean": float(lengths.mean()), "p50": float(p50), "p90": float(p90),
+          "p99": float(p99), "max": int(lengths.max())}
+
+
+def trajectory_stats(trajectories) -> dict:
+  """Per-generator and overall completion-length summaries of finished trajectories, and the unfinished share."""
+  by_generator = collections.defaultdict(list)
+  unfinished = collections.Counter()
+  total = collections.Counter()
+  for t in trajectories:
+    name = t.generator or "unknown"
+    total[name] += 1
+    if t.finished:
+      by_generator[name].append(len(t.completion_ids))
+    else:
+      unfinished[name] += 1
+  everything = [n for lengths in by_generator.values() for n in lengths]
+  overall = length_summary(everything)
+  return {
+      "overall": {**overall, "unfinished": sum(unfinished.values()), "records": sum(total.values()),
+                  "unfinished_fraction": sum(unfinished.values()) / max(sum(total.values()), 1),
+                  "suggested_gamma": suggested_gamma(overall["p99"]) if everything else None},
+      "generators": {name: {**length_summary(by_generator[name]), "unfinished": unfinished[name],
+                            "unfinished_fraction": unfinished[name] / total[name]} for name in sorted(total)},
+  }
