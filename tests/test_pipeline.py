@@ -71,3 +71,26 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
   p99 = np.percentile([len(shards[i].completion_ids) for i in range(len(shards))], 99)
   assert saved["model"]["gamma"] == stats.suggested_gamma(p99)
   assert abs((1 - saved["model"]["gamma"] ** p99) - 0.99) < 1e-9  # Spec: 1 - gamma ** L_p99 = 0.99.
+
+
+def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tmp_path):
+  import importlib.util
+  assert importlib.util.find_spec("tensorflow") is None  # The point: TFDS's array_record path needs no TF.
+  from lenvm_jax.data.tfds_builder import LenvmTrajectories, TfdsTrajectories
+  config = tiny_config
+  _write_shards(config, tmp_path / "data")
+  LenvmTrajectories(data_dir=str(tmp_path / "tfds"), source_dir=str(tmp_path / "data")).download_and_prepare()
+  for split, count in (("train", 600), ("eval", 48)):
+    shards = arrayrecord.ArrayRecordTrajectories(str(tmp_path / "data" / split))
+    view = TfdsTrajectories("lenvm_trajectories", split, str(tmp_path / "tfds"))
+    assert len(view) == count
+    key = lambda t: (tuple(t.prompt_ids.tolist()), tuple(t.completion_ids.tolist()), t.finished)
+    assert sorted(map(key, (view[i] for i in range(count)))) == sorted(map(key, (shards[i] for i in range(count))))
+
+  config.data.source = "tfds"
+  config.data.tfds_data_dir = str(tmp_path / "tfds")
+  config.train.steps = 3
+  config.train.eval_every = 0
+  config.mesh.data = 1
+  final_eval = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(final_eval["value_mse"])

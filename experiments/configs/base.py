@@ -22,9 +22,11 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.loss.length_normalizer = 1024.0  # Only for target_type='normalized_length': length that maps to 1.
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "synthetic"  # synthetic | jsonl | arrayrecord
+  config.data.source = "synthetic"  # synthetic | jsonl | arrayrecord | tfds
   config.data.train_path = ""  # jsonl: a file; arrayrecord: a shard file, a glob, or <prepare_data dir>/train.
   config.data.eval_path = ""  # Held-out split, same forms; empty = no eval.
+  config.data.tfds_name = "lenvm_trajectories"  # data.source='tfds': a prepared TFDS dataset's name ...
+  config.data.tfds_data_dir = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
   config.data.packing = True  # First-fit pack several trajectories per row (segment ids keep them apart).
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.

@@ -14,7 +14,7 @@ import numpy as np
 
 from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 
-SOURCES = ("synthetic", "jsonl", "arrayrecord")
+SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 # Trajectories sampled to estimate L_p99 for model.gamma = "auto" (all of them when the split is smaller).
 GAMMA_SAMPLE = 20_000
 
@@ -44,6 +44,9 @@ def load_source(config, split: str):
     return records
   if data.source == "arrayrecord":
     return arrayrecord.ArrayRecordTrajectories(path)
+  if data.source == "tfds":
+    from lenvm_jax.data import tfds_builder  # Imports tensorflow_datasets (slow): only when asked for.
+    return tfds_builder.TfdsTrajectories(data.tfds_name, split, data.tfds_data_dir)
   raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
 
 

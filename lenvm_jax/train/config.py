@@ -43,6 +43,8 @@ def validate(config) -> ModelConfig:
   _require(data.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {data.source!r}")
   if data.source in ("jsonl", "arrayrecord"):
     _require(bool(data.train_path), "data.train_path", f"is required when data.source='{data.source}'")
+  if data.source == "tfds":
+    _require(bool(data.tfds_data_dir), "data.tfds_data_dir", "is required when data.source='tfds'")
   _require(data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {data.worker_count}")
   _require(data.max_len >= 2, "data.max_len", f"must be >= 2, got {data.max_len}")
   _require(data.unfinished in UNFINISHED_POLICIES, "data.unfinished",

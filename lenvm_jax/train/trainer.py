@@ -91,7 +91,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   objective = Objective.from_config(config)
   train_iter = iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))
-  has_eval = config.data.source == "synthetic" or bool(config.data.eval_path)
+  has_eval = config.data.source in ("synthetic", "tfds") or bool(config.data.eval_path)
   eval_source = pipeline.load_source(config, "eval") if has_eval else None
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                     config.checkpoint.async_save)
