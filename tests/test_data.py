@@ -95,9 +95,11 @@ def test_jsonl_reads_good_records(tmp_path):
   assert len(records) == 2 and records[1].prompt_id == "12" and not records[1].finished
 
 
-def test_packed_rows_reproduce_every_trajectory(tiny_config):
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "none"])
+def test_packed_rows_reproduce_every_trajectory(tiny_config, packing):
   """Packing keeps every trajectory's tokens, positions, remaining lengths and mask, each in its own segment."""
   config = tiny_config
+  config.data.packing = packing
   source = pipeline.load_source(config, "eval")
   expected = {}
   for i in range(len(source)):
@@ -113,3 +115,6 @@ def test_packed_rows_reproduce_every_trajectory(tiny_config):
           np.testing.assert_array_equal(batch[key][b][where], want[key], err_msg=key)
         found += 1
   assert found == len(source)
+  if packing != "none":  # Several trajectories share rows.
+    assert max(len(set(b.tolist()) - {0}) for batch in pipeline.eval_batches(config, source)
+               for b in batch["segment_ids"]) > 1

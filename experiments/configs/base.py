@@ -28,7 +28,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.data.tfds_name = "lenvm_trajectories"  # data.source='tfds': a prepared TFDS dataset's name ...
   config.data.tfds_data_dir = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
-  config.data.packing = True  # First-fit pack several trajectories per row (segment ids keep them apart).
+  config.data.packing = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
   config.data.seed = 0  # Shuffle order (and synthetic sampling).
   config.data.read_threads = 1

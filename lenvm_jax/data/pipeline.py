@@ -2,7 +2,7 @@
 
 `data.source` picks where trajectories come from; everything after that is one grain pipeline:
 MapDataset(source) -> global shuffle (re-drawn each epoch) -> repeat -> this host's slice -> [drop unfinished]
--> rows -> [first-fit packing] -> batch -> [worker processes (data.worker_count)].
+-> rows -> [first-fit or best-fit packing] -> batch -> [worker processes (data.worker_count)].
 """
 
 import functools
@@ -15,6 +15,8 @@ import numpy as np
 from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
+PACKERS = {"first_fit": grain.experimental.FirstFitPackIterDataset, "best_fit": grain.experimental.BestFitPackIterDataset}
+PACKING = ("none",) + tuple(PACKERS)
 # Trajectories sampled to estimate L_p99 for model.gamma = "auto" (all of them when the split is smaller).
 GAMMA_SAMPLE = 20_000
 
@@ -90,18 +92,18 @@ def _from_packed(packed: dict) -> dict:
 
 
 def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDataset:
-  """Trajectories -> fixed-length rows: padded one per row, or first-fit packed several per row."""
+  """Trajectories -> fixed-length rows: padded one per row, or packed several per row (`rows_per_batch` open bins)."""
   data = config.data
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
-  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished, pad=not data.packing))
+  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished, pad=data.packing == "none"))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
-  if not data.packing:
+  if data.packing == "none":
     return ds
   fields = rows.PACKED_FIELDS + (("exact_value",) if data.source == "synthetic" else ())
   lengths = {k: data.max_len for k in fields}
-  packed = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=rows_per_batch,
-                                                      seed=data.seed, shuffle_bins=False)
+  packed = PACKERS[data.packing](ds, length_struct=lengths, num_packing_bins=rows_per_batch, seed=data.seed,
+                                 shuffle_bins=False)
   return packed.map(_from_packed)
 
 

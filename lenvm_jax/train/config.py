@@ -4,7 +4,7 @@ ml_collections already rejects unknown fields and ill-typed overrides on the com
 """
 
 from lenvm_jax import targets
-from lenvm_jax.data.pipeline import SOURCES
+from lenvm_jax.data.pipeline import PACKING, SOURCES
 from lenvm_jax.data.rows import UNFINISHED_POLICIES
 from lenvm_jax.model.config import ModelConfig
 
@@ -45,6 +45,7 @@ def validate(config) -> ModelConfig:
     _require(bool(data.train_path), "data.train_path", f"is required when data.source='{data.source}'")
   if data.source == "tfds":
     _require(bool(data.tfds_data_dir), "data.tfds_data_dir", "is required when data.source='tfds'")
+  _require(data.packing in PACKING, "data.packing", f"must be one of {PACKING}, got {data.packing!r}")
   _require(data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {data.worker_count}")
   _require(data.max_len >= 2, "data.max_len", f"must be >= 2, got {data.max_len}")
   _require(data.unfinished in UNFINISHED_POLICIES, "data.unfinished",
