@@ -42,24 +42,29 @@ class Predictor:
     prediction = self.kind.predict(z)
     return self.kind.value_estimate(prediction), self.kind.remaining_estimate(prediction)
 
-  def predict(self, trajectories: list[Trajectory], batch_size: int = 16):
-    """For each trajectory: (values, remaining) at s_0 .. s_L, i.e. len(completion_ids) + 1 entries each."""
-    out = []
-    for start in range(0, len(trajectories), batch_size):
-      chunk = trajectories[start:start + batch_size]
-      longest = max(len(t.prompt_ids) + len(t.completion_ids) for t in chunk)
-      width = 1 << max(int(np.ceil(np.log2(longest))), 4)  # Bucketed lengths: few recompiles.
+  def predict(self, trajectories: list[Trajectory], batch_size: int = 16, max_len: int | None = None):
+    """For each trajectory: (values, remaining) at s_0 .. s_L, i.e. len(completion_ids) + 1 entries each.
+
+    With max_len, sequences are cut at max_len tokens (as in training) and only the states present are returned.
+    Sequences are batched by length (least padding) and returned in input order.
+    """
+    out = [None] * len(trajectories)
+    order = sorted(range(len(trajectories)),
+                   key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids))
+    for start in range(0, len(order), batch_size):
+      chunk = order[start:start + batch_size]
+      ids = [np.concatenate([trajectories[i].prompt_ids, trajectories[i].completion_ids])[:max_len] for i in chunk]
+      width = 1 << max(int(np.ceil(np.log2(max(map(len, ids))))), 4)  # Bucketed lengths: few recompiles.
       tokens = np.zeros((batch_size, width), np.int32)
       segment_ids = np.zeros((batch_size, width), np.int32)
-      for i, t in enumerate(chunk):
-        ids = np.concatenate([t.prompt_ids, t.completion_ids])
-        tokens[i, :len(ids)] = ids
-        segment_ids[i, :len(ids)] = 1
+      for row, seq in enumerate(ids):
+        tokens[row, :len(seq)] = seq
+        segment_ids[row, :len(seq)] = 1
       positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
       values, remaining = jax.device_get(self._forward(self.params, jnp.asarray(tokens), jnp.asarray(positions),
                                                        jnp.asarray(segment_ids)))
-      for i, t in enumerate(chunk):
-        first = len(t.prompt_ids) - 1
-        span = slice(first, first + len(t.completion_ids) + 1)
-        out.append((values[i, span], remaining[i, span]))
+      for row, (i, seq) in enumerate(zip(chunk, ids)):
+        first = len(trajectories[i].prompt_ids) - 1
+        span = slice(first, min(first + len(trajectories[i].completion_ids) + 1, len(seq)))
+        out[i] = (values[row, span], remaining[row, span])
     return out

@@ -1,0 +1,52 @@
+"""Held-out length evaluation of a trained run: per-token MAE and prompt-boundary MRE next to two baselines.
+
+  python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000]
+
+Baselines are fit on the run's training split (config data.*), the evaluation uses its eval split; the report is
+printed and written to <workdir>/length_eval.json. See lenvm_jax/infer/length_eval.py for the definitions.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from lenvm_jax.data import pipeline
+from lenvm_jax.infer import length_eval
+from lenvm_jax.infer.predict import Predictor
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_MAX_EVAL = flags.DEFINE_integer("max_eval_records", 0, "Evaluate on the first N eval records (0 = all).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def format_report(report: dict) -> str:
+  lines = [f"held-out: {report['counts']}"]
+  for title, key, other in (("per-token length MAE (tokens)", "token_mae", "position"),
+                            ("prompt-boundary MRE", "prompt_mre", "generator")):
+    lines.append(f"{title}: model / best constant / {other} baseline")
+    for scope, values in sorted(report[key].items()):
+      lines.append(f"  {'all' if scope == length_eval.ALL_GENERATORS else scope:<24} "
+                   f"{values['model']:10.4g} {values['constant']:10.4g} {values[other]:10.4g}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  predictor = Predictor(_WORKDIR.value)
+  config = predictor.config
+  train = pipeline.load_source(config, "train")
+  evaluation = pipeline.load_source(config, "eval")
+  count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
+  baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
+  report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
+                                config.data.max_len, _BATCH.value)
+  report["checkpoint_step"] = predictor.step
+  with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  print(format_report(report))
+
+
+if __name__ == "__main__":
+  app.run(main)

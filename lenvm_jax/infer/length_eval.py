@@ -1,0 +1,119 @@
+"""Held-out length evaluation (spec section 4) next to baselines fit on the training split.
+
+Two views, each with the model and two baselines computed on exactly the same states:
+  * per-token length MAE: |n_hat - n| at every state s_t of every held-out completion (cut at max_len as in
+    training); baselines: the best constant (median remaining length of the training tokens) and a predictor that
+    knows only the position t in the completion and the generator (median remaining length of training tokens of
+    that generator in t's position bucket);
+  * prompt-boundary MRE: per (prompt, generator) group, L_GT = log(1 - mean(1 - gamma ** L_i)) / log(gamma), the
+    model's L_hat from V(s_0); baselines: one constant L and one L per generator (L_GT of the training groups).
+"""
+
+import collections
+import dataclasses
+
+import numpy as np
+
+# Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
+position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)
+ALL_GENERATORS = "*"
+
+
+def prompt_boundary_length(lengths, gamma: float) -> float:
+  """L_GT of a prompt from its sampled completion lengths: the length whose return is the mean return."""
+  mean_return = np.mean(1.0 - gamma ** np.asarray(lengths, np.float64))
+  return float(np.log(1.0 - mean_return) / np.log(gamma))
+
+
+def _generator(t) -> str:
+  return t.generator or "unknown"
+
+
+def _group_key(t):
+  return (t.prompt_id if t.prompt_id is not None else tuple(t.prompt_ids.tolist()), _generator(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthBaselines:
+  constant_remaining: float
+  position_remaining: dict  # generator (or ALL_GENERATORS) -> median remaining length per position bucket
+  constant_prompt_length: float
+  generator_prompt_length: dict
+
+  def remaining_by_position(self, generator: str, t: np.ndarray) -> np.ndarray:
+    table = self.position_remaining.get(generator, self.position_remaining[ALL_GENERATORS])
+    fallback = self.position_remaining[ALL_GENERATORS]
+    buckets = position_bucket(t)
+    picked = np.where(buckets < len(table), table[np.minimum(buckets, len(table) - 1)], np.nan)
+    return np.where(np.isnan(picked), fallback[np.minimum(buckets, len(fallback) - 1)], picked)
+
+
+def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
+  finished = [t for t in trajectories if t.finished]
+  if not finished:
+    raise ValueError("baselines need finished training completions")
+  remaining, buckets, generators = [], [], []
+  for t in finished:
+    length = len(t.completion_ids)
+    steps = np.arange(length + 1)
+    remaining.append(length - steps)
+    buckets.append(position_bucket(steps))
+    generators.append(np.full(length + 1, _generator(t), dtype=object))
+  remaining, buckets, generators = map(np.concatenate, (remaining, buckets, generators))
+
+  def table(mask):
+    out = np.full(buckets.max() + 1, np.nan)
+    for b in np.unique(buckets[mask]):
+      out[b] = np.median(remaining[mask & (buckets == b)])
+    return out
+
+  position = {ALL_GENERATORS: table(np.ones_like(remaining, bool))}
+  for name in sorted(set(generators.tolist())):
+    position[name] = table(generators == name)
+  groups = collections.defaultdict(list)
+  for t in finished:
+    groups[_group_key(t)].append(len(t.completion_ids))
+  by_generator = collections.defaultdict(list)
+  for (_, generator), lengths in groups.items():
+    by_generator[generator].extend(lengths)
+  return LengthBaselines(
+      constant_remaining=float(np.median(remaining)), position_remaining=position,
+      constant_prompt_length=prompt_boundary_length([n for g in groups.values() for n in g], gamma),
+      generator_prompt_length={g: prompt_boundary_length(v, gamma) for g, v in by_generator.items()})
+
+
+def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
+             batch_size: int = 16) -> dict:
+  """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
+  per generator, on the finished held-out trajectories."""
+  finished = [t for t in trajectories if t.finished]
+  predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len)
+  errors = collections.defaultdict(lambda: collections.defaultdict(list))
+  for t, (_, n_hat) in zip(finished, predictions):
+    steps = np.arange(len(n_hat))
+    n = len(t.completion_ids) - steps
+    for scope in (ALL_GENERATORS, _generator(t)):
+      errors[scope]["model"].append(np.abs(n_hat - n))
+      errors[scope]["constant"].append(np.abs(baselines.constant_remaining - n))
+      errors[scope]["position"].append(np.abs(baselines.remaining_by_position(_generator(t), steps) - n))
+  token_mae = {scope: {name: float(np.mean(np.concatenate(v))) for name, v in by.items()}
+               for scope, by in errors.items()}
+
+  groups = collections.defaultdict(list)
+  boundary = {}
+  for t, (_, n_hat) in zip(finished, predictions):
+    groups[_group_key(t)].append(len(t.completion_ids))
+    boundary[_group_key(t)] = float(n_hat[0])  # The same prompt gives the same V(s_0).
+  relative = collections.defaultdict(lambda: collections.defaultdict(list))
+  for key, lengths in groups.items():
+    truth = prompt_boundary_length(lengths, gamma)
+    generator = key[1]
+    guesses = {"model": boundary[key], "constant": baselines.constant_prompt_length,
+               "generator": baselines.generator_prompt_length.get(generator, baselines.constant_prompt_length)}
+    for scope in (ALL_GENERATORS, generator):
+      for name, guess in guesses.items():
+        relative[scope][name].append(abs(guess - truth) / max(truth, 1.0))
+  prompt_mre = {scope: {name: float(np.mean(v)) for name, v in by.items()} for scope, by in relative.items()}
+  counts = {"trajectories": len(finished), "prompt_groups": len(groups),
+            "tokens": int(sum(len(p[1]) for p in predictions))}
+  return {"token_mae": token_mae, "prompt_mre": prompt_mre, "counts": counts}

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from lenvm_jax.data.records import Trajectory
+from lenvm_jax.infer import length_eval
+
+
+def _t(length, generator="a", prompt=(5,), prompt_id=None):
+  return Trajectory(np.asarray(prompt, np.int32), np.ones(length, np.int32), True, prompt_id, generator)
+
+
+def test_prompt_boundary_length_is_the_length_of_the_mean_return():
+  assert length_eval.prompt_boundary_length([37], 0.99) == pytest.approx(37)
+  gamma = 0.9
+  got = length_eval.prompt_boundary_length([2, 10], gamma)
+  assert 1 - gamma**got == pytest.approx(((1 - gamma**2) + (1 - gamma**10)) / 2)
+
+
+def test_baselines_are_medians_by_position_and_generator():
+  train = [_t(4, "a", prompt_id="p"), _t(4, "a", prompt_id="q"), _t(10, "b", prompt_id="p")]
+  base = length_eval.fit_baselines(train, gamma=0.9)
+  # Remaining lengths: a: 4,3,2,1,0 twice; b: 10..0. Median of all 21 tokens:
+  all_remaining = [4, 3, 2, 1, 0] * 2 + list(range(10, -1, -1))
+  assert base.constant_remaining == np.median(all_remaining)
+  # Generator a at t = 0 (bucket 0): remaining 4; at t = 1, 2 (bucket 1): median of 3, 2, 3, 2 = 2.5.
+  np.testing.assert_allclose(base.remaining_by_position("a", np.array([0, 1, 2])), [4, 2.5, 2.5])
+  # Unknown generators and unseen buckets fall back to the all-generator table.
+  assert base.remaining_by_position("zzz", np.array([0]))[0] == np.median([4, 4, 10])
+  # Bucket 3 is t = 7..14: only b reaches it (t = 7..10, remaining 3..0).
+  assert base.remaining_by_position("a", np.array([9]))[0] == np.median([3, 2, 1, 0])
+  assert base.generator_prompt_length["a"] == pytest.approx(4)
+  assert base.generator_prompt_length["b"] == pytest.approx(10)
+
+
+class _OraclePredictor:
+  """Predicts the true remaining length: the model column must then show zero error."""
+
+  def predict(self, trajectories, batch_size, max_len):
+    out = []
+    for t in trajectories:
+      n = len(t.completion_ids) - np.arange(min(len(t.completion_ids) + 1, max_len - len(t.prompt_ids) + 1))
+      out.append((None, n.astype(np.float64)))
+    return out
+
+
+def test_evaluate_scores_model_and_baselines_on_the_same_states():
+  train = [_t(4, "a", prompt_id="p"), _t(10, "b", prompt_id="p")]
+  held_out = [_t(6, "a", prompt_id="x"), _t(12, "b", prompt_id="x"), _t(3, "a", prompt_id="y")]
+  report = length_eval.evaluate(_OraclePredictor(), held_out, length_eval.fit_baselines(train, 0.9), 0.9,
+                                max_len=8)
+  assert report["token_mae"]["*"]["model"] == 0.0
+  assert report["prompt_mre"]["*"]["model"] == pytest.approx(0.0, abs=1e-12)
+  assert report["token_mae"]["*"]["constant"] > 0 and report["prompt_mre"]["a"]["generator"] > 0
+  # max_len 8 with a 1-token prompt keeps states s_0..s_7 of the 12-token completion: 7 + 8 + 4 states in all.
+  assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4}
