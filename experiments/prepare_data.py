@@ -3,6 +3,10 @@
   python -m experiments.prepare_data --format=reference_jsonl --input=a.jsonl,b.jsonl --tokenizer=HF_DIR \
       --output_dir=data/run1 [--generator=NAME] [--eval_fraction=0.1] [--max_len=4096] [--on_bad_record=skip]
   python -m experiments.prepare_data --format=tokenized_jsonl --input=t.jsonl --vocab_size=32000 --output_dir=...
+  python -m experiments.prepare_data --format=champ --output_dir=data/champ --max_len=8192 [--tokenizer=...]
+
+--format=champ reads the installed champ-dataset package (lenvm_jax/data/champ.py), so it takes no --input (ignored
+if given); its tokenizer defaults to the Mistral v1 SentencePiece model shipped in mistral-common.
 
 Writes <output_dir>/{train,eval}-*.array_record and stats.json (lengths per generator, suggested gamma). A bad
 record stops the run with one line "error: <file>:<line>: field ...: ..." and exit code 2, or, with
@@ -19,26 +23,35 @@ import sys
 
 from absl import app, flags
 
-from lenvm_jax.data import prepare as prepare_lib, reference_jsonl
+from lenvm_jax.data import champ, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FLAGS = flags.FLAGS
 
 
+# Formats whose data comes with a natural tokenizer, used when --tokenizer is not given.
+DEFAULT_TOKENIZERS = {"champ": champ.default_tokenizer_path}
+
+
+def tokenizer_path() -> str | None:
+  default = DEFAULT_TOKENIZERS.get(FLAGS.format)
+  return FLAGS.tokenizer or (default() if default else None)
+
+
 @functools.cache
 def tokenizer() -> Tokenizer:
   """Loaded once: formats and the vocab_size default share it."""
-  if not FLAGS.tokenizer:
+  if not tokenizer_path():
     raise ValueError(f"--format={FLAGS.format} needs --tokenizer (HF tokenizer dir, tokenizer.json or "
                      "SentencePiece .model)")
-  return load_tokenizer(FLAGS.tokenizer)
+  return load_tokenizer(tokenizer_path())
 
 
 def vocab_size() -> int:
   if FLAGS.vocab_size:
     return FLAGS.vocab_size
-  if FLAGS.tokenizer:
+  if tokenizer_path():
     return tokenizer().vocab_size
   raise ValueError("--vocab_size is needed (or --tokenizer, whose vocabulary size is the default)")
 
@@ -64,9 +77,14 @@ def tokenized_jsonl_records(flag_values):
                                            eval_fraction=flag_values.eval_fraction) for path in paths)
 
 
+def champ_records(flag_values):
+  return champ.iter_champ(tokenizer(), eval_fraction=flag_values.eval_fraction)
+
+
 FORMATS = {
     "reference_jsonl": reference_jsonl_records,
     "tokenized_jsonl": tokenized_jsonl_records,
+    "champ": champ_records,
 }
 
 flags.DEFINE_enum("format", None, list(FORMATS), "Input format.")
@@ -80,7 +98,9 @@ flags.DEFINE_integer("vocab_size", None, "Token ids must be below this; default:
 flags.DEFINE_integer("shard_size", 4096, "Records per ArrayRecord shard.")
 flags.DEFINE_enum("on_bad_record", "error", prepare_lib.BAD_RECORD_POLICIES,
                   "error: stop at the first bad record; skip: skip and count it.")
-flags.mark_flags_as_required(["format", "input", "output_dir"])
+flags.mark_flags_as_required(["format", "output_dir"])
+flags.register_multi_flags_validator(["format", "input"], lambda f: f["format"] == "champ" or bool(f["input"]),
+                                     "--input is required (except for --format=champ)")
 flags.register_validator("eval_fraction", lambda value: 0.0 <= value < 1.0, "--eval_fraction must be in [0, 1)")
 
 
@@ -120,7 +140,7 @@ def main(argv):
   print(summary(result))
   print(f"wrote {os.path.join(FLAGS.output_dir, 'stats.json')}")
   if not sum(result["records"].values()):
-    fail(ValueError(f"no records imported from {', '.join(FLAGS.input)}"))
+    fail(ValueError(f"no records imported from {', '.join(FLAGS.input or [FLAGS.format])}"))
 
 
 if __name__ == "__main__":

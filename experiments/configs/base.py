@@ -29,6 +29,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.data.tfds_data_dir = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
   config.data.packing = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
+  config.data.packing_bins = 0  # Rows open for packing at once; 0 = the rows of one batch.
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
   config.data.seed = 0  # Shuffle order (and synthetic sampling).
   config.data.read_threads = 1

@@ -92,7 +92,8 @@ def _from_packed(packed: dict) -> dict:
 
 
 def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDataset:
-  """Trajectories -> fixed-length rows: padded one per row, or packed several per row (`rows_per_batch` open bins)."""
+  """Trajectories -> fixed-length rows: padded one per row, or packed several per row into data.packing_bins open
+  rows (default: one per row of the batch; more bins pack tighter, see experiments/data_stats.py --sweep_bins)."""
   data = config.data
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
@@ -102,8 +103,8 @@ def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDatase
     return ds
   fields = rows.PACKED_FIELDS + (("exact_value",) if data.source == "synthetic" else ())
   lengths = {k: data.max_len for k in fields}
-  packed = PACKERS[data.packing](ds, length_struct=lengths, num_packing_bins=rows_per_batch, seed=data.seed,
-                                 shuffle_bins=False)
+  packed = PACKERS[data.packing](ds, length_struct=lengths, num_packing_bins=data.packing_bins or rows_per_batch,
+                                 seed=data.seed, shuffle_bins=False)
   return packed.map(_from_packed)
 
 

@@ -46,6 +46,7 @@ def validate(config) -> ModelConfig:
   if data.source == "tfds":
     _require(bool(data.tfds_data_dir), "data.tfds_data_dir", "is required when data.source='tfds'")
   _require(data.packing in PACKING, "data.packing", f"must be one of {PACKING}, got {data.packing!r}")
+  _require(data.packing_bins >= 0, "data.packing_bins", f"must be >= 0, got {data.packing_bins}")
   _require(data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {data.worker_count}")
   _require(data.max_len >= 2, "data.max_len", f"must be >= 2, got {data.max_len}")
   _require(data.unfinished in UNFINISHED_POLICIES, "data.unfinished",

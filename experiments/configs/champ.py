@@ -1,0 +1,32 @@
+"""A small LenVM trained from scratch on the CHAMP math transcripts (4 generators), on 2 CPU cores.
+
+  python -m experiments.prepare_data --format=champ --output_dir=data/champ
+  python -m experiments.train --config experiments/configs/champ.py --workdir runs/champ
+  python -m experiments.evaluate_lengths --workdir runs/champ
+
+Held-out problems never appear in training (prepare_data splits by problem). Rows of 1024 tokens (longer transcripts
+are cut but keep their true remaining lengths), first-fit packed.
+"""
+
+from experiments.configs import base
+
+
+def get_config():
+  config = base.get_config("small")
+  config.model.vocab_size = 32000  # mistral-common's SentencePiece v1 tokenizer (prepare_data's champ default).
+  config.model.gamma = "auto"  # 0.01 ** (1 / L_p99) of the training transcripts.
+  config.data.source = "arrayrecord"
+  config.data.train_path = "data/champ/train"
+  config.data.eval_path = "data/champ/eval"
+  config.data.max_len = 1024
+  config.data.unfinished = "drop"
+  config.data.worker_count = 0
+  config.train.steps = 900
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 16
+  config.train.eval_every = 0
+  config.train.log_every = 25
+  config.optim.lr = 2e-3
+  config.optim.warmup_steps = 50
+  config.checkpoint.every_steps = 100
+  return config

@@ -1,0 +1,175 @@
+"""Length statistics and packing efficiency of a prepare_data output directory, before spending a training run on it.
+
+  python -m experiments.data_stats DIR [--max_len=2048] [--packing=first_fit|best_fit] [--open_bins=32] \
+      [--output_png=DIR/lengths.png]
+
+Per split (train, eval) and per generator: finished completion-length p50/p90/p99, unfinished count and share,
+suggested gamma (from the train split's p99), and the share of non-pad tokens when the sequences (prompt +
+completion cut at max_len, as rows.trajectory_to_row does) are packed into rows of max_len the way the pipeline
+packs them: train shuffled (data.seed), eval in stored order, unfinished dropped unless --unfinished keeps them,
+--open_bins rows open at a time (the pipeline uses the per-host batch size). A sweep over bin counts and both
+policies on the train split says what a better packer would buy. Prints a table and writes DIR/data_stats.json
+and a histogram PNG of completion lengths per generator.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from lenvm_jax.data import arrayrecord, packing_stats, rows, stats
+from lenvm_jax.data.prepare import SPLITS
+
+_MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
+_PACKING = flags.DEFINE_enum("packing", "first_fit", packing_stats.POLICIES, "Packing policy to report.")
+_OPEN_BINS = flags.DEFINE_integer("open_bins", 32, "Rows packed at once (the pipeline: per-host train.batch_size).")
+_UNFINISHED = flags.DEFINE_enum("unfinished", "drop", rows.UNFINISHED_POLICIES,
+                                "data.unfinished: drop leaves unfinished completions out of the packing.")
+_SEED = flags.DEFINE_integer("seed", 0, "Shuffle seed of the train split's packing order (data.seed).")
+_SWEEP_BINS = flags.DEFINE_list("sweep_bins", ["8", "16", "32", "64", "128", "256"],
+                                "Bin counts of the train split's packing sweep (both policies); empty: no sweep.")
+_OUTPUT_PNG = flags.DEFINE_string("output_png", None, "Histogram path; default DIR/lengths.png.")
+
+
+class _Lengths:
+  """Per-record generator, finished flag and lengths, noted while trajectory_stats reads the records once."""
+
+  def __init__(self):
+    self.generators, self.finished, self.prompt, self.completion = [], [], [], []
+
+  def note(self, trajectories):
+    for t in trajectories:
+      self.generators.append(t.generator or "unknown")  # stats.trajectory_stats's name for a missing generator.
+      self.finished.append(bool(t.finished))
+      self.prompt.append(len(t.prompt_ids))
+      self.completion.append(len(t.completion_ids))
+      yield t
+
+  def arrays(self):
+    return (np.asarray(self.generators, object), np.asarray(self.finished, bool),
+            np.asarray(self.prompt, np.int64), np.asarray(self.completion, np.int64))
+
+
+def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfinished: bool,
+                shuffle_seed: int | None) -> tuple[dict, dict]:
+  """(trajectory_stats with packing added per generator and overall, {generator: finished completion lengths})."""
+  lengths = _Lengths()
+  summary = stats.trajectory_stats(lengths.note(source[i] for i in range(len(source))))
+  generators, finished, prompt, completion = lengths.arrays()
+  order = (np.arange(len(prompt)) if shuffle_seed is None
+           else np.random.default_rng(shuffle_seed).permutation(len(prompt)))
+  packed = order[keep_unfinished | finished[order]]  # The pipeline's order, unfinished dropped under "drop".
+  sequence = np.minimum(prompt + completion, max_len)
+
+  def packing(indices):
+    result = packing_stats.pack(policy, sequence[indices], max_len, open_bins).as_dict()
+    result["truncated"] = int(np.count_nonzero(prompt[indices] + completion[indices] > max_len))
+    return result
+
+  summary["overall"]["packing"] = packing(packed)
+  for name, generator in summary["generators"].items():
+    generator["packing"] = packing(packed[generators[packed] == name])
+  summary["packing_order"] = packed  # For the sweep; removed before writing.
+  summary["sequence_lengths"] = sequence
+  finished_lengths = {name: completion[(generators == name) & finished] for name in summary["generators"]}
+  return summary, finished_lengths
+
+
+def packing_sweep(sequence_lengths, max_len: int, bin_counts) -> dict:
+  return {policy: {str(bins): packing_stats.pack(policy, sequence_lengths, max_len, bins).efficiency
+                   for bins in bin_counts} for policy in packing_stats.POLICIES}
+
+
+def plot_lengths(finished_lengths: dict, path: str, max_len: int) -> None:
+  """One panel per split, one step histogram per generator, log-spaced bins on a log x axis."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, axes = plt.subplots(1, len(finished_lengths), figsize=(6 * len(finished_lengths), 4), squeeze=False)
+  for ax, (split, by_generator) in zip(axes[0], finished_lengths.items()):
+    longest = max([int(v.max()) for v in by_generator.values() if len(v)] + [2])
+    bins = np.unique(np.geomspace(1, longest + 1, 60).astype(int))
+    for name, values in sorted(by_generator.items()):
+      if len(values):
+        counts, _ = np.histogram(values, bins=bins)
+        # Per unit of length: log-spaced bins hold unequal numbers of integers, raw counts would zigzag.
+        ax.stairs(counts / np.diff(bins), bins, label=f"{name} (n={len(values)})")
+    ax.axvline(max_len, color="gray", linestyle="--", label=f"row max_len={max_len}")
+    ax.set_xscale("log")
+    ax.set_xlabel("completion length (tokens, finished)")
+    ax.set_ylabel("completions per token of length")
+    ax.set_title(split)
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+  lines = []
+  for split, summary in result["splits"].items():
+    lines.append(f"{split}: {summary['overall']['records']} records")
+    lines.append(f"  {'generator':<24} {'records':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'unfin':>7} {'packing':>8}")
+    entries = [("(all)", summary["overall"], summary["overall"]["records"])]
+    entries += [(name, g, g["count"] + g["unfinished"]) for name, g in summary["generators"].items()]
+    for name, g, records in entries:
+      percentiles = " ".join(f"{g[p]:7.0f}" if g["count"] else f"{'-':>7}" for p in ("p50", "p90", "p99"))
+      lines.append(f"  {name:<24.24} {records:>8} {percentiles} {g['unfinished_fraction']:7.1%} "
+                   f"{g['packing']['efficiency']:8.2%}")
+    for policy, by_bins in summary.get("packing_sweep", {}).items():
+      lines.append(f"  {policy} efficiency by open bins: "
+                   + ", ".join(f"{bins}: {eff:.2%}" for bins, eff in by_bins.items()))
+  gamma = result["suggested_gamma"]
+  lines.append(f"suggested gamma (train p99): {gamma:.6f}" if gamma is not None else "suggested gamma: n/a")
+  return "\n".join(lines)
+
+
+def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_bins: int = 32,
+               unfinished: str = "drop", seed: int = 0, sweep_bins=(), output_png: str | None = None) -> dict:
+  """Computes the stats of every split present, writes DIR/data_stats.json and the PNG; returns the JSON dict."""
+  result = {"dir": directory, "max_len": max_len, "packing": policy, "open_bins": open_bins,
+            "unfinished": unfinished, "seed": seed, "splits": {}}
+  finished_lengths = {}
+  for split in SPLITS:
+    try:
+      source = arrayrecord.ArrayRecordTrajectories(os.path.join(directory, split))
+    except FileNotFoundError:
+      continue
+    summary, finished_lengths[split] = split_stats(
+        source, max_len=max_len, policy=policy, open_bins=open_bins, keep_unfinished=unfinished != "drop",
+        shuffle_seed=seed if split == "train" else None)  # Training shuffles; eval_batches reads in order.
+    order, sequence = summary.pop("packing_order"), summary.pop("sequence_lengths")
+    if split == "train" and sweep_bins:
+      summary["packing_sweep"] = packing_sweep(sequence[order], max_len, sweep_bins)
+    result["splits"][split] = summary
+  if not result["splits"]:
+    raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
+  train = result["splits"].get("train", {}).get("overall", {})
+  result["suggested_gamma"] = train.get("suggested_gamma")
+  with open(os.path.join(directory, "data_stats.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  plot_lengths(finished_lengths, output_png or os.path.join(directory, "lengths.png"), max_len)
+  return result
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m experiments.data_stats DIR [--max_len=...] [--packing=...]")
+  directory = argv[1]
+  try:
+    result = data_stats(directory, max_len=_MAX_LEN.value, policy=_PACKING.value, open_bins=_OPEN_BINS.value,
+                        unfinished=_UNFINISHED.value, seed=_SEED.value,
+                        sweep_bins=[int(b) for b in _SWEEP_BINS.value], output_png=_OUTPUT_PNG.value)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_table(result))
+  print(f"wrote {os.path.join(directory, 'data_stats.json')} and "
+        f"{_OUTPUT_PNG.value or os.path.join(directory, 'lengths.png')}")
+
+
+if __name__ == "__main__":
+  app.run(main)
