@@ -41,7 +41,7 @@ def main(argv):
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
-                                config.data.max_len, _BATCH.value)
+                                config.data.max_len, _BATCH.value, config.data.max_prompt_len)
   report["checkpoint_step"] = predictor.step
   with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

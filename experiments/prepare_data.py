@@ -78,7 +78,8 @@ def tokenized_jsonl_records(flag_values):
 
 
 def champ_records(flag_values):
-  return champ.iter_champ(tokenizer(), eval_fraction=flag_values.eval_fraction)
+  return champ.iter_champ(tokenizer(), eval_fraction=flag_values.eval_fraction,
+                          tag_generator=flag_values.champ_tag_generator)
 
 
 FORMATS = {
@@ -88,6 +89,7 @@ FORMATS = {
 }
 
 flags.DEFINE_enum("format", None, list(FORMATS), "Input format.")
+flags.DEFINE_boolean("champ_tag_generator", True, "champ: prepend a system turn naming the generator.")
 flags.DEFINE_list("input", None, "Input file(s), comma-separated.")
 flags.DEFINE_string("output_dir", None, "Where the shards and stats.json go.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer directory, tokenizer.json, or SentencePiece model.")

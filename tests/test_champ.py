@@ -156,3 +156,9 @@ def test_prepare_data_cli_needs_no_input_or_tokenizer_for_champ():
     if was_parsed:
       flags.FLAGS.mark_as_parsed()
     prepare_data.tokenizer.cache_clear()
+
+
+def test_tag_generator_names_the_generator_in_the_prompt(tok):
+  item = next(i for i in champ.iter_champ(tok, max_problems=1, tag_generator=True) if not isinstance(i, Exception))
+  text = tok.decode(item.trajectory.prompt_ids)
+  assert f"written by {item.trajectory.generator}" in text[-80:]  # At the end: survives a left-cut prompt.

@@ -118,3 +118,13 @@ def test_packed_rows_reproduce_every_trajectory(tiny_config, packing):
   if packing != "none":  # Several trajectories share rows.
     assert max(len(set(b.tolist()) - {0}) for batch in pipeline.eval_batches(config, source)
                for b in batch["segment_ids"]) > 1
+
+
+def test_max_prompt_len_keeps_the_prompts_last_tokens():
+  t = Trajectory(np.arange(2, 12, dtype=np.int32), np.array([20, 21, 1], np.int32))
+  with pytest.raises(ValueError, match="max_prompt_len"):
+    rows.trajectory_to_row(t, max_len=8)
+  row = rows.trajectory_to_row(t, max_len=8, max_prompt_len=4)
+  np.testing.assert_array_equal(row["tokens"], [8, 9, 10, 11, 20, 21, 1])
+  np.testing.assert_array_equal(row["remaining"][3:], [3, 2, 1, 0])
+  np.testing.assert_array_equal(row["positions"], np.arange(7))

@@ -35,7 +35,7 @@ def test_baselines_are_medians_by_position_and_generator():
 class _OraclePredictor:
   """Predicts the true remaining length: the model column must then show zero error."""
 
-  def predict(self, trajectories, batch_size, max_len):
+  def predict(self, trajectories, batch_size, max_len, max_prompt_len):
     out = []
     for t in trajectories:
       n = len(t.completion_ids) - np.arange(min(len(t.completion_ids) + 1, max_len - len(t.prompt_ids) + 1))

@@ -28,6 +28,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.data.tfds_name = "lenvm_trajectories"  # data.source='tfds': a prepared TFDS dataset's name ...
   config.data.tfds_data_dir = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
   config.data.max_len = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
+  config.data.max_prompt_len = 0  # > 0: keep only each prompt's last tokens; 0: a prompt >= max_len is an error.
   config.data.packing = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
   config.data.packing_bins = 0  # Rows open for packing at once; 0 = the rows of one batch.
   config.data.unfinished = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.

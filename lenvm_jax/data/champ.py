@@ -75,7 +75,8 @@ def _completion_index(messages, turn: str, summarize_request: str) -> int:
 
 
 def _record(problem_id: str, key: str, conversation, turn: str, summarize_request: str, split: str,
-            tokenizer: Tokenizer, prompt_cache: dict, source: str, line: int) -> ImportedRecord:
+            tokenizer: Tokenizer, prompt_cache: dict, source: str, line: int,
+            tag_generator: bool = False) -> ImportedRecord:
   where = f"conversations[{problem_id}][{key}]"
   generator, separator, setting = key.partition("|")
   if not separator or not generator or not setting:
@@ -103,6 +104,10 @@ def _record(problem_id: str, key: str, conversation, turn: str, summarize_reques
     if not isinstance(message.text, str):
       raise RecordError(source, line, f"{where}.messages[{i}].text", f"must be a string, got {message.text!r:.40}")
     prompt.append((role, message.text))
+  if tag_generator:  # One LenVM for four generators: the state must say whose continuation it predicts. The tag ends
+    # the last prompt turn, so it survives a left-cut prompt (data.max_prompt_len).
+    role, text = prompt[-1]
+    prompt[-1] = (role, f"{text}\n\n(The answer is written by {generator}.)")
   prompt = tuple(prompt)
   if prompt not in prompt_cache:  # Most prompts are shared by all 4 generators: encode each once.
     try:
@@ -118,8 +123,12 @@ def _record(problem_id: str, key: str, conversation, turn: str, summarize_reques
 
 
 def iter_champ(tokenizer: Tokenizer, eval_fraction: float = 0.2, seed: int = 0, max_problems: int | None = None,
-               *, version: str = "v0", turn: str = "solution") -> Iterator[ImportedRecord | RecordError]:
+               *, version: str = "v0", turn: str = "solution",
+               tag_generator: bool = False) -> Iterator[ImportedRecord | RecordError]:
   """One record (or RecordError, never raised) per conversation; line = 1-based running conversation index.
+
+  tag_generator prepends a system turn naming the generator, so a single LenVM trained on all four generators can
+  condition on which one is writing (the paper trains one LenVM per generator family instead).
 
   max_problems keeps the first problems in sorted id order (for quick tests); the split is drawn among those.
   """
@@ -139,7 +148,7 @@ def iter_champ(tokenizer: Tokenizer, eval_fraction: float = 0.2, seed: int = 0, 
       line += 1
       try:
         yield _record(problem_id, key, conversation, turn, prompt_summarizer, split_of[problem_id], tokenizer,
-                      prompt_cache, source, line)
+                      prompt_cache, source, line, tag_generator)
       except RecordError as error:
         yield error
     prompt_cache.clear()  # Prompts are never shared across problems.

@@ -38,7 +38,8 @@ def load_source(config, split: str):
     return synthetic.SyntheticSource(policy, size, seed=data.seed * 2 + (split == "eval"), gamma=config.model.gamma)
   path = data.train_path if split == "train" else data.eval_path
   if data.source == "jsonl":
-    records = jsonl.read_trajectories(path, config.model.vocab_size, data.max_len)
+    # With max_prompt_len, long prompts are cut when rows are built, so the reader does not reject them.
+    records = jsonl.read_trajectories(path, config.model.vocab_size, data.max_len if not data.max_prompt_len else 1 << 30)
     unfinished = sum(not r.finished for r in records)
     if unfinished:
       logging.warning("%s: %d of %d completions are unfinished (data.unfinished=%s)", path, unfinished,
@@ -75,8 +76,8 @@ def _is_finished(trajectory) -> bool:
   return trajectory.finished
 
 
-def _to_row(trajectory, max_len, unfinished, pad):
-  row = rows.trajectory_to_row(trajectory, max_len, unfinished)
+def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad):
+  row = rows.trajectory_to_row(trajectory, max_len, unfinished, max_prompt_len)
   if pad:
     return rows.pad_row(row, max_len)
   del row["positions"], row["segment_ids"]  # Packing renumbers them.
@@ -97,7 +98,8 @@ def _rows(ds: grain.MapDataset, config, rows_per_batch: int) -> grain.IterDatase
   data = config.data
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
-  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished, pad=data.packing == "none"))
+  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished,
+                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none"))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
   if data.packing == "none":
     return ds

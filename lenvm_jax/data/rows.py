@@ -24,12 +24,20 @@ UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
 PACKED_FIELDS = ("tokens", "value_mask", "remaining", "completion_index", "completion_length", "lm_targets", "lm_mask")
 
 
-def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop") -> dict[str, np.ndarray]:
-  """One sequence's row fields, cut at max_len but not padded."""
+def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop",
+                      max_prompt_len: int = 0) -> dict[str, np.ndarray]:
+  """One sequence's row fields, cut at max_len but not padded.
+
+  max_prompt_len > 0 keeps only a prompt's last max_prompt_len tokens (the state s_0 is its last token, and the most
+  recent context is kept); 0 makes a prompt that leaves no room for the completion an error.
+  """
   prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
+  if max_prompt_len:
+    prompt = prompt[-max_prompt_len:]
   p, length = len(prompt), len(completion)
   if p >= max_len:
-    raise ValueError(f"prompt of {p} tokens does not fit data.max_len={max_len} with its completion")
+    raise ValueError(f"prompt of {p} tokens does not fit data.max_len={max_len} with its completion "
+                     "(set data.max_prompt_len to keep only the prompt's last tokens)")
   tokens = np.concatenate([prompt, completion])[:max_len].astype(np.int32)
   n = len(tokens)
 

@@ -83,11 +83,11 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, max_prompt_len: int = 0) -> dict:
   """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
   per generator, on the finished held-out trajectories."""
   finished = [t for t in trajectories if t.finished]
-  predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len)
+  predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
   for t, (_, n_hat) in zip(finished, predictions):
     steps = np.arange(len(n_hat))

@@ -1,5 +1,6 @@
 """Per-token values and predicted remaining lengths from a trained run (its workdir)."""
 
+import dataclasses
 import json
 import os
 
@@ -42,12 +43,16 @@ class Predictor:
     prediction = self.kind.predict(z)
     return self.kind.value_estimate(prediction), self.kind.remaining_estimate(prediction)
 
-  def predict(self, trajectories: list[Trajectory], batch_size: int = 16, max_len: int | None = None):
+  def predict(self, trajectories: list[Trajectory], batch_size: int = 16, max_len: int | None = None,
+              max_prompt_len: int = 0):
     """For each trajectory: (values, remaining) at s_0 .. s_L, i.e. len(completion_ids) + 1 entries each.
 
-    With max_len, sequences are cut at max_len tokens (as in training) and only the states present are returned.
+    With max_len, sequences are cut at max_len tokens (as in training) and only the states present are returned;
+    max_prompt_len > 0 keeps only each prompt's last tokens (data.max_prompt_len in training).
     Sequences are batched by length (least padding) and returned in input order.
     """
+    if max_prompt_len:
+      trajectories = [dataclasses.replace(t, prompt_ids=t.prompt_ids[-max_prompt_len:]) for t in trajectories]
     out = [None] * len(trajectories)
     order = sorted(range(len(trajectories)),
                    key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids))

@@ -46,6 +46,8 @@ def validate(config) -> ModelConfig:
   if data.source == "tfds":
     _require(bool(data.tfds_data_dir), "data.tfds_data_dir", "is required when data.source='tfds'")
   _require(data.packing in PACKING, "data.packing", f"must be one of {PACKING}, got {data.packing!r}")
+  _require(0 <= data.max_prompt_len < data.max_len, "data.max_prompt_len",
+           f"must lie in [0, data.max_len), got {data.max_prompt_len}")
   _require(data.packing_bins >= 0, "data.packing_bins", f"must be >= 0, got {data.packing_bins}")
   _require(data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {data.worker_count}")
   _require(data.max_len >= 2, "data.max_len", f"must be >= 2, got {data.max_len}")
