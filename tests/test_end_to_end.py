@@ -75,7 +75,7 @@ def test_predict_cli_writes_values_for_every_state(short_run, tmp_path):
     assert np.mean(np.abs(values - t.exact_values)) < 0.1
 
 
-def test_predictor_matches_training_eval_forward(short_run):
+def test_predictor_reloads_the_last_step_and_ignores_batching(short_run):
   workdir, config, _ = short_run
   predictor = Predictor(str(workdir))
   assert predictor.step == SHORT_RUN_STEPS

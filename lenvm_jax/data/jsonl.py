@@ -1,6 +1,7 @@
 """Pre-tokenized trajectory JSONL (schema in lenvm_jax/data/records.py), validated line by line."""
 
 import json
+from typing import Iterator
 
 from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
 
@@ -32,18 +33,30 @@ def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> 
                     obj.get("generator"))
 
 
-def read_trajectories(path: str, vocab_size: int, max_len: int) -> list[Trajectory]:
-  """All records of a JSONL file; blank lines are allowed, anything malformed raises RecordError."""
-  records = []
+def json_lines(path: str) -> Iterator[tuple[int, object]]:
+  """(line number, parsed object or RecordError) for every non-blank line; a RecordError if there is none.
+
+  Yields errors instead of raising them, so importers can skip bad lines (prepare_data --on_bad_record=skip).
+  """
+  found = False
   with open(path, encoding="utf-8") as f:
     for line_number, text in enumerate(f, start=1):
       if not text.strip():
         continue
+      found = True
       try:
-        obj = json.loads(text)
+        yield line_number, json.loads(text)
       except json.JSONDecodeError as e:
-        raise RecordError(path, line_number, "<json>", f"invalid JSON: {e.msg} at column {e.colno}") from None
-      records.append(parse_record(obj, vocab_size, max_len, path, line_number))
-  if not records:
-    raise RecordError(path, 0, "<file>", "holds no records")
+        yield line_number, RecordError(path, line_number, "<json>", f"invalid JSON: {e.msg} at column {e.colno}")
+  if not found:
+    yield 0, RecordError(path, 0, "<file>", "holds no records")
+
+
+def read_trajectories(path: str, vocab_size: int, max_len: int) -> list[Trajectory]:
+  """All records of a JSONL file; blank lines are allowed, anything malformed raises RecordError."""
+  records = []
+  for line_number, obj in json_lines(path):
+    if isinstance(obj, RecordError):
+      raise obj
+    records.append(parse_record(obj, vocab_size, max_len, path, line_number))
   return records

@@ -13,7 +13,6 @@ Splits are by prompt, so all completions of one prompt land in the same split (n
 """
 
 import hashlib
-import json
 from typing import Callable, Iterator
 
 import numpy as np
@@ -46,20 +45,16 @@ def _content_key(prompt_ids) -> str:
   return "prompt-sha256:" + hashlib.sha256(np.asarray(prompt_ids, np.int64).tobytes()).hexdigest()
 
 
-def _json_lines(path: str) -> Iterator[tuple[int, object]]:
-  """(line number, parsed object or RecordError) for every non-blank line; a RecordError if there is none."""
-  found = False
-  with open(path, encoding="utf-8") as f:
-    for line_number, text in enumerate(f, start=1):
-      if not text.strip():
-        continue
-      found = True
-      try:
-        yield line_number, json.loads(text)
-      except json.JSONDecodeError as e:
-        yield line_number, RecordError(path, line_number, "<json>", f"invalid JSON: {e.msg} at column {e.colno}")
-  if not found:
-    yield 0, RecordError(path, 0, "<file>", "holds no records")
+def _records(path: str, make_record) -> Iterator[ImportedRecord | RecordError]:
+  """make_record(obj, line) for every JSON line of `path`; every failure is yielded as a RecordError, not raised."""
+  for line, obj in jsonl.json_lines(path):
+    if isinstance(obj, RecordError):
+      yield obj
+      continue
+    try:
+      yield make_record(obj, line)
+    except RecordError as error:
+      yield error
 
 
 def _finished(meta: dict, source: str, line: int) -> bool:
@@ -138,28 +133,17 @@ def iter_reference_jsonl(path: str, tokenizer: Tokenizer, split_of: Callable[[st
   when meta_info has no "generator".
   """
   split_of = _split_function(split_of, eval_fraction)
-  for line, obj in _json_lines(path):
-    if isinstance(obj, RecordError):
-      yield obj
-      continue
-    try:
-      yield _reference_record(obj, tokenizer, generator, split_of, path, line)
-    except RecordError as error:
-      yield error
+  return _records(path, lambda obj, line: _reference_record(obj, tokenizer, generator, split_of, path, line))
 
 
 def iter_tokenized_jsonl(path: str, vocab_size: int, max_len: int, split_of: Callable[[str], str] | None = None,
                          *, eval_fraction: float = 0.1) -> Iterator[ImportedRecord | RecordError]:
   """Records of a pre-tokenized trajectory JSONL (schema in records.py), split by prompt_id like the above."""
   split_of = _split_function(split_of, eval_fraction)
-  for line, obj in _json_lines(path):
-    if isinstance(obj, RecordError):
-      yield obj
-      continue
-    try:
-      trajectory = jsonl.parse_record(obj, vocab_size, max_len, path, line)
-    except RecordError as error:
-      yield error
-      continue
+
+  def record(obj, line):
+    trajectory = jsonl.parse_record(obj, vocab_size, max_len, path, line)
     key = trajectory.prompt_id if trajectory.prompt_id is not None else _content_key(trajectory.prompt_ids)
-    yield ImportedRecord(split_of(key), trajectory, path, line)
+    return ImportedRecord(split_of(key), trajectory, path, line)
+
+  return _records(path, record)

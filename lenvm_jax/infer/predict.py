@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from lenvm_jax import sharding
 from lenvm_jax.objective import Objective
@@ -38,7 +39,6 @@ class Predictor:
     self._forward = jax.jit(self._values)
 
   def _values(self, params, tokens, positions, segment_ids):
-    from flax import nnx
     z = nnx.merge(self.graphdef, params)(tokens, positions, segment_ids)
     prediction = self.kind.predict(z)
     return self.kind.value_estimate(prediction), self.kind.remaining_estimate(prediction)
