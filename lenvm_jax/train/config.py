@@ -3,6 +3,8 @@
 ml_collections already rejects unknown fields and ill-typed overrides on the command line; this checks values.
 """
 
+import jax
+
 from lenvm_jax import targets
 from lenvm_jax.data.pipeline import PACKING, SOURCES
 from lenvm_jax.data.rows import UNFINISHED_POLICIES
@@ -93,3 +95,9 @@ def check_batch_fits_mesh(config, mesh):
            f"micro-batch {micro} (batch_size / accum_steps) must be a multiple of mesh data x fsdp = {shards}")
   _require(config.train.eval_batch_size % shards == 0, "train.eval_batch_size",
            f"must be a multiple of mesh data x fsdp = {shards}, got {config.train.eval_batch_size}")
+  hosts = jax.process_count()  # Each host loads batch_size / hosts rows, split into accum_steps micro-batches.
+  _require(config.train.batch_size % (hosts * config.train.accum_steps) == 0, "train.batch_size",
+           f"must be a multiple of processes x accum_steps = {hosts} x {config.train.accum_steps}, "
+           f"got {config.train.batch_size}")
+  _require(config.train.eval_batch_size % hosts == 0, "train.eval_batch_size",
+           f"must be a multiple of the process count {hosts}, got {config.train.eval_batch_size}")

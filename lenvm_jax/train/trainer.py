@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from lenvm_jax import metrics, sharding
+from lenvm_jax import distributed, metrics, sharding
 from lenvm_jax.data import pipeline
 from lenvm_jax.objective import Objective
 from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib, step as step_lib
@@ -43,10 +43,13 @@ def batch_shardings(mesh, example: dict, leading: int) -> dict:
   return {k: sharding.batch_sharding(mesh, v.ndim, leading) for k, v in example.items()}
 
 
-def evaluate(compiled_eval, params, objective, config, eval_source, shardings) -> dict:
-  """One pass over the eval split: the training objective (`loss`) and the metrics, from exact sums."""
+def evaluate(compiled_eval, params, objective, config, eval_source, shardings, empty: dict) -> dict:
+  """One pass over the eval split: the training objective (`loss`) and the metrics, from exact sums.
+
+  `empty` (a batch without valid tokens) pads hosts that run out of eval batches early, so all take the same steps.
+  """
   totals: dict = {}
-  for batch in pipeline.eval_batches(config, eval_source):
+  for batch in distributed.aligned_batches(pipeline.eval_batches(config, eval_source), empty):
     sums = jax.device_get(compiled_eval(params, _global_batch(batch, shardings)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -73,6 +76,8 @@ def _on_nonfinite(config, step: int, new_skips: int, last_step_finite: bool):
 
 
 def save_config(config, workdir: str):
+  if not distributed.is_leader():
+    return
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -111,7 +116,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     first = next(train_iter)
     to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
     train_sh = batch_shardings(mesh, to_micro(first), leading=1)
-    eval_example = next(pipeline.eval_batches(config, eval_source)) if has_eval else first
+    eval_rows = config.train.eval_batch_size // jax.process_count()
+    eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()}  # Also the pad.
     eval_sh = batch_shardings(mesh, eval_example, leading=0)
     compiled_train, compiled_eval = step_lib.compile_steps(
         graphdef, objective, tx, config, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
@@ -123,6 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     reported_skips = int(state.nonfinite_skips)
     stop = _StopRequest()
     last_eval: dict = {}
+    stopped = False
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
     batch = first
     try:
@@ -148,16 +155,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(step, state, train_iter)
         if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
           eval_start = time.perf_counter()
-          last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh)
+          last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh, eval_example)
           log.write(step, "eval", last_eval)
           window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
-        if stop.signal:
-          logging.warning("%s received: checkpointing step %d and exiting", stop.signal, step)
+        if distributed.any_host(stop.signal is not None):  # Every host must leave the loop at the same step.
+          logging.warning("%s received: checkpointing step %d and exiting", stop.signal or "stop on another host",
+                          step)
+          stopped = True
           break
         if step < config.train.steps:
           batch = next(train_iter)
-      if not stop.signal and has_eval:
-        last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh)
+      if not stopped and has_eval:
+        last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh, eval_example)
         log.write(step, "eval", last_eval)
       ckpt.save(step, state, train_iter, force=True)
       ckpt.wait()
