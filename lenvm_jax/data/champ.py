@@ -127,8 +127,8 @@ def iter_champ(tokenizer: Tokenizer, eval_fraction: float = 0.2, seed: int = 0, 
                tag_generator: bool = False) -> Iterator[ImportedRecord | RecordError]:
   """One record (or RecordError, never raised) per conversation; line = 1-based running conversation index.
 
-  tag_generator prepends a system turn naming the generator, so a single LenVM trained on all four generators can
-  condition on which one is writing (the paper trains one LenVM per generator family instead).
+  tag_generator ends the last prompt turn with "(The answer is written by <generator>.)", so a single LenVM trained
+  on all four generators can condition on which one is writing (the paper trains one LenVM per generator instead).
 
   max_problems keeps the first problems in sorted id order (for quick tests); the split is drawn among those.
   """
