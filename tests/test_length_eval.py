@@ -53,3 +53,24 @@ def test_evaluate_scores_model_and_baselines_on_the_same_states():
   assert report["token_mae"]["*"]["constant"] > 0 and report["prompt_mre"]["a"]["generator"] > 0
   # max_len 8 with a 1-token prompt keeps states s_0..s_7 of the 12-token completion: 7 + 8 + 4 states in all.
   assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4}
+
+
+def test_prompt_boundary_mre_by_hand():
+  gamma = 0.5
+  # Group p/a: lengths 1 and 3: mean return ((1 - 0.5) + (1 - 0.125)) / 2 = 0.6875, L_GT = log2(1 / 0.3125).
+  truth_p = np.log(0.3125) / np.log(0.5)
+  groups = {("p", "a"): [1, 3], ("q", "a"): [4], ("q", "b"): [2]}
+  predicted = {("p", "a"): truth_p * 1.5, ("q", "a"): 3.0, ("q", "b"): 2.0}
+  mre = length_eval.prompt_boundary_mre(groups, predicted, gamma)
+  assert mre["a"] == pytest.approx((0.5 + 0.25) / 2)
+  assert mre["b"] == pytest.approx(0.0)
+  assert mre["*"] == pytest.approx((0.5 + 0.25 + 0.0) / 3)
+  # L_GT under one token divides by 1: a prompt answered by EOS alone.
+  assert length_eval.prompt_boundary_mre({("r", "a"): [0]}, {("r", "a"): 2.0}, gamma)["*"] == pytest.approx(2.0)
+
+
+def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
+  unfinished = Trajectory(np.asarray([5], np.int32), np.ones(7, np.int32), False, "p", "a")
+  groups = length_eval.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
+                                        _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
+  assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}

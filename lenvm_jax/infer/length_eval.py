@@ -33,6 +33,31 @@ def _group_key(t):
   return (t.prompt_id if t.prompt_id is not None else tuple(t.prompt_ids.tolist()), _generator(t))
 
 
+def group_by_prompt(trajectories) -> dict:
+  """{(prompt id or prompt tokens, generator): [completion lengths]} of the finished trajectories."""
+  groups = collections.defaultdict(list)
+  for t in trajectories:
+    if t.finished:
+      groups[_group_key(t)].append(len(t.completion_ids))
+  return dict(groups)
+
+
+def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
+  """Spec section 4 MRE: mean over prompt groups of |L_hat - L_GT| / L_GT, overall ("*") and per generator.
+
+  groups: {(prompt, generator): [lengths]} (group_by_prompt); predicted: {same key: L_hat} or a function of the
+  key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.
+  """
+  guess = predicted if callable(predicted) else predicted.__getitem__
+  relative = collections.defaultdict(list)
+  for key, lengths in groups.items():
+    truth = prompt_boundary_length(lengths, gamma)
+    error = abs(guess(key) - truth) / max(truth, 1.0)
+    relative[ALL_GENERATORS].append(error)
+    relative[key[1]].append(error)
+  return {scope: float(np.mean(v)) for scope, v in relative.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthBaselines:
   constant_remaining: float
@@ -70,9 +95,7 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
   position = {ALL_GENERATORS: table(np.ones_like(remaining, bool))}
   for name in sorted(set(generators.tolist())):
     position[name] = table(generators == name)
-  groups = collections.defaultdict(list)
-  for t in finished:
-    groups[_group_key(t)].append(len(t.completion_ids))
+  groups = group_by_prompt(finished)
   by_generator = collections.defaultdict(list)
   for (_, generator), lengths in groups.items():
     by_generator[generator].extend(lengths)
@@ -99,21 +122,13 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   token_mae = {scope: {name: float(np.mean(np.concatenate(v))) for name, v in by.items()}
                for scope, by in errors.items()}
 
-  groups = collections.defaultdict(list)
-  boundary = {}
-  for t, (_, n_hat) in zip(finished, predictions):
-    groups[_group_key(t)].append(len(t.completion_ids))
-    boundary[_group_key(t)] = float(n_hat[0])  # The same prompt gives the same V(s_0).
-  relative = collections.defaultdict(lambda: collections.defaultdict(list))
-  for key, lengths in groups.items():
-    truth = prompt_boundary_length(lengths, gamma)
-    generator = key[1]
-    guesses = {"model": boundary[key], "constant": baselines.constant_prompt_length,
-               "generator": baselines.generator_prompt_length.get(generator, baselines.constant_prompt_length)}
-    for scope in (ALL_GENERATORS, generator):
-      for name, guess in guesses.items():
-        relative[scope][name].append(abs(guess - truth) / max(truth, 1.0))
-  prompt_mre = {scope: {name: float(np.mean(v)) for name, v in by.items()} for scope, by in relative.items()}
+  groups = group_by_prompt(finished)
+  # The same prompt gives the same V(s_0), so any member's first prediction is the group's L_hat.
+  boundary = {_group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)}
+  guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
+             "generator": lambda key: baselines.generator_prompt_length.get(key[1], baselines.constant_prompt_length)}
+  by_name = {name: prompt_boundary_mre(groups, guess, gamma) for name, guess in guesses.items()}
+  prompt_mre = {scope: {name: by_name[name][scope] for name in guesses} for scope in by_name["model"]}
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions))}
   return {"token_mae": token_mae, "prompt_mre": prompt_mre, "counts": counts}
