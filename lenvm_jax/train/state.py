@@ -35,14 +35,18 @@ def init_params(model_config: ModelConfig, seed: int) -> dict:
   return nnx.split(LengthValueModel(model_config, nnx.Rngs(seed)))[1].to_pure_dict()
 
 
-def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initialize: bool = True):
+def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initialize: bool = True,
+                       initial_params: dict | None = None):
   """The state initialised directly into its sharding (no full host copy), or, with `initialize=False`, only its
-  ShapeDtypeStructs with shardings (the target of a checkpoint restore). Returns (state, shardings)."""
+  ShapeDtypeStructs with shardings (the target of a checkpoint restore). Returns (state, shardings).
+
+  `initial_params` (already sharded, e.g. from hf_import.load_params) replace the random init; they are donated.
+  """
   _, abstract = abstract_model(model_config)
   param_sh = sharding.param_shardings(abstract, mesh)
 
-  def init():
-    params = init_params(model_config, seed)
+  def init(given=None):
+    params = init_params(model_config, seed) if given is None else given
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed + 1)), nonfinite_skips=jnp.zeros((), jnp.int32))
 
@@ -50,6 +54,8 @@ def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initializ
   state_sh = state_shardings(state_shape, param_sh, mesh)
   if not initialize:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, state_sh), state_sh
+  if initial_params is not None:
+    return jax.jit(init, out_shardings=state_sh, donate_argnums=0)(initial_params), state_sh
   return jax.jit(init, out_shardings=state_sh)(), state_sh
 
 

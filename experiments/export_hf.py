@@ -1,0 +1,34 @@
+"""Export a trained run as a LenVM directory in the reference layout (Hugging Face causal LM + value head).
+
+  python -m experiments.export_hf --workdir runs/synthetic --output exports/synthetic [--tokenizer HF_DIR]
+
+The latest checkpoint becomes config.json + model.safetensors (float32) + value_head.safetensors. Tokenizer and
+generation_config files are copied from --tokenizer, else from the run's model.init_from directory; a run with
+neither (e.g. synthetic data) gets none.
+"""
+
+from absl import app, flags
+
+from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.model import hf_export
+from lenvm_jax.model.config import ModelConfig
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the LenVM into.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF directory whose tokenizer files to include "
+                                 "(default: the run's model.init_from).")
+flags.mark_flags_as_required(["workdir", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  predictor = Predictor(_WORKDIR.value)
+  model_config = ModelConfig.from_config(predictor.config.model)
+  tokenizer_dir = _TOKENIZER.value or predictor.config.model.get("init_from", "")
+  written = hf_export.export(predictor.params, model_config, _OUTPUT.value, tokenizer_dir=tokenizer_dir)
+  print(f"exported checkpoint step {predictor.step} of {_WORKDIR.value} to {_OUTPUT.value}: {', '.join(written)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,114 @@
+"""Load a Hugging Face causal-LM directory (Llama / Qwen2 / Qwen3) into LengthValueModel params on a mesh.
+
+Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding, so
+the host holds at most one full tensor, never a second copy of the model. A `value_head.safetensors` (a LenVM in
+the reference layout, spec section 6) supplies the value head; without one it gets a fresh init.
+"""
+
+import contextlib
+import json
+import os
+
+import jax
+import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so bf16 checkpoints read through safetensors.numpy.
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from lenvm_jax import sharding
+from lenvm_jax.model import hf_config, hf_layout
+from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model.transformer import LengthValueModel, ValueHead
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def tensor_files(directory: str) -> dict[str, str]:
+  """HF tensor name -> the safetensors file that holds it (single file, or sharded files + index)."""
+  index_path = os.path.join(directory, INDEX_FILE)
+  if os.path.isfile(index_path):
+    with open(index_path, encoding="utf-8") as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index_path}: no 'weight_map' object")
+    return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+  single = os.path.join(directory, SINGLE_FILE)
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {name: single for name in f.keys()}
+  raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors weights "
+                          "are supported)")
+
+
+def _place(array: np.ndarray, target) -> jax.Array:
+  """One host array onto its sharding: each device takes its slice (works across processes too)."""
+  return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dict) -> dict:
+  params: dict = {}
+  with contextlib.ExitStack() as stack:
+    handles = {}
+    for m in mappings:
+      if m.hf_name not in files:
+        raise KeyError(f"tensor {m.hf_name!r} not found in {sorted(set(files.values()))}")
+      path = files[m.hf_name]
+      if path not in handles:
+        handles[path] = stack.enter_context(safe_open(path, framework="numpy"))
+      tensor = handles[path].get_tensor(m.hf_name)
+      if tuple(tensor.shape) != m.hf_shape:
+        raise ValueError(f"{path}: tensor {m.hf_name} has shape {tuple(tensor.shape)}, expected {m.hf_shape}")
+      target = hf_layout.get_path(abstract, m.path)
+      ours = m.to_ours(np.asarray(tensor, dtype=target.dtype), target.shape)
+      del tensor
+      hf_layout.set_path(params, m.path, _place(ours, hf_layout.get_path(shardings, m.path)))
+  return params
+
+
+def _ignorable(name: str, model_config: ModelConfig) -> bool:
+  """Tensors some checkpoints carry that hold nothing we need: RoPE tables, a tied LM head's duplicate."""
+  return name.endswith("rotary_emb.inv_freq") or (model_config.tie_embeddings and name == "lm_head.weight")
+
+
+def has_value_head(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
+
+
+def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) -> dict:
+  """Params pure dict of `model_config`'s model from the HF dir, every leaf sharded on `mesh` by its logical axes.
+
+  Tensors the model has no place for are an error (an unsupported feature such as an o_proj bias would otherwise
+  be dropped silently). Without value_head.safetensors the value head is a fresh init from `seed`.
+  """
+  _, abstract_state = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+  shardings = sharding.param_shardings(abstract_state, mesh)
+  abstract = abstract_state.to_pure_dict()
+
+  files = tensor_files(directory)
+  mappings = hf_layout.trunk_mappings(model_config)
+  unexpected = sorted(set(files) - {m.hf_name for m in mappings} - {n for n in files if _ignorable(n, model_config)})
+  if unexpected:
+    raise ValueError(f"{directory}: tensors with no place in the model: {unexpected[:8]}"
+                     f"{' ...' if len(unexpected) > 8 else ''}")
+  params = _load_mapped(mappings, files, abstract, shardings)
+
+  if has_value_head(directory):
+    value_file = os.path.join(directory, hf_layout.VALUE_HEAD_FILE)
+    value_maps = hf_layout.value_head_mappings(model_config)
+    with safe_open(value_file, framework="numpy") as f:
+      names = set(f.keys())
+    expected = {m.hf_name for m in value_maps}
+    if names != expected:
+      raise ValueError(f"{value_file}: holds {sorted(names)}, expected exactly {sorted(expected)}")
+    params.update(_load_mapped(value_maps, {n: value_file for n in names}, abstract, shardings))
+  else:
+    fresh = lambda: nnx.split(ValueHead(model_config.hidden_size, nnx.Rngs(seed)))[1].to_pure_dict()
+    params["value_head"] = jax.jit(fresh, out_shardings=shardings["value_head"])()
+  return params
+
+
+def load_model_config(directory: str, **run_fields) -> ModelConfig:
+  """ModelConfig of an HF dir; `run_fields` sets dtype / remat / gamma."""
+  return hf_config.model_config_from_hf(hf_config.read_hf_config(directory),
+                                        os.path.join(directory, "config.json"), **run_fields)

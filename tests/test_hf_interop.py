@@ -1,0 +1,212 @@
+"""Hugging Face interop: forward parity with `transformers`, sharded loading, export round trip, model.init_from."""
+
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lenvm_jax import sharding
+from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.model import hf_config, hf_export, hf_import, hf_layout
+from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.train import config as config_lib, trainer
+from tests import hf_models
+from tests.conftest import REPO
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+# float32 on both sides; what remains is summation order (einsum vs. torch matmul) and rsqrt vs. 1/sqrt.
+# Measured worst case over these tests ~2e-6 relative to the largest logit; 2e-5 leaves room across BLAS builds.
+RTOL = 2e-5
+# Two sequences of different content, positions 0..T-1, no padding.
+TOKENS = np.array([[5, 17, 3, 88, 42, 9, 61, 2, 30, 71, 14, 50],
+                   [1, 64, 33, 7, 95, 20, 48, 11, 79, 4, 26, 90]], np.int32)
+
+
+def _close(ours, reference, rtol=RTOL):
+  """|ours - reference| <= rtol * max|reference| elementwise (relative to the tensor's scale, not each entry)."""
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  err = np.max(np.abs(ours - reference)) / np.max(np.abs(reference))
+  assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+  return err
+
+
+def _forward(model_config, params, tokens=TOKENS):
+  """Our final hidden states, LM logits and value logits z on the batch, jitted once."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+
+  @jax.jit
+  def run(params, tokens):
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden = model.hidden_states(tokens, positions, jnp.ones_like(tokens))
+    return hidden, model.lm_logits(hidden), model.value_logits(hidden)
+
+  return jax.device_get(run(params, jnp.asarray(tokens)))
+
+
+def _load(directory, mesh=None, **run_fields):
+  model_config = hf_import.load_model_config(str(directory), dtype="float32", **run_fields)
+  mesh = mesh or sharding.make_mesh(1, 1, 1)
+  return model_config, hf_import.load_params(str(directory), model_config, mesh, seed=0)
+
+
+def _reference(directory, tokens=TOKENS):
+  """transformers' final hidden states (after the final norm) and logits, float32, eager attention."""
+  model = hf_models.load_hf_model(directory)
+  with torch.no_grad():
+    out = model(torch.from_numpy(tokens).long(), output_hidden_states=True)
+  return out.hidden_states[-1].numpy(), out.logits.numpy(), model
+
+
+@pytest.mark.parametrize("kind,tied,rope_theta", [("llama", False, 10000.0), ("qwen2", True, 10000.0),
+                                                  ("qwen3", False, 1e6)])
+def test_hidden_states_and_logits_match_transformers(tmp_path, kind, tied, rope_theta):
+  directory = hf_models.save_tiny_hf_model(kind, tmp_path, tie_embeddings=tied, rope_theta=rope_theta)
+  model_config, params = _load(directory)
+  assert (model_config.tie_embeddings, model_config.qkv_bias, model_config.qk_norm) == (
+      tied, kind == "qwen2", kind == "qwen3")
+  assert model_config.rope_theta == rope_theta
+  hidden, logits, _ = _forward(model_config, params)
+  ref_hidden, ref_logits, _ = _reference(directory)
+  _close(hidden, ref_hidden)
+  _close(logits, ref_logits)
+
+
+def test_sharded_checkpoint_on_2x2x2_mesh_matches_one_device(tmp_path):
+  directory = hf_models.save_tiny_hf_model("qwen3", tmp_path, max_shard_size="20KB")
+  assert (directory / hf_import.INDEX_FILE).exists() and not (directory / hf_import.SINGLE_FILE).exists()
+  mesh = sharding.make_mesh(2, 2, 2)
+  model_config, params = _load(directory, mesh)
+  _, single = _load(directory)
+
+  _, abstract = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+  expected = sharding.param_shardings(abstract, mesh)
+  jax.tree.map(lambda leaf, want: np.testing.assert_equal(leaf.sharding.is_equivalent_to(want, leaf.ndim), True),
+               params, expected)
+  attention = params["layers"][1]["attention"]
+  assert attention["q"].sharding.spec == P("fsdp", "tensor", None)  # [embed, heads, head_dim]
+  assert attention["o"].sharding.spec == P("tensor", None, "fsdp")  # [heads, head_dim, embed]
+  assert params["embedding"].sharding.spec == P("tensor", "fsdp")  # [vocab, embed]
+
+  with jax.set_mesh(mesh):
+    _, sharded_logits, _ = _forward(model_config, params)
+  _, single_logits, _ = _forward(model_config, single)
+  _close(sharded_logits, single_logits, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(single))
+
+
+def _random_value_head(model_config, seed=1) -> dict:
+  """A value head in the reference file layout, nonzero everywhere (zeros would hide a missed tensor)."""
+  rng = np.random.default_rng(seed)
+  return {m.hf_name: rng.normal(0, 0.3, m.hf_shape).astype(np.float32)
+          for m in hf_layout.value_head_mappings(model_config)}
+
+
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
+def test_export_import_round_trip_and_pytorch_value_head(tmp_path, kind, tied):
+  source = hf_models.save_tiny_hf_model(kind, tmp_path / "source", tie_embeddings=tied)
+  model_config, fresh_head = _load(source)
+  save_file(_random_value_head(model_config), str(source / hf_layout.VALUE_HEAD_FILE))
+  _, params = _load(source)
+  assert not np.array_equal(params["value_head"]["fc"], fresh_head["value_head"]["fc"])
+
+  out = tmp_path / "exported"
+  written = hf_export.export(params, model_config, str(out), tokenizer_dir=str(source))
+  assert "generation_config.json" in written  # save_pretrained wrote one; it travels with the tokenizer files.
+  assert hf_config.read_hf_config(str(out))["architectures"] == [type(hf_models.load_hf_model(source)).__name__]
+  exported_config, again = _load(out)
+  assert exported_config == model_config
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))
+
+  with safe_open(str(out / hf_layout.VALUE_HEAD_FILE), framework="numpy") as f:
+    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+  h = model_config.hidden_size
+  assert shapes == {"v_head.fc.weight": (h, h), "v_head.fc.bias": (h,), "v_head.summary.weight": (1, h),
+                    "v_head.summary.bias": (1,)}
+
+  # The reference side: transformers trunk + a PyTorch Linear-SiLU-Linear head read from value_head.safetensors.
+  from safetensors.torch import load_file
+  head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.SiLU(), torch.nn.Linear(h, 1))
+  tensors = load_file(str(out / hf_layout.VALUE_HEAD_FILE))
+  head.load_state_dict({"0.weight": tensors["v_head.fc.weight"], "0.bias": tensors["v_head.fc.bias"],
+                        "2.weight": tensors["v_head.summary.weight"], "2.bias": tensors["v_head.summary.bias"]})
+  ref_hidden, ref_logits, _ = _reference(out)
+  with torch.no_grad():
+    ref_z = head(torch.from_numpy(ref_hidden))[..., 0].numpy()
+  hidden, logits, z = _forward(model_config, again)
+  _close(logits, ref_logits)
+  _close(z, ref_z)
+
+
+def test_unsupported_hf_configs_are_named_errors(tmp_path):
+  directory = hf_models.save_tiny_hf_model("qwen2", tmp_path)
+  base = hf_config.read_hf_config(str(directory))
+  cases = {
+      "rope_type 'linear'": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+      "sliding-window": {"use_sliding_window": True, "sliding_window": 16},
+      "architectures": {"architectures": ["GPT2LMHeadModel"]},
+      "hidden_act": {"hidden_act": "gelu"},
+  }
+  for message, change in cases.items():
+    with pytest.raises(ValueError, match=message):
+      hf_config.model_config_from_hf({**base, **change}, "x/config.json")
+  with pytest.raises(ValueError, match="attention_bias"):
+    hf_config.model_config_from_hf({**base, "architectures": ["LlamaForCausalLM"], "attention_bias": True})
+
+
+def _init_from_config(tiny_config, directory, steps):
+  config = tiny_config
+  config.model.vocab_size = hf_models.TINY_SHAPE["vocab_size"]
+  config.model.dtype = "float32"
+  config.model.init_from = str(directory)
+  config.train.steps = steps
+  config.train.eval_every = 0
+  config.optim.warmup_steps = 4  # Linear warmup from 0: the first update has learning rate 0.
+  config.checkpoint.every_steps = 1
+  return config
+
+
+def test_init_from_starts_training_from_the_hf_weights_and_export_reads_it_back(tmp_path, tiny_config):
+  source = hf_models.save_tiny_hf_model("llama", tmp_path / "hf")
+  model_config, _ = _load(source)
+  save_file(_random_value_head(model_config), str(source / hf_layout.VALUE_HEAD_FILE))
+  _, hf_params = _load(source)
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(_init_from_config(tiny_config, source, steps=2), str(workdir))
+
+  # The CLI exports the latest checkpoint (step 2): training moved every parameter off its HF value.
+  out = tmp_path / "exported"
+  result = subprocess.run([sys.executable, "-m", "experiments.export_hf", "--workdir", str(workdir),
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "checkpoint step 2" in result.stdout
+  assert (out / "generation_config.json").exists()  # Copied from model.init_from.
+  _, exported = _load(out)
+  trained = Predictor(str(workdir)).params
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(exported), jax.device_get(trained))
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(exported), jax.device_get(hf_params))
+  assert all(jax.tree.leaves(moved))
+
+  # Step 1 ran at learning rate 0 (warmup from 0), so its checkpoint holds the starting weights: the HF ones.
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  start = Predictor(str(workdir))
+  assert start.step == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(start.params), jax.device_get(hf_params))
+
+
+def test_init_from_with_a_mismatched_shape_field_names_both_values(tmp_path, tiny_config):
+  source = hf_models.save_tiny_hf_model("llama", tmp_path / "hf")
+  config = _init_from_config(tiny_config, source, steps=2)
+  config.model.num_layers = 3
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.num_layers=3 but .*config\.json gives 2"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
