@@ -14,6 +14,9 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.model.vocab_size = 64
   # A float in (0, 1), or "auto": 0.01 ** (1 / L_p99) of the training split (the resolved value is saved).
   config.model.gamma = config_dict.FieldReference(0.98, field_type=object)
+  # A Hugging Face causal-LM dir (Llama / Qwen2 / Qwen3) whose weights start a fresh run (+ its value head if it
+  # has value_head.safetensors). Its config.json must match the model fields above; a resumed run ignores it.
+  config.model.init_from = ""
 
   config.loss = ml_collections.ConfigDict()
   config.loss.target_type = "discounted"  # discounted | raw_length | normalized_length | log_length (ablations)

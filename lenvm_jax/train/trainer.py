@@ -15,6 +15,7 @@ from absl import logging
 
 from lenvm_jax import distributed, metrics, sharding
 from lenvm_jax.data import pipeline
+from lenvm_jax.model import hf_config, hf_import
 from lenvm_jax.objective import Objective
 from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train.metrics_log import MetricsLog
@@ -75,6 +76,17 @@ def _on_nonfinite(config, step: int, new_skips: int, last_step_finite: bool):
   logging.warning("%s; continuing (train.nonfinite='skip')", message)
 
 
+def _params_from_hf(directory: str, model_config, mesh, seed: int) -> dict:
+  """model.init_from: the HF checkpoint's weights, after checking that its architecture is the run's."""
+  try:
+    hf_config.check_run_matches(model_config, directory)
+  except (ValueError, OSError) as e:
+    raise config_lib.ConfigError(f"config.model.init_from={directory!r}: {e}") from None
+  logging.info("initialising from the Hugging Face checkpoint %s%s", directory,
+               "" if hf_import.has_value_head(directory) else " (no value_head.safetensors: fresh value head)")
+  return hf_import.load_params(directory, model_config, mesh, seed)
+
+
 def save_config(config, workdir: str):
   if not distributed.is_leader():
     return
@@ -106,8 +118,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     graphdef, abstract = state_lib.abstract_model(model_config)
     tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
     resume_step = ckpt.latest_step()
+    initial_params = None
+    if resume_step is None and config.model.get("init_from"):  # A resumed run takes its weights from the checkpoint.
+      initial_params = _params_from_hf(config.model.init_from, model_config, mesh, config.seed)
     state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed,
-                                                   initialize=resume_step is None)
+                                                   initialize=resume_step is None, initial_params=initial_params)
     if resume_step is not None:
       logging.info("resuming from %s/%d", ckpt.directory, resume_step)
       state = ckpt.restore(resume_step, state, train_iter)
