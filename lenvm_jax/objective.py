@@ -1,5 +1,8 @@
 """The training objective: token-mean squared error over the global batch, plus an optional LM term.
 
+loss = value_weight * value MSE + lm_weight * LM cross-entropy; value_weight = 0 trains the trunk as a plain LM
+(a policy to sample rollouts from; the value head then gets no gradient, its metrics are still reported).
+
 Functions here return *sums* and *counts*, never means: the trainer divides by the valid-token count of the whole
 global batch (all micro-batches, all devices), so the gradient does not depend on how the batch is split, and a long
 sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (the paper's convention).
@@ -19,11 +22,13 @@ class Objective:
   kind: targets.TargetKind
   gae_lambda: float = 1.0
   lm_weight: float = 0.0
+  value_weight: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> "Objective":
     kind = targets.TargetKind(config.loss.target_type, config.model.gamma, config.loss.length_normalizer)
-    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight)
+    # Runs saved before loss.value_weight existed have no such field: they trained the value loss at weight 1.
+    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight, config.loss.get("value_weight", 1.0))
 
   def value_targets(self, prediction, batch):
     if self.gae_lambda == 1.0:
@@ -44,7 +49,7 @@ class Objective:
 
   def loss(self, sums, value_count, lm_count):
     """Training loss from summed pieces and global token counts."""
-    loss = sums["value_sq_err"] / jnp.maximum(value_count, 1.0)
+    loss = self.value_weight * sums["value_sq_err"] / jnp.maximum(value_count, 1.0)
     if "lm_ce" in sums:
       loss = loss + self.lm_weight * sums["lm_ce"] / jnp.maximum(lm_count, 1.0)
     return loss

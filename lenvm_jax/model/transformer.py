@@ -75,7 +75,8 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
       self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
 
-  def __call__(self, x, positions, mask):
+  def project(self, x, positions):
+    """q [B, T, heads, D] and k, v [B, T, kv_heads, D], with bias / qk-norm and RoPE applied."""
     c = self.config
     dtype = c.compute_dtype
     project = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...].astype(dtype))
@@ -85,9 +86,12 @@ class Attention(nnx.Module):
                  v + self.v_bias[...].astype(dtype))
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = rotary_embedding(q, positions, c.rope_theta)
-    k = rotary_embedding(k, positions, c.rope_theta)
+    return rotary_embedding(q, positions, c.rope_theta), rotary_embedding(k, positions, c.rope_theta), v
 
+  def attend(self, q, k, v, mask):
+    """Output [B, T, H] of queries q [B, T, ...] over keys k, v [B, S, ...]; mask [B, 1, 1, T, S]."""
+    c = self.config
+    dtype = c.compute_dtype
     # Grouped-query attention: query heads are grouped [kv_heads, group] so k and v are never repeated in memory.
     b, t, _, d = q.shape
     q = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, d)
@@ -96,6 +100,19 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, d)
     return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+
+  def __call__(self, x, positions, mask):
+    q, k, v = self.project(x, positions)
+    return self.attend(q, k, v, mask)
+
+  def with_cache(self, x, positions, mask, cached_k, cached_v):
+    """New tokens attend to cached keys [B, S, ...] followed by their own; mask [B, 1, 1, T, S + T].
+
+    Returns the output and the new tokens' (k, v); the caller decides whether to write them to the cache.
+    """
+    q, k, v = self.project(x, positions)
+    out = self.attend(q, jnp.concatenate([cached_k, k], axis=1), jnp.concatenate([cached_v, v], axis=1), mask)
+    return out, (k, v)
 
 
 class MLP(nnx.Module):
@@ -126,6 +143,12 @@ class DecoderLayer(nnx.Module):
     x = x + self.attention(self.input_norm(x), positions, mask)
     x = x + self.mlp(self.post_attention_norm(x))
     return constrain(x, ("batch", "length", "embed"))
+
+  def with_cache(self, x, positions, mask, cached_k, cached_v):
+    attended, new_kv = self.attention.with_cache(self.input_norm(x), positions, mask, cached_k, cached_v)
+    x = x + attended
+    x = x + self.mlp(self.post_attention_norm(x))
+    return constrain(x, ("batch", "length", "embed")), new_kv
 
 
 class ValueHead(nnx.Module):
@@ -169,6 +192,21 @@ class LengthValueModel(nnx.Module):
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None)
         x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, positions, mask)
     return self.final_norm(x)
+
+  def cached_hidden_states(self, tokens, positions, mask, cache):
+    """Final hidden states [B, T, H] of new tokens that attend to a KV cache (lenvm_jax/model/kv_cache.py).
+
+    mask [B, 1, 1, T, S + T] says what each new token sees among the S cache slots and the T new tokens (built by
+    KVCache.mask). Returns the hidden states and the new tokens' per-layer (k, v), which the caller may commit
+    with KVCache.append (decoding) or drop (scoring alternative next tokens against a shared prefix).
+    """
+    x = self.embedding[...].astype(self.config.compute_dtype)[tokens]
+    x = constrain(x, ("batch", "length", "embed"))
+    new_kv = []
+    for layer, cached_k, cached_v in zip(self.layers, cache.keys, cache.values):
+      x, kv = layer.with_cache(x, positions, mask, cached_k, cached_v)
+      new_kv.append(kv)
+    return self.final_norm(x), tuple(new_kv)
 
   def lm_logits(self, hidden):
     """[B, T, vocab] float32 next-token logits."""

@@ -40,6 +40,10 @@ def validate(config) -> ModelConfig:
   _require(loss.gae_lambda == 1.0 or loss.target_type == "discounted", "loss.gae_lambda",
            "GAE targets (gae_lambda < 1) need loss.target_type='discounted'")
   _require(loss.lm_weight >= 0.0, "loss.lm_weight", f"must be >= 0, got {loss.lm_weight}")
+  value_weight = loss.get("value_weight", 1.0)  # Absent from config.json of runs older than the field.
+  _require(value_weight >= 0.0, "loss.value_weight", f"must be >= 0, got {value_weight}")
+  _require(value_weight > 0.0 or loss.lm_weight > 0.0, "loss.value_weight",
+           "is 0 and so is loss.lm_weight: nothing to train (set loss.lm_weight > 0 for an LM-only policy)")
   _require(loss.length_normalizer > 0.0, "loss.length_normalizer", f"must be > 0, got {loss.length_normalizer}")
 
   _require(data.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {data.source!r}")

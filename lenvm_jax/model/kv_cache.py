@@ -1,0 +1,59 @@
+"""Per-layer key/value cache for autoregressive decoding: a pytree passed into and out of pure functions.
+
+Slots are shared by all rows: slot `index` is the next one written, for every row at once. Rows of different
+prompt lengths are left-padded, so their prompts end at the same slot and every decode step writes one slot for the
+whole batch; `valid` marks slots that hold real tokens (padding stays invalid and is never attended to). RoPE
+positions are explicit (the caller passes each token's position in its own sequence), so a row's padding does not
+shift its positions.
+
+New tokens meet the cache through `mask`: either as a continuation (each new token sees the valid cache slots and
+the earlier valid new tokens: prefill, decode steps) or as alternatives (each sees the cache and only itself: k
+candidate next tokens per row scored against one shared prefix, without committing any; see
+LengthValueModel.cached_hidden_states). `append` commits new tokens' keys and values.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.sharding import constrain
+
+_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+  keys: tuple  # Per layer [B, S, kv_heads, head_dim], compute dtype.
+  values: tuple
+  valid: jax.Array  # [B, S] bool: the slot holds a real token.
+  index: jax.Array  # int32 scalar: the next slot to write.
+
+  @classmethod
+  def create(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    empty = lambda: constrain(jnp.zeros(shape, config.compute_dtype), _KV_AXES)
+    return cls(keys=tuple(empty() for _ in range(config.num_layers)),
+               values=tuple(empty() for _ in range(config.num_layers)),
+               valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid.shape[1]
+
+  def mask(self, new_valid, alternatives: bool = False):
+    """[B, 1, 1, T, S + T] attention mask of T new tokens (new_valid [B, T] bool) over cache slots + themselves."""
+    t = new_valid.shape[1]
+    among_new = jnp.eye(t, dtype=bool) if alternatives else jnp.tril(jnp.ones((t, t), bool))
+    to_cache = jnp.broadcast_to(self.valid[:, None, :], (self.valid.shape[0], t, self.max_len))
+    to_new = among_new[None] & new_valid[:, None, :]
+    return jnp.concatenate([to_cache, to_new], axis=-1)[:, None, None]
+
+  def append(self, new_kv, new_valid) -> "KVCache":
+    """Writes T new tokens' per-layer (k, v) [B, T, ...] at slots index .. index + T - 1 (caller keeps it in range)."""
+    write = lambda cache, new: constrain(
+        jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=1), _KV_AXES)
+    return KVCache(keys=tuple(write(c, k) for c, (k, _) in zip(self.keys, new_kv)),
+                   values=tuple(write(c, v) for c, (_, v) in zip(self.values, new_kv)),
+                   valid=jax.lax.dynamic_update_slice_in_dim(self.valid, new_valid, self.index, axis=1),
+                   index=self.index + new_valid.shape[1])

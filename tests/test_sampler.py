@@ -1,0 +1,218 @@
+"""KV-cache decoding and sampling: exact agreement with the cache-free forward, filters on hand-computed cases."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lenvm_jax import sharding
+from lenvm_jax.infer import sampler as sampler_lib
+from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model.kv_cache import KVCache
+from lenvm_jax.model.transformer import LengthValueModel
+
+PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 3, 8, 1, 5: one batch, mixed.
+
+
+@pytest.fixture(scope="module")
+def model():
+  """Tiny Qwen2-layout model; weights scaled up so greedy choices are not near-ties (a fair token-for-token test)."""
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "qkv_bias": True})
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
+  init = lambda: jax.tree.map(lambda p: p * 4.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(0)))[1]
+                              .to_pure_dict())
+  return graphdef, jax.jit(init)()  # Jitted: eager init costs seconds on a busy CPU.
+
+
+REFERENCE_WIDTH = 32
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _padded_forward(graphdef, params, tokens, segment_ids):
+  m = nnx.merge(graphdef, params)
+  hidden = m.hidden_states(tokens, jnp.arange(tokens.shape[1])[None], segment_ids)
+  return hidden, m.lm_logits(hidden), m.value_logits(hidden)
+
+
+def full_forward(graphdef, params, seq):
+  """(hidden [L, H], LM logits [L, V], value logits [L]) of one sequence without any cache: the training path
+  (right-padded to one width, so it compiles once)."""
+  tokens = np.zeros((1, REFERENCE_WIDTH), np.int32)
+  tokens[0, :len(seq)] = seq
+  out = _padded_forward(graphdef, params, jnp.asarray(tokens), jnp.asarray(tokens * 0 + (np.arange(
+      REFERENCE_WIDTH) < len(seq))))
+  return tuple(np.asarray(x[0, :len(seq)]) for x in out)
+
+
+def greedy_without_cache(graphdef, params, prompt, steps):
+  seq = list(prompt)
+  for _ in range(steps):
+    seq.append(int(np.argmax(full_forward(graphdef, params, seq)[1][-1])))
+  return seq[len(prompt):]
+
+
+def prefill(m, prompts, width, extra_slots):
+  """A cache holding left-padded prompts, and the prompts' lengths."""
+  tokens, lengths = sampler_lib.left_pad(prompts, width)
+  cache = KVCache.create(m.config, len(prompts), width + extra_slots)
+  slots = jnp.arange(width)[None]
+  valid = slots >= (width - lengths)[:, None]
+  hidden, kv = m.cached_hidden_states(jnp.asarray(tokens), jnp.maximum(slots - (width - lengths)[:, None], 0),
+                                      cache.mask(valid), cache)
+  return hidden, cache.append(kv, valid), lengths
+
+
+def test_prefill_and_decode_steps_match_the_full_forward(model):
+  """Left-padded prompts of different lengths, then decode steps: every hidden state equals the no-cache forward
+  (float32; relative and absolute tolerance 1e-4 on hidden values of magnitude up to ~8)."""
+  graphdef, params = model
+  continuations = [[8, 2, 50], [1, 1, 63], [30, 31, 32], [0, 9, 4]]
+
+  @jax.jit
+  def decode_all(params):
+    m = nnx.merge(graphdef, params)
+    hidden, cache, lengths = prefill(m, PROMPTS, 16, 3)
+    decoded = [hidden[:, -1]]
+    for step in range(3):
+      new = jnp.asarray([[c[step]] for c in continuations])
+      fed = jnp.ones((len(PROMPTS), 1), bool)
+      hidden, kv = m.cached_hidden_states(new, jnp.asarray(lengths + step)[:, None], cache.mask(fed), cache)
+      cache = cache.append(kv, fed)
+      decoded.append(hidden[:, 0])
+    return jnp.stack(decoded, axis=1)
+
+  decoded = np.asarray(decode_all(params))
+  for row, (prompt, extra) in enumerate(zip(PROMPTS, continuations)):
+    reference = full_forward(graphdef, params, prompt + extra)[0]
+    np.testing.assert_allclose(decoded[row], reference[len(prompt) - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_alternative_next_tokens_are_scored_against_the_prefix_without_committing(model):
+  """k candidates per row at one position (what length-guided decoding needs): each as if appended alone."""
+  graphdef, params = model
+  prompts = [[5, 6, 7], [3]]
+  candidates = jnp.asarray([[11, 12, 13], [20, 1, 22]])
+
+  @jax.jit
+  def score(params):
+    m = nnx.merge(graphdef, params)
+    _, cache, lengths = prefill(m, prompts, 8, 1)
+    hidden, _ = m.cached_hidden_states(candidates, jnp.repeat(jnp.asarray(lengths)[:, None], 3, axis=1),
+                                       cache.mask(jnp.ones((2, 3), bool), alternatives=True), cache)
+    return m.value_logits(hidden), cache.index
+
+  values, index = score(params)
+  for row, prompt in enumerate(prompts):
+    for j, candidate in enumerate(candidates[row].tolist()):
+      reference = full_forward(graphdef, params, prompt + [candidate])[2][-1]
+      np.testing.assert_allclose(values[row, j], reference, rtol=1e-5, atol=1e-5)
+  assert int(index) == 8  # Nothing was committed.
+
+
+def test_greedy_decoding_equals_recomputing_the_full_forward(model):
+  graphdef, params = model
+  sampler = Sampler(graphdef, params, SamplingConfig(max_new_tokens=10, eos_ids=(63,), temperature=0.0),
+                    sharding.make_mesh(1, 1, 1), batch_size=4)
+  for prompt, sample in zip(PROMPTS, sampler.generate(PROMPTS)):
+    expected = greedy_without_cache(graphdef, params, prompt, len(sample.completion_ids))
+    assert sample.completion_ids.tolist() == expected
+    assert sample.finished == (expected[-1] == 63)
+    assert sample.finished or len(expected) == 10
+
+
+def test_rows_stop_at_eos_with_their_own_finished_flags(model):
+  graphdef, params = model
+  mesh = sharding.make_mesh(1, 1, 1)
+  free = Sampler(graphdef, params, SamplingConfig(max_new_tokens=8, eos_ids=(63,), temperature=0.0), mesh, 4)
+  unstopped = [s.completion_ids.tolist() for s in free.generate(PROMPTS)]
+  eos = unstopped[0][2]  # Row 0 emits this token third: make it an EOS id.
+  stopping = Sampler(graphdef, params, SamplingConfig(max_new_tokens=8, eos_ids=(eos, 63), temperature=0.0),
+                     mesh, 4)
+  for before, sample in zip(unstopped, stopping.generate(PROMPTS)):
+    ends = [i for i, t in enumerate(before) if t in (eos, 63)]
+    expected = before[:ends[0] + 1] if ends else before
+    assert sample.completion_ids.tolist() == expected
+    assert sample.finished == bool(ends)
+  assert any(s.finished for s in stopping.generate(PROMPTS))
+
+
+def test_a_sample_does_not_depend_on_its_batch_or_the_mesh(model):
+  """Per-row random streams and padding masks: a row sampled in a mixed batch on a (2, 2, 2) mesh equals the same
+  row sampled alone on one device."""
+  graphdef, params = model
+  sampling = SamplingConfig(max_new_tokens=6, eos_ids=(63,), temperature=1.3, top_k=20, top_p=0.9, seed=7)
+  mesh = sharding.make_mesh(2, 2, 2)
+  with jax.set_mesh(mesh):
+    shardings = sharding.param_shardings(nnx.split(nnx.eval_shape(lambda: nnx.merge(graphdef, params)))[1], mesh)
+  sharded = jax.device_put(params, shardings)
+  together = Sampler(graphdef, sharded, sampling, mesh, batch_size=4).generate(PROMPTS, row_ids=[10, 11, 12, 13])
+  alone = Sampler(graphdef, params, sampling, sharding.make_mesh(1, 1, 1), batch_size=1)
+  for i, prompt in enumerate(PROMPTS):
+    assert alone.generate([prompt], row_ids=[10 + i])[0].completion_ids.tolist() == \
+        together[i].completion_ids.tolist()
+  assert len({tuple(s.completion_ids.tolist()) for s in together}) > 1
+
+
+LOGPROBS = np.log(np.asarray([[0.5, 0.3, 0.15, 0.05]], np.float32))
+
+
+def kept(logits):
+  return np.isfinite(np.asarray(logits))[0].tolist()
+
+
+def test_top_k_keeps_the_k_largest_and_ties():
+  logits = jnp.asarray([[1.0, 3.0, 2.0, 3.0, 0.0]])
+  assert kept(sampler_lib.top_k_filter(logits, 2)) == [False, True, False, True, False]
+  assert kept(sampler_lib.top_k_filter(logits, 3)) == [False, True, True, True, False]
+  assert kept(sampler_lib.top_k_filter(logits, 0)) == [True] * 5
+  np.testing.assert_array_equal(sampler_lib.top_k_filter(logits, 2)[0, 1], 3.0)  # Kept logits are unchanged.
+
+
+@pytest.mark.parametrize("p, expected", [(0.5, [True, False, False, False]), (0.51, [True, True, False, False]),
+                                         (0.79, [True, True, False, False]), (0.81, [True, True, True, False]),
+                                         (1.0, [True] * 4)])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+  # Probabilities 0.5, 0.3, 0.15, 0.05: the mass before each token is 0, 0.5, 0.8, 0.95.
+  assert kept(sampler_lib.top_p_filter(jnp.asarray(LOGPROBS), p)) == expected
+
+
+@pytest.mark.parametrize("min_p, expected", [(0.09, [True] * 4), (0.2, [True, True, True, False]),
+                                             (0.7, [True, False, False, False])])
+def test_min_p_keeps_tokens_above_a_share_of_the_best(min_p, expected):
+  # Thresholds min_p * 0.5: 0.045 keeps all, 0.1 drops 0.05, 0.35 keeps only 0.5.
+  assert kept(sampler_lib.min_p_filter(jnp.asarray(LOGPROBS), min_p)) == expected
+
+
+def test_temperature_applies_before_top_p():
+  """At temperature 2 the probabilities are ~sqrt(p) normalised: 0.379, 0.294, 0.208, 0.120, so top-p 0.7 keeps
+  three tokens (mass before the third: 0.673); at temperature 1 it keeps two (mass before the third: 0.8)."""
+  logits = jnp.asarray(LOGPROBS)
+  np.testing.assert_allclose(sampler_lib.scale_by_temperature(logits, 2.0), LOGPROBS / 2.0)
+  hot = SamplingConfig(max_new_tokens=1, eos_ids=(0,), temperature=2.0, top_p=0.7)
+  cold = SamplingConfig(max_new_tokens=1, eos_ids=(0,), temperature=1.0, top_p=0.7)
+  assert kept(sampler_lib.filter_logits(logits, hot)) == [True, True, True, False]
+  assert kept(sampler_lib.filter_logits(logits, cold)) == [True, True, False, False]
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+  """top-k 2 of (0.5, 0.3, 0.15, 0.05): only tokens 0 and 1, at 0.625 / 0.375."""
+  sampling = SamplingConfig(max_new_tokens=1, eos_ids=(0,), top_k=2)
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  tokens = np.asarray(sampler_lib.next_tokens(jnp.repeat(jnp.asarray(LOGPROBS), n, axis=0), keys, sampling))
+  counts = np.bincount(tokens, minlength=4) / n
+  assert counts[2] == counts[3] == 0
+  assert counts[0] == pytest.approx(0.625, abs=0.015)
+
+
+def test_bad_sampling_settings_name_the_field():
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingConfig(max_new_tokens=4, eos_ids=(1,), top_p=0.0)
+  with pytest.raises(ValueError, match="eos_ids"):
+    SamplingConfig(max_new_tokens=4, eos_ids=())
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    SamplingConfig(max_new_tokens=0, eos_ids=(1,))
