@@ -1,0 +1,197 @@
+"""Length-guided decoding (spec section 5): a generator proposes, a LenVM scores, a per-row rule chooses.
+
+Each step, per row: the generator's logits go through the sampling filters (temperature, top-k, top-p, min-p;
+lenvm_jax/infer/sampler.py), the `num_candidates` most likely surviving tokens are the candidates, and the LenVM
+scores every candidate x as V(s_t + x) in (-1, 0] (more negative = more tokens expected to follow; an EOS
+candidate is 0). All candidates of all rows are scored in one batched forward over the LenVM's prefix cache,
+each candidate seeing the prefix and itself only; the chosen candidate's keys and values are then committed, so
+the prefix is never recomputed (lenvm_jax/infer/guided_models.py).
+
+Rules (per row, in one batch; "remaining" R = target - generated - 1 tokens after the candidate, lengths count
+the EOS token, and v*(R) = -(1 - gamma ** max(R, 0)) is the value of exactly R more tokens):
+  none      sample from the base distribution over the candidates;
+  equal_to  the candidate whose V is closest to v*(R) (value space, as the paper; ties: the more likely one);
+  at_most   sample among candidates expected to fit, V >= v*(R); if none fits, the one closest to 0 (shortest);
+  at_least  before the target is reached, sample among candidates expected to reach it, V <= v*(R), else the
+            most negative (longest); once EOS would meet the target, the candidate closest to 0 (EOS if offered);
+  tilt      sample from p'(x) ~ p(x) exp(beta * u(x)) with u = -V = sigmoid(z) in [0, 1) (the reference's sign):
+            beta < 0 favours short continuations, beta > 0 long ones, beta = 0 is the base model.
+"""
+
+import dataclasses
+import functools
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lenvm_jax import sharding
+from lenvm_jax.infer.sampler import PAD_ID, SamplingConfig, filter_logits, left_pad
+
+RULES = ("none", "equal_to", "at_most", "at_least", "tilt")
+_NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT = range(len(RULES))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthRequest:
+  """One row's length instruction: a rule, its target length in tokens (EOS included), and beta for `tilt`."""
+  rule: str = "none"
+  target: int = 0
+  beta: float = 0.0
+
+  def __post_init__(self):
+    if self.rule not in RULES:
+      raise ValueError(f"length rule must be one of {RULES}, got {self.rule!r}")
+    if self.rule in ("equal_to", "at_most", "at_least") and self.target <= 0:
+      raise ValueError(f"length rule {self.rule!r} needs a positive target, got {self.target}")
+    if not np.isfinite(self.beta):
+      raise ValueError(f"tilt beta must be finite, got {self.beta}")
+
+
+class GuidedModels(Protocol):
+  """A generator and a LenVM decoding together (two models, or one shared trunk); pure functions of params."""
+  vocab_size: int
+  gamma: float
+
+  def start(self, params, prompt_tokens, prompt_lengths, cache_len):
+    """Prefill of left-padded prompts [B, P]: (state, next-token logits [B, V])."""
+
+  def score(self, params, state, candidates, positions):
+    """V(s_t + x) [B, k] of candidates [B, k] at positions [B], without committing: (values, pending)."""
+
+  def commit(self, params, state, pending, choice, tokens, positions):
+    """Appends the chosen candidates (index choice [B], ids tokens [B]): (state, next-token logits [B, V])."""
+
+
+def target_value(remaining, gamma: float):
+  """v*(R) = -(1 - gamma ** R): the value of a state with exactly R tokens to come (R clipped at 0)."""
+  return -(1.0 - jnp.power(jnp.float32(gamma), jnp.maximum(remaining, 0).astype(jnp.float32)))
+
+
+def choose(candidate_logits, values, rules, targets, betas, generated, keys, gamma: float):
+  """Index [B] of the chosen candidate per row (see the module docstring for the rules).
+
+  candidate_logits [B, k] (filtered; -inf = not allowed, at least one allowed per row), values [B, k] in (-1, 0],
+  rules / targets / generated [B] int32, betas [B] float32, keys [B] PRNG keys.
+  """
+  allowed = jnp.isfinite(candidate_logits)
+  length_score = -values  # u in [0, 1): larger = longer.
+  v_star = target_value(targets - generated - 1, gamma)[:, None]
+  sample = lambda logits: jax.vmap(jax.random.categorical)(keys, logits)
+  first_allowed_min = lambda cost: jnp.argmin(jnp.where(allowed, cost, jnp.inf), axis=-1)
+  shortest = first_allowed_min(length_score)
+  longest = first_allowed_min(-length_score)
+  base = sample(candidate_logits)
+  equal_to = first_allowed_min(jnp.abs(values - v_star))
+
+  def sample_within(fits, fallback):
+    fits = fits & allowed
+    return jnp.where(jnp.any(fits, axis=-1), sample(jnp.where(fits, candidate_logits, -jnp.inf)), fallback)
+
+  at_most = sample_within(values >= v_star, shortest)
+  target_met = generated + 1 >= targets
+  at_least = jnp.where(target_met, shortest, sample_within(values <= v_star, longest))
+  tilt = sample(jnp.where(allowed, candidate_logits + betas[:, None] * length_score, -jnp.inf))
+  return jnp.select([rules == _EQUAL_TO, rules == _AT_MOST, rules == _AT_LEAST, rules == _TILT],
+                    [equal_to, at_most, at_least, tilt], base).astype(jnp.int32)
+
+
+def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rules, targets, betas, *,
+                  sampling: SamplingConfig, num_candidates: int):
+  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; per-row rules, targets, betas [B]).
+
+  Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), values [B, max_new_tokens] (V of the state after
+  each chosen token, 0 after the end), lengths [B] (EOS included) and finished [B].
+  """
+  batch, width = prompt_tokens.shape
+  steps = sampling.max_new_tokens
+  eos_ids = jnp.asarray(sampling.eos_ids, jnp.int32)
+  row_keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(sampling.seed)))(row_ids)
+  state, logits = models.start(params, prompt_tokens, prompt_lengths, width + steps)
+
+  def keep_going(carry):
+    step, _, _, _, _, done, _ = carry
+    return (step < steps) & ~jnp.all(done)
+
+  def step_once(carry):
+    step, state, logits, out, out_values, done, lengths = carry
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    candidate_logits, candidates = jax.lax.top_k(filter_logits(logits, sampling), num_candidates)
+    positions = prompt_lengths + step
+    values, pending = models.score(params, state, candidates, positions)
+    values = jnp.where(jnp.isin(candidates, eos_ids), 0.0, values)
+    choice = choose(candidate_logits, values, rules, targets, betas, lengths, keys, models.gamma)
+    token = jnp.where(done, PAD_ID, jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0])
+    value = jnp.where(done, 0.0, jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0])
+    out, out_values = out.at[:, step].set(token), out_values.at[:, step].set(value)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, eos_ids)
+    state, logits = models.commit(params, state, pending, choice, token, positions)
+    return step + 1, state, logits, out, out_values, done, lengths
+
+  carry = (jnp.zeros((), jnp.int32), state, logits, jnp.full((batch, steps), PAD_ID, jnp.int32),
+           jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+  _, _, _, out, out_values, done, lengths = jax.lax.while_loop(keep_going, step_once, carry)
+  return out, out_values, lengths, done
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedSample:
+  completion_ids: np.ndarray  # Generated tokens, ending with an EOS id when finished.
+  values: np.ndarray  # V after each generated token (the LenVM's view of the remaining length along the way).
+  finished: bool
+
+
+class GuidedSampler:
+  """Guided generation for many prompts in fixed-size batches on a mesh (batch over data x fsdp)."""
+
+  def __init__(self, models: GuidedModels, params, sampling: SamplingConfig, mesh, num_candidates: int = 5,
+               batch_size: int = 16):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+      raise ValueError(f"batch_size ({batch_size}) must be a multiple of mesh data x fsdp = {shards}")
+    if sampling.temperature == 0.0:
+      raise ValueError("guided decoding samples among candidates: sampling temperature must be > 0")
+    if not 1 <= num_candidates <= models.vocab_size:
+      raise ValueError(f"num_candidates must lie in [1, {models.vocab_size}], got {num_candidates}")
+    self.models, self.params, self.sampling, self.mesh = models, params, sampling, mesh
+    self.batch_size = batch_size
+    self._rows = sharding.batch_sharding(mesh, 2)
+    self._per_row = sharding.batch_sharding(mesh, 1)
+    self._decode = jax.jit(functools.partial(guided_decode, models, sampling=sampling,
+                                             num_candidates=num_candidates))
+
+  def generate(self, prompts: Sequence[Sequence[int]], requests: Sequence[LengthRequest],
+               row_ids: Sequence[int] | None = None) -> list[GuidedSample]:
+    """One guided sample per prompt, in input order; requests[i] is prompt i's length instruction."""
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    if not len(row_ids) == len(requests) == len(prompts):
+      raise ValueError(f"got {len(prompts)} prompts, {len(requests)} requests and {len(row_ids)} row_ids")
+    for i, prompt in enumerate(prompts):
+      if not len(prompt):
+        raise ValueError(f"prompt {i} is empty")
+      if min(prompt) < 0 or max(prompt) >= self.models.vocab_size:
+        raise ValueError(f"prompt {i} has a token id outside the vocabulary [0, {self.models.vocab_size})")
+    out: list[GuidedSample | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    filler = LengthRequest()
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      fill = self.batch_size - len(chunk)
+      rows = [prompts[i] for i in chunk] + [[PAD_ID]] * fill
+      width = 1 << max(int(np.ceil(np.log2(max(map(len, rows))))), 3)
+      tokens, lengths = left_pad(rows, width)
+      chunk_requests = [requests[i] for i in chunk] + [filler] * fill
+      per_row = lambda values, dtype: jax.device_put(np.asarray(values, dtype), self._per_row)
+      with jax.set_mesh(self.mesh):
+        generated, values, counts, finished = jax.device_get(self._decode(
+            self.params, jax.device_put(tokens, self._rows), per_row(lengths, np.int32),
+            per_row([row_ids[i] for i in chunk] + [0] * fill, np.int32),
+            per_row([RULES.index(r.rule) for r in chunk_requests], np.int32),
+            per_row([r.target for r in chunk_requests], np.int32),
+            per_row([r.beta for r in chunk_requests], np.float32)))
+      for row, i in enumerate(chunk):
+        n = counts[row]
+        out[i] = GuidedSample(generated[row, :n].copy(), values[row, :n].copy(), bool(finished[row]))
+    return out

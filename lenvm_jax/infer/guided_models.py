@@ -1,0 +1,142 @@
+"""Models for guided decoding (lenvm_jax/infer/guided.py): a transformer generator, a transformer LenVM scorer,
+one shared-trunk model that is both, and `Pair`, which joins any generator with any scorer.
+
+Cost per decode step (why guidance is cheap here): the scorer runs the k candidates of every row as k new tokens
+in one forward over its KV cache (each candidate attends to the prefix and itself; KVCache.mask alternatives), and
+commits the chosen candidate's keys and values from that same forward, so no token is ever run twice. Decoding is
+memory-bound (weights and cache are read once per forward whatever k is), so k tokens cost little more than one.
+A shared trunk needs nothing else: the chosen candidate's hidden state also gives the next LM logits. Two models
+add the generator's usual one-token step.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lenvm_jax.model.kv_cache import KVCache
+from lenvm_jax.targets import TargetKind
+
+
+def _prefill(model, prompt_tokens, prompt_lengths, cache_len):
+  """Left-padded prompts through a fresh cache: (last hidden state [B, H], cache)."""
+  batch, width = prompt_tokens.shape
+  cache = KVCache.create(model.config, batch, cache_len)
+  padding = (width - prompt_lengths)[:, None]
+  slots = jnp.arange(width)[None]
+  valid = slots >= padding
+  hidden, new_kv = model.cached_hidden_states(prompt_tokens, jnp.maximum(slots - padding, 0), cache.mask(valid),
+                                              cache)
+  return hidden[:, -1], cache.append(new_kv, valid)
+
+
+def _score_alternatives(model, kind: TargetKind, cache, candidates, positions):
+  """Hidden states [B, k, H], values [B, k] and per-layer (k, v) of candidates as alternative next tokens."""
+  fed = jnp.ones(candidates.shape, bool)
+  hidden, new_kv = model.cached_hidden_states(candidates, jnp.broadcast_to(positions[:, None], candidates.shape),
+                                              cache.mask(fed, alternatives=True), cache)
+  values = kind.value_estimate(kind.predict(model.value_logits(hidden)))
+  return hidden, values, new_kv
+
+
+def _commit_choice(cache, new_kv, choice):
+  """Appends the chosen candidate's keys and values (already computed while scoring) to the cache."""
+  pick = lambda x: jnp.take_along_axis(x, choice[:, None, None, None], axis=1)
+  chosen = tuple((pick(k), pick(v)) for k, v in new_kv)
+  return cache.append(chosen, jnp.ones((choice.shape[0], 1), bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerGenerator:
+  """A LengthValueModel used for its LM head (params: its nnx state)."""
+  graphdef: nnx.GraphDef
+  vocab_size: int
+
+  def start(self, params, prompt_tokens, prompt_lengths, cache_len):
+    model = nnx.merge(self.graphdef, params)
+    hidden, cache = _prefill(model, prompt_tokens, prompt_lengths, cache_len)
+    return cache, model.lm_logits(hidden[:, None])[:, 0]
+
+  def advance(self, params, cache, tokens, positions):
+    model = nnx.merge(self.graphdef, params)
+    fed = jnp.ones((tokens.shape[0], 1), bool)
+    hidden, new_kv = model.cached_hidden_states(tokens[:, None], positions[:, None], cache.mask(fed), cache)
+    return cache.append(new_kv, fed), model.lm_logits(hidden)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerScorer:
+  """A LengthValueModel used for its value head; kind turns the head's z into V (its run's loss.target_type)."""
+  graphdef: nnx.GraphDef
+  kind: TargetKind
+
+  @property
+  def gamma(self) -> float:
+    return self.kind.gamma
+
+  def start(self, params, prompt_tokens, prompt_lengths, cache_len):
+    return _prefill(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)[1]
+
+  def score(self, params, cache, candidates, positions):
+    _, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
+                                            positions)
+    return values, new_kv
+
+  def commit(self, params, cache, new_kv, choice):
+    del params
+    return _commit_choice(cache, new_kv, choice)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedTrunk:
+  """One LengthValueModel that generates (LM head) and scores (value head) on one trunk and one KV cache."""
+  graphdef: nnx.GraphDef
+  kind: TargetKind
+  vocab_size: int
+
+  @property
+  def gamma(self) -> float:
+    return self.kind.gamma
+
+  def start(self, params, prompt_tokens, prompt_lengths, cache_len):
+    model = nnx.merge(self.graphdef, params)
+    hidden, cache = _prefill(model, prompt_tokens, prompt_lengths, cache_len)
+    return cache, model.lm_logits(hidden[:, None])[:, 0]
+
+  def score(self, params, cache, candidates, positions):
+    hidden, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
+                                                 positions)
+    return values, (hidden, new_kv)
+
+  def commit(self, params, cache, pending, choice, tokens, positions):
+    del tokens, positions  # The chosen candidate was already run; its hidden state gives the next logits.
+    hidden, new_kv = pending
+    chosen = jnp.take_along_axis(hidden, choice[:, None, None], axis=1)
+    return _commit_choice(cache, new_kv, choice), nnx.merge(self.graphdef, params).lm_logits(chosen)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """A generator and a separate scorer with the same token ids; params = (generator params, scorer params)."""
+  generator: object  # start(params, tokens, lengths, cache_len) -> (state, logits); advance(...) -> same.
+  scorer: object  # start(...) -> state; score(...) -> (values, pending); commit(params, state, pending, choice).
+
+  @property
+  def vocab_size(self) -> int:
+    return self.generator.vocab_size
+
+  @property
+  def gamma(self) -> float:
+    return self.scorer.gamma
+
+  def start(self, params, prompt_tokens, prompt_lengths, cache_len):
+    generator_state, logits = self.generator.start(params[0], prompt_tokens, prompt_lengths, cache_len)
+    return (generator_state, self.scorer.start(params[1], prompt_tokens, prompt_lengths, cache_len)), logits
+
+  def score(self, params, state, candidates, positions):
+    return self.scorer.score(params[1], state[1], candidates, positions)
+
+  def commit(self, params, state, pending, choice, tokens, positions):
+    generator_state, logits = self.generator.advance(params[0], state[0], tokens, positions)
+    return (generator_state, self.scorer.commit(params[1], state[1], pending, choice)), logits
