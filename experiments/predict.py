@@ -1,9 +1,17 @@
-"""Per-token length predictions of a trained LenVM.
+"""Length predictions of a trained LenVM.
 
   python -m experiments.predict --workdir runs/synthetic --input trajectories.jsonl --output predictions.jsonl
+  python -m experiments.predict --mode=prompts --workdir ... --input prompts.jsonl --output boundary.jsonl
+  python -m experiments.predict --mode=prompt_eval --workdir ... --input samples.jsonl --output report.json
 
-Each output line: {"values": [...], "remaining": [...]}: V and the predicted remaining length at every position from
-the prompt's last token through the last completion token (len(completion_ids) + 1 entries).
+--mode=tokens (default): each output line {"values": [...], "remaining": [...]}: V and the predicted remaining
+length at every position from the prompt's last token through the last completion token (len(completion_ids) + 1
+entries).
+--mode=prompts: input lines {"prompt_ids": [...]} (optional prompt_id, generator); each output line
+{"prompt_id", "generator", "value", "predicted_length"}: V(s_0) and L_hat = log(1 + V) / log(gamma).
+--mode=prompt_eval: input trajectories with several sampled completions per prompt (grouped by prompt_id, else by
+prompt tokens, and generator); writes a JSON report of spec section 4's prompt-boundary MRE, overall ("*") and per
+generator, with every group's L_GT and L_hat.
 """
 
 import json
@@ -13,11 +21,13 @@ from absl import app, flags
 
 from lenvm_jax.data import jsonl
 from lenvm_jax.data.records import RecordError
+from lenvm_jax.infer import length_eval
 from lenvm_jax.infer.predict import Predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
-_INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README).")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions JSONL.")
+_INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README), or prompts for --mode=prompts.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions (JSONL) or report (JSON).")
+_MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval"], "What to predict (see above).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
@@ -26,17 +36,38 @@ def main(argv):
   del argv
   predictor = Predictor(_WORKDIR.value)
   config = predictor.config
+  max_prompt_len = config.data.get("max_prompt_len", 0)
   try:
-    # Prediction is not bound to the training row length: allow any prompt the model can take.
-    records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
+    if _MODE.value == "prompts":
+      records = jsonl.read_prompts(_INPUT.value, config.model.vocab_size)
+    else:
+      # Prediction is not bound to the training row length: allow any prompt the model can take.
+      records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
   except RecordError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    for values, remaining in predictor.predict(records, _BATCH.value):
-      f.write(json.dumps({"values": [round(float(v), 7) for v in values],
-                          "remaining": [round(float(r), 4) for r in remaining]}) + "\n")
-  print(f"wrote {len(records)} predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
+    if _MODE.value == "tokens":
+      for values, remaining in predictor.predict(records, _BATCH.value):
+        f.write(json.dumps({"values": [round(float(v), 7) for v in values],
+                            "remaining": [round(float(r), 4) for r in remaining]}) + "\n")
+      print(f"wrote {len(records)} predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
+    elif _MODE.value == "prompts":
+      values, lengths = predictor.predict_prompts(records, _BATCH.value, max_prompt_len)
+      for record, value, length in zip(records, values, lengths):
+        f.write(json.dumps({"prompt_id": record.prompt_id, "generator": record.generator,
+                            "value": round(float(value), 7), "predicted_length": round(float(length), 3)}) + "\n")
+      print(f"wrote {len(records)} prompt-boundary predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
+    else:
+      try:
+        report = length_eval.prompt_boundary_report(predictor, records, config.model.gamma, _BATCH.value,
+                                                    max_prompt_len)
+      except ValueError as e:
+        print(f"error: {_INPUT.value}: {e}", file=sys.stderr)
+        sys.exit(2)
+      json.dump({"checkpoint_step": predictor.step, **report}, f, indent=1)
+      mre = ", ".join(f"{'all' if k == length_eval.ALL_GENERATORS else k}: {v:.2%}" for k, v in report["mre"].items())
+      print(f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

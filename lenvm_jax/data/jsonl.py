@@ -1,5 +1,6 @@
 """Pre-tokenized trajectory JSONL (schema in lenvm_jax/data/records.py), validated line by line."""
 
+import dataclasses
 import json
 from typing import Iterator
 
@@ -31,6 +32,22 @@ def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> 
   prompt_id = obj.get("prompt_id")
   return Trajectory(prompt, completion, finished, None if prompt_id is None else str(prompt_id),
                     obj.get("generator"))
+
+
+def read_prompts(path: str, vocab_size: int) -> list[Trajectory]:
+  """Prompts alone ({"prompt_ids": [...]} lines, optional prompt_id / generator) as trajectories with no
+  completion yet, for prompt-boundary prediction. Anything malformed raises RecordError."""
+  records = []
+  for line_number, obj in json_lines(path):
+    if isinstance(obj, RecordError):
+      raise obj
+    if not isinstance(obj, dict):
+      raise RecordError(path, line_number, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+    if "prompt_ids" not in obj:
+      raise RecordError(path, line_number, "prompt_ids", "is missing")
+    records.append(parse_record({**obj, "completion_ids": [0]}, vocab_size, 1 << 30, path, line_number))
+    records[-1] = dataclasses.replace(records[-1], completion_ids=records[-1].completion_ids[:0])
+  return records
 
 
 def json_lines(path: str) -> Iterator[tuple[int, object]]:

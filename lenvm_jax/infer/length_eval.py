@@ -58,6 +58,25 @@ def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
   return {scope: float(np.mean(v)) for scope, v in relative.items()}
 
 
+def prompt_boundary_report(predictor, trajectories, gamma: float, batch_size: int = 16,
+                           max_prompt_len: int = 0) -> dict:
+  """Spec section 4 on sampled completions: group finished trajectories by (prompt, generator), L_GT from the
+  mean of gamma ** L_i, L_hat from the model's V(s_0); MRE overall ("*") and per generator, plus every group."""
+  groups = group_by_prompt(trajectories)
+  if not groups:
+    raise ValueError("prompt-boundary evaluation needs finished trajectories")
+  first = {}
+  for t in trajectories:
+    if t.finished:
+      first.setdefault(_group_key(t), t)
+  keys = list(groups)
+  _, predicted = predictor.predict_prompts([first[k] for k in keys], batch_size, max_prompt_len)
+  l_hat = dict(zip(keys, predicted.tolist()))
+  rows = [{"prompt": k[0] if isinstance(k[0], str) else list(k[0]), "generator": k[1], "samples": len(groups[k]),
+           "true_length": prompt_boundary_length(groups[k], gamma), "predicted_length": l_hat[k]} for k in keys]
+  return {"mre": prompt_boundary_mre(groups, l_hat, gamma), "prompt_groups": len(keys), "groups": rows}
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthBaselines:
   constant_remaining: float
