@@ -1,0 +1,101 @@
+"""Sample rollouts from a policy into ArrayRecord trajectory shards that training reads (data.source=arrayrecord).
+
+  python -m experiments.generate --policy=runs/policy --prompts=prompts.jsonl --eos_ids=1 --output_dir=data/rollouts \
+      [--num_samples=4] [--max_new_tokens=256] [--temperature=1.0] [--top_k=0] [--top_p=1.0] [--min_p=0.0]
+  python -m experiments.generate --policy=HF_DIR --tokenizer=HF_DIR --prompts=champ --output_dir=data/champ_rollouts
+
+--policy: a lenvm_jax run workdir (latest checkpoint) or a Hugging Face causal-LM directory (lenvm_jax/infer/
+policy.py). --prompts: a prompt JSONL (lenvm_jax/data/prompts.py: prompt_ids, messages or prompt per line), `champ`,
+or `arrayrecord:PATH`. EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
+Writes <output_dir>/{train,eval}-*.array_record, stats.json and generation.json; rerunning the same command skips
+finished shards (lenvm_jax/infer/rollouts.py). Bad input: one line "error: ..." and exit code 2.
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from lenvm_jax import sharding
+from lenvm_jax.data import prompts as prompts_lib
+from lenvm_jax.data.records import RecordError
+from lenvm_jax.data.tokenizer import load_tokenizer
+from lenvm_jax.infer import policy as policy_lib, rollouts
+from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+
+_POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', or 'arrayrecord:PATH'.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where the shards, stats.json and generation.json go.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, tokenizer.json or SentencePiece model: for "
+                                 "text prompts, decoded text in the records, and the default EOS id.")
+_GENERATOR = flags.DEFINE_string("generator", None, "Generator name in the records (default: the policy path).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Completions longer than this are cut (finished=false).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "0 = off.")
+_EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each sample's stream also depends on its prompt and index).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per decode batch (a multiple of mesh data x fsdp).")
+_SHARD = flags.DEFINE_integer("shard_size", 4096, "Trajectories per ArrayRecord shard (the unit of resume).")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of prompts (without a split) that go to eval.")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1: the devices left).")
+flags.mark_flags_as_required(["policy", "prompts", "output_dir"])
+
+
+def fail(error: Exception):
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(2)
+
+
+class ProgressLine:
+  """One self-overwriting status line on stderr: samples done, rate, tokens/s, time left."""
+
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def __call__(self, done: int, total: int, tokens: int):
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    rate = done / elapsed
+    left = (total - done) / rate if rate else float("inf")
+    print(f"\rgenerate: {done}/{total} samples ({done / max(total, 1):.0%}), {tokens / elapsed:,.0f} tokens/s, "
+          f"~{left:,.0f} s left", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    mesh = sharding.make_mesh(*(int(size) for size in _MESH.value))
+    tokenizer = load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
+    policy = policy_lib.load_policy(_POLICY.value, mesh)
+    eos_ids = tuple(int(i) for i in _EOS.value) if _EOS.value else policy.eos_ids or (
+        (tokenizer.eos_id,) if tokenizer else ())
+    if not eos_ids:
+      raise ValueError(f"--eos_ids is needed: {_POLICY.value} names no EOS id and no --tokenizer was given")
+    sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, eos_ids=eos_ids, temperature=_TEMPERATURE.value,
+                              top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value)
+    prompts = prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer,
+                                       _EVAL_FRACTION.value)
+    sampler = Sampler(policy.graphdef, policy.params, sampling, mesh, batch_size=_BATCH.value)
+    generator = _GENERATOR.value or os.path.basename(os.path.normpath(_POLICY.value))
+    settings = {"policy": policy.description, "prompts": _PROMPTS.value, "sampling": sampling.to_dict()}
+    print(f"{len(prompts)} prompts x {_NUM_SAMPLES.value} samples from {policy.description}", file=sys.stderr)
+    result = rollouts.generate_rollouts(
+        sampler, prompts, _OUTPUT.value, num_samples=_NUM_SAMPLES.value, generator=generator, settings=settings,
+        shard_size=_SHARD.value, eval_fraction=_EVAL_FRACTION.value, tokenizer=tokenizer, on_progress=ProgressLine())
+  except (ValueError, OSError, RecordError) as e:
+    fail(e)
+  records, shards = result["records"], result["shards"]
+  print(", ".join(f"{split}: {records[split]} records in {shards[split]} shards" for split in records))
+  for split, split_stats in result["splits"].items():
+    overall = split_stats["overall"]
+    print(f"{split}: completion length p50 {overall.get('p50', 0):.0f}, p99 {overall.get('p99', 0):.0f}, "
+          f"unfinished {overall['unfinished_fraction']:.1%}")
+  print(f"wrote {os.path.join(_OUTPUT.value, 'stats.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""Prompts to sample rollouts from (experiments/generate.py): a JSONL file, CHAMP, or an existing ArrayRecord split.
+
+Prompt JSONL, one object a line, with exactly one of
+  prompt_ids  list[int]: the prompt tokens as the policy sees them (chat template already applied);
+  messages    [{"role": "system"|"user"|"assistant", "content": str}, ...]: rendered with the tokenizer's chat
+              template and its generation prompt (lenvm_jax/data/tokenizer.py);
+  prompt      str: one user message, rendered the same way;
+and optionally `prompt_id` (str or int; default: the line number) and `split` ("train" | "eval"; default: a hash
+of the prompt id, so all samples of a prompt share a split). Errors name file, line and field.
+
+`champ` gives CHAMP's distinct solution prompts (without a generator tag), split by problem as in
+lenvm_jax/data/champ.py; `arrayrecord:PATH` the distinct prompts (by prompt_id, else by tokens) of the trajectories
+in the shards at PATH (a file, a glob or <dir>/<split>).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from lenvm_jax.data import arrayrecord, champ, jsonl
+from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.data.records import RecordError, check_token_ids
+from lenvm_jax.data.tokenizer import Tokenizer
+
+PROMPT_FIELDS = ("prompt_ids", "messages", "prompt")
+_OPTIONAL_FIELDS = ("prompt_id", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  prompt_ids: np.ndarray
+  prompt_id: str
+  split: str | None = None  # None: the caller draws one from the prompt id.
+
+
+def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: str, line: int) -> Prompt:
+  if not isinstance(obj, dict):
+    raise RecordError(path, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+  unknown = sorted(set(obj) - set(PROMPT_FIELDS) - set(_OPTIONAL_FIELDS))
+  if unknown:
+    raise RecordError(path, line, unknown[0], f"unknown field; a prompt line has one of {PROMPT_FIELDS} and "
+                      f"optionally {_OPTIONAL_FIELDS}")
+  given = [name for name in PROMPT_FIELDS if name in obj]
+  if len(given) != 1:
+    raise RecordError(path, line, "<record>", f"needs exactly one of {PROMPT_FIELDS}, got {given or 'none'}")
+  field = given[0]
+  if field == "prompt_ids":
+    ids = obj[field]
+  else:
+    if tokenizer is None:
+      raise RecordError(path, line, field, "text prompts need a tokenizer (--tokenizer)")
+    messages = obj[field] if field == "messages" else [{"role": "user", "content": obj[field]}]
+    if field == "prompt" and not isinstance(obj[field], str):
+      raise RecordError(path, line, field, f"must be a string, got {obj[field]!r:.40}")
+    if field == "messages" and not isinstance(messages, list):
+      raise RecordError(path, line, field, "must be a list of {\"role\", \"content\"} messages")
+    try:
+      ids = tokenizer.prompt_ids(messages)
+    except ValueError as e:
+      raise RecordError(path, line, field, str(e)) from None
+  prompt_ids = check_token_ids(ids, vocab_size, path, line, field)
+  prompt_id = obj.get("prompt_id", line)
+  if not isinstance(prompt_id, (str, int)) or isinstance(prompt_id, bool):
+    raise RecordError(path, line, "prompt_id", f"must be a string or integer, got {prompt_id!r:.40}")
+  split = obj.get("split")
+  if split is not None and split not in SPLITS:
+    raise RecordError(path, line, "split", f"must be one of {SPLITS}, got {split!r:.40}")
+  return Prompt(prompt_ids, str(prompt_id), split)
+
+
+def read_prompt_jsonl(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> list[Prompt]:
+  prompts, seen = [], {}
+  for line, obj in jsonl.json_lines(path):
+    if isinstance(obj, RecordError):
+      raise obj
+    prompt = _prompt_from_json(obj, tokenizer, vocab_size, path, line)
+    if prompt.prompt_id in seen:
+      raise RecordError(path, line, "prompt_id", f"{prompt.prompt_id!r} repeats line {seen[prompt.prompt_id]}")
+    seen[prompt.prompt_id] = line
+    prompts.append(prompt)
+  return prompts
+
+
+def champ_prompts(tokenizer: Tokenizer, eval_fraction: float, max_problems: int | None = None) -> list[Prompt]:
+  """One prompt per CHAMP (problem, prompt setting); the four generators' copies of it are one prompt."""
+  prompts = {}
+  for record in champ.iter_champ(tokenizer, eval_fraction=eval_fraction, max_problems=max_problems):
+    if isinstance(record, RecordError):
+      raise record
+    trajectory = record.trajectory
+    prompts.setdefault(trajectory.prompt_id, Prompt(trajectory.prompt_ids, trajectory.prompt_id, record.split))
+  return list(prompts.values())
+
+
+def arrayrecord_prompts(path: str) -> list[Prompt]:
+  """Distinct prompts of existing trajectory shards, in first-seen order; the split is left to the caller."""
+  source = arrayrecord.ArrayRecordTrajectories(path)
+  prompts = {}
+  for index in range(len(source)):
+    trajectory = source[index]
+    key = trajectory.prompt_id if trajectory.prompt_id is not None else tuple(trajectory.prompt_ids.tolist())
+    if key not in prompts:
+      prompt_id = trajectory.prompt_id if trajectory.prompt_id is not None else f"{path}#{index}"
+      prompts[key] = Prompt(trajectory.prompt_ids, prompt_id)
+  return list(prompts.values())
+
+
+def load_prompts(spec: str, vocab_size: int, tokenizer: Tokenizer | None = None, eval_fraction: float = 0.1
+                 ) -> list[Prompt]:
+  """`champ`, `arrayrecord:PATH`, or a prompt JSONL path."""
+  if spec == "champ":
+    if tokenizer is None:
+      raise ValueError("--prompts=champ needs a tokenizer (--tokenizer)")
+    prompts = champ_prompts(tokenizer, eval_fraction)
+  elif spec.startswith("arrayrecord:"):
+    prompts = arrayrecord_prompts(spec[len("arrayrecord:"):])
+  else:
+    return read_prompt_jsonl(spec, vocab_size, tokenizer)
+  for prompt in prompts:
+    check_token_ids(prompt.prompt_ids.tolist(), vocab_size, spec, 0, "prompt_ids")
+  return prompts

@@ -1,0 +1,130 @@
+"""Rollouts: prompts x samples from a policy -> ArrayRecord trajectory shards that training reads directly.
+
+Output layout is prepare_data's (lenvm_jax/data/arrayrecord.py): <dir>/<split>-NNNNN-of-NNNNN.array_record plus
+stats.json, and generation.json with the settings. Each record is a Trajectory (prompt id, generator name,
+finished = an EOS id was sampled, else the completion was cut at max_new_tokens) with meta {"sample": j, and the
+sampling settings}, plus the decoded `text` when a tokenizer is given.
+
+Resume: the (prompt, sample) -> shard assignment depends only on the prompt list and the settings, each sample's
+random stream only on its row id (prompt index x num_samples + sample; lenvm_jax/infer/sampler.py), and shards are
+written atomically. A rerun skips shards that exist and regenerates the others identically; a rerun with other
+settings into the same directory is refused (generation.json differs).
+"""
+
+import json
+import os
+from typing import Callable, Sequence
+
+from lenvm_jax.data import arrayrecord, stats
+from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.data.prompts import Prompt
+from lenvm_jax.data.records import Trajectory
+from lenvm_jax.data.reference_jsonl import hash_split
+from lenvm_jax.data.tokenizer import Tokenizer
+from lenvm_jax.infer.sampler import Sampler
+
+SETTINGS_FILE = "generation.json"
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_settings(output_dir: str, settings: dict) -> None:
+  """Records the settings of this output directory, or refuses to mix in samples drawn with other settings."""
+  path = os.path.join(output_dir, SETTINGS_FILE)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+    settings = json.loads(json.dumps(settings))  # Tuples -> lists, as they were stored.
+    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    if changed:
+      details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+      raise ValueError(f"{path}: {output_dir} holds rollouts made with other settings ({details}); "
+                       "use a new --output_dir")
+  else:
+    _write_json(path, settings)
+
+
+def plan(prompts: Sequence[Prompt], num_samples: int, shard_size: int, eval_fraction: float
+         ) -> dict[str, list[list[tuple[int, int]]]]:
+  """split -> shards -> (prompt index, sample index) items. A prompt without a split gets hash_split's."""
+  items = {split: [] for split in SPLITS}
+  for index, prompt in enumerate(prompts):
+    split = prompt.split or hash_split(prompt.prompt_id, eval_fraction)
+    items[split].extend((index, sample) for sample in range(num_samples))
+  return {split: [chunk[i:i + shard_size] for i in range(0, len(chunk), shard_size)] for split, chunk in
+          items.items()}
+
+
+def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: str, *, num_samples: int,
+                      generator: str, settings: dict, shard_size: int = 4096, eval_fraction: float = 0.1,
+                      tokenizer: Tokenizer | None = None,
+                      on_progress: Callable[[int, int, int], None] | None = None) -> dict:
+  """Writes the shards that do not exist yet and stats.json; returns the stats.
+
+  settings (policy, sampling, ...) go to generation.json and, with the sampling settings, into every record's meta.
+  on_progress(samples done, samples total, tokens generated in this run) is called after every batch.
+  """
+  if num_samples <= 0 or shard_size <= 0:
+    raise ValueError(f"num_samples and shard_size must be positive, got {num_samples}, {shard_size}")
+  if not prompts:
+    raise ValueError("no prompts")
+  os.makedirs(output_dir, exist_ok=True)
+  check_settings(output_dir, {**settings, "generator": generator, "num_samples": num_samples,
+                              "shard_size": shard_size, "eval_fraction": eval_fraction, "num_prompts": len(prompts)})
+  sampling = sampler.sampling.to_dict()
+  shards = plan(prompts, num_samples, shard_size, eval_fraction)
+  total = len(prompts) * num_samples
+  done, tokens = 0, 0
+  for split, chunks in shards.items():
+    for index, items in enumerate(chunks):
+      path = arrayrecord.shard_path(output_dir, split, index, len(chunks))
+      if os.path.exists(path):  # Finished by an earlier run.
+        done += len(items)
+        continue
+      by_length = sorted(range(len(items)), key=lambda i: len(prompts[items[i][0]].prompt_ids))
+      samples = [None] * len(items)
+      for start in range(0, len(by_length), sampler.batch_size):
+        batch = by_length[start:start + sampler.batch_size]
+        out = sampler.generate([prompts[items[i][0]].prompt_ids.tolist() for i in batch],
+                               row_ids=[items[i][0] * num_samples + items[i][1] for i in batch])
+        for i, sample in zip(batch, out):
+          samples[i] = sample
+          tokens += len(sample.completion_ids)
+        done += len(batch)
+        if on_progress:
+          on_progress(done, total, tokens)
+      records = []
+      for (prompt_index, sample_index), sample in zip(items, samples):
+        prompt = prompts[prompt_index]
+        trajectory = Trajectory(prompt.prompt_ids, sample.completion_ids, sample.finished, prompt.prompt_id,
+                                generator)
+        text = tokenizer.decode(sample.completion_ids.tolist()) if tokenizer else None
+        records.append(arrayrecord.encode(trajectory, text, {"sample": sample_index, **sampling}))
+      arrayrecord.write_shard(path, records)
+  if on_progress and not tokens:  # Every shard existed: report once.
+    on_progress(done, total, tokens)
+  return write_stats(output_dir, {split: len(chunks) for split, chunks in shards.items()}, settings)
+
+
+def write_stats(output_dir: str, shard_counts: dict[str, int], settings: dict) -> dict:
+  """stats.json as prepare_data writes it (from the shards on disk, so a resumed run counts every shard)."""
+  kept = {}
+  for split, count in shard_counts.items():
+    source = arrayrecord.ArrayRecordTrajectories(os.path.join(output_dir, f"{split}-*-of-{count:05d}.array_record")) \
+        if count else []
+    kept[split] = [source[i] for i in range(len(source))]
+  result = {
+      "records": {split: len(kept[split]) for split in SPLITS},
+      "shards": shard_counts,
+      "skipped": {"total": 0, "by_field": {}},
+      "splits": {split: stats.trajectory_stats(kept[split]) for split in SPLITS if kept[split]},
+      "generation": settings,
+  }
+  _write_json(os.path.join(output_dir, "stats.json"), result)
+  return result
+
