@@ -118,10 +118,14 @@ def _random_value_head(model_config, seed=1) -> dict:
 @pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
 def test_export_import_round_trip_and_pytorch_value_head(tmp_path, kind, tied):
   source = hf_models.save_tiny_hf_model(kind, tmp_path / "source", tie_embeddings=tied)
-  model_config, fresh_head = _load(source)
-  save_file(_random_value_head(model_config), str(source / hf_layout.VALUE_HEAD_FILE))
+  model_config = hf_import.load_model_config(str(source), dtype="float32")
+  head_tensors = _random_value_head(model_config)
+  save_file(head_tensors, str(source / hf_layout.VALUE_HEAD_FILE))
   _, params = _load(source)
-  assert not np.array_equal(params["value_head"]["fc"], fresh_head["value_head"]["fc"])
+  head = jax.device_get(params["value_head"])  # Our [in, out] layout of the PyTorch [out, in] file.
+  np.testing.assert_array_equal(head["fc"], head_tensors["v_head.fc.weight"].T)
+  np.testing.assert_array_equal(head["summary"], head_tensors["v_head.summary.weight"].T)
+  np.testing.assert_array_equal(head["summary_bias"], head_tensors["v_head.summary.bias"])
 
   out = tmp_path / "exported"
   written = hf_export.export(params, model_config, str(out), tokenizer_dir=str(source))
@@ -182,7 +186,7 @@ def _init_from_config(tiny_config, directory, steps):
 
 def test_init_from_starts_training_from_the_hf_weights_and_export_reads_it_back(tmp_path, tiny_config):
   source = hf_models.save_tiny_hf_model("llama", tmp_path / "hf")
-  model_config, _ = _load(source)
+  model_config = hf_import.load_model_config(str(source), dtype="float32")
   save_file(_random_value_head(model_config), str(source / hf_layout.VALUE_HEAD_FILE))
   _, hf_params = _load(source)
   workdir = tmp_path / "run"
