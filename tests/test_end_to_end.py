@@ -9,6 +9,7 @@ import pytest
 
 from experiments.configs import synthetic as synthetic_config
 from lenvm_jax.data import pipeline
+from lenvm_jax.data.records import Trajectory
 from lenvm_jax.infer.predict import Predictor
 from lenvm_jax.train import trainer
 from tests.conftest import REPO
@@ -83,3 +84,30 @@ def test_predictor_reloads_the_last_step_and_ignores_batching(short_run):
   (values, remaining), = predictor.predict([t])
   (values_again, _), = predictor.predict([t, t, t], batch_size=2)[1:2]
   np.testing.assert_allclose(values, values_again, atol=1e-6)  # Independent of batching and padding.
+
+
+def test_predict_prompts_is_the_first_state_of_predict(short_run):
+  predictor = Predictor(str(short_run[0]))
+  full = [Trajectory(np.asarray(p, np.int32), np.full(n, 12, np.int32)) for p, n in (([5, 20], 7), ([30, 31], 3))]
+  values, lengths = predictor.predict_prompts(full)
+  for t, value, length in zip(full, values, lengths):
+    (v, n), = predictor.predict([t])
+    assert value == pytest.approx(v[0], abs=1e-6) and length == pytest.approx(n[0], rel=1e-5)
+
+
+def test_predict_cli_prompt_modes(short_run, tmp_path):
+  prompts, samples = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+  prompts.write_text('{"prompt_ids": [5, 20, 21], "prompt_id": "a"}\n{"prompt_ids": [30, 31]}\n')
+  samples.write_text("".join(json.dumps({"prompt_ids": [5, 20, 21], "completion_ids": [12] * n + [1],
+                                         "prompt_id": "a", "generator": "g"}) + "\n" for n in (3, 9)))
+  run = lambda mode, inputs, out: subprocess.run(
+      [sys.executable, "-m", "experiments.predict", f"--mode={mode}", "--workdir", str(short_run[0]), "--input",
+       str(inputs), "--output", str(out)], cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+  run("prompts", prompts, tmp_path / "boundary.jsonl")
+  lines = [json.loads(x) for x in (tmp_path / "boundary.jsonl").read_text().splitlines()]
+  assert [x["prompt_id"] for x in lines] == ["a", None] and all(x["predicted_length"] >= 0 for x in lines)
+  printed = run("prompt_eval", samples, tmp_path / "report.json").stdout
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert report["prompt_groups"] == 1 and set(report["mre"]) == {"*", "g"} and "MRE" in printed
+  group, = report["groups"]
+  assert group["predicted_length"] == pytest.approx(lines[0]["predicted_length"], abs=1e-3)
