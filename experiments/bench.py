@@ -1,0 +1,254 @@
+"""Throughput benchmark: matmul peak, our train step (tokens/s, model FLOP/s, MFU), a PyTorch baseline, data pipeline.
+
+  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=8]
+
+(a) peak: the best FLOP/s of a square matmul through JAX (float32 on CPU, bfloat16 on accelerators), so MFU is
+    measured against what this machine really does, not a datasheet.
+(b) ours: the trainer's compiled train step (lenvm_jax.train.step, AdamW, value-head regression on discounted
+    targets, spec section 3) on batches from our grain pipeline: tokens/s (B x T per step time), model FLOP/s from
+    the standard count (6 x matmul params + attention, per token) and MFU = that / (a).
+(c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
+    transformers), the same batches, loss and optimizer, in plain eager PyTorch; its tokens/s and ours / theirs.
+    The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation.
+    Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent.
+(d) data: rows/s and tokens/s that the grain pipeline (lenvm_jax/data/pipeline.py) produces for the same config,
+    against what the step consumes.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.configs import base
+from lenvm_jax import sharding
+from lenvm_jax.data import pipeline
+from lenvm_jax.objective import Objective
+from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.train.trainer import batch_shardings
+
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset (lenvm_jax/model/config.py PRESETS).")
+_HIDDEN = flags.DEFINE_integer("hidden_size", 256, "Overrides the preset; 0 keeps it.")
+_LAYERS = flags.DEFINE_integer("num_layers", 4, "Overrides the preset; 0 keeps it.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Overrides the preset; 0 keeps it.")
+_MLP = flags.DEFINE_integer("mlp_dim", 768, "Overrides the preset; 0 keeps it.")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Row length (data.max_len).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Rows per step (train.batch_size).")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per framework (after 2 warm-up steps).")
+_MATMUL = flags.DEFINE_integer("matmul_size", 0, "Peak matmul size; 0 = 2048 on CPU, 8192 on accelerators.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = all cores.")
+_SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Skip the PyTorch baseline.")
+_JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
+WARMUP = 2
+
+
+def bench_config():
+  """The run config benchmarked: synthetic data whose completions mostly fill the row (little padding)."""
+  config = base.get_config(_PRESET.value)
+  for field, flag in (("hidden_size", _HIDDEN), ("num_layers", _LAYERS), ("head_dim", _HEAD_DIM), ("mlp_dim", _MLP)):
+    if flag.value:
+      config.model[field] = flag.value
+  config.data.max_len = _SEQ.value
+  config.data.packing = "none"  # One trajectory per row: the PyTorch baseline needs no segment-aware attention.
+  config.data.synthetic.hazards = (1.0 / _SEQ.value,)  # Mean completion = one row: rows are mostly full.
+  config.data.synthetic.train_records = 4096
+  config.data.unfinished = "infinite"  # Keep long (cut) completions: target -1 (spec section 1).
+  config.train.batch_size = _BATCH.value
+  config.optim.warmup_steps = 0
+  config.mesh.data = -1
+  return config
+
+
+def matmul_peak(n: int, dtype) -> float:
+  """Best FLOP/s of an n x n x n matmul (best of 5 after a compile run)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def model_flops_per_token(c, seq_len: int) -> float:
+  """Training FLOPs per token: 3 x forward (forward + 2 x backward); forward = 2 x matmul params + attention
+  scores and mixing (2 x 2 x T x heads x head_dim per layer). The embedding gather is free; no LM head (lm_weight=0)."""
+  attn_proj = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.hidden_size * c.mlp_dim
+  value_head = c.hidden_size * c.hidden_size + c.hidden_size
+  forward = 2 * (c.num_layers * (attn_proj + mlp) + value_head)
+  forward += c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
+  return 3.0 * forward
+
+
+def batches(config, count: int) -> list[dict]:
+  it = iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))
+  return [next(it) for _ in range(count)]
+
+
+def bench_ours(config, model_config, data: list[dict]):
+  """Initial params, first-step loss and seconds per step of the trainer's compiled step."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  config_lib.check_batch_fits_mesh(config, mesh)
+  objective = Objective.from_config(config)
+  with jax.set_mesh(mesh):
+    graphdef, abstract = state_lib.abstract_model(model_config)
+    tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed)
+    initial_params = jax.device_get(state.params)
+    to_micro = lambda b: {k: v[None] for k, v in b.items()}  # accum_steps = 1.
+    train_sh = batch_shardings(mesh, to_micro(data[0]), leading=1)
+    eval_sh = batch_shardings(mesh, data[0], leading=0)
+    shape = lambda batch, sh: {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in batch.items()}
+    compiled, _ = step_lib.compile_steps(graphdef, objective, tx, config, state_sh, train_sh, eval_sh,
+                                         state_lib.shape_structs(state), shape(to_micro(data[0]), train_sh),
+                                         shape(data[0], eval_sh))
+    device_batches = [{k: jax.device_put(v, train_sh[k]) for k, v in to_micro(b).items()} for b in data]
+    losses = []
+    for i, batch in enumerate(device_batches):
+      if i == WARMUP:
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+      state, step_metrics = compiled(state, batch)
+      if i == 0:
+        losses.append(float(step_metrics["loss"]))
+    jax.block_until_ready(state)
+    seconds = (time.perf_counter() - start) / (len(data) - WARMUP)
+  return initial_params, losses[0], seconds, float(compiled.cost_analysis().get("flops", 0.0))
+
+
+def bench_torch(config, model_config, initial_params, data: list[dict], threads: int):
+  """The same model, loss and optimizer in eager PyTorch + transformers, from our initial weights."""
+  import torch  # pylint: disable=g-import-not-at-top  (test-only dependency)
+  import transformers  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  from lenvm_jax.model import hf_export, hf_layout  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  with tempfile.TemporaryDirectory() as directory:
+    hf_export.export(initial_params, model_config, directory)
+    transformers.logging.set_verbosity_error()  # The load report lists the unused lm_head: expected here.
+    trunk = transformers.AutoModel.from_pretrained(directory, dtype=torch.float32)
+    head = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(directory, hf_layout.VALUE_HEAD_FILE)).items()}
+
+  class ValueModel(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.trunk = trunk
+      h = model_config.hidden_size
+      self.fc, self.summary = torch.nn.Linear(h, h), torch.nn.Linear(h, 1)
+      with torch.no_grad():
+        self.fc.weight.copy_(head["v_head.fc.weight"]), self.fc.bias.copy_(head["v_head.fc.bias"])
+        self.summary.weight.copy_(head["v_head.summary.weight"]), self.summary.bias.copy_(head["v_head.summary.bias"])
+
+    def forward(self, tokens, positions, attention_mask):
+      hidden = self.trunk(input_ids=tokens, position_ids=positions, attention_mask=attention_mask).last_hidden_state
+      return self.summary(torch.nn.functional.silu(self.fc(hidden)))[..., 0]
+
+  model = ValueModel().train()
+  decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+  no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+  o = config.optim
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                          lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+  log_gamma = float(np.log(config.model.gamma))
+  tensors = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in data]
+  first_loss = None
+  for i, b in enumerate(tensors):
+    if i == WARMUP:
+      start = time.perf_counter()
+    z = model(b["tokens"].long(), b["positions"].long(), (b["segment_ids"] > 0).long())
+    remaining = b["remaining"].float()
+    target = torch.where(b["remaining"] < 0, -1.0, torch.expm1(remaining * log_gamma))
+    mask = b["value_mask"].float()
+    loss = (mask * (-torch.sigmoid(z) - target) ** 2).sum() / mask.sum().clamp(min=1.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+    opt.step()
+    if i == 0:
+      first_loss = float(loss.detach())
+  seconds = (time.perf_counter() - start) / (len(tensors) - WARMUP)
+  return first_loss, seconds
+
+
+def bench_data(config, count: int) -> tuple[float, float]:
+  """Seconds per batch and non-pad tokens per batch of the grain pipeline, after its first batch."""
+  it = iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))
+  next(it)
+  start = time.perf_counter()
+  tokens = sum(int(np.count_nonzero(next(it)["segment_ids"])) for _ in range(count))
+  return (time.perf_counter() - start) / count, tokens / count
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = bench_config()
+  model_config = config_lib.validate(config)
+  backend = jax.default_backend()
+  on_cpu = backend == "cpu"
+  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  tokens_per_step = _BATCH.value * _SEQ.value
+  rows = []  # (part, quantity, value, unit)
+
+  n = _MATMUL.value or (2048 if on_cpu else 8192)
+  peak = matmul_peak(n, dtype)
+  rows.append(("a", f"matmul peak ({n}^3 {jnp.dtype(dtype).name})", peak / 1e9, "GFLOP/s"))
+
+  data = batches(config, WARMUP + _STEPS.value)
+  initial_params, our_loss, our_s, xla_flops = bench_ours(config, model_config, data)
+  our_tps = tokens_per_step / our_s
+  flops_token = model_flops_per_token(model_config, _SEQ.value)
+  rows += [("b", "ours: step time", our_s * 1e3, "ms"),
+           ("b", "ours: tokens/s (B x T)", our_tps, "tokens/s"),
+           ("b", "ours: model FLOP/s (6N + attention)", flops_token * our_tps / 1e9, "GFLOP/s"),
+           ("b", "ours: XLA-counted FLOP/s", xla_flops / our_s / 1e9, "GFLOP/s"),
+           ("b", "ours: MFU vs (a)", 100.0 * flops_token * our_tps / peak, "%"),
+           ("b", "ours: first-step loss", our_loss, "")]
+
+  threads = _TORCH_THREADS.value or os.cpu_count()
+  if _SKIP_TORCH.value:
+    rows.append(("c", "PyTorch baseline", float("nan"), "skipped (--skip_torch)"))
+  else:
+    try:
+      torch_loss, torch_s = bench_torch(config, model_config, initial_params, data, threads)
+    except ImportError as e:
+      rows.append(("c", f"PyTorch baseline ({e.name} not installed: pip install -r requirements-parity.txt)",
+                   float("nan"), ""))
+    else:
+      rows += [("c", f"PyTorch ({threads} threads): step time", torch_s * 1e3, "ms"),
+               ("c", "PyTorch: tokens/s (B x T)", tokens_per_step / torch_s, "tokens/s"),
+               ("c", "PyTorch: first-step loss (same weights, batch)", torch_loss, ""),
+               ("c", "ours / PyTorch tokens/s", torch_s / our_s, "x")]
+
+  data_s, data_tokens = bench_data(config, max(_STEPS.value, 4))
+  rows += [("d", "pipeline: rows/s", _BATCH.value / data_s, "rows/s"),
+           ("d", "pipeline: non-pad tokens/s", data_tokens / data_s, "tokens/s"),
+           ("d", "step consumes: rows/s", _BATCH.value / our_s, "rows/s"),
+           ("d", "pipeline / step (headroom)", our_s / data_s, "x")]
+
+  c = model_config
+  print(f"\nbench: {backend} x{jax.device_count()} ({os.cpu_count()} CPU cores), model hidden={c.hidden_size} "
+        f"layers={c.num_layers} heads={c.num_heads}/{c.num_kv_heads}x{c.head_dim} mlp={c.mlp_dim} "
+        f"vocab={c.vocab_size}, batch={_BATCH.value} x seq={_SEQ.value}, {_STEPS.value} timed steps, "
+        f"{np.mean([np.count_nonzero(b['segment_ids']) for b in data]) / tokens_per_step:.0%} non-pad")
+  width = max(len(r[1]) for r in rows)
+  for part, name, value, unit in rows:
+    print(f"  ({part}) {name.ljust(width)}  {value:>12.4g} {unit}")
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump([{"part": p, "quantity": q, "value": v, "unit": u} for p, q, v, u in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

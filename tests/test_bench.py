@@ -1,0 +1,35 @@
+"""The benchmark runs all four parts, and its PyTorch baseline computes the same model and loss as our step."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_bench_parts_and_same_first_loss(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, as a user runs it.
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench", "--preset=tiny", "--hidden_size=64", "--num_layers=2",
+       "--head_dim=16", "--mlp_dim=128", "--seq_len=64", "--batch=4", "--steps=1", "--matmul_size=256",
+       "--torch_threads=1", f"--json={out}"], cwd=REPO, env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {r["quantity"]: r["value"] for r in json.loads(out.read_text())}
+  assert {r["part"] for r in json.loads(out.read_text())} == {"a", "b", "c", "d"}
+  for name in ("matmul peak (256^3 float32)", "ours: tokens/s (B x T)", "ours: MFU vs (a)", "pipeline: rows/s",
+               "pipeline / step (headroom)"):
+    assert rows[name] > 0, name
+  # The analytic model FLOPs (used for MFU) agree with XLA's own count of the compiled step.
+  assert rows["ours: XLA-counted FLOP/s"] == pytest.approx(rows["ours: model FLOP/s (6N + attention)"], rel=0.15)
+  assert "(a) matmul peak" in result.stdout and "(d) pipeline / step" in result.stdout
+  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+    # Same initial weights (exported by hf_export), same batch, same loss: same first-step loss.
+    assert rows["PyTorch: first-step loss (same weights, batch)"] == pytest.approx(rows["ours: first-step loss"],
+                                                                                   rel=1e-4)
+    assert rows["ours / PyTorch tokens/s"] > 0
