@@ -71,3 +71,20 @@ def test_two_processes_match_one_process(tmp_path):
   assert steps == [2, 4]
   iterator_files = sorted(os.listdir(tmp_path / "multi" / "checkpoints" / "4" / "data_iter"))
   assert [f for f in iterator_files if f.startswith("process_")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_initialize_decides_when_to_start(monkeypatch):
+  from lenvm_jax import distributed
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  for variable in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(variable, raising=False)
+  assert distributed._cluster_detected() is None  # pylint: disable=protected-access
+  assert distributed.initialize("auto") is False  # A plain single-process run starts nothing.
+  assert distributed.initialize("off", "localhost:1", 2, 0) is False
+  with pytest.raises(ValueError, match="--num_processes and --process_id"):
+    distributed.initialize("auto", "localhost:1", None, 0)
+  with pytest.raises(ValueError, match="--distributed must be one of"):
+    distributed.initialize("yes")
+  # Single process: the pass ends with this host's batches, and no collective is needed.
+  assert list(distributed.aligned_batches([{"x": 1}, {"x": 2}], {"x": 0})) == [{"x": 1}, {"x": 2}]
+  assert distributed.any_host(True) and not distributed.any_host(False)
