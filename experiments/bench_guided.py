@@ -1,0 +1,85 @@
+"""Cost of length-guided decoding: time per generated token of plain sampling vs guided sampling, same model, batch.
+
+  python -m experiments.bench_guided [--preset=small --batch=16 --prompt_len=32 --new_tokens=256 --candidates=5,15]
+
+Weights are random (cost does not depend on them). Plain sampling is lenvm_jax/infer/sampler.py; guided sampling
+is lenvm_jax/infer/guided.py with the Equal-To rule, both as one shared-trunk model (generator = LenVM) and as two
+models (a generator and a separate LenVM of the same shape, each with its own KV cache). A row may stop early, but
+every decode step runs the whole batch, so the cost is time / (decode steps x batch): one token per row per step.
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from lenvm_jax import sharding
+from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
+from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
+from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.targets import TargetKind
+
+_PRESET = flags.DEFINE_string("preset", "small", "Model shape (lenvm_jax/model/config.py PRESETS).")
+_LENVM_PRESET = flags.DEFINE_string("lenvm_preset", "", "Shape of the separate LenVM in the two-model layout "
+                                    "(same vocabulary); empty = the generator's.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary rows; 0 = the preset's (64 for the CPU presets).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Rows decoded together.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Decode steps (max_new_tokens).")
+_CANDIDATES = flags.DEFINE_list("candidates", ["5", "15"], "Candidate counts k to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after one warm-up (compile) run; the best is kept.")
+
+
+def _time_per_token(generate, prompts) -> float:
+  generate(prompts)  # Compile.
+  best = np.inf
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    steps = max(len(s.completion_ids) for s in generate(prompts))
+    best = min(best, (time.perf_counter() - start) / (steps * len(prompts)))
+  return best
+
+
+def _random_model(config: ModelConfig, seed: int):
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(seed))))
+  init = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(seed)))[1].to_pure_dict())
+  return graphdef, init()
+
+
+def main(argv):
+  del argv
+  vocab_size = _VOCAB.value or preset_fields(_PRESET.value).get("vocab_size") or 64
+  config = ModelConfig(**{**preset_fields(_PRESET.value), "vocab_size": vocab_size})
+  lenvm_config = ModelConfig(**{**preset_fields(_LENVM_PRESET.value or _PRESET.value), "vocab_size": vocab_size})
+  graphdef, generator_params = _random_model(config, 0)
+  lenvm_graphdef, lenvm_params = _random_model(lenvm_config, 1)
+  mesh = sharding.make_mesh(-1, 1, 1)
+  # A never-emitted EOS id would need a vocabulary change; instead count decode steps (see the module docstring).
+  sampling = SamplingConfig(max_new_tokens=_NEW_TOKENS.value, eos_ids=(1,), seed=0)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(2, config.vocab_size, size=(_BATCH.value, _PROMPT_LEN.value)).tolist()
+  kind = TargetKind("discounted", 0.997, 1024.0)
+  requests = [LengthRequest("equal_to", _NEW_TOKENS.value)] * len(prompts)
+
+  plain = Sampler(graphdef, generator_params, sampling, mesh, batch_size=_BATCH.value)
+  base = _time_per_token(plain.generate, prompts)
+  print(f"generator {_PRESET.value} ({config.num_layers} layers x {config.hidden_size}, vocab {config.vocab_size}), "
+        f"two-model LenVM {lenvm_config.num_layers} x {lenvm_config.hidden_size}; batch {_BATCH.value}, prompt "
+        f"{_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, {jax.device_count()} x {jax.devices()[0].platform}")
+  print(f"plain sampling: {base * 1e6:9.1f} us/token")
+  two_models = Pair(TransformerGenerator(graphdef, config.vocab_size), TransformerScorer(lenvm_graphdef, kind))
+  layouts = {"shared trunk": (SharedTrunk(graphdef, kind, config.vocab_size), generator_params),
+             "two models": (two_models, (generator_params, lenvm_params))}
+  for k in map(int, _CANDIDATES.value):
+    for name, (models, params) in layouts.items():
+      guided = GuidedSampler(models, params, sampling, mesh, num_candidates=k, batch_size=_BATCH.value)
+      cost = _time_per_token(lambda p, g=guided: g.generate(p, requests), prompts)
+      print(f"guided k={k:<3} {name:<13}: {cost * 1e6:9.1f} us/token  ratio {cost / base:5.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,227 @@
+"""What a trained LenVM does at inference (spec section 5): a JSON report and PNG plots.
+
+  python -m experiments.evaluate --config experiments/configs/synthetic.py --workdir runs/synthetic
+
+Writes <workdir>/evaluate/report.json and plots there:
+  * length-instruction following: Equal To / At Most / At Least for each target, guided vs unguided sampling of the
+    same prompts, scored with LIFEBench (lenvm_jax/infer/length_scores.py); score_table.png;
+  * quality vs length: a tilt sweep (beta <= 0) under a hard token budget; tradeoff.png;
+  * length tokens: top lengthening / shortening tokens by TD residual over sampled trajectories;
+  * predicted vs true remaining length along sampled trajectories; remaining_length.png.
+
+The generator: for a run on the synthetic source it is the synthetic policy itself (the LenVM steers the policy
+that produced its training data; --filler_tokens narrows its filler ids so EOS and the switch tokens fall inside
+the top-k candidates; values are unaffected, fillers never change the mode). Otherwise (or --generator=shared) the
+run's own LM head generates on the shared trunk; that needs a run trained with loss.lm_weight > 0.
+
+Quality on the synthetic task: the policy's tokens carry no answer to check, so an answer is correct when it is
+complete: it emits EOS within the hard budget (a truncated answer fails, as in the paper's figure 2). The
+trade-off is then how much length a tilt must give up to bring the completion rate up under the budget.
+--config is the run's config (its data section supplies the prompts); default: <workdir>/config.json.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from lenvm_jax import sharding
+from lenvm_jax.data import pipeline
+from lenvm_jax.infer import length_scores, length_tokens
+from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
+from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerScorer
+from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.infer.sampler import SamplingConfig
+from lenvm_jax.infer.synthetic_models import SyntheticGenerator
+from lenvm_jax.data.synthetic import EOS_ID
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_GENERATOR = flags.DEFINE_enum("generator", "auto", ["auto", "synthetic", "shared"],
+                               "auto: the synthetic policy for a synthetic run, else the run's own LM head.")
+_TARGETS = flags.DEFINE_list("targets", ["16", "32", "64", "128"], "Length targets in tokens (EOS included).")
+_PROMPTS = flags.DEFINE_integer("prompts", 64, "Eval-split prompts per setting.")
+_CANDIDATES = flags.DEFINE_integer("candidates", 9, "Candidates per step (top-k of the filtered distribution).")
+_FILLER_TOKENS = flags.DEFINE_integer("filler_tokens", 4, "Synthetic generator: filler ids in use (0 = all).")
+_BUDGET = flags.DEFINE_integer("budget", 64, "Hard token budget of the quality-vs-length sweep.")
+_BETAS = flags.DEFINE_list("betas", ["0", "-1", "-2", "-4", "-8", "-16"], "Tilt strengths of the sweep.")
+_TRAJECTORIES = flags.DEFINE_integer("trajectories", 256, "Eval trajectories for length tokens and plots.")
+_THRESHOLD = flags.DEFINE_float("length_token_threshold", 0.01, "|TD residual| that marks a length token.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Rows decoded together.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _models(predictor: Predictor, config, kind: str):
+  scorer = TransformerScorer(predictor.graphdef, predictor.kind)
+  vocab_size = config.model.vocab_size
+  if kind == "auto":
+    kind = "synthetic" if config.data.source == "synthetic" else "shared"
+  if kind == "synthetic":
+    if config.data.source != "synthetic":
+      raise ValueError("--generator=synthetic needs a run on data.source='synthetic'")
+    generator = SyntheticGenerator(pipeline.synthetic_policy(config), _FILLER_TOKENS.value)
+    return "synthetic policy", Pair(generator, scorer), (None, predictor.params)
+  if config.loss.get("lm_weight", 0.0) <= 0:
+    raise ValueError("--generator=shared needs a run trained with loss.lm_weight > 0 (its LM head is untrained)")
+  return "shared trunk", SharedTrunk(predictor.graphdef, predictor.kind, vocab_size), predictor.params
+
+
+def _lengths(samples):
+  return np.asarray([len(s.completion_ids) for s in samples])
+
+
+def length_instruction(sampler, prompts, targets) -> dict:
+  unguided = _lengths(sampler.generate(prompts, [LengthRequest()] * len(prompts)))
+  report = {}
+  for rule in length_scores.RULES:
+    requests = [LengthRequest(rule, t) for t in targets for _ in prompts]
+    guided = _lengths(sampler.generate(prompts * len(targets), requests,
+                                       row_ids=list(range(len(prompts))) * len(targets)))
+    report[rule] = {}
+    for i, target in enumerate(targets):
+      lengths = guided[i * len(prompts):(i + 1) * len(prompts)]
+      report[rule][str(target)] = {
+          "guided": {**length_scores.summarize(lengths, [target] * len(lengths), rule),
+                     "mean_length": float(lengths.mean())},
+          "unguided": {**length_scores.summarize(unguided, [target] * len(unguided), rule),
+                       "mean_length": float(unguided.mean())}}
+    report[rule]["mean_score"] = {
+        side: float(np.mean([report[rule][str(t)][side]["score"] for t in targets])) for side in ("guided",
+                                                                                                  "unguided")}
+  return report
+
+
+def quality_vs_length(sampler, prompts, betas) -> list:
+  out = []
+  for beta in betas:
+    samples = sampler.generate(prompts, [LengthRequest("tilt", beta=beta)] * len(prompts))
+    lengths = _lengths(samples)
+    out.append({"beta": beta, "accuracy": float(np.mean([s.finished for s in samples])),
+                "mean_length": float(lengths.mean())})
+  return out
+
+
+def _plots(out_dir, report, trajectories, predictions, gamma):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  paths = {}
+  fig, ax = plt.subplots(figsize=(6, 4))
+  by_length = sorted(range(len(trajectories)), key=lambda i: len(trajectories[i].completion_ids))
+  shown = sorted({by_length[int(q * (len(by_length) - 1))] for q in (0.5, 0.7, 0.85, 0.95, 1.0)})
+  for i in shown:  # Median to longest: the short ones say little.
+    t, n_hat = trajectories[i], predictions[i][1]
+    steps = np.arange(len(n_hat))
+    line, = ax.plot(steps, n_hat, lw=1)
+    ax.plot(steps, len(t.completion_ids) - steps, ls=":", color=line.get_color(), lw=1)
+    if t.exact_values is not None:
+      exact = np.log1p(np.clip(t.exact_values[:len(n_hat)], -1 + 1e-7, 0)) / np.log(gamma)
+      ax.plot(steps, exact, ls="--", color=line.get_color(), lw=0.8, alpha=0.6)
+  ax.set(xlabel="tokens generated", ylabel="remaining tokens",
+         title="predicted (solid), true (dotted), Bayes-optimal (dashed)")
+  paths["remaining_length"] = os.path.join(out_dir, "remaining_length.png")
+  fig.tight_layout()
+  fig.savefig(paths["remaining_length"], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  sweep = report["quality_vs_length"]["sweep"]
+  ax.plot([p["mean_length"] for p in sweep], [p["accuracy"] for p in sweep], marker="o")
+  for p in sweep:
+    ax.annotate(f"beta={p['beta']:g}", (p["mean_length"], p["accuracy"]), fontsize=7)
+  ax.set(xlabel="mean length (tokens)", ylabel="accuracy (complete within budget)",
+         title=f"tilt sweep, budget {report['quality_vs_length']['budget']} tokens")
+  paths["tradeoff"] = os.path.join(out_dir, "tradeoff.png")
+  fig.tight_layout()
+  fig.savefig(paths["tradeoff"], dpi=120)
+  plt.close(fig)
+
+  rules = length_scores.RULES
+  targets = [k for k in report["length_instruction"][rules[0]] if k != "mean_score"]
+  fig, axes = plt.subplots(1, len(rules), figsize=(4 * len(rules), 3.5), sharey=True)
+  for ax, rule in zip(axes, rules):
+    x = np.arange(len(targets))
+    for offset, side in ((-0.2, "unguided"), (0.2, "guided")):
+      ax.bar(x + offset, [report["length_instruction"][rule][t][side]["score"] for t in targets], 0.4, label=side)
+    ax.set(xticks=x, xticklabels=targets, xlabel="target length", title=rule)
+  axes[0].set_ylabel("LIFEBench score")
+  axes[0].legend()
+  paths["score_table"] = os.path.join(out_dir, "score_table.png")
+  fig.tight_layout()
+  fig.savefig(paths["score_table"], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def main(argv):
+  del argv
+  predictor = Predictor(_WORKDIR.value)
+  config = _CONFIG.value if _CONFIG.value is not None else predictor.config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.gamma = predictor.config.model.gamma  # The trained value's discount ("auto" resolved at training).
+  gamma = predictor.kind.gamma
+  targets = [int(t) for t in _TARGETS.value]
+  betas = [float(b) for b in _BETAS.value]
+  try:
+    name, models, params = _models(predictor, config, _GENERATOR.value)
+    source = pipeline.load_source(config, "eval")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  count = min(_PROMPTS.value, len(source))
+  trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
+  prompts = [source[i].prompt_ids.tolist() for i in range(count)]
+  mesh = sharding.make_mesh(-1, 1, 1)
+  batch = max(_BATCH.value // jax.device_count(), 1) * jax.device_count()
+  eos_ids = (EOS_ID,)
+
+  def sampler(max_new_tokens):
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=eos_ids, seed=_SEED.value)
+    return GuidedSampler(models, params, sampling, mesh, num_candidates=_CANDIDATES.value, batch_size=batch)
+
+  report = {"checkpoint_step": predictor.step, "generator": name, "gamma": gamma,
+            "num_candidates": _CANDIDATES.value, "prompts": count}
+  report["length_instruction"] = length_instruction(sampler(2 * max(targets)), prompts, targets)
+  report["quality_vs_length"] = {"budget": _BUDGET.value, "accuracy": "emits EOS within the budget",
+                                 "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas)}
+  predictions = predictor.predict(trajectories, max_len=config.data.max_len)
+  report["length_tokens"] = length_tokens.length_tokens(
+      ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,
+      _THRESHOLD.value)
+  out_dir = os.path.join(_WORKDIR.value, "evaluate")
+  os.makedirs(out_dir, exist_ok=True)
+  report["plots"] = _plots(out_dir, report, trajectories, predictions, gamma)
+  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(format_report(report))
+  print(f"report and plots in {out_dir}")
+
+
+def format_report(report: dict) -> str:
+  lines = [f"checkpoint {report['checkpoint_step']}, generator: {report['generator']}, "
+           f"k = {report['num_candidates']}, {report['prompts']} prompts"]
+  for rule, by_target in report["length_instruction"].items():
+    cells = "  ".join(f"{t}: {v['unguided']['score']:5.1f} -> {v['guided']['score']:5.1f}"
+                      for t, v in by_target.items() if t != "mean_score")
+    mean = by_target["mean_score"]
+    lines.append(f"{rule:<9} LIFEBench unguided -> guided  {cells}  | mean {mean['unguided']:.1f} -> "
+                 f"{mean['guided']:.1f}")
+  lines.append(f"tilt sweep (budget {report['quality_vs_length']['budget']}): " + ", ".join(
+      f"beta {p['beta']:g}: acc {p['accuracy']:.2f} len {p['mean_length']:.1f}"
+      for p in report["quality_vs_length"]["sweep"]))
+  tokens = report["length_tokens"]
+  fmt = lambda entries: ", ".join(f"{e['token']} ({e['count']}/{e['occurrences']})" for e in entries[:6])
+  lines.append(f"lengthening tokens: {fmt(tokens['lengthening'])}")
+  lines.append(f"shortening tokens:  {fmt(tokens['shortening'])}")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
