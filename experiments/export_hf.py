@@ -7,6 +7,8 @@ generation_config files are copied from --tokenizer, else from the run's model.i
 neither (e.g. synthetic data) gets none.
 """
 
+import sys
+
 from absl import app, flags
 
 from lenvm_jax.infer.predict import Predictor
@@ -23,10 +25,14 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  predictor = Predictor(_WORKDIR.value)
-  model_config = ModelConfig.from_config(predictor.config.model)
-  tokenizer_dir = _TOKENIZER.value or predictor.config.model.get("init_from", "")
-  written = hf_export.export(predictor.params, model_config, _OUTPUT.value, tokenizer_dir=tokenizer_dir)
+  try:
+    predictor = Predictor(_WORKDIR.value)
+    model_config = ModelConfig.from_config(predictor.config.model)
+    tokenizer_dir = _TOKENIZER.value or predictor.config.model.get("init_from", "")
+    written = hf_export.export(predictor.params, model_config, _OUTPUT.value, tokenizer_dir=tokenizer_dir)
+  except (ValueError, OSError) as e:  # No checkpoint, or a model no HF class can hold: one clear line.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(f"exported checkpoint step {predictor.step} of {_WORKDIR.value} to {_OUTPUT.value}: {', '.join(written)}")
 
 
