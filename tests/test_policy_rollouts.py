@@ -6,8 +6,8 @@ learned anything writes longer completions for mode-0 prompts, and a LenVM train
 longer remaining lengths at those prompts' boundary.
 """
 
+import functools
 import json
-import os
 import subprocess
 import sys
 
@@ -170,10 +170,11 @@ def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(
   state, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), seed=0)
   batch = {k: jnp.asarray(v[None]) for k, v in
            next(iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))).items()}
-  new_state, out = step_lib.train_step(state, batch, graphdef=graphdef, objective=Objective.from_config(config),
-                                       tx=tx, freeze_trunk=False)
-  _, logits = step_lib.forward(graphdef, state.params, {k: v[0] for k, v in batch.items()}, freeze_trunk=False,
-                               with_lm=True)
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, objective=Objective.from_config(config),
+                                   tx=tx, freeze_trunk=False))
+  new_state, out = step(state, batch)
+  forward = jax.jit(functools.partial(step_lib.forward, graphdef, freeze_trunk=False, with_lm=True))
+  _, logits = forward(state.params, {k: v[0] for k, v in batch.items()})
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["lm_targets"][0])
   mask = batch["lm_mask"][0]
   assert float(out["loss"]) == pytest.approx(float(jnp.sum(ce * mask) / jnp.sum(mask)), rel=1e-5)
