@@ -24,7 +24,6 @@ import json
 import os
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -32,13 +31,13 @@ from ml_collections import config_flags
 
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
+from lenvm_jax.data.synthetic import EOS_ID
 from lenvm_jax.infer import length_scores, length_tokens
 from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
 from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerScorer
 from lenvm_jax.infer.predict import Predictor
 from lenvm_jax.infer.sampler import SamplingConfig
 from lenvm_jax.infer.synthetic_models import SyntheticGenerator
-from lenvm_jax.data.synthetic import EOS_ID
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
@@ -178,8 +177,8 @@ def main(argv):
   count = min(_PROMPTS.value, len(source))
   trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
-  mesh = sharding.make_mesh(-1, 1, 1)
-  batch = max(_BATCH.value // jax.device_count(), 1) * jax.device_count()
+  mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
+  batch = _BATCH.value
   eos_ids = (EOS_ID,)
 
   def sampler(max_new_tokens):
