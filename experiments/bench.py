@@ -10,7 +10,8 @@
 (c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
     transformers), the same batches, loss and optimizer, in plain eager PyTorch; its tokens/s and ours / theirs.
     The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation.
-    Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent.
+    Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent, and on
+    accelerators (it is a CPU baseline).
 (d) data: rows/s and tokens/s that the grain pipeline (lenvm_jax/data/pipeline.py) produces for the same config,
     against what the step consumes.
 """
@@ -219,6 +220,8 @@ def main(argv):
   threads = _TORCH_THREADS.value or os.cpu_count()
   if _SKIP_TORCH.value:
     rows.append(("c", "PyTorch baseline", float("nan"), "skipped (--skip_torch)"))
+  elif not on_cpu:  # The baseline is eager float32 on CPU: no like-for-like comparison with a bf16 accelerator.
+    rows.append(("c", "PyTorch baseline", float("nan"), f"skipped (CPU-only baseline; JAX runs on {backend})"))
   else:
     try:
       torch_loss, torch_s = bench_torch(config, model_config, initial_params, data, threads)
