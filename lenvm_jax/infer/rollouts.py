@@ -79,7 +79,7 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
   sampling = sampler.sampling.to_dict()
   shards = plan(prompts, num_samples, shard_size, eval_fraction)
   total = len(prompts) * num_samples
-  done, tokens = 0, 0
+  done, tokens, reported = 0, 0, -1
   for split, chunks in shards.items():
     for index, items in enumerate(chunks):
       path = arrayrecord.shard_path(output_dir, split, index, len(chunks))
@@ -98,6 +98,7 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
         done += len(batch)
         if on_progress:
           on_progress(done, total, tokens)
+          reported = done
       records = []
       for (prompt_index, sample_index), sample in zip(items, samples):
         prompt = prompts[prompt_index]
@@ -106,7 +107,7 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
         text = tokenizer.decode(sample.completion_ids.tolist()) if tokenizer else None
         records.append(arrayrecord.encode(trajectory, text, {"sample": sample_index, **sampling}))
       arrayrecord.write_shard(path, records)
-  if on_progress and not tokens:  # Every shard existed: report once.
+  if on_progress and reported != done:  # The last shards existed (or all did): report the final count.
     on_progress(done, total, tokens)
   return write_stats(output_dir, {split: len(chunks) for split, chunks in shards.items()}, settings)
 
