@@ -20,7 +20,10 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
+from launch import repo  # noqa: E402  pylint: disable=g-import-not-at-top
+
+REPO = repo.REPO
 REMOTE_DIR = "lenvm"  # Under the remote user's home.
 ARCHIVE = "lenvm.tar.gz"
 
@@ -55,20 +58,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error(f"--accelerator_type {args.accelerator_type!r}: expected e.g. v4-8, v5litepod-16, v6e-8")
   if args.valid_until and not args.queued:
     parser.error("--valid_until needs --queued")
-  if not os.path.isfile(os.path.join(REPO, args.config)):
-    parser.error(f"--config {args.config}: no such file under {REPO}")
+  try:
+    args.config = repo.config_path(args.config)
+  except ValueError as e:
+    parser.error(str(e))
   for flag in trainer_flags:
     if not flag.startswith("--config."):
       parser.error(f"trainer flag {flag!r} after '--': only --config.<field>=<value> overrides belong there")
   return args
-
-
-def _jax_version() -> str:
-  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
-    match = re.search(r"^jax==(\S+)$", f.read(), re.M)
-  if not match:
-    raise SystemExit("requirements.txt: no exact jax==<version> pin")
-  return match.group(1)
 
 
 class Commands:
@@ -106,7 +103,7 @@ class Commands:
   def install(self) -> list[str]:
     remote = (f"set -e; rm -rf ~/{REMOTE_DIR}; mkdir -p ~/{REMOTE_DIR}; tar xzf ~/{ARCHIVE} -C ~/{REMOTE_DIR}; "
               f"cd ~/{REMOTE_DIR}; python3 -m venv .venv; .venv/bin/pip install -q -r requirements.txt "
-              f"{shlex.quote(f'jax[tpu]=={_jax_version()}')}")
+              f"{shlex.quote(f'jax[tpu]=={repo.jax_version()}')}")
     return self._ssh(remote)
 
   def train(self) -> list[str]:

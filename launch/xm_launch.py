@@ -12,15 +12,15 @@ nothing. Sweep specs are parsed by launch/sweep_spec.py, the same parser experim
 
 import json
 import os
-import re
 import sys
 
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # Run as a script: `launch.sweep_spec` lives beside this file.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
 
-from launch import sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
+from launch import repo, sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
+
+REPO = repo.REPO
 
 EXECUTORS = ("local", "vertex", "gke")
 GPUS = ("T4", "L4", "V100", "P100", "A100", "A100_80GIB", "H100", "H200", "B200")
@@ -43,15 +43,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job specs as JSON; con
 flags.mark_flags_as_required(["config"])
 
 
-def _jax_version() -> str:
-  """The jax pin of requirements.txt, so the accelerator build of jax matches the tested one."""
-  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
-    match = re.search(r"^jax==(\S+)$", f.read(), re.M)
-  if not match:
-    raise app.UsageError("requirements.txt: no exact jax==<version> pin")
-  return match.group(1)
-
-
 def docker_instructions(accelerator: str | None) -> list[str]:
   """Image build steps: pinned requirements, then the accelerator's jax build (CUDA or TPU) at the same version."""
   name = os.path.basename(REPO)
@@ -59,9 +50,9 @@ def docker_instructions(accelerator: str | None) -> list[str]:
            f"COPY {name}/requirements.txt /workdir/requirements.txt",
            "RUN python -m pip install -r requirements.txt"]
   if accelerator in GPUS:
-    steps.append(f"RUN python -m pip install 'jax[cuda12]=={_jax_version()}'")
+    steps.append(f"RUN python -m pip install 'jax[cuda12]=={repo.jax_version()}'")
   elif accelerator in TPUS:
-    steps.append(f"RUN python -m pip install 'jax[tpu]=={_jax_version()}'")
+    steps.append(f"RUN python -m pip install 'jax[tpu]=={repo.jax_version()}'")
   return steps + [f"COPY {name}/ /workdir"]
 
 
@@ -82,14 +73,14 @@ def requirements_kwargs(accelerator: str | None, count: int, topology: str | Non
   return {accelerator.lower(): count}
 
 
-def job_args(point: dict, name: str) -> dict:
+def job_args(config: str, point: dict, name: str) -> dict:
   """The trainer's flags for one point: config, its own workdir, and the point's overrides."""
-  args = {"config": _CONFIG.value, "workdir": f"{_WORKDIR_ROOT.value.rstrip('/')}/{_TITLE.value}/{name}"}
+  args = {"config": config, "workdir": f"{_WORKDIR_ROOT.value.rstrip('/')}/{_TITLE.value}/{name}"}
   args.update({key: value for key, value in point.items()})
   return args
 
 
-def build(xm, xm_local, named_points):
+def build(xm, xm_local, config: str, named_points):
   """The XManager objects: one executable spec, one executor, and a job per sweep point."""
   executable_spec = xm.PythonContainer(path=REPO, base_image=_BASE_IMAGE.value,
                                        entrypoint=xm.ModuleName("experiments.train"),
@@ -103,7 +94,7 @@ def build(xm, xm_local, named_points):
   else:
     tpu = xm_local.TpuCapability(tpu_runtime_version=_TPU_RUNTIME.value) if _ACCELERATOR.value in TPUS else None
     executor = xm_local.Kubernetes(requirements=requirements, tpu_capability=tpu)
-  jobs = [(name, job_args(point, name)) for name, point in named_points]
+  jobs = [(name, job_args(config, point, name)) for name, point in named_points]
   return executable_spec, executor, jobs
 
 
@@ -124,15 +115,14 @@ def describe(executable_spec, executor, jobs) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not os.path.isfile(os.path.join(REPO, _CONFIG.value)):
-    raise app.UsageError(f"--config {_CONFIG.value}: no such file under {REPO}")
   try:
+    config = repo.config_path(_CONFIG.value)
     named = sweep_spec.named_points(_SWEEP.value, _ZIP.value)
-  except sweep_spec.SweepError as e:
+  except ValueError as e:  # SweepError is a ValueError.
     raise app.UsageError(str(e)) from None
   from xmanager import xm, xm_local  # pylint: disable=g-import-not-at-top  (slow import, only after flag checks)
 
-  executable_spec, executor, jobs = build(xm, xm_local, named)
+  executable_spec, executor, jobs = build(xm, xm_local, config, named)
   if _DRY_RUN.value:
     print(json.dumps(describe(executable_spec, executor, jobs), indent=2))
     return

@@ -31,7 +31,8 @@ def _flags(command: list[str]) -> set[str]:
 
 
 def test_tpu_vm_dry_run_commands():
-  plan = _plan("--name=lenvm-v4", "--zone=us-central2-b", "--accelerator_type=v4-16", "--spot", f"--config={CONFIG}",
+  plan = _plan("--name=lenvm-v4", "--zone=us-central2-b", "--accelerator_type=v4-16", "--spot",
+               f"--config={REPO / CONFIG}",  # Absolute here: shipped relative to the repo root.
                "--workdir=/mnt/bucket/runs/v4", "--", "--config.train.steps=100", "--config.model.gamma=0.99")
   assert [c[:5] for c in plan] == [["gcloud", "compute", "tpus", "tpu-vm", verb]
                                    for verb in ("create", "scp", "ssh", "ssh", "delete")]
@@ -67,6 +68,8 @@ def test_tpu_vm_dry_run_commands():
     (["--accelerator_type=v4-8", "--name=Bad_Name"], "--name 'Bad_Name'"),
     (["--accelerator_type=v4-8", "--valid_until=1h"], "--valid_until needs --queued"),
     (["--accelerator_type=v4-8", "--", "--workdir=/x"], "only --config.<field>=<value>"),
+    (["--accelerator_type=v4-8", "--config=/etc/hostname"], "must lie inside the repo"),
+    (["--accelerator_type=v4-8", "--config=experiments/configs/nope.py"], "no such file"),
 ])
 def test_tpu_vm_bad_arguments_are_named(args, message):
   base = {"--name": "ok", "--zone": "z", "--config": CONFIG, "--workdir": "/w"}
@@ -124,9 +127,10 @@ def test_xm_dry_run_job_specs(launch_python):
                                  "tpu_runtime_version": "tpu-ubuntu2204-base"}
   assert "RUN python -m pip install 'jax[tpu]==0.10.2'" in jobs[0]["executable"]["docker_instructions"]
 
-  result = _xm(launch_python)  # Local executor, CPU, no sweep: one job.
+  result = _xm(launch_python, f"--config={REPO / CONFIG}")  # Local executor, CPU, no sweep: one job.
   assert result.returncode == 0, result.stderr
   [job] = json.loads(result.stdout)
+  assert job["args"]["config"] == CONFIG  # Relative to the repo root, where the image has the code.
   assert job["executor"]["type"] == "Local" and job["executor"]["resources"] == {}
   assert not any("jax[" in step for step in job["executable"]["docker_instructions"])
 
