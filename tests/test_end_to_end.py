@@ -111,3 +111,21 @@ def test_predict_cli_prompt_modes(short_run, tmp_path):
   assert report["prompt_groups"] == 1 and set(report["mre"]) == {"*", "g"} and "MRE" in printed
   group, = report["groups"]
   assert group["predicted_length"] == pytest.approx(lines[0]["predicted_length"], abs=1e-3)
+
+
+def test_evaluate_cli_writes_report_and_plots(short_run):
+  workdir, _, _ = short_run
+  printed = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", "--workdir", str(workdir), "--prompts=16", "--targets=16,48",
+       "--betas=0,-8", "--trajectories=16", "--budget=48", "--batch_size=16"],
+      cwd=REPO, check=True, capture_output=True, text=True, timeout=600).stdout
+  out = workdir / "evaluate"
+  report = json.loads((out / "report.json").read_text())
+  for name in ("remaining_length", "tradeoff", "score_table"):
+    assert (out / f"{name}.png").stat().st_size > 0
+  equal_to = report["length_instruction"]["equal_to"]["mean_score"]
+  assert equal_to["guided"] > equal_to["unguided"] + 20, equal_to  # Measured at 500 steps: 14 -> 75 (64 prompts).
+  sweep = report["quality_vs_length"]["sweep"]
+  assert sweep[1]["mean_length"] < sweep[0]["mean_length"] and sweep[1]["accuracy"] >= sweep[0]["accuracy"]
+  assert report["length_tokens"]["shortening"][0]["token"] == 1  # EOS ends the continuation.
+  assert "equal_to" in printed
