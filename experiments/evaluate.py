@@ -50,7 +50,9 @@ _FILLER_TOKENS = flags.DEFINE_integer("filler_tokens", 4, "Synthetic generator: 
 _BUDGET = flags.DEFINE_integer("budget", 64, "Hard token budget of the quality-vs-length sweep.")
 _BETAS = flags.DEFINE_list("betas", ["0", "-1", "-2", "-4", "-8", "-16"], "Tilt strengths of the sweep.")
 _TRAJECTORIES = flags.DEFINE_integer("trajectories", 256, "Eval trajectories for length tokens and plots.")
-_THRESHOLD = flags.DEFINE_float("length_token_threshold", 0.01, "|TD residual| that marks a length token.")
+_THRESHOLD = flags.DEFINE_float(
+    "length_token_threshold", 0.0, "|TD residual| that marks a length token; 0 = max(0.01, 2 (1 - gamma)): a "
+    "token that only survives one step moves the residual by up to (1 - gamma), which passes 0.01 once gamma < 0.99.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["workdir"])
@@ -193,7 +195,7 @@ def main(argv):
   predictions = predictor.predict(trajectories, max_len=config.data.max_len)
   report["length_tokens"] = length_tokens.length_tokens(
       ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,
-      _THRESHOLD.value)
+      _THRESHOLD.value or max(0.01, 2 * (1 - gamma)))
   out_dir = os.path.join(_WORKDIR.value, "evaluate")
   os.makedirs(out_dir, exist_ok=True)
   report["plots"] = _plots(out_dir, report, trajectories, predictions, gamma)
