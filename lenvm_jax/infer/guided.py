@@ -78,7 +78,10 @@ def choose(candidate_logits, values, rules, targets, betas, generated, keys, gam
   allowed = jnp.isfinite(candidate_logits)
   length_score = -values  # u in [0, 1): larger = longer.
   v_star = target_value(targets - generated - 1, gamma)[:, None]
-  sample = lambda logits: jax.vmap(jax.random.categorical)(keys, logits)
+  # One Gumbel draw per row serves every sampling rule (argmax of logits + Gumbel noise is a categorical sample);
+  # a row uses one rule, so sharing the noise across rules changes nothing and saves the random-bit generation.
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, candidate_logits.shape[-1:]))(keys)
+  sample = lambda logits: jnp.argmax(logits + gumbel, axis=-1)
   first_allowed_min = lambda cost: jnp.argmin(jnp.where(allowed, cost, jnp.inf), axis=-1)
   shortest = first_allowed_min(length_score)
   longest = first_allowed_min(-length_score)
