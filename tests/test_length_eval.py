@@ -32,6 +32,21 @@ def test_baselines_are_medians_by_position_and_generator():
   assert base.generator_prompt_length["b"] == pytest.approx(10)
 
 
+def test_least_mre_length_minimises_mre_on_its_inputs():
+  # Weights 1/2, 1/4, 1/20 (total 0.8): the cumulative weight passes half (0.4) at L = 2.
+  assert length_eval.least_mre_length([20, 2, 4]) == 2
+  lengths = np.array([3.0, 7, 8, 50, 120, 400])
+  mre = lambda c: np.mean(np.abs(c - lengths) / lengths)
+  best = length_eval.least_mre_length(lengths)
+  assert all(mre(best) <= mre(c) + 1e-12 for c in np.linspace(1, 500, 2000))
+  # The prompt-blind baselines are fit this way on the training groups' L_GT.
+  train = [_t(n, g, prompt_id=str(n)) for g, ns in (("a", (2, 4, 20)), ("b", (9, 10, 12))) for n in ns]
+  base = length_eval.fit_baselines(train, gamma=0.9)
+  # b: weights 1/9, 1/10, 1/12 (total 0.294): half is passed at 10. All: 1.094 in all, 0.5 at 2, 0.75 at 4.
+  assert base.generator_prompt_length == {"a": pytest.approx(2), "b": pytest.approx(10)}
+  assert base.constant_prompt_length == pytest.approx(4)
+
+
 class _OraclePredictor:
   """Predicts the true remaining length: the model column must then show zero error."""
 

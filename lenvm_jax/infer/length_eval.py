@@ -6,7 +6,9 @@ Two views, each with the model and two baselines computed on exactly the same st
     knows only the position t in the completion and the generator (median remaining length of training tokens of
     that generator in t's position bucket);
   * prompt-boundary MRE: per (prompt, generator) group, L_GT = log(1 - mean(1 - gamma ** L_i)) / log(gamma), the
-    model's L_hat from V(s_0); baselines: one constant L and one L per generator (L_GT of the training groups).
+    model's L_hat from V(s_0); baselines: the one L, and one L per generator, with the least MRE on the training
+    groups (a 1/L_GT-weighted median: lower, so stronger, than the L_GT of the pooled training groups, which is what a
+    prompt-blind LenVM would predict).
 """
 
 import collections
@@ -23,6 +25,13 @@ def prompt_boundary_length(lengths, gamma: float) -> float:
   """L_GT of a prompt from its sampled completion lengths: the length whose return is the mean return."""
   mean_return = np.mean(1.0 - gamma ** np.asarray(lengths, np.float64))
   return float(np.log(1.0 - mean_return) / np.log(gamma))
+
+
+def least_mre_length(true_lengths) -> float:
+  """The constant c minimising mean |c - L| / max(L, 1) over the given L_GT: their median weighted by 1 / max(L, 1)."""
+  lengths = np.sort(np.asarray(true_lengths, np.float64))
+  cumulative = np.cumsum(1.0 / np.maximum(lengths, 1.0))
+  return float(lengths[np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
 def _generator(t) -> str:
@@ -114,14 +123,14 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
   position = {ALL_GENERATORS: table(np.ones_like(remaining, bool))}
   for name in sorted(set(generators.tolist())):
     position[name] = table(generators == name)
-  groups = group_by_prompt(finished)
+  truths = {key: prompt_boundary_length(lengths, gamma) for key, lengths in group_by_prompt(finished).items()}
   by_generator = collections.defaultdict(list)
-  for (_, generator), lengths in groups.items():
-    by_generator[generator].extend(lengths)
+  for (_, generator), truth in truths.items():
+    by_generator[generator].append(truth)
   return LengthBaselines(
       constant_remaining=float(np.median(remaining)), position_remaining=position,
-      constant_prompt_length=prompt_boundary_length([n for g in groups.values() for n in g], gamma),
-      generator_prompt_length={g: prompt_boundary_length(v, gamma) for g, v in by_generator.items()})
+      constant_prompt_length=least_mre_length(list(truths.values())),
+      generator_prompt_length={g: least_mre_length(v) for g, v in by_generator.items()})
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
