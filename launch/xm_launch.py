@@ -36,8 +36,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. 2x2x1 (v4/
 _TPU_RUNTIME = flags.DEFINE_string("tpu_runtime_version", "tpu-ubuntu2204-base",
                                    "TPU software version (gke executor).")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11-slim", "Docker base image.")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "/tmp/lenvm_runs",
-                                    "Parent of the jobs' workdirs (gs://... for cloud executors).")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "runs",
+                                    "Parent of the jobs' workdirs: relative to the job's working directory, or "
+                                    "gs://... for cloud executors.")
 _TITLE = flags.DEFINE_string("experiment_title", "lenvm", "Experiment title (also the workdir folder).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job specs as JSON; contact nothing.")
 flags.mark_flags_as_required(["config"])
