@@ -173,7 +173,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
           last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh, eval_example)
           log.write(step, "eval", last_eval)
           window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
-        if distributed.any_host(stop.signal is not None):  # Every host must leave the loop at the same step.
+        # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
+        # dispatch if done every step, so several hosts agree only at log steps (where they sync anyway).
+        at_log_step = step % config.train.log_every == 0 or step == config.train.steps
+        if (jax.process_count() == 1 or at_log_step) and distributed.any_host(stop.signal is not None):
           logging.warning("%s received: checkpointing step %d and exiting", stop.signal or "stop on another host",
                           step)
           stopped = True
