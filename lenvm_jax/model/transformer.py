@@ -7,6 +7,8 @@ Packing: `segment_ids` (0 = padding) keep several sequences in one row from atte
 restart per sequence, so RoPE sees each sequence as if it were alone.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,6 +17,9 @@ from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.sharding import constrain
 
 _init = nnx.initializers.normal(stddev=0.02)
+# Query blocks for causal self-attention (Attention.attend): 4 skips 3/8 of the score work; more blocks skip more
+# but add ops, and gained nothing further at 256 tokens on CPU (experiments/bench.py).
+CAUSAL_QUERY_BLOCKS = 4
 
 
 def _param(rngs: nnx.Rngs, shape, logical_axes, init=_init) -> nnx.Param:
@@ -37,12 +42,29 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...]).astype(x.dtype)
 
 
-def rotary_embedding(x, positions, theta: float):
-  """RoPE in the Hugging Face (rotate-half) layout. x: [B, T, N, D]; positions: [B, T]."""
-  half = x.shape[-1] // 2
+def dense(x, w, contract: int = 1):
+  """x [..., *in] times w [*in, *out] (the last `contract` dims of x against the first of w) as one 2-D matmul.
+
+  Why 2-D: for a 3-D einsum such as 'btd,dnh->btnh', XLA:CPU lays out the weight gradient with transposing copies
+  that cost about a fifth of a CPU train step (experiments/bench.py); the reshapes here are free on every backend.
+  """
+  in_size = math.prod(w.shape[:contract])
+  y = x.reshape(-1, in_size) @ w.reshape(in_size, -1)
+  return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:])
+
+
+def rotary_tables(positions, head_dim: int, theta: float):
+  """RoPE (sin, cos), each [B, T, 1, head_dim // 2] float32: computed once per forward and shared by all layers."""
+  half = head_dim // 2
   inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+def rotary_embedding(x, rope):
+  """RoPE in the Hugging Face (rotate-half) layout. x: [B, T, N, D]; rope: rotary_tables(...)."""
+  sin, cos = rope
+  half = x.shape[-1] // 2
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -75,42 +97,65 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
       self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
 
-  def project(self, x, positions):
+  def project(self, x, rope):
     """q [B, T, heads, D] and k, v [B, T, kv_heads, D], with bias / qk-norm and RoPE applied."""
     c = self.config
     dtype = c.compute_dtype
-    project = lambda w: jnp.einsum("btd,dnh->btnh", x, w[...].astype(dtype))
-    q, k, v = project(self.q), project(self.k), project(self.v)
+    q, k, v = (dense(x, w[...].astype(dtype)) for w in (self.q, self.k, self.v))
     if c.qkv_bias:
       q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
                  v + self.v_bias[...].astype(dtype))
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    return rotary_embedding(q, positions, c.rope_theta), rotary_embedding(k, positions, c.rope_theta), v
+    return rotary_embedding(q, rope), rotary_embedding(k, rope), v
 
   def attend(self, q, k, v, mask):
-    """Output [B, T, H] of queries q [B, T, ...] over keys k, v [B, S, ...]; mask [B, 1, 1, T, S]."""
+    """Output [B, T, H] of queries q [B, T, heads, D] over keys k, v [B, S, kv_heads, D]; mask [B, 1, 1, T, S].
+
+    Self-attention (S == T) runs as CAUSAL_QUERY_BLOCKS query blocks, each over only the keys up to its own end:
+    the causal mask hides the rest anyway, so this skips (blocks - 1) / (2 x blocks) of the score work exactly.
+    """
+    t = q.shape[1]
+    if k.shape[1] == t and t % CAUSAL_QUERY_BLOCKS == 0:
+      size = t // CAUSAL_QUERY_BLOCKS
+      out = jnp.concatenate([
+          self.attend_block(q[:, i * size:end], k[:, :end], v[:, :end], mask[..., i * size:end, :end])
+          for i, end in enumerate(range(size, t + 1, size))], axis=1)
+    else:
+      out = self.attend_block(q, k, v, mask)
+    return dense(out, self.o[...].astype(self.config.compute_dtype), contract=2)
+
+  def attend_block(self, q, k, v, mask):
+    """Attention output [B, T, heads, D] before the output projection.
+
+    Heads-major, with each query group folded into the query axis: one [group x T, D] x [D, S] matmul per
+    (batch, kv head), so grouped-query k and v are never repeated, and XLA:CPU needs no transposing copies around
+    the batched matmuls (about 2x faster on CPU than the 5-D einsum form).
+    """
     c = self.config
     dtype = c.compute_dtype
-    # Grouped-query attention: query heads are grouped [kv_heads, group] so k and v are never repeated in memory.
     b, t, _, d = q.shape
-    q = q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(d))
+    s = k.shape[1]
+    kv_heads, group = c.num_kv_heads, c.num_heads // c.num_kv_heads
+    # The 1/sqrt(D) scale goes on q, which is smaller than the scores when S > D.
+    q = (q * (d ** -0.5)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, S, D]
+    scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32).reshape(b, kv_heads, group, t, s)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, d)
-    return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, group * t, s)
+    out = (probs @ v).reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, c.num_heads, d)
 
-  def __call__(self, x, positions, mask):
-    q, k, v = self.project(x, positions)
+  def __call__(self, x, rope, mask):
+    q, k, v = self.project(x, rope)
     return self.attend(q, k, v, mask)
 
-  def with_cache(self, x, positions, mask, cached_k, cached_v):
+  def with_cache(self, x, rope, mask, cached_k, cached_v):
     """New tokens attend to cached keys [B, S, ...] followed by their own; mask [B, 1, 1, T, S + T].
 
     Returns the output and the new tokens' (k, v); the caller decides whether to write them to the cache.
     """
-    q, k, v = self.project(x, positions)
+    q, k, v = self.project(x, rope)
     out = self.attend(q, jnp.concatenate([cached_k, k], axis=1), jnp.concatenate([cached_v, v], axis=1), mask)
     return out, (k, v)
 
@@ -126,9 +171,9 @@ class MLP(nnx.Module):
     self.down = _param(rngs, (c.mlp_dim, c.hidden_size), ("mlp", "embed"))
 
   def __call__(self, x):
-    gate = x @ self.gate[...].astype(self.dtype)
-    up = x @ self.up[...].astype(self.dtype)
-    return (jax.nn.silu(gate) * up) @ self.down[...].astype(self.dtype)
+    gate = dense(x, self.gate[...].astype(self.dtype))
+    up = dense(x, self.up[...].astype(self.dtype))
+    return dense(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -139,13 +184,13 @@ class DecoderLayer(nnx.Module):
     self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, positions, mask):
-    x = x + self.attention(self.input_norm(x), positions, mask)
+  def __call__(self, x, rope, mask):
+    x = x + self.attention(self.input_norm(x), rope, mask)
     x = x + self.mlp(self.post_attention_norm(x))
     return constrain(x, ("batch", "length", "embed"))
 
-  def with_cache(self, x, positions, mask, cached_k, cached_v):
-    attended, new_kv = self.attention.with_cache(self.input_norm(x), positions, mask, cached_k, cached_v)
+  def with_cache(self, x, rope, mask, cached_k, cached_v):
+    attended, new_kv = self.attention.with_cache(self.input_norm(x), rope, mask, cached_k, cached_v)
     x = x + attended
     x = x + self.mlp(self.post_attention_norm(x))
     return constrain(x, ("batch", "length", "embed")), new_kv
@@ -185,12 +230,13 @@ class LengthValueModel(nnx.Module):
     x = self.embedding[...].astype(c.compute_dtype)[tokens]
     x = constrain(x, ("batch", "length", "embed"))
     mask = attention_mask(segment_ids)
+    rope = rotary_tables(positions, c.head_dim, c.rope_theta)
     for layer in self.layers:
       if c.remat == "none":
-        x = layer(x, positions, mask)
+        x = layer(x, rope, mask)
       else:
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None)
-        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, positions, mask)
+        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask)
     return self.final_norm(x)
 
   def cached_hidden_states(self, tokens, positions, mask, cache):
@@ -200,11 +246,13 @@ class LengthValueModel(nnx.Module):
     KVCache.mask). Returns the hidden states and the new tokens' per-layer (k, v), which the caller may commit
     with KVCache.append (decoding) or drop (scoring alternative next tokens against a shared prefix).
     """
-    x = self.embedding[...].astype(self.config.compute_dtype)[tokens]
+    c = self.config
+    x = self.embedding[...].astype(c.compute_dtype)[tokens]
     x = constrain(x, ("batch", "length", "embed"))
+    rope = rotary_tables(positions, c.head_dim, c.rope_theta)
     new_kv = []
     for layer, cached_k, cached_v in zip(self.layers, cache.keys, cache.values):
-      x, kv = layer.with_cache(x, positions, mask, cached_k, cached_v)
+      x, kv = layer.with_cache(x, rope, mask, cached_k, cached_v)
       new_kv.append(kv)
     return self.final_norm(x), tuple(new_kv)
 
