@@ -1,6 +1,7 @@
 """Throughput benchmark: matmul peak, our train step (tokens/s, model FLOP/s, MFU), a PyTorch baseline, data pipeline.
 
-  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=8]
+  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=4
+                               --rounds=3]
 
 (a) peak: the best FLOP/s of a square matmul through JAX (float32 on CPU, bfloat16 on accelerators), so MFU is
     measured against what this machine really does, not a datasheet.
@@ -10,6 +11,8 @@
 (c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
     transformers), the same batches, loss and optimizer, in plain eager PyTorch; its tokens/s and ours / theirs.
     The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation.
+    Timing runs in rounds that alternate the two (--steps each); the ratio is the median of the per-round ratios,
+    printed with the lowest and highest, so a slow phase of a shared machine cannot decide it.
     Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent, and on
     accelerators (it is a CPU baseline).
 (d) data: rows/s and tokens/s that the grain pipeline (lenvm_jax/data/pipeline.py) produces for the same config,
@@ -40,7 +43,8 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Overrides the preset; 0 keeps 
 _MLP = flags.DEFINE_integer("mlp_dim", 768, "Overrides the preset; 0 keeps it.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Row length (data.max_len).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per step (train.batch_size).")
-_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per framework (after 2 warm-up steps).")
+_STEPS = flags.DEFINE_integer("steps", 4, "Timed steps per framework per round (after 2 warm-up steps).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds: each times --steps of ours, then of PyTorch (interleaved).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 0, "Peak matmul size; 0 = 2048 on CPU, 8192 on accelerators.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = all cores.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Skip the PyTorch baseline.")
@@ -95,8 +99,8 @@ def batches(config, count: int) -> list[dict]:
   return [next(it) for _ in range(count)]
 
 
-def bench_ours(config, model_config, data: list[dict]):
-  """Initial params, first-step loss and seconds per step of the trainer's compiled step."""
+def ours_runner(config, model_config, data: list[dict]):
+  """Initial params, first-step loss, XLA's FLOP count and a step(batch_index) of the trainer's compiled step."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   config_lib.check_batch_fits_mesh(config, mesh)
   objective = Objective.from_config(config)
@@ -113,21 +117,20 @@ def bench_ours(config, model_config, data: list[dict]):
                                          state_lib.shape_structs(state), shape(to_micro(data[0]), train_sh),
                                          shape(data[0], eval_sh))
     device_batches = [{k: jax.device_put(v, train_sh[k]) for k, v in to_micro(b).items()} for b in data]
-    losses = []
-    for i, batch in enumerate(device_batches):
-      if i == WARMUP:
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-      state, step_metrics = compiled(state, batch)
-      if i == 0:
-        losses.append(float(step_metrics["loss"]))
-    jax.block_until_ready(state)
-    seconds = (time.perf_counter() - start) / (len(data) - WARMUP)
-  return initial_params, losses[0], seconds, float(compiled.cost_analysis().get("flops", 0.0))
+  holder = {"state": state}
+
+  def step(i: int):
+    holder["state"], step_metrics = compiled(holder["state"], device_batches[i % len(device_batches)])
+    jax.block_until_ready(holder["state"])
+    return step_metrics
+
+  first_loss = float(step(0)["loss"])
+  return initial_params, first_loss, float(compiled.cost_analysis().get("flops", 0.0)), step
 
 
-def bench_torch(config, model_config, initial_params, data: list[dict], threads: int):
-  """The same model, loss and optimizer in eager PyTorch + transformers, from our initial weights."""
+def torch_runner(config, model_config, initial_params, data: list[dict], threads: int):
+  """First-step loss and a step(batch_index) of the same model, loss and optimizer in eager PyTorch + transformers,
+  from our initial weights."""
   import torch  # pylint: disable=g-import-not-at-top  (test-only dependency)
   import transformers  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -163,23 +166,36 @@ def bench_torch(config, model_config, initial_params, data: list[dict], threads:
                           lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   log_gamma = float(np.log(config.model.gamma))
   tensors = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in data]
-  first_loss = None
-  for i, b in enumerate(tensors):
-    if i == WARMUP:
-      start = time.perf_counter()
+
+  def step(i: int):
+    b = tensors[i % len(tensors)]
     z = model(b["tokens"].long(), b["positions"].long(), (b["segment_ids"] > 0).long())
-    remaining = b["remaining"].float()
-    target = torch.where(b["remaining"] < 0, -1.0, torch.expm1(remaining * log_gamma))
+    target = torch.where(b["remaining"] < 0, -1.0, torch.expm1(b["remaining"].float() * log_gamma))
     mask = b["value_mask"].float()
     loss = (mask * (-torch.sigmoid(z) - target) ** 2).sum() / mask.sum().clamp(min=1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
     opt.step()
-    if i == 0:
-      first_loss = float(loss.detach())
-  seconds = (time.perf_counter() - start) / (len(tensors) - WARMUP)
-  return first_loss, seconds
+    return float(loss.detach())
+
+  return step(0), step
+
+
+def timed_rounds(runners: dict, steps: int, rounds: int) -> dict:
+  """Seconds per step of each runner in each round. Rounds interleave the runners, so a slow phase of a shared
+  machine lands on all of them rather than on whichever ran during it."""
+  for run in runners.values():
+    for i in range(1, WARMUP):
+      run(i)
+  seconds = {name: [] for name in runners}
+  for r in range(rounds):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      for i in range(steps):
+        run(WARMUP + r * steps + i)
+      seconds[name].append((time.perf_counter() - start) / steps)
+  return seconds
 
 
 def bench_data(config, count: int) -> tuple[float, float]:
@@ -207,32 +223,41 @@ def main(argv):
   rows.append(("a", f"matmul peak ({n}^3 {jnp.dtype(dtype).name})", peak / 1e9, "GFLOP/s"))
 
   data = batches(config, WARMUP + _STEPS.value)
-  initial_params, our_loss, our_s, xla_flops = bench_ours(config, model_config, data)
+  initial_params, our_loss, xla_flops, our_step = ours_runner(config, model_config, data)
+  runners = {"ours": our_step}
+  threads = _TORCH_THREADS.value or os.cpu_count()
+  torch_note = ""
+  if _SKIP_TORCH.value:
+    torch_note = "skipped (--skip_torch)"
+  elif not on_cpu:  # The baseline is eager float32 on CPU: no like-for-like comparison with a bf16 accelerator.
+    torch_note = f"skipped (CPU-only baseline; JAX runs on {backend})"
+  else:
+    try:
+      torch_loss, runners["torch"] = torch_runner(config, model_config, initial_params, data, threads)
+    except ImportError as e:
+      torch_note = f"{e.name} not installed: pip install -r requirements-parity.txt"
+  seconds = timed_rounds(runners, _STEPS.value, _ROUNDS.value)
+
+  our_s = float(np.median(seconds["ours"]))
   our_tps = tokens_per_step / our_s
   flops_token = model_flops_per_token(model_config, _SEQ.value)
-  rows += [("b", "ours: step time", our_s * 1e3, "ms"),
+  rows += [("b", "ours: step time (median of rounds)", our_s * 1e3, "ms"),
            ("b", "ours: tokens/s (B x T)", our_tps, "tokens/s"),
            ("b", "ours: model FLOP/s (6N + attention)", flops_token * our_tps / 1e9, "GFLOP/s"),
            ("b", "ours: XLA-counted FLOP/s", xla_flops / our_s / 1e9, "GFLOP/s"),
            ("b", "ours: MFU vs (a)", 100.0 * flops_token * our_tps / peak, "%"),
            ("b", "ours: first-step loss", our_loss, "")]
-
-  threads = _TORCH_THREADS.value or os.cpu_count()
-  if _SKIP_TORCH.value:
-    rows.append(("c", "PyTorch baseline", float("nan"), "skipped (--skip_torch)"))
-  elif not on_cpu:  # The baseline is eager float32 on CPU: no like-for-like comparison with a bf16 accelerator.
-    rows.append(("c", "PyTorch baseline", float("nan"), f"skipped (CPU-only baseline; JAX runs on {backend})"))
+  if "torch" in runners:
+    torch_s = float(np.median(seconds["torch"]))
+    per_round = [t / o for t, o in zip(seconds["torch"], seconds["ours"])]
+    rows += [("c", f"PyTorch ({threads} threads): step time (median of rounds)", torch_s * 1e3, "ms"),
+             ("c", "PyTorch: tokens/s (B x T)", tokens_per_step / torch_s, "tokens/s"),
+             ("c", "PyTorch: first-step loss (same weights, batch)", torch_loss, ""),
+             ("c", f"ours / PyTorch tokens/s (median of {len(per_round)} rounds)", float(np.median(per_round)), "x"),
+             ("c", "ours / PyTorch: lowest round", min(per_round), "x"),
+             ("c", "ours / PyTorch: highest round", max(per_round), "x")]
   else:
-    try:
-      torch_loss, torch_s = bench_torch(config, model_config, initial_params, data, threads)
-    except ImportError as e:
-      rows.append(("c", f"PyTorch baseline ({e.name} not installed: pip install -r requirements-parity.txt)",
-                   float("nan"), ""))
-    else:
-      rows += [("c", f"PyTorch ({threads} threads): step time", torch_s * 1e3, "ms"),
-               ("c", "PyTorch: tokens/s (B x T)", tokens_per_step / torch_s, "tokens/s"),
-               ("c", "PyTorch: first-step loss (same weights, batch)", torch_loss, ""),
-               ("c", "ours / PyTorch tokens/s", torch_s / our_s, "x")]
+    rows.append(("c", "PyTorch baseline", float("nan"), torch_note))
 
   data_s, data_tokens = bench_data(config, max(_STEPS.value, 4))
   rows += [("d", "pipeline: rows/s", _BATCH.value / data_s, "rows/s"),
@@ -243,7 +268,8 @@ def main(argv):
   c = model_config
   print(f"\nbench: {backend} x{jax.device_count()} ({os.cpu_count()} CPU cores), model hidden={c.hidden_size} "
         f"layers={c.num_layers} heads={c.num_heads}/{c.num_kv_heads}x{c.head_dim} mlp={c.mlp_dim} "
-        f"vocab={c.vocab_size}, batch={_BATCH.value} x seq={_SEQ.value}, {_STEPS.value} timed steps, "
+        f"vocab={c.vocab_size}, batch={_BATCH.value} x seq={_SEQ.value}, {_ROUNDS.value} rounds x "
+        f"{_STEPS.value} steps, "
         f"{np.mean([np.count_nonzero(b['segment_ids']) for b in data]) / tokens_per_step:.0%} non-pad")
   width = max(len(r[1]) for r in rows)
   for part, name, value, unit in rows:
