@@ -1,7 +1,7 @@
 """Throughput benchmark: matmul peak, our train step (tokens/s, model FLOP/s, MFU), a PyTorch baseline, data pipeline.
 
-  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=4
-                               --rounds=3]
+  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=2
+                               --rounds=6]
 
 (a) peak: the best FLOP/s of a square matmul through JAX (float32 on CPU, bfloat16 on accelerators), so MFU is
     measured against what this machine really does, not a datasheet.
@@ -43,8 +43,8 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Overrides the preset; 0 keeps 
 _MLP = flags.DEFINE_integer("mlp_dim", 768, "Overrides the preset; 0 keeps it.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Row length (data.max_len).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per step (train.batch_size).")
-_STEPS = flags.DEFINE_integer("steps", 4, "Timed steps per framework per round (after 2 warm-up steps).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds: each times --steps of ours, then of PyTorch (interleaved).")
+_STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per framework per round (after 2 warm-up steps).")
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "Rounds: each times --steps of ours, then of PyTorch (interleaved).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 0, "Peak matmul size; 0 = 2048 on CPU, 8192 on accelerators.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = all cores.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Skip the PyTorch baseline.")
