@@ -5,7 +5,8 @@ import pytest
 from flax import nnx
 
 from lenvm_jax.model.config import ModelConfig, preset_fields
-from lenvm_jax.model.transformer import CAUSAL_QUERY_BLOCKS, LengthValueModel, attention_mask, dense
+from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
+                                         attention_mask, dense)
 from lenvm_jax.train.state import abstract_model
 
 
@@ -19,16 +20,13 @@ LAYOUTS = [dict(), dict(qkv_bias=True), dict(qk_norm=True, tie_embeddings=True)]
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["llama", "qwen2", "qwen3"])
 def test_packed_sequences_match_separate_rows(layout):
-  """Two sequences packed in one row (segment ids, restarting positions) give the outputs they give alone.
-
-  The packed row (16 tokens) runs attention in causal query blocks, the lone rows (7 and 5 tokens) in one block."""
+  """Two sequences packed in one row (segment ids, restarting positions) give the outputs they give alone."""
   model = _model(**layout)
   rng = np.random.default_rng(0)
   a, b = rng.integers(1, 50, 7), rng.integers(1, 50, 5)
   packed = jnp.asarray(np.concatenate([a, b, [0, 0, 0, 0]]))[None]
   positions = jnp.asarray(np.concatenate([np.arange(7), np.arange(5), [0, 0, 0, 0]]))[None]
   segments = jnp.asarray([1] * 7 + [2] * 5 + [0, 0, 0, 0])[None]
-  assert packed.shape[1] % CAUSAL_QUERY_BLOCKS == 0
   z_packed = model(packed, positions, segments)[0]
   z_a = model(jnp.asarray(a)[None], jnp.arange(7)[None], jnp.ones((1, 7), jnp.int32))[0]
   z_b = model(jnp.asarray(b)[None], jnp.arange(5)[None], jnp.ones((1, 5), jnp.int32))[0]
@@ -38,17 +36,18 @@ def test_packed_sequences_match_separate_rows(layout):
 
 def test_causal_query_blocks_equal_one_block():
   """Attention in causal query blocks equals the one-block computation, values and gradients, on a packed mask."""
-  model = _model(num_heads=4, num_kv_heads=2)
-  attention = model.layers[0].attention
-  b, t, d = 2, 16, attention.config.head_dim
+  attention = Attention(ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50}), nnx.Rngs(0))  # 4 / 2 heads.
+  b, t, d = 2, CAUSAL_QUERY_BLOCKS * MIN_QUERY_BLOCK, attention.config.head_dim
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (b, t, 4, d))
   k, v = jax.random.normal(keys[1], (b, t, 2, d)), jax.random.normal(keys[2], (b, t, 2, d))
-  mask = attention_mask(jnp.asarray([[1] * 5 + [2] * 9 + [0] * 2, [1] * 16]))
+  mask = attention_mask(jnp.asarray([[1] * 100 + [2] * (t - 116) + [0] * 16, [1] * t]))  # Segments cross blocks.
   blocked = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, mask)))
   one_block = lambda q, k, v: jnp.sum(jnp.sin(dense(attention.attend_block(q, k, v, mask), attention.o[...], 2)))
-  np.testing.assert_allclose(blocked(q, k, v), one_block(q, k, v), rtol=1e-5)
-  for g_blocked, g_one in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(one_block, (0, 1, 2))(q, k, v)):
+  value_and_grads = lambda f: jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v)
+  (v_blocked, grads_blocked), (v_one, grads_one) = value_and_grads(blocked), value_and_grads(one_block)
+  np.testing.assert_allclose(v_blocked, v_one, rtol=1e-5)
+  for g_blocked, g_one in zip(grads_blocked, grads_one):
     np.testing.assert_allclose(g_blocked, g_one, atol=1e-5)
 
 

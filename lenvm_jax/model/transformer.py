@@ -18,8 +18,10 @@ from lenvm_jax.sharding import constrain
 
 _init = nnx.initializers.normal(stddev=0.02)
 # Query blocks for causal self-attention (Attention.attend): 4 skips 3/8 of the score work; more blocks skip more
-# but add ops, and gained nothing further at 256 tokens on CPU (experiments/bench.py).
+# but add ops, and gained nothing further at 256 - 1024 tokens on CPU (experiments/bench.py). Rows shorter than
+# 4 x MIN_QUERY_BLOCK run in one block: attention is cheap there and each block adds compile time.
 CAUSAL_QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 64
 
 
 def _param(rngs: nnx.Rngs, shape, logical_axes, init=_init) -> nnx.Param:
@@ -124,7 +126,7 @@ class Attention(nnx.Module):
     the causal mask hides the rest anyway, so this skips (blocks - 1) / (2 x blocks) of the score work exactly.
     """
     t = q.shape[1]
-    if k.shape[1] == t and t % CAUSAL_QUERY_BLOCKS == 0:
+    if k.shape[1] == t and t % CAUSAL_QUERY_BLOCKS == 0 and t >= CAUSAL_QUERY_BLOCKS * MIN_QUERY_BLOCK:
       size = t // CAUSAL_QUERY_BLOCKS
       out = jnp.concatenate([
           self.attend_block(q[:, i * size:end], k[:, :end], v[:, :end], mask[..., i * size:end, :end])
