@@ -117,11 +117,11 @@ def ours_runner(config, model_config, data: list[dict]):
                                          state_lib.shape_structs(state), shape(to_micro(data[0]), train_sh),
                                          shape(data[0], eval_sh))
     device_batches = [{k: jax.device_put(v, train_sh[k]) for k, v in to_micro(b).items()} for b in data]
-  holder = {"state": state}
 
   def step(i: int):
-    holder["state"], step_metrics = compiled(holder["state"], device_batches[i % len(device_batches)])
-    jax.block_until_ready(holder["state"])
+    nonlocal state
+    state, step_metrics = compiled(state, device_batches[i % len(device_batches)])
+    jax.block_until_ready(state)
     return step_metrics
 
   first_loss = float(step(0)["loss"])
