@@ -234,13 +234,17 @@ class LengthValueModel(nnx.Module):
       self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
     self.value_head = ValueHead(c.hidden_size, rngs)
 
+  def embed(self, tokens, positions):
+    """Token embeddings [B, T, H] in the compute dtype and the RoPE tables shared by all layers."""
+    c = self.config
+    x = constrain(self.embedding[...].astype(c.compute_dtype)[tokens], ("batch", "length", "embed"))
+    return x, rotary_tables(positions, c.head_dim, c.rope_theta)
+
   def hidden_states(self, tokens, positions, segment_ids):
     """Final hidden states after the final norm: [B, T, H] in the compute dtype."""
     c = self.config
-    x = self.embedding[...].astype(c.compute_dtype)[tokens]
-    x = constrain(x, ("batch", "length", "embed"))
+    x, rope = self.embed(tokens, positions)
     mask = attention_mask(segment_ids)
-    rope = rotary_tables(positions, c.head_dim, c.rope_theta)
     for layer in self.layers:
       if c.remat == "none":
         x = layer(x, rope, mask)
@@ -256,10 +260,7 @@ class LengthValueModel(nnx.Module):
     KVCache.mask). Returns the hidden states and the new tokens' per-layer (k, v), which the caller may commit
     with KVCache.append (decoding) or drop (scoring alternative next tokens against a shared prefix).
     """
-    c = self.config
-    x = self.embedding[...].astype(c.compute_dtype)[tokens]
-    x = constrain(x, ("batch", "length", "embed"))
-    rope = rotary_tables(positions, c.head_dim, c.rope_theta)
+    x, rope = self.embed(tokens, positions)
     new_kv = []
     for layer, cached_k, cached_v in zip(self.layers, cache.keys, cache.values):
       x, kv = layer.with_cache(x, rope, mask, cached_k, cached_v)
@@ -268,12 +269,8 @@ class LengthValueModel(nnx.Module):
 
   def lm_logits(self, hidden):
     """[B, T, vocab] float32 next-token logits."""
-    dtype = self.config.compute_dtype
-    if self.config.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", hidden, self.embedding[...].astype(dtype))
-    else:
-      logits = hidden @ self.lm_head[...].astype(dtype)
-    return logits.astype(jnp.float32)
+    weight = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]  # [H, vocab]
+    return dense(hidden, weight.astype(self.config.compute_dtype)).astype(jnp.float32)
 
   def value_logits(self, hidden):
     """[B, T] float32 raw value-head output z (the reference servers return this)."""
