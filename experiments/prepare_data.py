@@ -89,8 +89,7 @@ FORMATS = {
 }
 
 flags.DEFINE_enum("format", None, list(FORMATS), "Input format.")
-flags.DEFINE_boolean("champ_tag_generator", True,
-                     "champ: name the generator at the end of each prompt (lenvm_jax/data/champ.py).")
+flags.DEFINE_boolean("champ_tag_generator", True, "champ: prepend a system turn naming the generator.")
 flags.DEFINE_list("input", None, "Input file(s), comma-separated.")
 flags.DEFINE_string("output_dir", None, "Where the shards and stats.json go.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer directory, tokenizer.json, or SentencePiece model.")

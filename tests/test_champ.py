@@ -160,11 +160,5 @@ def test_prepare_data_cli_needs_no_input_or_tokenizer_for_champ():
 
 def test_tag_generator_names_the_generator_in_the_prompt(tok):
   item = next(i for i in champ.iter_champ(tok, max_problems=1, tag_generator=True) if not isinstance(i, Exception))
-  generator = item.trajectory.generator
   text = tok.decode(item.trajectory.prompt_ids)
-  assert f"written by {generator}" in text[-80:]  # At the end: survives a left-cut prompt.
-  # The prompt's last tokens (s_0 and before) are the generator's name, after the chat template's generation prompt.
-  assert text.endswith(generator) and text.rindex("[/INST]") > text.rindex("written by")
-  untagged = next(i for i in champ.iter_champ(tok, max_problems=1) if not isinstance(i, Exception))
-  assert len(item.trajectory.prompt_ids) > len(untagged.trajectory.prompt_ids)
-  assert tok.decode(untagged.trajectory.prompt_ids).endswith("[/INST]")
+  assert f"written by {item.trajectory.generator}" in text[-80:]  # At the end: survives a left-cut prompt.

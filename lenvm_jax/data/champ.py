@@ -104,21 +104,17 @@ def _record(problem_id: str, key: str, conversation, turn: str, summarize_reques
     if not isinstance(message.text, str):
       raise RecordError(source, line, f"{where}.messages[{i}].text", f"must be a string, got {message.text!r:.40}")
     prompt.append((role, message.text))
-  if tag_generator:  # One LenVM for four generators: the state must say whose continuation it predicts.
+  if tag_generator:  # One LenVM for four generators: the state must say whose continuation it predicts. The tag ends
+    # the last prompt turn, so it survives a left-cut prompt (data.max_prompt_len).
     role, text = prompt[-1]
     prompt[-1] = (role, f"{text}\n\n(The answer is written by {generator}.)")
   prompt = tuple(prompt)
   if prompt not in prompt_cache:  # Most prompts are shared by all 4 generators: encode each once.
     try:
-      ids = tokenizer.prompt_ids([{"role": r, "content": c} for r, c in prompt])
+      prompt_cache[prompt] = np.asarray(tokenizer.prompt_ids([{"role": r, "content": c} for r, c in prompt]),
+                                        np.int32)
     except ValueError as e:  # The chat template rejected the conversation.
       raise RecordError(source, line, where, str(e)) from None
-    if tag_generator:
-      # The name again after the generation prompt, so s_0 (the prompt's last token) is the name itself: a tiny
-      # model from scratch then separates the generators at s_0 far better than from the tag a few tokens back
-      # (README, CHAMP job). Both tags are at the end, so they survive a left-cut prompt (data.max_prompt_len).
-      ids = ids + tokenizer.encode(f" {generator}")
-    prompt_cache[prompt] = np.asarray(ids, np.int32)
   finished = response.error != LENGTH_CURRENT
   completion_ids = np.asarray(tokenizer.completion_ids(response.text, finished), np.int32)
   trajectory = Trajectory(prompt_cache[prompt], completion_ids, finished, f"{problem_id}|{setting}", generator)
@@ -131,9 +127,8 @@ def iter_champ(tokenizer: Tokenizer, eval_fraction: float = 0.2, seed: int = 0, 
                tag_generator: bool = False) -> Iterator[ImportedRecord | RecordError]:
   """One record (or RecordError, never raised) per conversation; line = 1-based running conversation index.
 
-  tag_generator ends the last prompt turn with "(The answer is written by <generator>.)" and the prompt (after the
-  chat template's generation prompt) with the generator's name, so a single LenVM trained on all four generators can
-  condition on which one is writing (the paper trains one LenVM per generator instead).
+  tag_generator ends the last prompt turn with "(The answer is written by <generator>.)", so a single LenVM trained
+  on all four generators can condition on which one is writing (the paper trains one LenVM per generator instead).
 
   max_problems keeps the first problems in sorted id order (for quick tests); the split is drawn among those.
   """
