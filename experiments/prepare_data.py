@@ -89,7 +89,8 @@ FORMATS = {
 }
 
 flags.DEFINE_enum("format", None, list(FORMATS), "Input format.")
-flags.DEFINE_boolean("champ_tag_generator", True, "champ: prepend a system turn naming the generator.")
+flags.DEFINE_boolean("champ_tag_generator", True,
+                     "champ: end each prompt's last turn with \"(The answer is written by <generator>.)\".")
 flags.DEFINE_list("input", None, "Input file(s), comma-separated.")
 flags.DEFINE_string("output_dir", None, "Where the shards and stats.json go.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer directory, tokenizer.json, or SentencePiece model.")
