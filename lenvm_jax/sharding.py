@@ -22,6 +22,9 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ()),
     ("embed", ("fsdp",)),
+    # The embedding table's embed dim while rows are looked up: gathered, as FSDP gathers every weight it uses. Left
+    # on fsdp (the tokens' batch axis too), XLA replicates the lookup's output ("involuntary full rematerialization").
+    ("embed_lookup", ()),
     ("vocab", ("tensor",)),
     ("mlp", ("tensor",)),
     ("heads", ("tensor",)),

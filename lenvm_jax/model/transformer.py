@@ -237,11 +237,9 @@ class LengthValueModel(nnx.Module):
   def embed(self, tokens, positions):
     """Token embeddings [B, T, H] in the compute dtype and the RoPE tables shared by all layers."""
     c = self.config
-    # The table's embed dim is sharded over fsdp, as is the tokens' batch dim: a lookup straight from it made XLA
-    # replicate the lookup's output (and, in the backward of remat'd layers, the residual gradient) on every device
-    # ("involuntary full rematerialization"). Gathering the embed dim first, as FSDP does for every weight, keeps
-    # vocab sharded over tensor; the lookup then needs only a sum over tensor.
-    table = constrain(self.embedding[...].astype(c.compute_dtype), ("vocab", None))
+    # Re-laid out for the lookup by the "embed_lookup" rule (lenvm_jax/sharding.py): vocab stays sharded over tensor,
+    # so the lookup needs only a sum over tensor, and nothing is replicated whole.
+    table = constrain(self.embedding[...].astype(c.compute_dtype), ("vocab", "embed_lookup"))
     x = constrain(table[tokens], ("batch", "length", "embed"))
     return x, rotary_tables(positions, c.head_dim, c.rope_theta)
 
