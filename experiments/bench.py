@@ -3,18 +3,22 @@
   python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=2
                                --rounds=6]
 
-(a) peak: the best FLOP/s of a square matmul through JAX (float32 on CPU, bfloat16 on accelerators), so MFU is
-    measured against what this machine really does, not a datasheet.
+(a) peak: the best FLOP/s of a square matmul through JAX in the compute dtype (float32 on CPU, bfloat16 on
+    accelerators), so MFU is measured against what this machine really does, not a datasheet.
 (b) ours: the trainer's compiled train step (lenvm_jax.train.step, AdamW, value-head regression on discounted
     targets, spec section 3) on batches from our grain pipeline: tokens/s (B x T per step time), model FLOP/s from
     the standard count (6 x matmul params + attention, per token) and MFU = that / (a).
 (c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
     transformers), the same batches, loss and optimizer, in plain eager PyTorch; its tokens/s and ours / theirs.
-    The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation.
+    It runs where JAX runs: on CPU with --torch_threads threads, on a GPU as CUDA (needs a CUDA build of torch), and
+    in our compute dtype: with bfloat16 (the accelerator default, or --dtype=bfloat16) its matmuls run under
+    torch.autocast(bfloat16) while the value head and loss stay float32, as ours do (spec section 2).
+    The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation
+    (to float32 rounding; to about 1 % in bfloat16, where the two round different intermediates).
     Timing runs in rounds that alternate the two (--steps each); the ratio is the median of the per-round ratios,
     printed with the lowest and highest, so a slow phase of a shared machine cannot decide it.
-    Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent, and on
-    accelerators (it is a CPU baseline).
+    Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent, on a GPU
+    when torch has no CUDA, and on TPU.
 (d) data: rows/s and tokens/s that the grain pipeline (lenvm_jax/data/pipeline.py) produces for the same config,
     against what the step consumes.
 """
@@ -46,7 +50,9 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Rows per step (train.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per framework per round (after 2 warm-up steps).")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Rounds: each times --steps of ours, then of PyTorch (interleaved).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 0, "Peak matmul size; 0 = 2048 on CPU, 8192 on accelerators.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = all cores.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU; 0 = all cores.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Compute dtype of both frameworks (model.dtype; auto: float32 on CPU, bfloat16 elsewhere).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Skip the PyTorch baseline.")
 _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
 WARMUP = 2
@@ -58,6 +64,7 @@ def bench_config():
   for field, flag in (("hidden_size", _HIDDEN), ("num_layers", _LAYERS), ("head_dim", _HEAD_DIM), ("mlp_dim", _MLP)):
     if flag.value:
       config.model[field] = flag.value
+  config.model.dtype = _DTYPE.value
   config.data.max_len = _SEQ.value
   config.data.packing = "none"  # One trajectory per row: the PyTorch baseline needs no segment-aware attention.
   config.data.synthetic.hazards = (1.0 / _SEQ.value,)  # Mean completion = one row: rows are mostly full.
@@ -128,16 +135,34 @@ def ours_runner(config, model_config, data: list[dict]):
   return initial_params, first_loss, float(compiled.cost_analysis().get("flops", 0.0)), step
 
 
-def torch_runner(config, model_config, initial_params, data: list[dict], threads: int):
+def torch_device(backend: str) -> tuple[str, str]:
+  """The torch device matching JAX's backend, or "" and why the baseline cannot run there."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  (test-only dependency)
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return "", f"{e.name} not installed: pip install -r requirements-parity.txt"
+  if backend == "cpu":
+    return "cpu", ""
+  if backend in ("gpu", "cuda") and torch.cuda.is_available():
+    return "cuda", ""
+  if backend in ("gpu", "cuda"):
+    return "", "skipped (torch has no CUDA: install a CUDA build of torch for a GPU baseline)"
+  return "", f"skipped (no PyTorch baseline on {backend})"
+
+
+def torch_runner(config, model_config, initial_params, data: list[dict], device: str, threads: int):
   """First-step loss and a step(batch_index) of the same model, loss and optimizer in eager PyTorch + transformers,
-  from our initial weights."""
+  from our initial weights, on `device` in our compute dtype."""
   import torch  # pylint: disable=g-import-not-at-top  (test-only dependency)
   import transformers  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
   from lenvm_jax.model import hf_export, hf_layout  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(threads)
+  if device == "cpu":
+    torch.set_num_threads(threads)
+  bf16 = model_config.compute_dtype == jnp.bfloat16
   with tempfile.TemporaryDirectory() as directory:
     hf_export.export(initial_params, model_config, directory)
     transformers.logging.set_verbosity_error()  # The load report lists the unused lm_head: expected here.
@@ -155,17 +180,19 @@ def torch_runner(config, model_config, initial_params, data: list[dict], threads
         self.summary.weight.copy_(head["v_head.summary.weight"]), self.summary.bias.copy_(head["v_head.summary.bias"])
 
     def forward(self, tokens, positions, attention_mask):
-      hidden = self.trunk(input_ids=tokens, position_ids=positions, attention_mask=attention_mask).last_hidden_state
+      with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):  # Our mixed precision: bf16 matmuls.
+        hidden = self.trunk(input_ids=tokens, position_ids=positions, attention_mask=attention_mask).last_hidden_state
+      hidden = hidden.float()  # Value head and loss in float32 (spec section 2).
       return self.summary(torch.nn.functional.silu(self.fc(hidden)))[..., 0]
 
-  model = ValueModel().train()
+  model = ValueModel().to(device).train()
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
   no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
   o = config.optim
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
                           lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
   log_gamma = float(np.log(config.model.gamma))
-  tensors = [{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()} for b in data]
+  tensors = [{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in b.items()} for b in data]
 
   def step(i: int):
     b = tensors[i % len(tensors)]
@@ -177,7 +204,7 @@ def torch_runner(config, model_config, initial_params, data: list[dict], threads
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
     opt.step()
-    return float(loss.detach())
+    return float(loss.detach())  # Waits for the device, like our step's block_until_ready.
 
   return step(0), step
 
@@ -214,7 +241,7 @@ def main(argv):
   model_config = config_lib.validate(config)
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
-  dtype = jnp.float32 if on_cpu else jnp.bfloat16
+  dtype = model_config.compute_dtype  # The peak in the dtype our matmuls run in.
   tokens_per_step = _BATCH.value * _SEQ.value
   rows = []  # (part, quantity, value, unit)
 
@@ -226,16 +253,9 @@ def main(argv):
   initial_params, our_loss, xla_flops, our_step = ours_runner(config, model_config, data)
   runners = {"ours": our_step}
   threads = _TORCH_THREADS.value or os.cpu_count()
-  torch_note = ""
-  if _SKIP_TORCH.value:
-    torch_note = "skipped (--skip_torch)"
-  elif not on_cpu:  # The baseline is eager float32 on CPU: no like-for-like comparison with a bf16 accelerator.
-    torch_note = f"skipped (CPU-only baseline; JAX runs on {backend})"
-  else:
-    try:
-      torch_loss, runners["torch"] = torch_runner(config, model_config, initial_params, data, threads)
-    except ImportError as e:
-      torch_note = f"{e.name} not installed: pip install -r requirements-parity.txt"
+  device, torch_note = ("", "skipped (--skip_torch)") if _SKIP_TORCH.value else torch_device(backend)
+  if device:
+    torch_loss, runners["torch"] = torch_runner(config, model_config, initial_params, data, device, threads)
   seconds = timed_rounds(runners, _STEPS.value, _ROUNDS.value)
 
   our_s = float(np.median(seconds["ours"]))
@@ -250,7 +270,9 @@ def main(argv):
   if "torch" in runners:
     torch_s = float(np.median(seconds["torch"]))
     per_round = [t / o for t, o in zip(seconds["torch"], seconds["ours"])]
-    rows += [("c", f"PyTorch ({threads} threads): step time (median of rounds)", torch_s * 1e3, "ms"),
+    where = f"{threads} threads" if device == "cpu" else device
+    rows += [("c", f"PyTorch ({where}, {jnp.dtype(model_config.compute_dtype).name}): step time (median of rounds)",
+              torch_s * 1e3, "ms"),
              ("c", "PyTorch: tokens/s (B x T)", tokens_per_step / torch_s, "tokens/s"),
              ("c", "PyTorch: first-step loss (same weights, batch)", torch_loss, ""),
              ("c", f"ours / PyTorch tokens/s (median of {len(per_round)} rounds)", float(np.median(per_round)), "x"),
@@ -268,7 +290,7 @@ def main(argv):
   c = model_config
   print(f"\nbench: {backend} x{jax.device_count()} ({os.cpu_count()} CPU cores), model hidden={c.hidden_size} "
         f"layers={c.num_layers} heads={c.num_heads}/{c.num_kv_heads}x{c.head_dim} mlp={c.mlp_dim} "
-        f"vocab={c.vocab_size}, batch={_BATCH.value} x seq={_SEQ.value}, {_ROUNDS.value} rounds x "
+        f"vocab={c.vocab_size} {jnp.dtype(c.compute_dtype).name}, batch={_BATCH.value} x seq={_SEQ.value}, {_ROUNDS.value} rounds x "
         f"{_STEPS.value} steps, "
         f"{np.mean([np.count_nonzero(b['segment_ids']) for b in data]) / tokens_per_step:.0%} non-pad")
   width = max(len(r[1]) for r in rows)
