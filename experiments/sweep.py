@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from launch import sweep_spec
+from launch import repo, sweep_spec
 
 _CONFIG = flags.DEFINE_string("config", None, "Trainer config file (experiments/configs/*.py).")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep: one workdir per point + summary.csv.")
@@ -150,6 +150,8 @@ def main(argv):
     named = sweep_spec.named_points(_SWEEP.value, _ZIP.value)
   except sweep_spec.SweepError as e:
     raise app.UsageError(str(e)) from None
+  if repo.is_url(_SWEEP_DIR.value):  # Points run here and write with local file I/O (as the trainer checks too).
+    raise app.UsageError(f"--sweep_dir {_SWEEP_DIR.value!r} is a URL: sweeps run locally; pass a local path")
   sweep_dir = os.path.abspath(_SWEEP_DIR.value)
   os.makedirs(sweep_dir, exist_ok=True)
   # Points share a persistent compilation cache: a resumed point (or one whose programs match another's) skips

@@ -1,4 +1,4 @@
-"""What the launchers ship from this checkout: its root, config paths relative to it, and its jax pin."""
+"""What the launchers ship from this checkout: its root, config paths relative to it, its jax pin; workdir checks."""
 
 import os
 import re
@@ -24,3 +24,8 @@ def jax_version() -> str:
   if not match:
     raise ValueError("requirements.txt: no exact jax==<version> pin")
   return match.group(1)
+
+
+def is_url(path: str) -> bool:
+  """gs://, s3://, ...: the trainer writes its workdir with local file I/O and refuses these (mount the bucket)."""
+  return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None

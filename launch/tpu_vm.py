@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error(f"--accelerator_type {args.accelerator_type!r}: expected e.g. v4-8, v5litepod-16, v6e-8")
   if args.valid_until and not args.queued:
     parser.error("--valid_until needs --queued")
+  if repo.is_url(args.workdir):
+    parser.error(f"--workdir {args.workdir!r} is a URL: the trainer writes to local paths; mount the bucket on every "
+                 "worker (Cloud Storage FUSE) and pass the mount path")
   try:
     args.config = repo.config_path(args.config)
   except ValueError as e:

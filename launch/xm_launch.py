@@ -7,7 +7,8 @@ Runs in its own venv (xmanager pins clash with nothing, but it is large):
       --sweep=config.model.gamma=0.99,0.997 [--zip] --dry_run
 
 --dry_run prints each job's spec (image build steps, executor, requirements, trainer flags) as JSON and contacts
-nothing. Sweep specs are parsed by launch/sweep_spec.py, the same parser experiments/sweep.py uses.
+nothing. The trainer writes its workdir with local file I/O: on Vertex AI a gs://BUCKET/... root is passed as
+/gcs/BUCKET/... (Vertex mounts buckets there); for GKE pass the path where the bucket is mounted (GCS FUSE CSI). Sweep specs are parsed by launch/sweep_spec.py, the same parser experiments/sweep.py uses.
 """
 
 import json
@@ -37,8 +38,9 @@ _TPU_RUNTIME = flags.DEFINE_string("tpu_runtime_version", "tpu-ubuntu2204-base",
                                    "TPU software version (gke executor).")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11-slim", "Docker base image.")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "runs",
-                                    "Parent of the jobs' workdirs: relative to the job's working directory, or "
-                                    "gs://... for cloud executors.")
+                                    "Parent of the jobs' workdirs: a path in the job's file system, or gs://BUCKET/... "
+                                    "with --executor=vertex (passed to the trainer as /gcs/BUCKET/..., the bucket's "
+                                    "Cloud Storage FUSE mount).")
 _TITLE = flags.DEFINE_string("experiment_title", "lenvm", "Experiment title (also the workdir folder).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job specs as JSON; contact nothing.")
 flags.mark_flags_as_required(["config"])
@@ -74,9 +76,21 @@ def requirements_kwargs(accelerator: str | None, count: int, topology: str | Non
   return {accelerator.lower(): count}
 
 
+def workdir_root() -> str:
+  """The jobs' workdir parent as the trainer sees it. The trainer writes local paths only; Vertex AI mounts the
+  buckets a job can reach at /gcs/<bucket> (Cloud Storage FUSE), so gs://B/p becomes /gcs/B/p there."""
+  root = _WORKDIR_ROOT.value.rstrip("/")
+  if not repo.is_url(root):
+    return root
+  if _EXECUTOR.value == "vertex" and root.startswith("gs://"):
+    return "/gcs/" + root[len("gs://"):]
+  raise app.UsageError(f"--workdir_root {root!r}: the trainer writes local paths; a gs:// root works with "
+                       "--executor=vertex (mounted at /gcs/); otherwise pass a path where the bucket is mounted")
+
+
 def job_args(config: str, point: dict, name: str) -> dict:
   """The trainer's flags for one point: config, its own workdir, and the point's overrides."""
-  args = {"config": config, "workdir": f"{_WORKDIR_ROOT.value.rstrip('/')}/{_TITLE.value}/{name}"}
+  args = {"config": config, "workdir": f"{workdir_root()}/{_TITLE.value}/{name}"}
   args.update({key: value for key, value in point.items()})
   return args
 
@@ -121,6 +135,7 @@ def main(argv):
     named = sweep_spec.named_points(_SWEEP.value, _ZIP.value)
   except ValueError as e:  # SweepError is a ValueError.
     raise app.UsageError(str(e)) from None
+  workdir_root()  # Checked before the slow xmanager import.
   from xmanager import xm, xm_local  # pylint: disable=g-import-not-at-top  (slow import, only after flag checks)
 
   executable_spec, executor, jobs = build(xm, xm_local, config, named)

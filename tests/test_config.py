@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from lenvm_jax import sharding
-from lenvm_jax.train import config as config_lib
+from lenvm_jax.train import config as config_lib, trainer
 from tests.conftest import REPO
 
 
@@ -47,6 +47,15 @@ def test_micro_batch_must_divide_over_data_and_fsdp(tiny_config):
   tiny_config.train.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size"):
     config_lib.check_batch_fits_mesh(tiny_config, sharding.make_mesh(8, 1, 1))
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tiny_config, tmp_path, monkeypatch):
+  # The trainer writes local paths: gs://b/run would become a local folder ./gs:/b/run, lost with the machine.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r"'gs://b/run' is a URL.*/gcs/BUCKET"):
+    trainer.train_and_evaluate(tiny_config, "gs://b/run")
+  assert not list(tmp_path.iterdir())
+  config_lib.check_workdir("/gcs/b/run")  # A mounted bucket is a path.
 
 
 def _train_cli(*overrides, workdir):

@@ -70,6 +70,7 @@ def test_tpu_vm_dry_run_commands():
     (["--accelerator_type=v4-8", "--", "--workdir=/x"], "only --config.<field>=<value>"),
     (["--accelerator_type=v4-8", "--config=/etc/hostname"], "must lie inside the repo"),
     (["--accelerator_type=v4-8", "--config=experiments/configs/nope.py"], "no such file"),
+    (["--accelerator_type=v4-8", "--workdir=gs://b/runs"], "--workdir 'gs://b/runs' is a URL"),
 ])
 def test_tpu_vm_bad_arguments_are_named(args, message):
   base = {"--name": "ok", "--zone": "z", "--config": CONFIG, "--workdir": "/w"}
@@ -109,10 +110,11 @@ def test_xm_dry_run_job_specs(launch_python):
                                        "gamma=0.997,lr=3e-4"]
   job = jobs[1]
   assert job["executor"] == {"type": "Vertex", "resources": {"A100": 8}, "topology": None}
-  assert job["args"] == {"config": CONFIG, "workdir": "gs://bucket/runs/gsweep/gamma=0.99,lr=3e-4",
+  # The trainer writes local paths: on Vertex the bucket is mounted at /gcs/<bucket>.
+  assert job["args"] == {"config": CONFIG, "workdir": "/gcs/bucket/runs/gsweep/gamma=0.99,lr=3e-4",
                          "config.model.gamma": "0.99", "config.optim.lr": "3e-4"}
   assert job["command"] == ["python", "-m", "experiments.train", f"--config={CONFIG}",
-                            "--workdir=gs://bucket/runs/gsweep/gamma=0.99,lr=3e-4", "--config.model.gamma=0.99",
+                            "--workdir=/gcs/bucket/runs/gsweep/gamma=0.99,lr=3e-4", "--config.model.gamma=0.99",
                             "--config.optim.lr=3e-4"]
   image = job["executable"]
   assert image["entrypoint"] == "experiments.train" and image["path"] == str(REPO)
@@ -139,6 +141,8 @@ def test_xm_dry_run_job_specs(launch_python):
     (["--accelerator=TPU_V4"], "needs --topology"),
     (["--accelerator=A100", "--topology=2x2"], "--topology is for TPUs"),
     (["--zip", "--sweep=config.model.gamma=0.9,0.99", "--sweep=config.optim.lr=1e-3"], "equal length"),
+    (["--executor=gke", "--accelerator=TPU_V4", "--topology=2x2x1", "--workdir_root=gs://b/runs"],
+     "the trainer writes local paths"),
 ])
 def test_xm_bad_arguments_are_named(launch_python, args, message):
   result = _xm(launch_python, *args)

@@ -52,6 +52,13 @@ def _sweep(sweep_dir, *extra):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+def test_url_sweep_dir_is_refused():
+  sweep = _sweep("gs://bucket/sweep")
+  output, _ = sweep.communicate(timeout=120)
+  assert sweep.returncode != 0 and "'gs://bucket/sweep' is a URL" in output, output
+  assert not os.path.exists(os.path.join(REPO, "gs:"))
+
+
 def _train_steps(workdir) -> list[int]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]

@@ -3,6 +3,8 @@
 ml_collections already rejects unknown fields and ill-typed overrides on the command line; this checks values.
 """
 
+import re
+
 import jax
 
 from lenvm_jax import targets
@@ -89,6 +91,15 @@ def validate(config) -> ModelConfig:
            f"must be positive, got {config.checkpoint.every_steps}")
   _require(config.checkpoint.keep > 0, "checkpoint.keep", f"must be positive, got {config.checkpoint.keep}")
   return model
+
+
+def check_workdir(workdir: str):
+  """A run's files are written with local file I/O (and orbax under an absolute path), so a URL workdir would land in a
+  local folder named after it and vanish with the machine: refuse it and say how to mount the bucket instead."""
+  if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+    raise ConfigError(f"workdir {workdir!r} is a URL, but checkpoints, metrics and config are written to local paths "
+                      "(they would end up under a local folder named after it). Pass a mounted path: Vertex AI "
+                      "mounts gs://BUCKET at /gcs/BUCKET; on TPU VMs and GKE mount the bucket with Cloud Storage FUSE.")
 
 
 def check_batch_fits_mesh(config, mesh):

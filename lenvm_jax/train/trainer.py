@@ -96,6 +96,7 @@ def save_config(config, workdir: str):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to config.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
+  config_lib.check_workdir(workdir)
   config_lib.validate(config)
   if config.model.gamma == "auto":
     config.model.gamma = pipeline.resolve_gamma(config)
