@@ -57,10 +57,23 @@ def _token_text(token) -> str | None:
 
 
 def _compile_chat_template(source: str):
-  """Sandboxed Jinja like transformers' apply_chat_template: trim/lstrip blocks, raise_exception, tojson."""
-  from jinja2 import TemplateError
-  from jinja2.ext import loopcontrols
+  """Sandboxed Jinja like transformers' apply_chat_template: trim/lstrip blocks, loop controls, raise_exception,
+  tojson, strftime_now, and the {% generation %} block (it marks assistant text for training masks; rendering
+  keeps its body as is)."""
+  from jinja2 import TemplateError, nodes
+  from jinja2.ext import Extension, loopcontrols
   from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  class GenerationBlock(Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
 
   def raise_exception(message):
     raise TemplateError(message)
@@ -71,7 +84,7 @@ def _compile_chat_template(source: str):
   def strftime_now(format_string):
     return datetime.datetime.now().strftime(format_string)
 
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now
@@ -92,7 +105,13 @@ class HuggingFaceTokenizer(Tokenizer):
                             if k.endswith("_token") and _token_text(v) is not None}
     self.eos_id = self._find_eos(self._special_tokens.get("eos_token"))
     self.chat_template = chat_template
-    self._template = _compile_chat_template(chat_template) if chat_template else None
+    self._template = None
+    if chat_template:
+      from jinja2 import TemplateError
+      try:
+        self._template = _compile_chat_template(chat_template)
+      except TemplateError as e:
+        raise ValueError(f"{os.path.dirname(tokenizer_json)}: chat template does not parse: {e}") from None
 
   def _find_eos(self, configured: str | None) -> int:
     if configured is not None:
