@@ -1,5 +1,6 @@
 """Hugging Face interop: forward parity with `transformers`, sharded loading, export round trip, model.init_from."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -115,8 +116,10 @@ def _random_value_head(model_config, seed=1) -> dict:
           for m in hf_layout.value_head_mappings(model_config)}
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", False), ("qwen2", True)])
-def test_export_import_round_trip_and_pytorch_value_head(tmp_path, kind, tied):
+# llama is exported in shards of at most 32 KiB (model-0000i-of-0000n + index, as save_pretrained splits big models):
+# our import and transformers must read them as they read one file.
+@pytest.mark.parametrize("kind,tied,max_shard_bytes", [("llama", False, 32 * 1024), ("qwen2", True, 10**9)])
+def test_export_import_round_trip_and_pytorch_value_head(tmp_path, kind, tied, max_shard_bytes):
   source = hf_models.save_tiny_hf_model(kind, tmp_path / "source", tie_embeddings=tied)
   model_config = hf_import.load_model_config(str(source), dtype="float32")
   head_tensors = _random_value_head(model_config)
@@ -128,8 +131,19 @@ def test_export_import_round_trip_and_pytorch_value_head(tmp_path, kind, tied):
   np.testing.assert_array_equal(head["summary_bias"], head_tensors["v_head.summary.bias"])
 
   out = tmp_path / "exported"
-  written = hf_export.export(params, model_config, str(out), tokenizer_dir=str(source))
+  (out / "model.safetensors").parent.mkdir(parents=True)
+  (out / "model.safetensors").write_text("stale")  # An earlier export's weights must not survive a sharded one.
+  written = hf_export.export(params, model_config, str(out), tokenizer_dir=str(source), max_shard_bytes=max_shard_bytes)
   assert "generation_config.json" in written  # save_pretrained wrote one; it travels with the tokenizer files.
+  shards = sorted(p.name for p in out.glob("model*.safetensors"))
+  if max_shard_bytes < 10**9:
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors", shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == 4 * sum(
+        int(np.prod(m.hf_shape)) for m in hf_layout.trunk_mappings(model_config))
+  else:
+    assert shards == ["model.safetensors"] and not (out / "model.safetensors.index.json").exists()
   assert hf_config.read_hf_config(str(out))["architectures"] == [type(hf_models.load_hf_model(source)).__name__]
   exported_config, again = _load(out)
   assert exported_config == model_config

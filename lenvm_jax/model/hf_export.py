@@ -3,17 +3,22 @@
 An HF causal-LM directory (config.json of the matching Llama / Qwen2 / Qwen3 class, model.safetensors written
 with safetensors.numpy, no torch) plus value_head.safetensors with the `v_head.*` tensors in PyTorch [out, in]
 layout. Tokenizer and generation files are copied from a source HF directory when one is known.
+
+Weights above `max_shard_bytes` are split as `save_pretrained` splits them: model-0000i-of-0000n.safetensors plus
+model.safetensors.index.json. Each shard is fetched from the devices and written before the next, so the host holds
+one shard, not the model.
 """
 
 import json
 import os
+import re
 import shutil
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lenvm_jax.model import hf_config, hf_layout
+from lenvm_jax.model import hf_config, hf_import, hf_layout
 from lenvm_jax.model.config import ModelConfig
 
 # Files of an HF directory that describe tokenization and decoding, not weights.
@@ -22,6 +27,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json")
 # transformers refuses safetensors files whose metadata does not name a framework layout; ours is PyTorch's.
 _METADATA = {"format": "pt"}
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB").
 
 
 def _host_tensors(mappings, params: dict) -> dict[str, np.ndarray]:
@@ -39,16 +47,49 @@ def copy_tokenizer_files(source_dir: str, output_dir: str) -> list[str]:
   return copied
 
 
-def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_dir: str = "") -> list[str]:
+def _shards(mappings, max_shard_bytes: int) -> list[list]:
+  """Mappings grouped in file order into shards of at most max_shard_bytes of float32 (a bigger tensor: alone)."""
+  shards, size = [[]], 0
+  for m in mappings:
+    nbytes = 4 * int(np.prod(m.hf_shape))
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(m)
+    size += nbytes
+  return shards
+
+
+def _save_trunk(params: dict, model_config: ModelConfig, output_dir: str, max_shard_bytes: int) -> list[str]:
+  for name in os.listdir(output_dir):  # A re-export must not leave the other layout's weights to be read instead.
+    if name in (hf_import.SINGLE_FILE, hf_import.INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+      os.remove(os.path.join(output_dir, name))
+  shards = _shards(hf_layout.trunk_mappings(model_config), max_shard_bytes)
+  if len(shards) == 1:
+    save_file(_host_tensors(shards[0], params), os.path.join(output_dir, hf_import.SINGLE_FILE), metadata=_METADATA)
+    return [hf_import.SINGLE_FILE]
+  names, weight_map, total = [], {}, 0
+  for i, shard in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    tensors = _host_tensors(shard, params)
+    save_file(tensors, os.path.join(output_dir, name), metadata=_METADATA)
+    weight_map.update({hf_name: name for hf_name in tensors})
+    total += sum(t.nbytes for t in tensors.values())
+    names.append(name)
+  with open(os.path.join(output_dir, hf_import.INDEX_FILE), "w", encoding="utf-8") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  return names + [hf_import.INDEX_FILE]
+
+
+def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_dir: str = "",
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
   """Writes the LenVM directory; returns the file names written. float32 weights, whatever the training dtype."""
   os.makedirs(output_dir, exist_ok=True)
   written = []
   with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config.hf_config_from_model_config(model_config), f, indent=2, sort_keys=True)
   written.append("config.json")
-  save_file(_host_tensors(hf_layout.trunk_mappings(model_config), params),
-            os.path.join(output_dir, "model.safetensors"), metadata=_METADATA)
-  written.append("model.safetensors")
+  written += _save_trunk(params, model_config, output_dir, max_shard_bytes)
   save_file(_host_tensors(hf_layout.value_head_mappings(model_config), params),
             os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE), metadata=_METADATA)
   written.append(hf_layout.VALUE_HEAD_FILE)
