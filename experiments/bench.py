@@ -1,15 +1,17 @@
 """Throughput benchmark: matmul peak, our train step (tokens/s, model FLOP/s, MFU), a PyTorch baseline, data pipeline.
 
-  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8 --steps=2
-                               --rounds=6]
+  python -m experiments.bench [--preset=small --hidden_size=256 --num_layers=4 --seq_len=256 --batch=8
+                               --accum_steps=2 --dtype=auto --steps=2 --rounds=6]
 
 (a) peak: the best FLOP/s of a square matmul through JAX in the compute dtype (float32 on CPU, bfloat16 on
     accelerators), so MFU is measured against what this machine really does, not a datasheet.
 (b) ours: the trainer's compiled train step (lenvm_jax.train.step, AdamW, value-head regression on discounted
-    targets, spec section 3) on batches from our grain pipeline: tokens/s (B x T per step time), model FLOP/s from
-    the standard count (6 x matmul params + attention, per token) and MFU = that / (a).
+    targets, spec section 3) on batches from our grain pipeline, split into --accum_steps micro-batches as the
+    trainer splits them: tokens/s (B x T per step time), model FLOP/s from the standard count (6 x matmul params +
+    attention, per token) and MFU = that / (a).
 (c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
-    transformers), the same batches, loss and optimizer, in plain eager PyTorch; its tokens/s and ours / theirs.
+    transformers), the same batches, micro-batches, loss and optimizer, in plain eager PyTorch; its tokens/s and
+    ours / theirs.
     It runs where JAX runs: on CPU with --torch_threads threads, on a GPU as CUDA (needs a CUDA build of torch), and
     in our compute dtype: with bfloat16 (the accelerator default, or --dtype=bfloat16) its matmuls run under
     torch.autocast(bfloat16) while the value head and loss stay float32, as ours do (spec section 2).
