@@ -16,7 +16,7 @@
     in our compute dtype: with bfloat16 (the accelerator default, or --dtype=bfloat16) its matmuls run under
     torch.autocast(bfloat16) while the value head and loss stay float32, as ours do (spec section 2).
     The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation
-    (to float32 rounding; to about 1 % in bfloat16, where the two round different intermediates).
+    (to float32 rounding; less closely in bfloat16, where the two round different intermediates).
     Timing runs in rounds that alternate the two (--steps each); the ratio is the median of the per-round ratios,
     printed with the lowest and highest, so a slow phase of a shared machine cannot decide it.
     Needs requirements-parity.txt (torch==2.13.0 CPU, transformers); skipped with a note when absent, on a GPU
@@ -138,7 +138,9 @@ def ours_runner(config, model_config, data: list[dict]):
     return step_metrics
 
   first_loss = float(step(0)["loss"])
-  return initial_params, first_loss, xla_step_flops(graphdef, objective, tx, state, data[0]), step
+  with jax.set_mesh(mesh):
+    xla_flops = xla_step_flops(graphdef, objective, tx, state, data[0])
+  return initial_params, first_loss, xla_flops, step
 
 
 def xla_step_flops(graphdef, objective, tx, state, batch) -> float:

@@ -8,7 +8,8 @@ Runs in its own venv (xmanager pins clash with nothing, but it is large):
 
 --dry_run prints each job's spec (image build steps, executor, requirements, trainer flags) as JSON and contacts
 nothing. The trainer writes its workdir with local file I/O: on Vertex AI a gs://BUCKET/... root is passed as
-/gcs/BUCKET/... (Vertex mounts buckets there); for GKE pass the path where the bucket is mounted (GCS FUSE CSI). Sweep specs are parsed by launch/sweep_spec.py, the same parser experiments/sweep.py uses.
+/gcs/BUCKET/... (Vertex mounts buckets there); for GKE pass the path where the bucket is mounted (GCS FUSE CSI).
+Sweep specs are parsed by launch/sweep_spec.py, the same parser experiments/sweep.py uses.
 """
 
 import json

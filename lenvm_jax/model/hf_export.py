@@ -27,8 +27,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json")
 # transformers refuses safetensors files whose metadata does not name a framework layout; ours is PyTorch's.
 _METADATA = {"format": "pt"}
-
-
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB").
 
 
