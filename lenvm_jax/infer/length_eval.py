@@ -23,8 +23,10 @@ ALL_GENERATORS = "*"
 
 def prompt_boundary_length(lengths, gamma: float) -> float:
   """L_GT of a prompt from its sampled completion lengths: the length whose return is the mean return."""
-  mean_return = np.mean(1.0 - gamma ** np.asarray(lengths, np.float64))
-  return float(np.log(1.0 - mean_return) / np.log(gamma))
+  # log(1 - mean return) = log(mean(gamma ** L)), summed in log space: gamma ** L underflows to 0 for long L.
+  log_terms = np.asarray(lengths, np.float64) * np.log(gamma)
+  top = log_terms.max()
+  return float((top + np.log(np.mean(np.exp(log_terms - top)))) / np.log(gamma))
 
 
 def least_mre_length(true_lengths) -> float:
