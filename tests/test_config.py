@@ -11,6 +11,7 @@ from tests.conftest import REPO
 @pytest.mark.parametrize("field,value,message", [
     ("model.gamma", 1.5, "model.gamma"),
     ("model.gamma", 0.0, "model.gamma"),
+    ("model.gamma", "auto-mre", "model.gamma"),
     ("model.num_kv_heads", 3, "model.num_heads"),
     ("model.dtype", "float16", "model.dtype"),
     ("data.source", "parquet", "data.source"),

@@ -16,6 +16,45 @@ def test_prompt_boundary_length_is_the_length_of_the_mean_return():
   assert 1 - gamma**got == pytest.approx(((1 - gamma**2) + (1 - gamma**10)) / 2)
 
 
+def test_prompt_boundary_length_of_long_completions_does_not_underflow():
+  # gamma ** 50000 underflows to 0 in float64; the log-space sum keeps the exact value.
+  gamma = 0.99
+  expected = 50_000 + np.log((1 + gamma**1000) / 2) / np.log(gamma)
+  assert length_eval.prompt_boundary_length([50_000, 51_000], gamma) == pytest.approx(expected, rel=1e-12)
+
+
+def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
+  rng = np.random.default_rng(0)
+  # Two generators, right-skewed lengths; prompts with 1 to 3 samples (L_GT then depends on gamma too).
+  train = []
+  for i in range(400):
+    generator, scale = ("a", 300.0) if i % 2 else ("b", 80.0)
+    for _ in range(1 + i % 3):
+      train.append(_t(int(rng.lognormal(np.log(scale), 0.6)) + 1, generator, prompt_id=f"p{i}"))
+  gamma, mre = length_eval.least_mre_gamma(train)
+  # The vectorised search agrees with the metric's own definition at the gamma it picked.
+  groups = length_eval.group_by_prompt(train)
+  pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
+  guess = {g: length_eval.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
+  assert mre == pytest.approx(length_eval.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
+  # It is the best gamma: no better at the spec's p99 rule, nor at finer gammas nearby.
+  for other in (0.01 ** (1 / np.percentile([len(t.completion_ids) for t in train], 99)), gamma * 0.999,
+                1 - (1 - gamma) * 0.97, 1 - (1 - gamma) * 1.03):
+    other_guess = {g: length_eval.prompt_boundary_length(v, other) for g, v in pooled.items()}
+    assert mre <= length_eval.prompt_boundary_mre(groups, lambda k: other_guess[k[1]], other)["*"] + 1e-3
+  # With one sample per prompt, L_GT = L for every gamma: the generator-only prediction can then reach the least-MRE
+  # constant of each generator (the 1/L-weighted median), which the p99 gamma misses.
+  single = [_t(int(rng.lognormal(np.log(300.0), 0.6)) + 1, "a", prompt_id=f"q{i}") for i in range(500)]
+  gamma, mre = length_eval.least_mre_gamma(single)
+  lengths = np.array([len(t.completion_ids) for t in single], np.float64)
+  floor = np.mean(np.abs(length_eval.least_mre_length(lengths) - lengths) / lengths)
+  p99_gamma = 0.01 ** (1 / np.percentile(lengths, 99))
+  at_p99 = np.mean(np.abs(length_eval.prompt_boundary_length(lengths, p99_gamma) - lengths) / lengths)
+  assert mre == pytest.approx(floor, abs=2e-3) and at_p99 > floor + 0.01
+  with pytest.raises(ValueError, match="auto_mre"):
+    length_eval.least_mre_gamma([Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")])
+
+
 def test_baselines_are_medians_by_position_and_generator():
   train = [_t(4, "a", prompt_id="p"), _t(4, "a", prompt_id="q"), _t(10, "b", prompt_id="p")]
   base = length_eval.fit_baselines(train, gamma=0.9)

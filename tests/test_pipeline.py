@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax.data import arrayrecord, pipeline, prepare, stats
-from lenvm_jax.train import checkpointing, trainer
+from lenvm_jax.train import checkpointing, config as config_lib, trainer
 
 
 def test_resume_mid_epoch_with_worker_processes_gives_the_same_batches(tiny_config, tmp_path):
@@ -71,6 +71,19 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
   p99 = np.percentile([len(shards[i].completion_ids) for i in range(len(shards))], 99)
   assert saved["model"]["gamma"] == stats.suggested_gamma(p99)
   assert abs((1 - saved["model"]["gamma"] ** p99) - 0.99) < 1e-9  # Spec: 1 - gamma ** L_p99 = 0.99.
+
+
+def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
+  from lenvm_jax.infer import length_eval
+  tiny_config.model.gamma = "auto_mre"
+  config_lib.validate(tiny_config)
+  gamma = pipeline.resolve_gamma(tiny_config)
+  policy = pipeline.synthetic_policy(tiny_config)
+  sample = [policy.sample(np.random.default_rng([tiny_config.data.seed * 2, i]))
+            for i in range(tiny_config.data.synthetic.train_records)]
+  assert gamma == length_eval.least_mre_gamma(sample)[0]
+  tiny_config.model.gamma = "auto"
+  assert pipeline.resolve_gamma(tiny_config) != gamma
 
 
 def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tmp_path):

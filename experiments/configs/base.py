@@ -12,7 +12,8 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(preset_fields(preset))
   config.model.vocab_size = 64
-  # A float in (0, 1), or "auto": 0.01 ** (1 / L_p99) of the training split (the resolved value is saved).
+  # A float in (0, 1), "auto": 0.01 ** (1 / L_p99) of the training split, or "auto_mre": the gamma with the least
+  # prompt-boundary MRE for a generator-only predictor on the training split (the resolved value is saved).
   config.model.gamma = config_dict.FieldReference(0.98, field_type=object)
   # A Hugging Face causal-LM dir (Llama / Qwen2 / Qwen3) whose weights start a fresh run (+ its value head if it
   # has value_head.safetensors). Its config.json must match the model fields above; a resumed run ignores it.
@@ -23,6 +24,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.loss.gae_lambda = 1.0  # 1 = Monte-Carlo return (the paper); < 1 bootstraps from stop-gradient values.
   config.loss.lm_weight = 0.0  # Weight of a joint next-token cross-entropy on completion tokens.
   config.loss.value_weight = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
+  config.loss.boundary_weight = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
   config.loss.length_normalizer = 1024.0  # Only for target_type='normalized_length': length that maps to 1.
 
   config.data = ml_collections.ConfigDict()

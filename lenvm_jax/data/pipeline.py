@@ -17,7 +17,8 @@ from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKERS = {"first_fit": grain.experimental.FirstFitPackIterDataset, "best_fit": grain.experimental.BestFitPackIterDataset}
 PACKING = ("none",) + tuple(PACKERS)
-# Trajectories sampled to estimate L_p99 for model.gamma = "auto" (all of them when the split is smaller).
+AUTO_GAMMA = ("auto", "auto_mre")  # model.gamma values that resolve_gamma computes from the training split.
+# Trajectories sampled to resolve model.gamma = "auto" / "auto_mre" (all of them when the split is smaller).
 GAMMA_SAMPLE = 20_000
 
 
@@ -54,7 +55,12 @@ def load_source(config, split: str):
 
 
 def resolve_gamma(config) -> float:
-  """model.gamma = "auto": gamma = 0.01 ** (1 / L_p99) over the training split's finished completions."""
+  """model.gamma from the training split's finished completions.
+
+  "auto": gamma = 0.01 ** (1 / L_p99) (spec section 1). "auto_mre": the gamma with the least prompt-boundary MRE for
+  a LenVM that knows only the generator (length_eval.least_mre_gamma), for jobs judged by prompt-boundary MRE.
+  """
+  mode = config.model.gamma
   if config.data.source == "synthetic":
     policy = synthetic_policy(config)  # Lengths do not depend on gamma: sample the policy directly.
     sample = [policy.sample(np.random.default_rng([config.data.seed * 2, i])) for i in range(
@@ -63,6 +69,12 @@ def resolve_gamma(config) -> float:
     source = load_source(config, "train")
     step = max(len(source) // GAMMA_SAMPLE, 1)
     sample = [source[i] for i in range(0, len(source), step)]
+  if mode == "auto_mre":
+    from lenvm_jax.infer import length_eval  # The metric's own definitions (numpy only).
+    gamma, mre = length_eval.least_mre_gamma(sample)
+    logging.info("model.gamma=auto_mre: least training prompt-boundary MRE %.4f over %d completions -> gamma=%.6f",
+                 mre, len(sample), gamma)
+    return gamma
   summary = stats.trajectory_stats(sample)["overall"]
   if summary["count"] == 0:
     raise ValueError("model.gamma='auto' needs finished completions in the training split; there are none")

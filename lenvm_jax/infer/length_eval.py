@@ -88,6 +88,42 @@ def prompt_boundary_report(predictor, trajectories, gamma: float, batch_size: in
   return {"mre": prompt_boundary_mre(groups, l_hat, gamma), "prompt_groups": len(keys), "groups": rows}
 
 
+def least_mre_gamma(trajectories, horizons: int = 160) -> tuple[float, float]:
+  """(gamma, training MRE) for model.gamma = "auto_mre": the gamma under which a LenVM that knows only the generator
+  has the least prompt-boundary MRE on the training groups.
+
+  Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
+  equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies
+  below the mean for right-skewed lengths, so the spec's p99 rule (made for per-token resolution) overshoots it.
+  Searched over horizons 1 / (1 - gamma) from 2 tokens to 4x the longest completion, log-spaced.
+  """
+  groups = group_by_prompt(trajectories)
+  if not groups:
+    raise ValueError("model.gamma='auto_mre' needs finished completions in the training split; there are none")
+  # Flat arrays so each candidate gamma costs a few numpy passes: lengths in group order, their group and generator.
+  generators = sorted({generator for _, generator in groups})
+  lengths = np.concatenate([np.asarray(v, np.float64) for v in groups.values()])
+  sizes = np.array([len(v) for v in groups.values()])
+  group_generator = np.array([generators.index(generator) for _, generator in groups])
+  sample_generator = np.repeat(group_generator, sizes)
+
+  def log_mean_exp(x, index, count):  # Per-bucket log(mean(exp(x))), stable for very negative x.
+    top = np.full(count, -np.inf)
+    np.maximum.at(top, index, x)
+    return top + np.log(np.bincount(index, np.exp(x - top[index]), count) / np.bincount(index, minlength=count))
+
+  best = None
+  for horizon in np.geomspace(2.0, 4.0 * max(lengths.max(), 2.0), horizons):
+    gamma = 1.0 - 1.0 / horizon
+    log_terms = lengths * np.log(gamma)
+    truth = log_mean_exp(log_terms, np.repeat(np.arange(len(sizes)), sizes), len(sizes)) / np.log(gamma)
+    guess = log_mean_exp(log_terms, sample_generator, len(generators)) / np.log(gamma)
+    mre = float(np.mean(np.abs(guess[group_generator] - truth) / np.maximum(truth, 1.0)))
+    if best is None or mre < best[1]:
+      best = (float(gamma), mre)
+  return best
+
+
 @dataclasses.dataclass(frozen=True)
 class LengthBaselines:
   constant_remaining: float

@@ -8,7 +8,7 @@ import re
 import jax
 
 from lenvm_jax import targets
-from lenvm_jax.data.pipeline import PACKING, SOURCES
+from lenvm_jax.data.pipeline import AUTO_GAMMA, PACKING, SOURCES
 from lenvm_jax.data.rows import UNFINISHED_POLICIES
 from lenvm_jax.model.config import ModelConfig
 
@@ -25,13 +25,13 @@ def _require(condition: bool, field: str, message: str):
 
 
 def validate(config) -> ModelConfig:
-  """Raises ConfigError naming the first bad field; returns the typed model config (gamma "auto" stays unresolved
+  """Raises ConfigError naming the first bad field; returns the typed model config (gamma "auto" / "auto_mre" stays unresolved
   here: the trainer resolves it from the data, see pipeline.resolve_gamma)."""
   gamma = config.model.gamma
-  _require(gamma == "auto" or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)), "model.gamma",
-           f"must be a number in (0, 1) or 'auto', got {gamma!r}")
+  _require(gamma in AUTO_GAMMA or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)), "model.gamma",
+           f"must be a number in (0, 1), 'auto' or 'auto_mre', got {gamma!r}")
   try:
-    model = ModelConfig.from_config({**config.model, "gamma": 0.5 if gamma == "auto" else float(gamma)})
+    model = ModelConfig.from_config({**config.model, "gamma": 0.5 if gamma in AUTO_GAMMA else float(gamma)})
   except (ValueError, TypeError) as e:
     raise ConfigError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
 
@@ -42,6 +42,8 @@ def validate(config) -> ModelConfig:
   _require(loss.gae_lambda == 1.0 or loss.target_type == "discounted", "loss.gae_lambda",
            "GAE targets (gae_lambda < 1) need loss.target_type='discounted'")
   _require(loss.lm_weight >= 0.0, "loss.lm_weight", f"must be >= 0, got {loss.lm_weight}")
+  _require(loss.get("boundary_weight", 1.0) > 0.0, "loss.boundary_weight",
+           f"must be > 0, got {loss.get('boundary_weight', 1.0)}")
   value_weight = loss.get("value_weight", 1.0)  # Absent from config.json of runs older than the field.
   _require(value_weight >= 0.0, "loss.value_weight", f"must be >= 0, got {value_weight}")
   _require(value_weight > 0.0 or loss.lm_weight > 0.0, "loss.value_weight",

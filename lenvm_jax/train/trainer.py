@@ -98,7 +98,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains to config.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
   config_lib.check_workdir(workdir)
   config_lib.validate(config)
-  if config.model.gamma == "auto":
+  if config.model.gamma in pipeline.AUTO_GAMMA:
     config.model.gamma = pipeline.resolve_gamma(config)
   model_config = config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
