@@ -3,6 +3,11 @@
 loss = value_weight * value MSE + lm_weight * LM cross-entropy; value_weight = 0 trains the trunk as a plain LM
 (a policy to sample rollouts from; the value head then gets no gradient, its metrics are still reported).
 
+boundary_weight > 1 counts each prompt-boundary state s_0 as that many tokens in the value MSE (a weighted token
+mean). The weight depends only on the state, so the minimiser at every state is still E[G | state]; it moves capacity
+toward the states that predict a whole completion's length before decoding (spec section 4), which the token mean
+gives ~1/L of the loss. 1 (the default) is the paper's plain token mean.
+
 Functions here return *sums* and *counts*, never means: the trainer divides by the valid-token count of the whole
 global batch (all micro-batches, all devices), so the gradient does not depend on how the batch is split, and a long
 sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (the paper's convention).
@@ -23,12 +28,15 @@ class Objective:
   gae_lambda: float = 1.0
   lm_weight: float = 0.0
   value_weight: float = 1.0
+  boundary_weight: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> "Objective":
     kind = targets.TargetKind(config.loss.target_type, config.model.gamma, config.loss.length_normalizer)
     # Runs saved before loss.value_weight existed have no such field: they trained the value loss at weight 1.
-    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight, config.loss.get("value_weight", 1.0))
+    # Likewise loss.boundary_weight: older runs weighed every state alike.
+    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight, config.loss.get("value_weight", 1.0),
+               config.loss.get("boundary_weight", 1.0))
 
   def value_targets(self, prediction, batch):
     if self.gae_lambda == 1.0:
@@ -40,8 +48,7 @@ class Objective:
     """Un-normalised loss pieces for one (micro-)batch: squared value error and LM cross-entropy, summed."""
     prediction = self.kind.predict(z)
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
-    mask = batch["value_mask"].astype(jnp.float32)
-    out = {"value_sq_err": jnp.sum(mask * (prediction - target) ** 2)}
+    out = {"value_sq_err": jnp.sum(self.value_weights(batch) * (prediction - target) ** 2)}
     if lm_logits is not None:
       ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, batch["lm_targets"])
       out["lm_ce"] = jnp.sum(batch["lm_mask"].astype(jnp.float32) * ce)
@@ -55,6 +62,13 @@ class Objective:
     return loss
 
 
-def token_counts(batch):
-  """Global valid-token counts of a batch (any leading dims): the loss denominators."""
-  return (jnp.sum(batch["value_mask"].astype(jnp.float32)), jnp.sum(batch["lm_mask"].astype(jnp.float32)))
+  def value_weights(self, batch):
+    """Per-token weight of the value MSE: the value mask, with s_0 (completion_index 0) counted boundary_weight times."""
+    mask = batch["value_mask"].astype(jnp.float32)
+    if self.boundary_weight == 1.0:
+      return mask
+    return mask * jnp.where(batch["completion_index"] == 0, jnp.float32(self.boundary_weight), 1.0)
+
+  def token_counts(self, batch):
+    """Global (weighted) valid-token counts of a batch (any leading dims): the loss denominators."""
+    return jnp.sum(self.value_weights(batch)), jnp.sum(batch["lm_mask"].astype(jnp.float32))

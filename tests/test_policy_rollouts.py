@@ -24,7 +24,7 @@ from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
 from lenvm_jax.infer import policy as policy_lib, rollouts
 from lenvm_jax.infer.predict import Predictor
 from lenvm_jax.infer.sampler import Sampler, SamplingConfig
-from lenvm_jax.objective import Objective, token_counts
+from lenvm_jax.objective import Objective
 from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib, trainer
 from tests.conftest import REPO
 
@@ -175,7 +175,7 @@ def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(
   def loss_and_grads(params):
     def loss(params):
       z, lm_logits = step_lib.forward(graphdef, params, batch, freeze_trunk=False, with_lm=True)
-      value_count, lm_count = token_counts(batch)
+      value_count, lm_count = objective.token_counts(batch)
       return objective.loss(objective.sums(z, lm_logits, batch), value_count, lm_count), lm_logits
     return jax.value_and_grad(loss, has_aux=True)(params)
 

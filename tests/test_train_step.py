@@ -19,11 +19,12 @@ def _setup(config, tx):
   return graphdef, state, batch
 
 
-@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
-def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight):
+@pytest.mark.parametrize("lm_weight,boundary_weight", [(0.0, 1.0), (0.5, 8.0)])
+def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight, boundary_weight):
   """Token-mean over the global batch: 1, 2 or 4 micro-batches give the same loss and the same SGD update."""
   config = tiny_config
   config.loss.lm_weight = lm_weight
+  config.loss.boundary_weight = boundary_weight
   tx = optax.sgd(1.0)  # The update is exactly -grad, so any denominator error shows.
   graphdef, state, batch = _setup(config, tx)
   counts = batch["value_mask"].sum(axis=1)
@@ -39,6 +40,32 @@ def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weig
     assert loss == pytest.approx(results[0][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][1])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_config):
+  from lenvm_jax.data import rows
+  from lenvm_jax.data.records import Trajectory
+  gamma = 0.9
+  tiny_config.model.gamma = gamma
+  # Two packed sequences: prompts of 3 and 2 tokens, completions of 4 and 1 (s_0 at columns 2 and 8), then padding
+  # (whose completion_index pads to 0 too: only the value mask tells it apart).
+  parts = [rows.trajectory_to_row(Trajectory(np.full(p, 7, np.int32), np.full(n, 9, np.int32), True), 16)
+           for p, n in ((3, 4), (2, 1))]
+  batch = {k: jnp.asarray(np.pad(np.concatenate([r[k] for r in parts]), (0, 16 - 10))[None])
+           for k in ("value_mask", "remaining", "completion_index", "lm_mask")}
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16)), jnp.float32)
+  error = np.asarray((-jax.nn.sigmoid(z) + (1 - gamma ** batch["remaining"].astype(np.float32))) ** 2)[0]
+  valid = np.asarray(batch["value_mask"][0])
+  boundary = np.flatnonzero((np.asarray(batch["completion_index"][0]) == 0) & valid)
+  np.testing.assert_array_equal(boundary, [2, 8])
+  for weight in (1.0, 5.0):
+    tiny_config.loss.boundary_weight = weight
+    objective = Objective.from_config(tiny_config)
+    loss = objective.loss(objective.sums(z, None, batch), *objective.token_counts(batch))
+    weights = valid.astype(np.float64)
+    weights[boundary] = weight
+    assert float(loss) == pytest.approx(np.sum(weights * error) / np.sum(weights), rel=1e-5)
+  assert weights.sum() == valid.sum() + 2 * 4
 
 
 def test_nonfinite_update_is_skipped_and_counted(tiny_config):

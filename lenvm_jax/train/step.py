@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from lenvm_jax import metrics
-from lenvm_jax.objective import Objective, token_counts
+from lenvm_jax.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 
@@ -28,7 +28,7 @@ def forward(graphdef, params, batch, *, freeze_trunk: bool, with_lm: bool):
 
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
                freeze_trunk: bool):
-  value_count, lm_count = token_counts(batch)
+  value_count, lm_count = objective.token_counts(batch)
   with_lm = objective.lm_weight > 0
 
   def micro_loss(params, micro):
@@ -66,7 +66,7 @@ def eval_step(params, batch, *, graphdef, objective: Objective):
   """Sums over one [B, T] eval batch: the metrics, and the objective's pieces with their token counts."""
   z, lm_logits = forward(graphdef, params, batch, freeze_trunk=False, with_lm=objective.lm_weight > 0)
   sums = metrics.metric_sums(z, batch, objective.kind)
-  value_count, lm_count = token_counts(batch)
+  value_count, lm_count = objective.token_counts(batch)
   sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch).items()},
               **{"objective/value_count": value_count, "objective/lm_count": lm_count})
   return sums
