@@ -4,12 +4,12 @@
       [--output_png=DIR/lengths.png]
 
 Per split (train, eval) and per generator: finished completion-length p50/p90/p99, unfinished count and share,
-suggested gamma (from the train split's p99), and the share of non-pad tokens when the sequences (prompt +
-completion cut at max_len, as rows.trajectory_to_row does) are packed into rows of max_len the way the pipeline
-packs them: train shuffled (data.seed), eval in stored order, unfinished dropped unless --unfinished keeps them,
---open_bins rows open at a time (the pipeline uses the per-host batch size). A sweep over bin counts and both
-policies on the train split says what a better packer would buy. Prints a table and writes DIR/data_stats.json
-and a histogram PNG of completion lengths per generator.
+suggested gamma (the train split's p99 rule, and what model.gamma=auto_mre would pick), and the share of non-pad
+tokens when the sequences (prompt + completion cut at max_len, as rows.trajectory_to_row does) are packed into rows
+of max_len the way the pipeline packs them: train shuffled (data.seed), eval in stored order, unfinished dropped
+unless --unfinished keeps them, --open_bins rows open at a time (the pipeline uses the per-host batch size). A sweep
+over bin counts and both policies on the train split says what a better packer would buy. Prints a table and writes
+DIR/data_stats.json and a histogram PNG of completion lengths per generator.
 """
 
 import json
@@ -21,6 +21,7 @@ from absl import app, flags
 
 from lenvm_jax.data import arrayrecord, packing_stats, rows, stats
 from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.infer import length_eval
 
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
 _PACKING = flags.DEFINE_enum("packing", "first_fit", packing_stats.POLICIES, "Packing policy to report.")
@@ -124,6 +125,8 @@ def format_table(result: dict) -> str:
                    + ", ".join(f"{bins}: {eff:.2%}" for bins, eff in by_bins.items()))
   gamma = result["suggested_gamma"]
   lines.append(f"suggested gamma (train p99): {gamma:.6f}" if gamma is not None else "suggested gamma: n/a")
+  if result["auto_mre_gamma"] is not None:
+    lines.append(f"gamma for prompt-boundary MRE (model.gamma=auto_mre): {result['auto_mre_gamma']:.6f}")
   return "\n".join(lines)
 
 
@@ -149,6 +152,10 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
     raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
   train = result["splits"].get("train", {}).get("overall", {})
   result["suggested_gamma"] = train.get("suggested_gamma")
+  result["auto_mre_gamma"] = None
+  if train.get("count"):
+    source = arrayrecord.ArrayRecordTrajectories(os.path.join(directory, "train"))
+    result["auto_mre_gamma"] = length_eval.least_mre_gamma([source[i] for i in range(len(source))])[0]
   with open(os.path.join(directory, "data_stats.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   plot_lengths(finished_lengths, output_png or os.path.join(directory, "lengths.png"), max_len)
