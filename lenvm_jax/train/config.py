@@ -25,8 +25,8 @@ def _require(condition: bool, field: str, message: str):
 
 
 def validate(config) -> ModelConfig:
-  """Raises ConfigError naming the first bad field; returns the typed model config (gamma "auto" / "auto_mre" stays unresolved
-  here: the trainer resolves it from the data, see pipeline.resolve_gamma)."""
+  """Raises ConfigError naming the first bad field; returns the typed model config (gamma "auto" / "auto_mre" stays
+  unresolved here: the trainer resolves it from the data, see pipeline.resolve_gamma)."""
   gamma = config.model.gamma
   _require(gamma in AUTO_GAMMA or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)), "model.gamma",
            f"must be a number in (0, 1), 'auto' or 'auto_mre', got {gamma!r}")
