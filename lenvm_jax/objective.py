@@ -63,7 +63,7 @@ class Objective:
 
 
   def value_weights(self, batch):
-    """Per-token weight of the value MSE: the value mask, with s_0 (completion_index 0) counted boundary_weight times."""
+    """Per-token weight of the value MSE: the value mask, with s_0 (completion_index 0) weighing boundary_weight."""
     mask = batch["value_mask"].astype(jnp.float32)
     if self.boundary_weight == 1.0:
       return mask
