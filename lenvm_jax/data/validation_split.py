@@ -1,0 +1,36 @@
+"""A validation split carved from a prepared train split, by prompt group: choose settings without the held-out split.
+
+A group is the prompt_id up to the first separator (CHAMP's "<problem>|<setting>": all settings of a problem land on
+one side), or the whole prompt_id; groups are assigned with a seeded permutation, as prepare_data splits problems.
+Records are copied byte for byte. CLI: experiments/carve_validation.py.
+"""
+
+import collections
+import json
+import os
+
+import grain
+
+from lenvm_jax.data import arrayrecord
+from lenvm_jax.data.champ import split_problems
+
+
+def group_of(prompt_id, separator: str) -> str:
+  if prompt_id is None:
+    raise ValueError("a record has no prompt_id: cannot keep a prompt's completions on one side")
+  return prompt_id.split(separator, 1)[0] if separator else prompt_id
+
+
+def carve(input_dir: str, output_dir: str, fraction: float, separator: str, seed: int) -> dict:
+  """Splits input_dir's train records into output_dir's train and eval; returns {split: record count}."""
+  source = grain.sources.ArrayRecordDataSource(arrayrecord.split_paths(os.path.join(input_dir, "train")))
+  records = [source[i] for i in range(len(source))]
+  groups = [group_of(json.loads(r).get("prompt_id"), separator) for r in records]
+  side = split_problems(sorted(set(groups)), eval_fraction=fraction, seed=seed)
+  by_split = collections.defaultdict(list)
+  for record, group in zip(records, groups):
+    by_split[side[group]].append(record)
+  os.makedirs(output_dir, exist_ok=True)
+  for split in ("train", "eval"):
+    arrayrecord.write_shard(arrayrecord.shard_path(output_dir, split, 0, 1), by_split[split])
+  return {split: len(by_split[split]) for split in ("train", "eval")}
