@@ -12,6 +12,7 @@ over bin counts and both policies on the train split says what a better packer w
 DIR/data_stats.json and a histogram PNG of completion lengths per generator.
 """
 
+import collections
 import json
 import os
 import sys
@@ -19,9 +20,9 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from lenvm_jax import prompt_boundary
 from lenvm_jax.data import arrayrecord, packing_stats, rows, stats
 from lenvm_jax.data.prepare import SPLITS
-from lenvm_jax.infer import length_eval
 
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
 _PACKING = flags.DEFINE_enum("packing", "first_fit", packing_stats.POLICIES, "Packing policy to report.")
@@ -39,6 +40,7 @@ class _Lengths:
 
   def __init__(self):
     self.generators, self.finished, self.prompt, self.completion = [], [], [], []
+    self.prompt_groups = collections.defaultdict(list)  # For the auto_mre gamma (prompt_boundary.group_by_prompt).
 
   def note(self, trajectories):
     for t in trajectories:
@@ -46,6 +48,8 @@ class _Lengths:
       self.finished.append(bool(t.finished))
       self.prompt.append(len(t.prompt_ids))
       self.completion.append(len(t.completion_ids))
+      if t.finished:
+        self.prompt_groups[prompt_boundary.group_key(t)].append(len(t.completion_ids))
       yield t
 
   def arrays(self):
@@ -74,6 +78,7 @@ def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfin
     generator["packing"] = packing(packed[generators[packed] == name])
   summary["packing_order"] = packed  # For the sweep; removed before writing.
   summary["sequence_lengths"] = sequence
+  summary["prompt_groups"] = dict(lengths.prompt_groups)
   finished_lengths = {name: completion[(generators == name) & finished] for name in summary["generators"]}
   return summary, finished_lengths
 
@@ -134,7 +139,7 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
                unfinished: str = "drop", seed: int = 0, sweep_bins=(), output_png: str | None = None) -> dict:
   """Computes the stats of every split present, writes DIR/data_stats.json and the PNG; returns the JSON dict."""
   result = {"dir": directory, "max_len": max_len, "packing": policy, "open_bins": open_bins,
-            "unfinished": unfinished, "seed": seed, "splits": {}}
+            "unfinished": unfinished, "seed": seed, "splits": {}, "auto_mre_gamma": None}
   finished_lengths = {}
   for split in SPLITS:
     try:
@@ -145,17 +150,16 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
         source, max_len=max_len, policy=policy, open_bins=open_bins, keep_unfinished=unfinished != "drop",
         shuffle_seed=seed if split == "train" else None)  # Training shuffles; eval_batches reads in order.
     order, sequence = summary.pop("packing_order"), summary.pop("sequence_lengths")
+    prompt_groups = summary.pop("prompt_groups")
     if split == "train" and sweep_bins:
       summary["packing_sweep"] = packing_sweep(sequence[order], max_len, sweep_bins)
     result["splits"][split] = summary
+    if split == "train" and prompt_groups:
+      result["auto_mre_gamma"] = prompt_boundary.least_mre_gamma(prompt_groups)[0]
   if not result["splits"]:
     raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
   train = result["splits"].get("train", {}).get("overall", {})
   result["suggested_gamma"] = train.get("suggested_gamma")
-  result["auto_mre_gamma"] = None
-  if train.get("count"):
-    source = arrayrecord.ArrayRecordTrajectories(os.path.join(directory, "train"))
-    result["auto_mre_gamma"] = length_eval.least_mre_gamma([source[i] for i in range(len(source))])[0]
   with open(os.path.join(directory, "data_stats.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   plot_lengths(finished_lengths, output_png or os.path.join(directory, "lengths.png"), max_len)

@@ -12,6 +12,7 @@ import os
 from absl import app, flags
 
 from lenvm_jax.data import pipeline
+from lenvm_jax import prompt_boundary
 from lenvm_jax.infer import length_eval
 from lenvm_jax.infer.predict import Predictor
 
@@ -27,7 +28,7 @@ def format_report(report: dict) -> str:
                             ("prompt-boundary MRE", "prompt_mre", "generator")):
     lines.append(f"{title}: model / best constant / {other} baseline")
     for scope, values in sorted(report[key].items()):
-      lines.append(f"  {'all' if scope == length_eval.ALL_GENERATORS else scope:<24} "
+      lines.append(f"  {'all' if scope == prompt_boundary.ALL_GENERATORS else scope:<24} "
                    f"{values['model']:10.4g} {values['constant']:10.4g} {values[other]:10.4g}")
   return "\n".join(lines)
 

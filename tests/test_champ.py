@@ -7,7 +7,7 @@ import pytest
 
 from lenvm_jax.data import champ
 from lenvm_jax.data.arrayrecord import ArrayRecordTrajectories
-from lenvm_jax.data.prepare import ImportedRecord, prepare
+from lenvm_jax.data.prepare import ImportedRecord, prepare, split_groups
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
 
@@ -91,11 +91,11 @@ def test_split_is_by_problem_and_deterministic(records, tok):
   assert len(problems_of["eval"]) == round(0.2 * MAX_PROBLEMS)
   again = list(champ.iter_champ(tok, max_problems=MAX_PROBLEMS))
   assert [r.split for r in again] == [r.split for r in records]
-  full = champ.split_problems([f"P_{i}" for i in range(270)], eval_fraction=0.2, seed=0)
+  full = split_groups([f"P_{i}" for i in range(270)], eval_fraction=0.2, seed=0)
   assert collections.Counter(full.values()) == {"eval": 54, "train": 216}
-  assert full != champ.split_problems(list(full), eval_fraction=0.2, seed=1)
+  assert full != split_groups(list(full), eval_fraction=0.2, seed=1)
   with pytest.raises(ValueError, match="eval_fraction"):
-    champ.split_problems(["P_1"], eval_fraction=1.0, seed=0)
+    split_groups(["P_1"], eval_fraction=1.0, seed=0)
 
 
 def test_generators_prompt_ids_meta_and_lines(records):

@@ -10,7 +10,7 @@ import pytest
 
 from lenvm_jax.data import packing_stats, prepare, synthetic
 from lenvm_jax.data.packing_stats import best_fit, first_fit
-from lenvm_jax.infer import length_eval
+from lenvm_jax import prompt_boundary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,8 @@ def test_cli_numbers_match_direct_computation(tmp_path):
 
   train_p99 = np.percentile([len(t.completion_ids) for s, t in data if s == "train" and t.finished], 99)
   assert result["suggested_gamma"] == pytest.approx(0.01 ** (1 / train_p99))
-  assert result["auto_mre_gamma"] == length_eval.least_mre_gamma([t for s, t in data if s == "train"])[0]
+  train_groups = prompt_boundary.group_by_prompt([t for s, t in data if s == "train"])
+  assert result["auto_mre_gamma"] == prompt_boundary.least_mre_gamma(train_groups)[0]
   assert set(result["splits"]["train"]["packing_sweep"]) == {"first_fit", "best_fit"}
   assert result["splits"]["train"]["packing_sweep"]["first_fit"]["4"] == pytest.approx(
       result["splits"]["train"]["overall"]["packing"]["efficiency"])

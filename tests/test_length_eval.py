@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from lenvm_jax.data.records import Trajectory
+from lenvm_jax import prompt_boundary
 from lenvm_jax.infer import length_eval
 
 
@@ -10,9 +11,9 @@ def _t(length, generator="a", prompt=(5,), prompt_id=None):
 
 
 def test_prompt_boundary_length_is_the_length_of_the_mean_return():
-  assert length_eval.prompt_boundary_length([37], 0.99) == pytest.approx(37)
+  assert prompt_boundary.prompt_boundary_length([37], 0.99) == pytest.approx(37)
   gamma = 0.9
-  got = length_eval.prompt_boundary_length([2, 10], gamma)
+  got = prompt_boundary.prompt_boundary_length([2, 10], gamma)
   assert 1 - gamma**got == pytest.approx(((1 - gamma**2) + (1 - gamma**10)) / 2)
 
 
@@ -20,7 +21,7 @@ def test_prompt_boundary_length_of_long_completions_does_not_underflow():
   # gamma ** 50000 underflows to 0 in float64; the log-space sum keeps the exact value.
   gamma = 0.99
   expected = 50_000 + np.log((1 + gamma**1000) / 2) / np.log(gamma)
-  assert length_eval.prompt_boundary_length([50_000, 51_000], gamma) == pytest.approx(expected, rel=1e-12)
+  assert prompt_boundary.prompt_boundary_length([50_000, 51_000], gamma) == pytest.approx(expected, rel=1e-12)
 
 
 def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
@@ -31,28 +32,29 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
     generator, scale = ("a", 300.0) if i % 2 else ("b", 80.0)
     for _ in range(1 + i % 3):
       train.append(_t(int(rng.lognormal(np.log(scale), 0.6)) + 1, generator, prompt_id=f"p{i}"))
-  gamma, mre = length_eval.least_mre_gamma(train)
+  gamma, mre = prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(train))
   # The vectorised search agrees with the metric's own definition at the gamma it picked.
-  groups = length_eval.group_by_prompt(train)
+  groups = prompt_boundary.group_by_prompt(train)
   pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
-  guess = {g: length_eval.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
-  assert mre == pytest.approx(length_eval.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
+  guess = {g: prompt_boundary.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
+  assert mre == pytest.approx(prompt_boundary.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
   # It is the best gamma: no better at the spec's p99 rule, nor at finer gammas nearby.
   for other in (0.01 ** (1 / np.percentile([len(t.completion_ids) for t in train], 99)), gamma * 0.999,
                 1 - (1 - gamma) * 0.97, 1 - (1 - gamma) * 1.03):
-    other_guess = {g: length_eval.prompt_boundary_length(v, other) for g, v in pooled.items()}
-    assert mre <= length_eval.prompt_boundary_mre(groups, lambda k: other_guess[k[1]], other)["*"] + 1e-3
+    other_guess = {g: prompt_boundary.prompt_boundary_length(v, other) for g, v in pooled.items()}
+    assert mre <= prompt_boundary.prompt_boundary_mre(groups, lambda k: other_guess[k[1]], other)["*"] + 1e-3
   # With one sample per prompt, L_GT = L for every gamma: the generator-only prediction can then reach the least-MRE
   # constant of each generator (the 1/L-weighted median), which the p99 gamma misses.
   single = [_t(int(rng.lognormal(np.log(300.0), 0.6)) + 1, "a", prompt_id=f"q{i}") for i in range(500)]
-  gamma, mre = length_eval.least_mre_gamma(single)
+  gamma, mre = prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(single))
   lengths = np.array([len(t.completion_ids) for t in single], np.float64)
-  floor = np.mean(np.abs(length_eval.least_mre_length(lengths) - lengths) / lengths)
+  floor = np.mean(np.abs(prompt_boundary.least_mre_length(lengths) - lengths) / lengths)
   p99_gamma = 0.01 ** (1 / np.percentile(lengths, 99))
-  at_p99 = np.mean(np.abs(length_eval.prompt_boundary_length(lengths, p99_gamma) - lengths) / lengths)
+  at_p99 = np.mean(np.abs(prompt_boundary.prompt_boundary_length(lengths, p99_gamma) - lengths) / lengths)
   assert mre == pytest.approx(floor, abs=2e-3) and at_p99 > floor + 0.01
   with pytest.raises(ValueError, match="auto_mre"):
-    length_eval.least_mre_gamma([Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")])
+    unfinished = Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")
+    prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt([unfinished]))
 
 
 def test_baselines_are_medians_by_position_and_generator():
@@ -73,10 +75,10 @@ def test_baselines_are_medians_by_position_and_generator():
 
 def test_least_mre_length_minimises_mre_on_its_inputs():
   # Weights 1/2, 1/4, 1/20 (total 0.8): the cumulative weight passes half (0.4) at L = 2.
-  assert length_eval.least_mre_length([20, 2, 4]) == 2
+  assert prompt_boundary.least_mre_length([20, 2, 4]) == 2
   lengths = np.array([3.0, 7, 8, 50, 120, 400])
   mre = lambda c: np.mean(np.abs(c - lengths) / lengths)
-  best = length_eval.least_mre_length(lengths)
+  best = prompt_boundary.least_mre_length(lengths)
   assert all(mre(best) <= mre(c) + 1e-12 for c in np.linspace(1, 500, 2000))
   # The prompt-blind baselines are fit this way on the training groups' L_GT.
   train = [_t(n, g, prompt_id=str(n)) for g, ns in (("a", (2, 4, 20)), ("b", (9, 10, 12))) for n in ns]
@@ -115,16 +117,16 @@ def test_prompt_boundary_mre_by_hand():
   truth_p = np.log(0.3125) / np.log(0.5)
   groups = {("p", "a"): [1, 3], ("q", "a"): [4], ("q", "b"): [2]}
   predicted = {("p", "a"): truth_p * 1.5, ("q", "a"): 3.0, ("q", "b"): 2.0}
-  mre = length_eval.prompt_boundary_mre(groups, predicted, gamma)
+  mre = prompt_boundary.prompt_boundary_mre(groups, predicted, gamma)
   assert mre["a"] == pytest.approx((0.5 + 0.25) / 2)
   assert mre["b"] == pytest.approx(0.0)
   assert mre["*"] == pytest.approx((0.5 + 0.25 + 0.0) / 3)
   # L_GT under one token divides by 1: a prompt answered by EOS alone.
-  assert length_eval.prompt_boundary_mre({("r", "a"): [0]}, {("r", "a"): 2.0}, gamma)["*"] == pytest.approx(2.0)
+  assert prompt_boundary.prompt_boundary_mre({("r", "a"): [0]}, {("r", "a"): 2.0}, gamma)["*"] == pytest.approx(2.0)
 
 
 def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
   unfinished = Trajectory(np.asarray([5], np.int32), np.ones(7, np.int32), False, "p", "a")
-  groups = length_eval.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
+  groups = prompt_boundary.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
                                         _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
   assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}

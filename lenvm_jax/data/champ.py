@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lenvm_jax.data.prepare import ImportedRecord
+from lenvm_jax.data.prepare import ImportedRecord, split_groups
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import Tokenizer
 
@@ -46,16 +46,6 @@ def default_tokenizer_path() -> str:
   if not path.is_file():
     raise FileNotFoundError(f"mistral-common has no tokenizer at {path}; pass a tokenizer explicitly")
   return str(path)
-
-
-def split_problems(problem_ids, eval_fraction: float, seed: int) -> dict[str, str]:
-  """problem id -> "train"|"eval": sorted ids, a seeded permutation, the first eval_fraction share is eval."""
-  if not 0.0 <= eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-  ordered = sorted(problem_ids)
-  permuted = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
-  eval_count = round(eval_fraction * len(ordered))
-  return {problem_id: "eval" if rank < eval_count else "train" for rank, problem_id in enumerate(permuted)}
 
 
 def _role(champ_role) -> str | None:
@@ -139,7 +129,7 @@ def iter_champ(tokenizer: Tokenizer, eval_fraction: float = 0.2, seed: int = 0, 
     raise ValueError(f"turn must be one of {TURNS}, got {turn!r}")
   dataset = champ_dataset.load(version)
   problem_ids = sorted(dataset.problems)[:max_problems]
-  split_of = split_problems(problem_ids, eval_fraction, seed)
+  split_of = split_groups(problem_ids, eval_fraction, seed)
   source = f"champ_dataset:{version}"
   prompt_cache = {}
   line = 0

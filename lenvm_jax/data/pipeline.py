@@ -12,6 +12,7 @@ import grain
 import jax
 import numpy as np
 
+from lenvm_jax import prompt_boundary
 from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
@@ -58,7 +59,7 @@ def resolve_gamma(config) -> float:
   """model.gamma from the training split's finished completions.
 
   "auto": gamma = 0.01 ** (1 / L_p99) (spec section 1). "auto_mre": the gamma with the least prompt-boundary MRE for
-  a LenVM that knows only the generator (length_eval.least_mre_gamma), for jobs judged by prompt-boundary MRE.
+  a LenVM that knows only the generator (prompt_boundary.least_mre_gamma), for jobs judged by prompt-boundary MRE.
   """
   mode = config.model.gamma
   if config.data.source == "synthetic":
@@ -70,8 +71,7 @@ def resolve_gamma(config) -> float:
     step = max(len(source) // GAMMA_SAMPLE, 1)
     sample = [source[i] for i in range(0, len(source), step)]
   if mode == "auto_mre":
-    from lenvm_jax.infer import length_eval  # The metric's own definitions (numpy only).
-    gamma, mre = length_eval.least_mre_gamma(sample)
+    gamma, mre = prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(sample))
     logging.info("model.gamma=auto_mre: least training prompt-boundary MRE %.4f over %d completions -> gamma=%.6f",
                  mre, len(sample), gamma)
     return gamma

@@ -12,7 +12,7 @@ import os
 import grain
 
 from lenvm_jax.data import arrayrecord
-from lenvm_jax.data.champ import split_problems
+from lenvm_jax.data.prepare import split_groups
 
 
 def group_of(prompt_id, separator: str) -> str:
@@ -26,7 +26,7 @@ def carve(input_dir: str, output_dir: str, fraction: float, separator: str, seed
   source = grain.sources.ArrayRecordDataSource(arrayrecord.split_paths(os.path.join(input_dir, "train")))
   records = [source[i] for i in range(len(source))]
   groups = [group_of(json.loads(r).get("prompt_id"), separator) for r in records]
-  side = split_problems(sorted(set(groups)), eval_fraction=fraction, seed=seed)
+  side = split_groups(sorted(set(groups)), eval_fraction=fraction, seed=seed)
   by_split = collections.defaultdict(list)
   for record, group in zip(records, groups):
     by_split[side[group]].append(record)

@@ -1,0 +1,95 @@
+"""Prompt-boundary length (spec section 4): L_GT of a prompt group, the MRE of L_hat against it, and the choices
+that minimise it (the least-MRE constant, the least-MRE gamma).
+
+numpy only, on Trajectory lists: the data layer (model.gamma="auto_mre", data stats) and the evaluation
+(infer/length_eval.py) share these definitions.
+"""
+
+import collections
+
+import numpy as np
+
+ALL_GENERATORS = "*"
+
+
+def prompt_boundary_length(lengths, gamma: float) -> float:
+  """L_GT of a prompt from its sampled completion lengths: the length whose return is the mean return."""
+  # log(1 - mean return) = log(mean(gamma ** L)), summed in log space: gamma ** L underflows to 0 for long L.
+  log_terms = np.asarray(lengths, np.float64) * np.log(gamma)
+  top = log_terms.max()
+  return float((top + np.log(np.mean(np.exp(log_terms - top)))) / np.log(gamma))
+
+
+def least_mre_length(true_lengths) -> float:
+  """The constant c minimising mean |c - L| / max(L, 1) over the given L_GT: their median weighted by 1 / max(L, 1)."""
+  lengths = np.sort(np.asarray(true_lengths, np.float64))
+  cumulative = np.cumsum(1.0 / np.maximum(lengths, 1.0))
+  return float(lengths[np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def generator_of(t) -> str:
+  return t.generator or "unknown"
+
+
+def group_key(t):
+  return (t.prompt_id if t.prompt_id is not None else tuple(t.prompt_ids.tolist()), generator_of(t))
+
+
+def group_by_prompt(trajectories) -> dict:
+  """{(prompt id or prompt tokens, generator): [completion lengths]} of the finished trajectories."""
+  groups = collections.defaultdict(list)
+  for t in trajectories:
+    if t.finished:
+      groups[group_key(t)].append(len(t.completion_ids))
+  return dict(groups)
+
+
+def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
+  """Spec section 4 MRE: mean over prompt groups of |L_hat - L_GT| / L_GT, overall ("*") and per generator.
+
+  groups: {(prompt, generator): [lengths]} (group_by_prompt); predicted: {same key: L_hat} or a function of the
+  key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.
+  """
+  guess = predicted if callable(predicted) else predicted.__getitem__
+  relative = collections.defaultdict(list)
+  for key, lengths in groups.items():
+    truth = prompt_boundary_length(lengths, gamma)
+    error = abs(guess(key) - truth) / max(truth, 1.0)
+    relative[ALL_GENERATORS].append(error)
+    relative[key[1]].append(error)
+  return {scope: float(np.mean(v)) for scope, v in relative.items()}
+
+
+def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
+  """(gamma, training MRE) for model.gamma = "auto_mre": the gamma under which a LenVM that knows only the generator
+  has the least prompt-boundary MRE on the training groups ({(prompt, generator): [lengths]}, group_by_prompt).
+
+  Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
+  equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies
+  below the mean for right-skewed lengths, so the spec's p99 rule (made for per-token resolution) overshoots it.
+  Searched over horizons 1 / (1 - gamma) from 2 tokens to 4x the longest completion, log-spaced.
+  """
+  if not groups:
+    raise ValueError("model.gamma='auto_mre' needs finished completions in the training split; there are none")
+  # Flat arrays so each candidate gamma costs a few numpy passes: lengths in group order, their group and generator.
+  generators = sorted({generator for _, generator in groups})
+  lengths = np.concatenate([np.asarray(v, np.float64) for v in groups.values()])
+  sizes = np.array([len(v) for v in groups.values()])
+  group_generator = np.array([generators.index(generator) for _, generator in groups])
+  sample_generator = np.repeat(group_generator, sizes)
+
+  def log_mean_exp(x, index, count):  # Per-bucket log(mean(exp(x))), stable for very negative x.
+    top = np.full(count, -np.inf)
+    np.maximum.at(top, index, x)
+    return top + np.log(np.bincount(index, np.exp(x - top[index]), count) / np.bincount(index, minlength=count))
+
+  best = None
+  for horizon in np.geomspace(2.0, 4.0 * max(lengths.max(), 2.0), horizons):
+    gamma = 1.0 - 1.0 / horizon
+    log_terms = lengths * np.log(gamma)
+    truth = log_mean_exp(log_terms, np.repeat(np.arange(len(sizes)), sizes), len(sizes)) / np.log(gamma)
+    guess = log_mean_exp(log_terms, sample_generator, len(generators)) / np.log(gamma)
+    mre = float(np.mean(np.abs(guess[group_generator] - truth) / np.maximum(truth, 1.0)))
+    if best is None or mre < best[1]:
+      best = (float(gamma), mre)
+  return best
