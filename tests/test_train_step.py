@@ -120,3 +120,30 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
   import json
   last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
   assert last["split"] == "train" and last["nonfinite_skips"] >= 1
+
+
+def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
+  import json
+  from lenvm_jax.train import trainer
+
+  def train_records(log_every):
+    config = tiny_config.copy_and_resolve_references()
+    config.train.steps, config.train.log_every, config.train.eval_every = 4, log_every, 0
+    config.checkpoint.every_steps, config.mesh.data = 100, 1
+    workdir = tmp_path / f"log_every_{log_every}"
+    trainer.train_and_evaluate(config, str(workdir))
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["split"] == "train"}
+
+  every_step, windowed = train_records(1), train_records(2)
+  assert sorted(windowed) == [2, 4]
+  for end in (2, 4):
+    pair = [every_step[end - 1], every_step[end]]
+    # Same seed, same batches: a window's loss and gradient norm are the means of its steps' ...
+    assert windowed[end]["loss"] == pytest.approx(np.mean([r["loss"] for r in pair]), rel=1e-6)
+    assert windowed[end]["grad_norm"] == pytest.approx(np.mean([r["grad_norm"] for r in pair]), rel=1e-6)
+    # ... and its spec metrics are token means over both batches: between the two steps' values, not the last one's.
+    for name in ("value_mse", "length_mae"):
+      low, high = sorted(r[name] for r in pair)
+      assert low - 1e-6 <= windowed[end][name] <= high + 1e-6
+      assert windowed[end][name] != pytest.approx(pair[1][name], rel=1e-6)

@@ -10,6 +10,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -57,6 +58,27 @@ def evaluate(compiled_eval, params, objective, config, eval_source, shardings, e
   pieces = {k.split("/", 1)[1]: totals.pop(k) for k in list(totals) if k.startswith("objective/")}
   loss = objective.loss(pieces, pieces.pop("value_count"), pieces.pop("lm_count"))
   return {"loss": float(loss), **metrics.finalize(totals)}
+
+
+@jax.jit
+def _add_to_window(window, step_metrics):
+  """Train metrics summed over the steps since the last log record, finite steps only: a skipped step's metrics are
+  NaN and are reported through the skip counter instead. window=None starts a new window."""
+  finite = step_metrics["finite"]
+  kept = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in step_metrics.items() if k != "finite"}
+  kept["finite_steps"] = finite.astype(jnp.float32)
+  return kept if window is None else jax.tree.map(jnp.add, window, kept)
+
+
+def _window_metrics(window) -> dict:
+  """One train record from a window's sums: loss and grad_norm averaged over its finite steps, the spec metrics as
+  token means over all of its batches (metrics.finalize). NaN loss if every step of the window was skipped."""
+  values = jax.device_get(window)
+  steps = float(values.pop("finite_steps"))
+  mean = lambda total: float(total) / steps if steps else float("nan")
+  out = {"loss": mean(values.pop("loss")), "grad_norm": mean(values.pop("grad_norm"))}
+  out.update(metrics.finalize(values))
+  return out
 
 
 def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
@@ -146,25 +168,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop = _StopRequest()
     last_eval: dict = {}
     stopped = False
-    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
     batch = first
     try:
       while step < config.train.steps:
         state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
+        window = _add_to_window(window, step_metrics)
         step += 1
         window_steps += 1
         window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
         if step % config.train.log_every == 0 or step == config.train.steps:
-          values = jax.device_get(step_metrics)
+          train_metrics = _window_metrics(window)
           elapsed = time.perf_counter() - window_start
-          finite = bool(values.pop("finite"))
-          train_metrics = {"loss": float(values.pop("loss")), "grad_norm": float(values.pop("grad_norm"))}
-          train_metrics.update(metrics.finalize(values))
+          finite = bool(jax.device_get(step_metrics["finite"]))
           skips = int(state.nonfinite_skips)
           train_metrics.update(tokens_per_s=window_tokens / elapsed,
                                flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
           log.write(step, "train", train_metrics)
-          window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+          window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
           if skips > reported_skips:
             _on_nonfinite(config, step, skips - reported_skips, finite)
             reported_skips = skips
