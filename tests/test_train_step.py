@@ -147,3 +147,55 @@ def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
       low, high = sorted(r[name] for r in pair)
       assert low - 1e-6 <= windowed[end][name] <= high + 1e-6
       assert windowed[end][name] != pytest.approx(pair[1][name], rel=1e-6)
+
+
+def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_steps(tiny_config):
+  tx = optax.sgd(0.1)
+  model_config = config_lib.validate(tiny_config)
+  graphdef, _ = state_lib.abstract_model(model_config)
+  state, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), seed=0, ema=True)
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
+  batch = next(iter(pipeline.train_dataset(tiny_config, pipeline.load_source(tiny_config, "train"))))
+  micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+  step = lambda s: step_lib.train_step(s, micro, graphdef=graphdef, objective=Objective.from_config(tiny_config),
+                                       tx=tx, freeze_trunk=False, ema_decay=0.99)[0]
+  # (1 + t) / (10 + t) caps the decay at the first updates: 0.1 after update 0, 2 / 11 after update 1.
+  expected = state.params
+  for rate in (0.1, 2 / 11):
+    state = step(state)
+    expected = jax.tree.map(lambda e, p: rate * e + (1 - rate) * p, expected, state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.ema_params, expected)
+  assert not np.allclose(state.ema_params["value_head"]["summary"], state.params["value_head"]["summary"])
+  poisoned = state.replace(params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params))
+  jax.tree.map(np.testing.assert_array_equal, step(poisoned).ema_params, state.ema_params)  # A skipped step.
+
+
+def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config, tmp_path):
+  import json
+  from lenvm_jax.infer.predict import Predictor
+  from lenvm_jax.train import checkpointing, optimizer, trainer
+  config = tiny_config
+  config.train.steps, config.train.eval_every, config.mesh.data = 6, 0, 1
+  config.train.ema_decay = 0.9
+  final_eval = trainer.train_and_evaluate(config, str(tmp_path))
+  predictor = Predictor(str(tmp_path))
+  model_config = config_lib.validate(config)
+  _, abstract = state_lib.abstract_model(model_config)
+  tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+  target, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), 0, initialize=False,
+                                           ema=True)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 1, False)
+  saved = ckpt.restore(ckpt.latest_step(), target)
+  ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, predictor.params, saved.ema_params)
+  head = lambda p: np.asarray(p["value_head"]["summary"])
+  assert not np.allclose(head(saved.ema_params), head(saved.params))
+  # The trainer's final eval used the EMA weights: re-evaluating them gives the same record.
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert records[-1]["split"] == "eval" and records[-1]["value_mse"] == pytest.approx(final_eval["value_mse"])
+  source = pipeline.load_source(config, "eval")
+  trajectories = [source[i] for i in range(len(source))]
+  values = predictor.predict(trajectories, max_len=config.data.max_len)
+  mse = np.concatenate([(v - (-(1 - config.model.gamma ** (len(t.completion_ids) - np.arange(len(v)))))) ** 2
+                        for t, (v, _) in zip(trajectories, values)])
+  assert float(np.mean(mse)) == pytest.approx(final_eval["value_mse"], rel=1e-4)

@@ -56,6 +56,9 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.train.eval_every = 500  # 0 = evaluate only at the end.
   config.train.log_every = 50
   config.train.freeze_trunk = False  # Train only the value head.
+  # > 0: keep an exponential moving average of the weights (decay per step, ramped up over the first steps); eval,
+  # prediction, export and rollouts then use it. It averages out the step-to-step noise of the final weights.
+  config.train.ema_decay = 0.0
   config.train.nonfinite = "skip"  # A non-finite loss/gradient: skip the update and count it, or stop.
 
   config.optim = ml_collections.ConfigDict()

@@ -17,7 +17,8 @@ from lenvm_jax.train import checkpointing, config as config_lib, optimizer, stat
 
 
 class Predictor:
-  """Loads the latest checkpoint of a workdir on one device and scores trajectories."""
+  """Loads the latest checkpoint of a workdir on one device (its EMA weights if the run keeps them) and scores
+  trajectories."""
 
   def __init__(self, workdir: str):
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
@@ -32,8 +33,10 @@ class Predictor:
     with jax.set_mesh(mesh):
       self.graphdef, abstract = state_lib.abstract_model(model_config)
       tx = optimizer.make_optimizer(self.config, abstract.to_pure_dict())
-      target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False)
-      self.params = ckpt.restore(step, target).params
+      # Runs saved before train.ema_decay existed keep no EMA.
+      ema = self.config.train.get("ema_decay", 0.0) > 0
+      target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False, ema=ema)
+      self.params = state_lib.eval_params(ckpt.restore(step, target))
     ckpt.close()
     self.step = step
     self._forward = jax.jit(self._values)

@@ -79,6 +79,8 @@ def validate(config) -> ModelConfig:
   _require(train.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {train.eval_batch_size}")
   _require(train.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {train.eval_every}")
   _require(train.log_every > 0, "train.log_every", f"must be positive, got {train.log_every}")
+  ema_decay = train.get("ema_decay", 0.0)  # Absent from config.json of runs older than the field.
+  _require(0.0 <= ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {ema_decay}")
   _require(train.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
            f"must be one of {NONFINITE_POLICIES}, got {train.nonfinite!r}")
 

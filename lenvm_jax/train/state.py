@@ -24,6 +24,13 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # Raw key data; split once per step for stochastic features (restored on resume).
   nonfinite_skips: jax.Array  # Steps whose update was skipped for a non-finite loss or gradient.
+  # train.ema_decay > 0: an exponential moving average of params, which eval, prediction and export use; else None.
+  ema_params: dict | None = None
+
+
+def eval_params(state: TrainState) -> dict:
+  """The weights a run is evaluated, served and exported with: the EMA when the run keeps one."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def abstract_model(model_config: ModelConfig):
@@ -36,9 +43,10 @@ def init_params(model_config: ModelConfig, seed: int) -> dict:
 
 
 def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initialize: bool = True,
-                       initial_params: dict | None = None):
+                       initial_params: dict | None = None, ema: bool = False):
   """The state initialised directly into its sharding (no full host copy), or, with `initialize=False`, only its
   ShapeDtypeStructs with shardings (the target of a checkpoint restore). Returns (state, shardings).
+  `ema` adds ema_params, starting equal to params.
 
   `initial_params` (already sharded, e.g. from hf_import.load_params) replace the random init; they are donated.
   """
@@ -48,7 +56,8 @@ def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initializ
   def init(given=None):
     params = init_params(model_config, seed) if given is None else given
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed + 1)), nonfinite_skips=jnp.zeros((), jnp.int32))
+                      rng=jax.random.key_data(jax.random.key(seed + 1)), nonfinite_skips=jnp.zeros((), jnp.int32),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
   state_shape = jax.eval_shape(init)
   state_sh = state_shardings(state_shape, param_sh, mesh)
@@ -77,4 +86,5 @@ def state_shardings(state_shape: TrainState, param_sh: dict, mesh) -> TrainState
     return replicated
 
   opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state_shape.opt_state)
-  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, nonfinite_skips=replicated)
+  return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated, nonfinite_skips=replicated,
+                    ema_params=None if state_shape.ema_params is None else param_sh)

@@ -26,8 +26,15 @@ def forward(graphdef, params, batch, *, freeze_trunk: bool, with_lm: bool):
   return model.value_logits(hidden), (model.lm_logits(hidden) if with_lm else None)
 
 
+def ema_update(ema_params, params, step, decay: float):
+  """One step of the parameter EMA. The decay ramps up as min(decay, (1 + t) / (10 + t)) (t = updates so far), so the
+  average forgets the random initialisation within the first steps instead of after ~1 / (1 - decay)."""
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
+
+
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
-               freeze_trunk: bool):
+               freeze_trunk: bool, ema_decay: float = 0.0):
   value_count, lm_count = objective.token_counts(batch)
   with_lm = objective.lm_weight > 0
 
@@ -48,6 +55,7 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = None if state.ema_params is None else ema_update(state.ema_params, params, state.step, ema_decay)
   # Non-finite guard: the update is dropped (state kept) and counted; the trainer reports it or stops.
   keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
@@ -56,6 +64,7 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
       opt_state=keep_new(opt_state, state.opt_state),
       rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32),
+      ema_params=None if ema_params is None else keep_new(ema_params, state.ema_params),
   )
   step_metrics = jax.tree.map(jnp.sum, metric_sums)
   step_metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
@@ -77,7 +86,7 @@ def compile_steps(graphdef, objective, tx, config, state_shardings, train_batch_
   """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
   train = jax.jit(
       functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
-                        freeze_trunk=config.train.freeze_trunk),
+                        freeze_trunk=config.train.freeze_trunk, ema_decay=config.train.ema_decay),
       in_shardings=(state_shardings, train_batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, objective=objective),

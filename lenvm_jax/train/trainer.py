@@ -145,7 +145,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if resume_step is None and config.model.get("init_from"):  # A resumed run takes its weights from the checkpoint.
       initial_params = _params_from_hf(config.model.init_from, model_config, mesh, config.seed)
     state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed,
-                                                   initialize=resume_step is None, initial_params=initial_params)
+                                                   initialize=resume_step is None, initial_params=initial_params,
+                                                   ema=config.train.ema_decay > 0)
     if resume_step is not None:
       logging.info("resuming from %s/%d", ckpt.directory, resume_step)
       state = ckpt.restore(resume_step, state, train_iter)
@@ -192,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(step, state, train_iter)
         if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
           eval_start = time.perf_counter()
-          last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh, eval_example)
+          last_eval = evaluate(compiled_eval, state_lib.eval_params(state), objective, config, eval_source, eval_sh, eval_example)
           log.write(step, "eval", last_eval)
           window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
         # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
@@ -206,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step < config.train.steps:
           batch = next(train_iter)
       if not stopped and has_eval:
-        last_eval = evaluate(compiled_eval, state.params, objective, config, eval_source, eval_sh, eval_example)
+        last_eval = evaluate(compiled_eval, state_lib.eval_params(state), objective, config, eval_source, eval_sh, eval_example)
         log.write(step, "eval", last_eval)
       ckpt.save(step, state, train_iter, force=True)
       ckpt.wait()
