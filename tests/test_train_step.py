@@ -199,3 +199,34 @@ def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config
   mse = np.concatenate([(v - (-(1 - config.model.gamma ** (len(t.completion_ids) - np.arange(len(v)))))) ** 2
                         for t, (v, _) in zip(trajectories, values)])
   assert float(np.mean(mse)) == pytest.approx(final_eval["value_mse"], rel=1e-4)
+
+
+def test_checkpoints_restore_whether_or_not_they_and_the_target_keep_an_ema(tiny_config, tmp_path):
+  import dataclasses
+  import orbax.checkpoint as ocp
+  from lenvm_jax.train import checkpointing
+  tx = optax.adamw(1e-3)
+  model_config = config_lib.validate(tiny_config)
+  mesh = sharding.make_mesh(1, 1, 1)
+  plain, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
+  with_ema, _ = state_lib.create_train_state(model_config, tx, mesh, seed=1, ema=True)
+  with_ema = with_ema.replace(ema_params=jax.tree.map(lambda p: p + 1.0, with_ema.params))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=5, async_save=False)
+  # Step 1: a checkpoint from before TrainState had ema_params (its stored tree has no such key).
+  old_layout = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name != "ema_params"}
+  ckpt.manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(old_layout)))
+  ckpt.manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(with_ema)))
+  ckpt.wait()
+  target = lambda ema: state_lib.create_train_state(model_config, tx, mesh, 0, initialize=False, ema=ema)[0]
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  restored = ckpt.restore(1, target(False))
+  assert restored.ema_params is None
+  same(restored.params, plain.params)
+  restored = ckpt.restore(1, target(True))  # EMA turned on at resume: it starts at the restored weights.
+  same(restored.ema_params, plain.params)
+  same(ckpt.restore(2, target(True)).ema_params, with_ema.ema_params)
+  restored = ckpt.restore(2, target(False))  # EMA turned off: dropped.
+  assert restored.ema_params is None
+  same(restored.params, with_ema.params)
+  same(restored.opt_state, with_ema.opt_state)
+  ckpt.close()

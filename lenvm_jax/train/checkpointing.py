@@ -7,6 +7,8 @@ orbax writes each step to a temporary directory and renames it when complete, so
 import os
 
 import grain
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -19,7 +21,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save),
-        item_names=("state", "data_iter"))
+        # Handlers named up front, so a fresh manager can read a step's metadata before restoring it.
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -35,11 +38,27 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """State restored into the shardings that `abstract_state` (ShapeDtypeStructs with shardings) names; the data
-    iterator is restored in place when given (inference passes none)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    iterator is restored in place when given (inference passes none).
+
+    The weight EMA follows the target, not the checkpoint: a checkpoint without one (train.ema_decay was 0, or it
+    predates the field) restores into a target that keeps one with the EMA started at the restored weights, and a
+    checkpoint's EMA is dropped when the target keeps none.
+    """
+    stored = self.manager.item_metadata(step).state
+    stored_ema = stored["ema_params"] if "ema_params" in stored else None
+    target = {name: getattr(abstract_state, name) for name in stored if name != "ema_params"}
+    if "ema_params" in stored:
+      target["ema_params"] = None if stored_ema is None else abstract_state.params  # An EMA shards like params.
+    items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)).state)
+    ema = restored.pop("ema_params", None)
+    if abstract_state.ema_params is None:
+      ema = None
+    elif ema is None:
+      ema = jax.tree.map(jnp.copy, restored["params"])
+    return type(abstract_state)(**restored, ema_params=ema)
 
   def wait(self):
     self.manager.wait_until_finished()
