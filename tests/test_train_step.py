@@ -120,6 +120,8 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
   import json
   last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
   assert last["split"] == "train" and last["nonfinite_skips"] >= 1
+  # A window of skipped steps reports NaN metrics, not the zeros of its empty sums.
+  assert np.isnan(last["loss"]) and np.isnan(last["value_mse"])
 
 
 def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):

@@ -72,13 +72,12 @@ def _add_to_window(window, step_metrics):
 
 def _window_metrics(window) -> dict:
   """One train record from a window's sums: loss and grad_norm averaged over its finite steps, the spec metrics as
-  token means over all of its batches (metrics.finalize). NaN loss if every step of the window was skipped."""
+  token means over all of its batches (metrics.finalize). All NaN if every step of the window was skipped."""
   values = jax.device_get(window)
   steps = float(values.pop("finite_steps"))
-  mean = lambda total: float(total) / steps if steps else float("nan")
-  out = {"loss": mean(values.pop("loss")), "grad_norm": mean(values.pop("grad_norm"))}
+  out = {name: float(values.pop(name)) / max(steps, 1.0) for name in ("loss", "grad_norm")}
   out.update(metrics.finalize(values))
-  return out
+  return out if steps else {name: float("nan") for name in out}
 
 
 def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
