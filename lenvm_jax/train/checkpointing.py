@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from lenvm_jax.train.state import TrainState
+
 
 class Checkpointer:
 
@@ -44,21 +46,29 @@ class Checkpointer:
     predates the field) restores into a target that keeps one with the EMA started at the restored weights, and a
     checkpoint's EMA is dropped when the target keeps none.
     """
-    stored = self.manager.item_metadata(step).state
-    stored_ema = stored["ema_params"] if "ema_params" in stored else None
-    target = {name: getattr(abstract_state, name) for name in stored if name != "ema_params"}
-    if "ema_params" in stored:
-      target["ema_params"] = None if stored_ema is None else abstract_state.params  # An EMA shards like params.
+    is_train_state = isinstance(abstract_state, TrainState)  # Any other pytree restores as it was saved.
+    target = self._train_state_target(step, abstract_state) if is_train_state else abstract_state
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = dict(self.manager.restore(step, args=ocp.args.Composite(**items)).state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    if not is_train_state:
+      return restored
+    restored = dict(restored)
     ema = restored.pop("ema_params", None)
     if abstract_state.ema_params is None:
       ema = None
     elif ema is None:
       ema = jax.tree.map(jnp.copy, restored["params"])
-    return type(abstract_state)(**restored, ema_params=ema)
+    return TrainState(**restored, ema_params=ema)
+
+  def _train_state_target(self, step: int, abstract_state: TrainState) -> dict:
+    """The restore target as a dict of the fields the checkpoint holds, its EMA (if any) shaped like params."""
+    stored = self.manager.item_metadata(step).state
+    target = {name: getattr(abstract_state, name) for name in stored if name != "ema_params"}
+    if "ema_params" in stored:
+      target["ema_params"] = None if stored["ema_params"] is None else abstract_state.params
+    return target
 
   def wait(self):
     self.manager.wait_until_finished()
