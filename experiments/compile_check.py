@@ -67,7 +67,7 @@ def main(argv):
     graphdef, abstract = state_lib.abstract_model(model_config)
     tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
     state_shape, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed, initialize=False,
-                                                         ema=config.train.ema_decay > 0)  # The EMA's memory too.
+                                                         ema=state_lib.keeps_ema(config))  # The EMA's memory too.
     train_batch, train_sh = batch_structs(config, mesh, config.train.batch_size,
                                           (accum, config.train.batch_size // accum), leading=1)
     eval_batch, eval_sh = batch_structs(config, mesh, config.train.eval_batch_size,

@@ -40,7 +40,7 @@ class _Lengths:
 
   def __init__(self):
     self.generators, self.finished, self.prompt, self.completion = [], [], [], []
-    self.prompt_groups = collections.defaultdict(list)  # For the auto_mre gamma (prompt_boundary.group_by_prompt).
+    self.prompt_groups = collections.defaultdict(list)  # For the auto_mre gamma.
 
   def note(self, trajectories):
     for t in trajectories:
@@ -48,8 +48,7 @@ class _Lengths:
       self.finished.append(bool(t.finished))
       self.prompt.append(len(t.prompt_ids))
       self.completion.append(len(t.completion_ids))
-      if t.finished:
-        self.prompt_groups[prompt_boundary.group_key(t)].append(len(t.completion_ids))
+      prompt_boundary.add_to_groups(self.prompt_groups, t)
       yield t
 
   def arrays(self):

@@ -11,8 +11,8 @@ import os
 
 from absl import app, flags
 
-from lenvm_jax.data import pipeline
 from lenvm_jax import prompt_boundary
+from lenvm_jax.data import pipeline
 from lenvm_jax.infer import length_eval
 from lenvm_jax.infer.predict import Predictor
 

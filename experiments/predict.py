@@ -19,9 +19,9 @@ import sys
 
 from absl import app, flags
 
+from lenvm_jax import prompt_boundary
 from lenvm_jax.data import jsonl
 from lenvm_jax.data.records import RecordError
-from lenvm_jax import prompt_boundary
 from lenvm_jax.infer import length_eval
 from lenvm_jax.infer.predict import Predictor
 
@@ -67,7 +67,8 @@ def main(argv):
         print(f"error: {_INPUT.value}: {e}", file=sys.stderr)
         sys.exit(2)
       json.dump({"checkpoint_step": predictor.step, **report}, f, indent=1)
-      mre = ", ".join(f"{'all' if k == prompt_boundary.ALL_GENERATORS else k}: {v:.2%}" for k, v in report["mre"].items())
+      mre = ", ".join(f"{'all' if k == prompt_boundary.ALL_GENERATORS else k}: {v:.2%}"
+                      for k, v in report["mre"].items())
       print(f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}")
 
 

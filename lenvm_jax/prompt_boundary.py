@@ -35,12 +35,17 @@ def group_key(t):
   return (t.prompt_id if t.prompt_id is not None else tuple(t.prompt_ids.tolist()), generator_of(t))
 
 
+def add_to_groups(groups: collections.defaultdict, t) -> None:
+  """Adds a finished trajectory's completion length to its group (unfinished ones have no known length)."""
+  if t.finished:
+    groups[group_key(t)].append(len(t.completion_ids))
+
+
 def group_by_prompt(trajectories) -> dict:
   """{(prompt id or prompt tokens, generator): [completion lengths]} of the finished trajectories."""
   groups = collections.defaultdict(list)
   for t in trajectories:
-    if t.finished:
-      groups[group_key(t)].append(len(t.completion_ids))
+    add_to_groups(groups, t)
   return dict(groups)
 
 

@@ -11,8 +11,8 @@ import json
 import os
 from typing import Iterable
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from lenvm_jax.data import arrayrecord, stats
 from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids

@@ -33,9 +33,8 @@ class Predictor:
     with jax.set_mesh(mesh):
       self.graphdef, abstract = state_lib.abstract_model(model_config)
       tx = optimizer.make_optimizer(self.config, abstract.to_pure_dict())
-      # Runs saved before train.ema_decay existed keep no EMA.
-      ema = self.config.train.get("ema_decay", 0.0) > 0
-      target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False, ema=ema)
+      target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False,
+                                               ema=state_lib.keeps_ema(self.config))
       self.params = state_lib.eval_params(ckpt.restore(step, target))
     ckpt.close()
     self.step = step

@@ -7,11 +7,9 @@ orbax writes each step to a temporary directory and renames it when complete, so
 import os
 
 import grain
-import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lenvm_jax.train.state import TrainState
+from lenvm_jax.train import state as state_lib
 
 
 class Checkpointer:
@@ -42,33 +40,18 @@ class Checkpointer:
     """State restored into the shardings that `abstract_state` (ShapeDtypeStructs with shardings) names; the data
     iterator is restored in place when given (inference passes none).
 
-    The weight EMA follows the target, not the checkpoint: a checkpoint without one (train.ema_decay was 0, or it
-    predates the field) restores into a target that keeps one with the EMA started at the restored weights, and a
-    checkpoint's EMA is dropped when the target keeps none.
+    A TrainState is restored through the tree the checkpoint holds (state.checkpoint_target / from_checkpoint), so
+    checkpoints written with or without a weight EMA, or before TrainState had one, restore into either kind of run.
+    Any other pytree restores as it was saved.
     """
-    is_train_state = isinstance(abstract_state, TrainState)  # Any other pytree restores as it was saved.
-    target = self._train_state_target(step, abstract_state) if is_train_state else abstract_state
+    is_train_state = isinstance(abstract_state, state_lib.TrainState)
+    target = (state_lib.checkpoint_target(abstract_state, self.manager.item_metadata(step).state)
+              if is_train_state else abstract_state)
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items)).state
-    if not is_train_state:
-      return restored
-    restored = dict(restored)
-    ema = restored.pop("ema_params", None)
-    if abstract_state.ema_params is None:
-      ema = None
-    elif ema is None:
-      ema = jax.tree.map(jnp.copy, restored["params"])
-    return TrainState(**restored, ema_params=ema)
-
-  def _train_state_target(self, step: int, abstract_state: TrainState) -> dict:
-    """The restore target as a dict of the fields the checkpoint holds, its EMA (if any) shaped like params."""
-    stored = self.manager.item_metadata(step).state
-    target = {name: getattr(abstract_state, name) for name in stored if name != "ema_params"}
-    if "ema_params" in stored:
-      target["ema_params"] = None if stored["ema_params"] is None else abstract_state.params
-    return target
+    return state_lib.from_checkpoint(abstract_state, restored) if is_train_state else restored
 
   def wait(self):
     self.manager.wait_until_finished()

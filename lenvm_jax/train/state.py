@@ -28,9 +28,37 @@ class TrainState:
   ema_params: dict | None = None
 
 
+def keeps_ema(config) -> bool:
+  """Whether a run keeps a weight EMA: train.ema_decay > 0 (absent from the config.json of runs older than it)."""
+  return config.train.get("ema_decay", 0.0) > 0
+
+
 def eval_params(state: TrainState) -> dict:
   """The weights a run is evaluated, served and exported with: the EMA when the run keeps one."""
   return state.params if state.ema_params is None else state.ema_params
+
+
+def checkpoint_target(abstract_state: TrainState, stored) -> dict:
+  """The restore target for a checkpoint whose state tree is `stored` (its metadata): the fields it holds, from
+  `abstract_state`; a stored EMA is shaped like params and restored even if the run keeps none (orbax restores whole
+  trees), then dropped by from_checkpoint."""
+  target = {name: getattr(abstract_state, name) for name in stored if name != "ema_params"}
+  if "ema_params" in stored:
+    target["ema_params"] = None if stored["ema_params"] is None else abstract_state.params
+  return target
+
+
+def from_checkpoint(abstract_state: TrainState, restored: dict) -> TrainState:
+  """The restored fields as a TrainState whose EMA follows the run, not the checkpoint: kept if the run keeps one,
+  started at the restored weights if the checkpoint had none (EMA turned on at resume), dropped if the run keeps
+  none."""
+  restored = dict(restored)
+  ema = restored.pop("ema_params", None)
+  if abstract_state.ema_params is None:
+    ema = None
+  elif ema is None:
+    ema = jax.tree.map(jnp.copy, restored["params"])
+  return TrainState(**restored, ema_params=ema)
 
 
 def abstract_model(model_config: ModelConfig):

@@ -145,7 +145,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       initial_params = _params_from_hf(config.model.init_from, model_config, mesh, config.seed)
     state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed,
                                                    initialize=resume_step is None, initial_params=initial_params,
-                                                   ema=config.train.ema_decay > 0)
+                                                   ema=state_lib.keeps_ema(config))
     if resume_step is not None:
       logging.info("resuming from %s/%d", ckpt.directory, resume_step)
       state = ckpt.restore(resume_step, state, train_iter)
@@ -162,6 +162,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
         eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
     flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
+    evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, config, eval_source,
+                                        eval_sh, eval_example)
 
     step = int(state.step)
     reported_skips = int(state.nonfinite_skips)
@@ -192,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(step, state, train_iter)
         if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
           eval_start = time.perf_counter()
-          last_eval = evaluate(compiled_eval, state_lib.eval_params(state), objective, config, eval_source, eval_sh, eval_example)
+          last_eval = evaluate_state(state)
           log.write(step, "eval", last_eval)
           window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
         # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
@@ -206,7 +208,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step < config.train.steps:
           batch = next(train_iter)
       if not stopped and has_eval:
-        last_eval = evaluate(compiled_eval, state_lib.eval_params(state), objective, config, eval_source, eval_sh, eval_example)
+        last_eval = evaluate_state(state)
         log.write(step, "eval", last_eval)
       ckpt.save(step, state, train_iter, force=True)
       ckpt.wait()
