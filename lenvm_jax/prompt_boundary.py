@@ -98,3 +98,47 @@ def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
     if best is None or mre < best[1]:
       best = (float(gamma), mre)
   return best
+
+
+def cell_headroom(groups: dict, problem_of, cell_of, gamma: float, splits: int = 100, fraction: float = 0.2,
+                  seed: int = 0) -> dict:
+  """How often an exact, MSE-trained LenVM that knows only a prompt's cell beats the per-generator least-MRE
+  constant in prompt-boundary MRE, over random problem splits of `groups` ({(prompt, generator): [lengths]}).
+
+  A LenVM whose V(s_0) is its cell's mean return predicts the cell's pooled L_GT (a certainty equivalent, which
+  depends on gamma); the constant is the generator's 1/L-weighted median. problem_of(key) keeps a problem's prompts on
+  one side of a split; cell_of(key) is what the LenVM can tell from the prompt (e.g. generator and prompt setting).
+  Returns {"cell", "generator", "constant": mean MRE over splits; "cell_wins": share of splits where cell < constant}.
+  """
+  from lenvm_jax.data.prepare import split_groups  # The split rule of prepare_data and carve_validation.
+  keys = list(groups)
+  problems = sorted({problem_of(k) for k in keys})
+  if len(problems) < 2:
+    raise ValueError("cell_headroom needs prompts of at least two problems to split")
+  truths = np.array([prompt_boundary_length(groups[k], gamma) for k in keys])
+  result = {"cell": [], "generator": [], "constant": []}
+  for split in range(splits):
+    side = split_groups(problems, fraction, seed + split)
+    held = np.array([side[problem_of(k)] == "eval" for k in keys])
+    tables = {"cell": collections.defaultdict(list), "generator": collections.defaultdict(list)}
+    for key, is_held in zip(keys, held):
+      if not is_held:
+        tables["cell"][cell_of(key)].extend(groups[key])
+        tables["generator"][key[1]].extend(groups[key])
+    pooled = {name: {c: prompt_boundary_length(v, gamma) for c, v in table.items()} for name, table in tables.items()}
+    by_generator = collections.defaultdict(list)
+    for key, truth, is_held in zip(keys, truths, held):
+      if not is_held:
+        by_generator[key[1]].append(truth)
+    constant = {g: least_mre_length(v) for g, v in by_generator.items()}
+    missing = {k[1] for k, h in zip(keys, held) if h} - set(constant)
+    if missing:
+      raise ValueError(f"split {split}: generators {sorted(missing)} have no training prompts")
+    # A cell with no training prompt (rare) gets its generator's pooled L_GT, as a LenVM that never saw it would.
+    guesses = {"cell": lambda k: pooled["cell"].get(cell_of(k), pooled["generator"][k[1]]),
+               "generator": lambda k: pooled["generator"][k[1]], "constant": lambda k: constant[k[1]]}
+    for name, guess in guesses.items():
+      errors = [abs(guess(k) - t) / max(t, 1.0) for k, t, h in zip(keys, truths, held) if h]
+      result[name].append(float(np.mean(errors)))
+  wins = float(np.mean(np.array(result["cell"]) < np.array(result["constant"])))
+  return {**{name: float(np.mean(v)) for name, v in result.items()}, "cell_wins": wins}

@@ -130,3 +130,20 @@ def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
   groups = prompt_boundary.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
                                         _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
   assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}
+
+
+def test_cell_headroom_scores_exact_cell_and_generator_lenvms_against_the_constant():
+  gamma = 0.99
+  # Setting "a" always takes 100 tokens, "b" 400: a LenVM that knows the setting is exact; the generator's pooled
+  # certainty equivalent and its 1/L-weighted median (100) are not.
+  groups = {(f"p{i}|{s}", "g"): [length] for i in range(10) for s, length in (("a", 100), ("b", 400))}
+  problem_of = lambda key: key[0].split("|")[0]
+  setting_of = lambda key: (key[1], key[0].split("|")[1])
+  by_setting = prompt_boundary.cell_headroom(groups, problem_of, setting_of, gamma, splits=5)
+  pooled = prompt_boundary.prompt_boundary_length([100, 400], gamma)
+  assert by_setting["cell"] == 0.0 and by_setting["cell_wins"] == 1.0
+  assert by_setting["constant"] == pytest.approx((0.0 + 300 / 400) / 2)
+  assert by_setting["generator"] == pytest.approx((abs(pooled - 100) / 100 + abs(pooled - 400) / 400) / 2)
+  # Cells that tell nothing (one per generator) make the cell LenVM the generator LenVM.
+  blind = prompt_boundary.cell_headroom(groups, problem_of, lambda key: key[1], gamma, splits=5)
+  assert blind["cell"] == pytest.approx(blind["generator"]) and blind["cell_wins"] == 0.0

@@ -1,0 +1,50 @@
+"""Chooses gamma for a job judged by prompt-boundary MRE, from the training split alone.
+
+  python -m experiments.mre_headroom --data_dir=data/champ --gammas=0.9974,0.996,0.995
+
+For each gamma, over random problem splits of the training prompts: the MRE of an exact LenVM that knows only the
+prompt's cell (generator plus the prompt_id after the separator: CHAMP's prompt setting), of one that knows only the
+generator, of the per-generator least-MRE constant (evaluate_lengths' baseline), and how often the first beats the
+last. An MSE-trained LenVM predicts a certainty equivalent, so at a large gamma even a perfect one can lose to the
+constant; see prompt_boundary.cell_headroom.
+"""
+
+import os
+
+from absl import app, flags
+
+from lenvm_jax import prompt_boundary
+from lenvm_jax.data import arrayrecord
+from lenvm_jax.data.validation_split import group_of
+
+_DATA = flags.DEFINE_string("data_dir", None, "A prepare_data output directory (only its train split is read).")
+_GAMMAS = flags.DEFINE_list("gammas", ["0.9974", "0.996", "0.995"], "Discount factors to compare.")
+_SPLITS = flags.DEFINE_integer("splits", 100, "Random problem splits per gamma.")
+_FRACTION = flags.DEFINE_float("fraction", 0.2, "Share of problems held out in each split.")
+_SEPARATOR = flags.DEFINE_string("group_separator", "|", "prompt_id = <problem><separator><cell>; empty: no cells.")
+flags.mark_flags_as_required(["data_dir"])
+
+
+def main(argv):
+  del argv
+  source = arrayrecord.ArrayRecordTrajectories(os.path.join(_DATA.value, "train"))
+  groups = prompt_boundary.group_by_prompt(source[i] for i in range(len(source)))
+  separator = _SEPARATOR.value
+  if any(not isinstance(prompt, str) for prompt, _ in groups):
+    raise SystemExit("mre_headroom needs a prompt_id on every record (problems and cells are read from it)")
+
+  def cell_of(key):
+    setting = key[0].split(separator, 1)[1] if separator and separator in key[0] else ""
+    return key[1], setting
+
+  print(f"{len(groups)} training prompt groups; MRE means over {_SPLITS.value} splits holding out "
+        f"{_FRACTION.value:.0%} of the problems")
+  print(f"{'gamma':>8} {'cell LenVM':>11} {'generator LenVM':>16} {'constant':>9} {'cell beats constant':>20}")
+  for gamma in map(float, _GAMMAS.value):
+    r = prompt_boundary.cell_headroom(groups, lambda key: group_of(key[0], separator), cell_of, gamma,
+                                      _SPLITS.value, _FRACTION.value)
+    print(f"{gamma:8.5g} {r['cell']:11.4f} {r['generator']:16.4f} {r['constant']:9.4f} {r['cell_wins']:20.0%}")
+
+
+if __name__ == "__main__":
+  app.run(main)
