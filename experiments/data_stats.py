@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -56,9 +57,17 @@ class _Lengths:
             np.asarray(self.prompt, np.int64), np.asarray(self.completion, np.int64))
 
 
+class SplitExtras(NamedTuple):
+  """What split_stats measures besides the JSON summary."""
+  finished_lengths: dict  # {generator: finished completion lengths}, for the histogram.
+  packing_order: np.ndarray  # Record indices in the pipeline's order (unfinished dropped under "drop").
+  sequence_lengths: np.ndarray  # Per record, prompt + completion cut at max_len.
+  prompt_groups: dict  # prompt_boundary.group_by_prompt of the split, for the auto_mre gamma.
+
+
 def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfinished: bool,
-                shuffle_seed: int | None) -> tuple[dict, dict]:
-  """(trajectory_stats with packing added per generator and overall, {generator: finished completion lengths})."""
+                shuffle_seed: int | None) -> tuple[dict, SplitExtras]:
+  """(trajectory_stats with packing added per generator and overall, SplitExtras)."""
   lengths = _Lengths()
   summary = stats.trajectory_stats(lengths.note(source[i] for i in range(len(source))))
   generators, finished, prompt, completion = lengths.arrays()
@@ -75,11 +84,8 @@ def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfin
   summary["overall"]["packing"] = packing(packed)
   for name, generator in summary["generators"].items():
     generator["packing"] = packing(packed[generators[packed] == name])
-  summary["packing_order"] = packed  # For the sweep; removed before writing.
-  summary["sequence_lengths"] = sequence
-  summary["prompt_groups"] = dict(lengths.prompt_groups)
   finished_lengths = {name: completion[(generators == name) & finished] for name in summary["generators"]}
-  return summary, finished_lengths
+  return summary, SplitExtras(finished_lengths, packed, sequence, dict(lengths.prompt_groups))
 
 
 def packing_sweep(sequence_lengths, max_len: int, bin_counts) -> dict:
@@ -145,16 +151,15 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
       source = arrayrecord.ArrayRecordTrajectories(os.path.join(directory, split))
     except FileNotFoundError:
       continue
-    summary, finished_lengths[split] = split_stats(
+    summary, extras = split_stats(
         source, max_len=max_len, policy=policy, open_bins=open_bins, keep_unfinished=unfinished != "drop",
         shuffle_seed=seed if split == "train" else None)  # Training shuffles; eval_batches reads in order.
-    order, sequence = summary.pop("packing_order"), summary.pop("sequence_lengths")
-    prompt_groups = summary.pop("prompt_groups")
+    finished_lengths[split] = extras.finished_lengths
     if split == "train" and sweep_bins:
-      summary["packing_sweep"] = packing_sweep(sequence[order], max_len, sweep_bins)
+      summary["packing_sweep"] = packing_sweep(extras.sequence_lengths[extras.packing_order], max_len, sweep_bins)
     result["splits"][split] = summary
-    if split == "train" and prompt_groups:
-      result["auto_mre_gamma"] = prompt_boundary.least_mre_gamma(prompt_groups)[0]
+    if split == "train" and extras.prompt_groups:
+      result["auto_mre_gamma"] = prompt_boundary.least_mre_gamma(extras.prompt_groups)[0]
   if not result["splits"]:
     raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
   train = result["splits"].get("train", {}).get("overall", {})
