@@ -186,7 +186,7 @@ def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config
   target, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), 0, initialize=False,
                                            ema=True)
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 1, False)
-  saved = ckpt.restore(ckpt.latest_step(), target)
+  saved = ckpt.restore_train_state(ckpt.latest_step(), target)
   ckpt.close()
   jax.tree.map(np.testing.assert_array_equal, predictor.params, saved.ema_params)
   head = lambda p: np.asarray(p["value_head"]["summary"])
@@ -224,13 +224,13 @@ def test_checkpoints_restore_whether_or_not_they_and_the_target_keep_an_ema(tiny
   ckpt.wait()
   target = lambda ema: state_lib.create_train_state(model_config, tx, mesh, 0, initialize=False, ema=ema)[0]
   same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
-  restored = ckpt.restore(1, target(False))
+  restored = ckpt.restore_train_state(1, target(False))
   assert restored.ema_params is None
   same(restored.params, plain.params)
-  restored = ckpt.restore(1, target(True))  # EMA turned on at resume: it starts at the restored weights.
+  restored = ckpt.restore_train_state(1, target(True))  # EMA turned on at resume: it starts at the restored weights.
   same(restored.ema_params, plain.params)
-  same(ckpt.restore(2, target(True)).ema_params, with_ema.ema_params)
-  restored = ckpt.restore(2, target(False))  # EMA turned off: dropped.
+  same(ckpt.restore_train_state(2, target(True)).ema_params, with_ema.ema_params)
+  restored = ckpt.restore_train_state(2, target(False))  # EMA turned off: dropped.
   assert restored.ema_params is None
   same(restored.params, with_ema.params)
   same(restored.opt_state, with_ema.opt_state)

@@ -35,7 +35,7 @@ class Predictor:
       tx = optimizer.make_optimizer(self.config, abstract.to_pure_dict())
       target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False,
                                                ema=state_lib.keeps_ema(self.config))
-      self.params = state_lib.eval_params(ckpt.restore(step, target))
+      self.params = state_lib.eval_params(ckpt.restore_train_state(step, target))
     ckpt.close()
     self.step = step
     self._forward = jax.jit(self._values)

@@ -36,22 +36,19 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-  def restore(self, step: int, abstract_state, data_iter=None):
-    """State restored into the shardings that `abstract_state` (ShapeDtypeStructs with shardings) names; the data
-    iterator is restored in place when given (inference passes none).
-
-    A TrainState is restored through the tree the checkpoint holds (state.checkpoint_target / from_checkpoint), so
-    checkpoints written with or without a weight EMA, or before TrainState had one, restore into either kind of run.
-    Any other pytree restores as it was saved.
-    """
-    is_train_state = isinstance(abstract_state, state_lib.TrainState)
-    target = (state_lib.checkpoint_target(abstract_state, self.manager.item_metadata(step).state)
-              if is_train_state else abstract_state)
+  def restore(self, step: int, target, data_iter=None):
+    """The state pytree as saved, into the shardings that `target` (ShapeDtypeStructs with shardings) names; the
+    data iterator is restored in place when given (inference passes none)."""
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items)).state
-    return state_lib.from_checkpoint(abstract_state, restored) if is_train_state else restored
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+
+  def restore_train_state(self, step: int, abstract_state, data_iter=None):
+    """A TrainState through the tree the checkpoint holds (state.checkpoint_target / from_checkpoint), so checkpoints
+    written with or without a weight EMA, or before TrainState had one, restore into either kind of run."""
+    target = state_lib.checkpoint_target(abstract_state, self.manager.item_metadata(step).state)
+    return state_lib.from_checkpoint(abstract_state, self.restore(step, target, data_iter))
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -148,7 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                    ema=state_lib.keeps_ema(config))
     if resume_step is not None:
       logging.info("resuming from %s/%d", ckpt.directory, resume_step)
-      state = ckpt.restore(resume_step, state, train_iter)
+      state = ckpt.restore_train_state(resume_step, state, train_iter)
 
     accum = config.train.accum_steps
     first = next(train_iter)
