@@ -30,6 +30,10 @@ def format_report(report: dict) -> str:
     for scope, values in sorted(report[key].items()):
       lines.append(f"  {'all' if scope == prompt_boundary.ALL_GENERATORS else scope:<24} "
                    f"{values['model']:10.4g} {values['constant']:10.4g} {values[other]:10.4g}")
+  lines.append("prompt-boundary calibration (length of the mean return at s_0): model / true")
+  for scope, values in sorted(report["prompt_calibration"].items()):
+    lines.append(f"  {'all' if scope == prompt_boundary.ALL_GENERATORS else scope:<24} "
+                 f"{values['model']:10.4g} {values['true']:10.4g}")
   return "\n".join(lines)
 
 

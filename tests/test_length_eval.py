@@ -109,6 +109,24 @@ def test_evaluate_scores_model_and_baselines_on_the_same_states():
   assert report["token_mae"]["*"]["constant"] > 0 and report["prompt_mre"]["a"]["generator"] > 0
   # max_len 8 with a 1-token prompt keeps states s_0..s_7 of the 12-token completion: 7 + 8 + 4 states in all.
   assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4}
+  calibration = report["prompt_calibration"]
+  assert calibration["a"]["model"] == pytest.approx(calibration["a"]["true"])
+  assert calibration["a"]["true"] == pytest.approx(prompt_boundary.prompt_boundary_length([6, 3], 0.9))
+
+
+def test_prompt_calibration_shows_a_biased_boundary_value():
+  class Doubling(_OraclePredictor):  # Predicts twice the true remaining length at every state.
+    def predict(self, trajectories, **kwargs):
+      return [(v, 2 * n) for v, n in super().predict(trajectories, **kwargs)]
+
+  held_out = [_t(6, "a", prompt_id="x"), _t(12, "b", prompt_id="x"), _t(3, "a", prompt_id="y")]
+  train = [_t(4, "a", prompt_id="p"), _t(10, "b", prompt_id="p")]
+  report = length_eval.evaluate(Doubling(), held_out, length_eval.fit_baselines(train, 0.9), 0.9, max_len=8)
+  assert report["prompt_calibration"]["a"] == pytest.approx(
+      {"model": prompt_boundary.prompt_boundary_length([12, 6], 0.9),
+       "true": prompt_boundary.prompt_boundary_length([6, 3], 0.9)})
+  assert report["prompt_calibration"]["*"]["model"] == pytest.approx(
+      prompt_boundary.prompt_boundary_length([12, 24, 6], 0.9))
 
 
 def test_prompt_boundary_mre_by_hand():

@@ -92,14 +92,18 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
              batch_size: int = 16, max_prompt_len: int = 0) -> dict:
   """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
-  per generator, on the finished held-out trajectories."""
+  per generator, on the finished held-out trajectories; "prompt_calibration": {"model", "true"} mean-return lengths
+  at s_0."""
   finished = [t for t in trajectories if t.finished]
   predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
+  boundary_lengths = collections.defaultdict(lambda: collections.defaultdict(list))
   for t, (_, n_hat) in zip(finished, predictions):
     steps = np.arange(len(n_hat))
     n = len(t.completion_ids) - steps
     for scope in (ALL_GENERATORS, generator_of(t)):
+      boundary_lengths[scope]["model"].append(n_hat[0])
+      boundary_lengths[scope]["true"].append(len(t.completion_ids))
       errors[scope]["model"].append(np.abs(n_hat - n))
       errors[scope]["constant"].append(np.abs(baselines.constant_remaining - n))
       errors[scope]["position"].append(np.abs(baselines.remaining_by_position(generator_of(t), steps) - n))
@@ -113,6 +117,10 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
              "generator": lambda key: baselines.generator_prompt_length.get(key[1], baselines.constant_prompt_length)}
   by_name = {name: prompt_boundary_mre(groups, guess, gamma) for name, guess in guesses.items()}
   prompt_mre = {scope: {name: by_name[name][scope] for name in guesses} for scope in by_name["model"]}
+  # Calibration at s_0: the length of the mean predicted return against that of the mean realised return, overall and
+  # per generator. MSE training makes them equal on the training completions; apart, they show a biased V(s_0).
+  calibration = {scope: {name: prompt_boundary_length(v, gamma) for name, v in by.items()}
+                 for scope, by in boundary_lengths.items()}
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions))}
-  return {"token_mae": token_mae, "prompt_mre": prompt_mre, "counts": counts}
+  return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts}
