@@ -23,17 +23,17 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def format_report(report: dict) -> str:
+  tables = (("per-token length MAE (tokens): model / best constant / position baseline", "token_mae",
+             ("model", "constant", "position")),
+            ("prompt-boundary MRE: model / best constant / generator baseline", "prompt_mre",
+             ("model", "constant", "generator")),
+            ("prompt-boundary calibration (length of the mean return at s_0): model / true", "prompt_calibration",
+             ("model", "true")))
   lines = [f"held-out: {report['counts']}"]
-  for title, key, other in (("per-token length MAE (tokens)", "token_mae", "position"),
-                            ("prompt-boundary MRE", "prompt_mre", "generator")):
-    lines.append(f"{title}: model / best constant / {other} baseline")
+  for title, key, columns in tables:
+    lines.append(title)
     for scope, values in sorted(report[key].items()):
-      lines.append(f"  {'all' if scope == prompt_boundary.ALL_GENERATORS else scope:<24} "
-                   f"{values['model']:10.4g} {values['constant']:10.4g} {values[other]:10.4g}")
-  lines.append("prompt-boundary calibration (length of the mean return at s_0): model / true")
-  for scope, values in sorted(report["prompt_calibration"].items()):
-    lines.append(f"  {'all' if scope == prompt_boundary.ALL_GENERATORS else scope:<24} "
-                 f"{values['model']:10.4g} {values['true']:10.4g}")
+      lines.append(f"  {prompt_boundary.scope_label(scope):<24} " + " ".join(f"{values[c]:10.4g}" for c in columns))
   return "\n".join(lines)
 
 

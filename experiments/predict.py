@@ -67,8 +67,7 @@ def main(argv):
         print(f"error: {_INPUT.value}: {e}", file=sys.stderr)
         sys.exit(2)
       json.dump({"checkpoint_step": predictor.step, **report}, f, indent=1)
-      mre = ", ".join(f"{'all' if k == prompt_boundary.ALL_GENERATORS else k}: {v:.2%}"
-                      for k, v in report["mre"].items())
+      mre = ", ".join(f"{prompt_boundary.scope_label(k)}: {v:.2%}" for k, v in report["mre"].items())
       print(f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}")
 
 

@@ -20,11 +20,24 @@ def prompt_boundary_length(lengths, gamma: float) -> float:
   return float((top + np.log(np.mean(np.exp(log_terms - top)))) / np.log(gamma))
 
 
+def scope_label(scope: str) -> str:
+  """How reports print a scope: "all" for ALL_GENERATORS, else the generator's name."""
+  return "all" if scope == ALL_GENERATORS else scope
+
+
 def least_mre_length(true_lengths) -> float:
   """The constant c minimising mean |c - L| / max(L, 1) over the given L_GT: their median weighted by 1 / max(L, 1)."""
   lengths = np.sort(np.asarray(true_lengths, np.float64))
   cumulative = np.cumsum(1.0 / np.maximum(lengths, 1.0))
   return float(lengths[np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def least_mre_by_generator(truths: dict) -> dict:
+  """{generator: least-MRE constant} from {(prompt, generator): L_GT}: evaluate_lengths' generator baseline."""
+  by_generator = collections.defaultdict(list)
+  for (_, generator), truth in truths.items():
+    by_generator[generator].append(truth)
+  return {g: least_mre_length(v) for g, v in by_generator.items()}
 
 
 def generator_of(t) -> str:
@@ -115,30 +128,25 @@ def cell_headroom(groups: dict, problem_of, cell_of, gamma: float, splits: int =
   problems = sorted({problem_of(k) for k in keys})
   if len(problems) < 2:
     raise ValueError("cell_headroom needs prompts of at least two problems to split")
-  truths = np.array([prompt_boundary_length(groups[k], gamma) for k in keys])
+  truths = {k: prompt_boundary_length(groups[k], gamma) for k in keys}
   result = {"cell": [], "generator": [], "constant": []}
   for split in range(splits):
     side = split_groups(problems, fraction, seed + split)
-    held = np.array([side[problem_of(k)] == "eval" for k in keys])
+    held = {k: groups[k] for k in keys if side[problem_of(k)] == "eval"}
     tables = {"cell": collections.defaultdict(list), "generator": collections.defaultdict(list)}
-    for key, is_held in zip(keys, held):
-      if not is_held:
+    for key in keys:
+      if key not in held:
         tables["cell"][cell_of(key)].extend(groups[key])
         tables["generator"][key[1]].extend(groups[key])
     pooled = {name: {c: prompt_boundary_length(v, gamma) for c, v in table.items()} for name, table in tables.items()}
-    by_generator = collections.defaultdict(list)
-    for key, truth, is_held in zip(keys, truths, held):
-      if not is_held:
-        by_generator[key[1]].append(truth)
-    constant = {g: least_mre_length(v) for g, v in by_generator.items()}
-    missing = {k[1] for k, h in zip(keys, held) if h} - set(constant)
+    constant = least_mre_by_generator({k: truth for k, truth in truths.items() if k not in held})
+    missing = {k[1] for k in held} - set(constant)
     if missing:
       raise ValueError(f"split {split}: generators {sorted(missing)} have no training prompts")
     # A cell with no training prompt (rare) gets its generator's pooled L_GT, as a LenVM that never saw it would.
     guesses = {"cell": lambda k: pooled["cell"].get(cell_of(k), pooled["generator"][k[1]]),
                "generator": lambda k: pooled["generator"][k[1]], "constant": lambda k: constant[k[1]]}
     for name, guess in guesses.items():
-      errors = [abs(guess(k) - t) / max(t, 1.0) for k, t, h in zip(keys, truths, held) if h]
-      result[name].append(float(np.mean(errors)))
+      result[name].append(prompt_boundary_mre(held, guess, gamma)[ALL_GENERATORS])
   wins = float(np.mean(np.array(result["cell"]) < np.array(result["constant"])))
   return {**{name: float(np.mean(v)) for name, v in result.items()}, "cell_wins": wins}

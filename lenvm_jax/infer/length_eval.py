@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.prompt_boundary import (ALL_GENERATORS, generator_of, group_by_prompt, group_key, least_mre_length,
-                                       prompt_boundary_length, prompt_boundary_mre)
+from lenvm_jax.prompt_boundary import (ALL_GENERATORS, generator_of, group_by_prompt, group_key, least_mre_by_generator,
+                                       least_mre_length, prompt_boundary_length, prompt_boundary_mre)
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
 position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)
@@ -80,13 +80,10 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
   for name in sorted(set(generators.tolist())):
     position[name] = table(generators == name)
   truths = {key: prompt_boundary_length(lengths, gamma) for key, lengths in group_by_prompt(finished).items()}
-  by_generator = collections.defaultdict(list)
-  for (_, generator), truth in truths.items():
-    by_generator[generator].append(truth)
   return LengthBaselines(
       constant_remaining=float(np.median(remaining)), position_remaining=position,
       constant_prompt_length=least_mre_length(list(truths.values())),
-      generator_prompt_length={g: least_mre_length(v) for g, v in by_generator.items()})
+      generator_prompt_length=least_mre_by_generator(truths))
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
