@@ -3,6 +3,10 @@
 loss = value_weight * value MSE + lm_weight * LM cross-entropy; value_weight = 0 trains the trunk as a plain LM
 (a policy to sample rollouts from; the value head then gets no gradient, its metrics are still reported).
 
+lm_stride > 1 takes the LM term on every lm_stride-th position of a row only: with a 32k vocabulary and a small
+trunk the LM head costs many times the trunk, so an auxiliary LM term is affordable only on a subset. Completions
+are packed at arbitrary offsets, so a fixed stride samples every completion position alike.
+
 boundary_weight > 1 counts each prompt-boundary state s_0 as that many tokens in the value MSE (a weighted token
 mean). The weight depends only on the state, so the minimiser at every state is still E[G | state]; it moves capacity
 toward the states that predict a whole completion's length before decoding (spec section 4), which the token mean
@@ -29,6 +33,7 @@ class Objective:
   lm_weight: float = 0.0
   value_weight: float = 1.0
   boundary_weight: float = 1.0
+  lm_stride: int = 1
 
   @classmethod
   def from_config(cls, config) -> "Objective":
@@ -36,7 +41,11 @@ class Objective:
     # Runs saved before loss.value_weight existed have no such field: they trained the value loss at weight 1.
     # Likewise loss.boundary_weight: older runs weighed every state alike.
     return cls(kind, config.loss.gae_lambda, config.loss.lm_weight, config.loss.get("value_weight", 1.0),
-               config.loss.get("boundary_weight", 1.0))
+               config.loss.get("boundary_weight", 1.0), config.loss.get("lm_stride", 1))
+
+  def lm_positions(self, x, axis: int = -1):
+    """The positions (along the time axis) that the LM term is taken on: every lm_stride-th."""
+    return jax.lax.slice_in_dim(x, 0, None, self.lm_stride, axis)
 
   def value_targets(self, prediction, batch):
     if self.gae_lambda == 1.0:
@@ -50,8 +59,8 @@ class Objective:
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * (prediction - target) ** 2)}
     if lm_logits is not None:
-      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, batch["lm_targets"])
-      out["lm_ce"] = jnp.sum(batch["lm_mask"].astype(jnp.float32) * ce)
+      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch["lm_targets"]))
+      out["lm_ce"] = jnp.sum(self.lm_positions(batch["lm_mask"]).astype(jnp.float32) * ce)
     return out
 
   def loss(self, sums, value_count, lm_count):
@@ -71,4 +80,4 @@ class Objective:
 
   def token_counts(self, batch):
     """Global (weighted) valid-token counts of a batch (any leading dims): the loss denominators."""
-    return jnp.sum(self.value_weights(batch)), jnp.sum(batch["lm_mask"].astype(jnp.float32))
+    return jnp.sum(self.value_weights(batch)), jnp.sum(self.lm_positions(batch["lm_mask"]).astype(jnp.float32))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +21,13 @@ def _setup(config, tx):
   return graphdef, state, batch
 
 
-@pytest.mark.parametrize("lm_weight,boundary_weight", [(0.0, 1.0), (0.5, 8.0)])
-def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight, boundary_weight):
+@pytest.mark.parametrize("lm_weight,boundary_weight,lm_stride", [(0.0, 1.0, 1), (0.5, 8.0, 1), (0.5, 1.0, 3)])
+def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight, boundary_weight, lm_stride):
   """Token-mean over the global batch: 1, 2 or 4 micro-batches give the same loss and the same SGD update."""
   config = tiny_config
   config.loss.lm_weight = lm_weight
   config.loss.boundary_weight = boundary_weight
+  config.loss.lm_stride = lm_stride
   tx = optax.sgd(1.0)  # The update is exactly -grad, so any denominator error shows.
   graphdef, state, batch = _setup(config, tx)
   counts = batch["value_mask"].sum(axis=1)
@@ -66,6 +69,30 @@ def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_
     weights[boundary] = weight
     assert float(loss) == pytest.approx(np.sum(weights * error) / np.sum(weights), rel=1e-5)
   assert weights.sum() == valid.sum() + 2 * 4
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_config, stride):
+  """The LM term against a numpy cross-entropy over the masked positions 0, k, 2k, ... of each row."""
+  tiny_config.loss.lm_weight, tiny_config.loss.value_weight, tiny_config.loss.lm_stride = 1.0, 0.0, stride
+  graphdef, state, batch = _setup(tiny_config, optax.sgd(1.0))
+  objective = Objective.from_config(tiny_config)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  z, lm_logits = step_lib.forward(graphdef, state.params, batch, freeze_trunk=False, objective=objective)
+  loss = objective.loss(objective.sums(z, lm_logits, batch), *objective.token_counts(batch))
+
+  _, full_logits = step_lib.forward(graphdef, state.params, batch, freeze_trunk=False,
+                                    objective=dataclasses.replace(objective, lm_stride=1))
+  logits = np.asarray(full_logits, np.float64)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  targets, mask = np.asarray(batch["lm_targets"]), np.asarray(batch["lm_mask"]).astype(bool)
+  picked = np.zeros_like(mask)
+  picked[:, ::stride] = True
+  ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  assert (mask & ~picked).any() or stride == 1  # The stride drops some LM positions.
+  assert float(loss) == pytest.approx(ce[mask & picked].mean(), rel=1e-5)
+  assert lm_logits.shape[1] == -(-batch["tokens"].shape[1] // stride)
 
 
 def test_nonfinite_update_is_skipped_and_counted(tiny_config):

@@ -23,6 +23,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   config.loss.target_type = "discounted"  # discounted | raw_length | normalized_length | log_length (ablations)
   config.loss.gae_lambda = 1.0  # 1 = Monte-Carlo return (the paper); < 1 bootstraps from stop-gradient values.
   config.loss.lm_weight = 0.0  # Weight of a joint next-token cross-entropy on completion tokens.
+  config.loss.lm_stride = 1  # Take the LM term on every k-th position only (a 32k-vocab head outweighs a small trunk).
   config.loss.value_weight = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
   config.loss.boundary_weight = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
   config.loss.length_normalizer = 1024.0  # Only for target_type='normalized_length': length that maps to 1.

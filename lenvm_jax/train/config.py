@@ -42,6 +42,8 @@ def validate(config) -> ModelConfig:
   _require(loss.gae_lambda == 1.0 or loss.target_type == "discounted", "loss.gae_lambda",
            "GAE targets (gae_lambda < 1) need loss.target_type='discounted'")
   _require(loss.lm_weight >= 0.0, "loss.lm_weight", f"must be >= 0, got {loss.lm_weight}")
+  _require(isinstance(loss.get("lm_stride", 1), int) and loss.get("lm_stride", 1) >= 1, "loss.lm_stride",
+           f"must be an integer >= 1, got {loss.get('lm_stride', 1)!r}")
   _require(loss.get("boundary_weight", 1.0) > 0.0, "loss.boundary_weight",
            f"must be > 0, got {loss.get('boundary_weight', 1.0)}")
   value_weight = loss.get("value_weight", 1.0)  # Absent from config.json of runs older than the field.

@@ -17,13 +17,14 @@ from lenvm_jax.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 
-def forward(graphdef, params, batch, *, freeze_trunk: bool, with_lm: bool):
-  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T, V]."""
+def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective):
+  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T / lm_stride, V]."""
   model = nnx.merge(graphdef, params)
   hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
   if freeze_trunk:
     hidden = jax.lax.stop_gradient(hidden)
-  return model.value_logits(hidden), (model.lm_logits(hidden) if with_lm else None)
+  with_lm = objective.lm_weight > 0
+  return model.value_logits(hidden), (model.lm_logits(objective.lm_positions(hidden, 1)) if with_lm else None)
 
 
 def ema_update(ema_params, params, step, decay: float):
@@ -36,10 +37,9 @@ def ema_update(ema_params, params, step, decay: float):
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
                freeze_trunk: bool, ema_decay: float = 0.0):
   value_count, lm_count = objective.token_counts(batch)
-  with_lm = objective.lm_weight > 0
 
   def micro_loss(params, micro):
-    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, with_lm=with_lm)
+    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, objective=objective)
     sums = objective.sums(z, lm_logits, micro)
     return objective.loss(sums, value_count, lm_count), (sums, metrics.metric_sums(z, micro, objective.kind))
 
@@ -73,7 +73,7 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
 
 def eval_step(params, batch, *, graphdef, objective: Objective):
   """Sums over one [B, T] eval batch: the metrics, and the objective's pieces with their token counts."""
-  z, lm_logits = forward(graphdef, params, batch, freeze_trunk=False, with_lm=objective.lm_weight > 0)
+  z, lm_logits = forward(graphdef, params, batch, freeze_trunk=False, objective=objective)
   sums = metrics.metric_sums(z, batch, objective.kind)
   value_count, lm_count = objective.token_counts(batch)
   sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch).items()},
