@@ -1,6 +1,10 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from lenvm_jax.data import arrayrecord
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax import prompt_boundary
 from lenvm_jax.infer import length_eval
@@ -165,3 +169,19 @@ def test_cell_headroom_scores_exact_cell_and_generator_lenvms_against_the_consta
   # Cells that tell nothing (one per generator) make the cell LenVM the generator LenVM.
   blind = prompt_boundary.cell_headroom(groups, problem_of, lambda key: key[1], gamma, splits=5)
   assert blind["cell"] == pytest.approx(blind["generator"]) and blind["cell_wins"] == 0.0
+
+
+def test_mre_headroom_prints_the_exact_cell_and_constant_scores(tmp_path):
+  """The CLI end to end: cells read from the prompt_id after the separator, the table row for each gamma."""
+  records = [arrayrecord.encode(Trajectory(np.array([1, 2], np.int32), np.full(length, 5, np.int32), True,
+                                           f"p{i}|{setting}", "g"))
+             for i in range(10) for setting, length in (("a", 100), ("b", 400))]
+  arrayrecord.write_shard(arrayrecord.shard_path(str(tmp_path), "train", 0, 1), records)
+  printed = subprocess.run([sys.executable, "-m", "experiments.mre_headroom", f"--data_dir={tmp_path}",
+                            "--gammas=0.99", "--splits=5"], capture_output=True, text=True, check=True).stdout
+  row = printed.strip().splitlines()[-1].split()
+  pooled = prompt_boundary.prompt_boundary_length([100, 400], 0.99)
+  assert printed.startswith("20 training prompt groups")
+  assert row[0] == "0.99" and float(row[1]) == 0.0 and row[-1] == "100%"  # Knowing the setting is exact here.
+  assert float(row[2]) == pytest.approx((abs(pooled - 100) / 100 + abs(pooled - 400) / 400) / 2, abs=1e-4)
+  assert float(row[3]) == pytest.approx(0.375, abs=1e-4)
