@@ -18,6 +18,7 @@ from tests.conftest import REPO
     ("data.unfinished", "keep", "data.unfinished"),
     ("loss.target_type", "mse", "loss.target_type"),
     ("loss.gae_lambda", 1.5, "loss.gae_lambda"),
+    ("loss.lm_stride", 0, "loss.lm_stride"),
     ("train.accum_steps", 3, "train.accum_steps"),
     ("train.nonfinite", "ignore", "train.nonfinite"),
     ("checkpoint.every_steps", 0, "checkpoint.every_steps"),
