@@ -116,3 +116,25 @@ def test_remat_gives_the_same_gradients():
 
   for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_residual_dropout_drops_and_rescales_sublayer_outputs_in_training_only():
+  from lenvm_jax.model.transformer import _dropout
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, 32)), jnp.float32)
+  out = np.asarray(_dropout(x, (0.25, jax.random.key(1)), jax.random.key(2)))
+  kept = out != 0
+  np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)  # Inverted dropout.
+  assert abs(kept.mean() - 0.75) < 0.01  # 8,192 draws: 3 sigma is ~0.014.
+  assert _dropout(x, None, None) is x
+
+  model = _model(dropout_rate=0.25)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (2, 12)))
+  positions, segments = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+  plain = model.hidden_states(tokens, positions, segments)
+  same = [model.hidden_states(tokens, positions, segments, jax.random.key(k)) for k in (3, 3, 4)]
+  np.testing.assert_array_equal(same[0], same[1])  # A key decides the masks.
+  assert not np.allclose(same[0], same[2]) and not np.allclose(same[0], plain)
+  # Without a key (evaluation, prediction, decoding) the model is the dropout-free one.
+  np.testing.assert_array_equal(plain, _model(dropout_rate=0.0).hidden_states(tokens, positions, segments))
+  with pytest.raises(ValueError, match="model.dropout_rate"):
+    _model(dropout_rate=1.0)

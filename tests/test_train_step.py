@@ -95,6 +95,28 @@ def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_conf
   assert lm_logits.shape[1] == -(-batch["tokens"].shape[1] // stride)
 
 
+def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_config):
+  tx = optax.sgd(1.0)  # The update is -grad: it shows the masks.
+  tiny_config.model.dropout_rate = 0.0
+  graphdef_plain, state, batch = _setup(tiny_config, tx)
+  tiny_config.model.dropout_rate = 0.3
+  graphdef, _, _ = _setup(tiny_config, tx)
+  objective = Objective.from_config(tiny_config)
+  micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
+  step = lambda g, s: step_lib.train_step(s, micro, graphdef=g, objective=objective, tx=tx, freeze_trunk=False)[0]
+  # The trunk's update: the value head's bias gradient barely depends on the masks.
+  update = lambda new, old: np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(new.params["layers"]),
+                                                                           jax.tree.leaves(old.params["layers"]))])
+  dropped, again, plain = step(graphdef, state), step(graphdef, state), step(graphdef_plain, state)
+  np.testing.assert_array_equal(update(dropped, state), update(again, state))  # The state's rng decides the masks.
+  differs = lambda a, b: np.linalg.norm(a - b) > 0.05 * np.linalg.norm(b)
+  assert differs(update(dropped, state), update(plain, state))
+  assert differs(update(step(graphdef, dropped.replace(params=state.params)), state), update(dropped, state))
+  evaluate = lambda g: step_lib.eval_step(state.params, {k: jnp.asarray(v) for k, v in batch.items()}, graphdef=g,
+                                          objective=objective)["objective/value_sq_err"]
+  assert float(evaluate(graphdef)) == float(evaluate(graphdef_plain))
+
+
 def test_nonfinite_update_is_skipped_and_counted(tiny_config):
   config = tiny_config
   tx = optax.adamw(1e-3)

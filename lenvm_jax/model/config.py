@@ -32,12 +32,17 @@ class ModelConfig:
   dtype: str = "auto"
   remat: str = "none"  # Recompute each decoder layer in the backward pass: none | full | dots.
   gamma: float = 0.997  # Discount of the length return G = -(1 - gamma ** n) (spec section 1).
+  # Residual dropout on every attention and MLP output, in training only (evaluation, prediction and decoding never
+  # drop): against a small trunk memorising the few hundred prompts of a real-data job.
+  dropout_rate: float = 0.0
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate must lie in [0, 1), got {self.dropout_rate}")
     if not 0.0 < self.gamma < 1.0:
       raise ValueError(f"model.gamma must lie in (0, 1), got {self.gamma}")
     if self.num_heads % self.num_kv_heads:

@@ -186,6 +186,14 @@ class MLP(nnx.Module):
     return dense(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
 
 
+def _dropout(x, dropout, key):
+  """Inverted dropout: kept units are scaled by 1 / (1 - rate), so evaluation (no dropout) needs no rescaling."""
+  if dropout is None:
+    return x
+  keep = 1.0 - dropout[0]
+  return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
+
+
 class DecoderLayer(nnx.Module):
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
@@ -194,9 +202,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, rope, mask):
-    x = x + self.attention(self.input_norm(x), rope, mask)
-    x = x + self.mlp(self.post_attention_norm(x))
+  def __call__(self, x, rope, mask, dropout=None):
+    """dropout: None, or (rate, key) to drop each sublayer's output before it joins the residual stream."""
+    attn_key, mlp_key = (None, None) if dropout is None else jax.random.split(dropout[1])
+    x = x + _dropout(self.attention(self.input_norm(x), rope, mask), dropout, attn_key)
+    x = x + _dropout(self.mlp(self.post_attention_norm(x)), dropout, mlp_key)
     return constrain(x, ("batch", "length", "embed"))
 
   def with_cache(self, x, rope, mask, cached_k, cached_v):
@@ -243,17 +253,21 @@ class LengthValueModel(nnx.Module):
     x = constrain(table[tokens], ("batch", "length", "embed"))
     return x, rotary_tables(positions, c.head_dim, c.rope_theta)
 
-  def hidden_states(self, tokens, positions, segment_ids):
-    """Final hidden states after the final norm: [B, T, H] in the compute dtype."""
+  def hidden_states(self, tokens, positions, segment_ids, dropout_key=None):
+    """Final hidden states after the final norm: [B, T, H] in the compute dtype. dropout_key (training only)
+    turns on model.dropout_rate."""
     c = self.config
     x, rope = self.embed(tokens, positions)
     mask = attention_mask(segment_ids)
-    for layer in self.layers:
+    use_dropout = dropout_key is not None and c.dropout_rate > 0
+    layer_keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
+    for layer, key in zip(self.layers, layer_keys):
+      dropout = (c.dropout_rate, key) if use_dropout else None
       if c.remat == "none":
-        x = layer(x, rope, mask)
+        x = layer(x, rope, mask, dropout)
       else:
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None)
-        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask)
+        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask, dropout)
     return self.final_norm(x)
 
   def cached_hidden_states(self, tokens, positions, mask, cache):

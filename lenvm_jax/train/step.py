@@ -17,10 +17,10 @@ from lenvm_jax.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 
-def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective):
+def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
   """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T / lm_stride, V]."""
   model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key)
   if freeze_trunk:
     hidden = jax.lax.stop_gradient(hidden)
   with_lm = objective.lm_weight > 0
@@ -37,18 +37,23 @@ def ema_update(ema_params, params, step, decay: float):
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
                freeze_trunk: bool, ema_decay: float = 0.0):
   value_count, lm_count = objective.token_counts(batch)
+  next_rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
-  def micro_loss(params, micro):
-    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, objective=objective)
+  def micro_loss(params, micro, dropout_key):
+    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, objective=objective,
+                           dropout_key=dropout_key)
     sums = objective.sums(z, lm_logits, micro)
     return objective.loss(sums, value_count, lm_count), (sums, metrics.metric_sums(z, micro, objective.kind))
 
-  def accumulate(grads, micro):
-    (loss, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, micro)
+  def accumulate(grads, micro_and_index):
+    micro, index = micro_and_index
+    (loss, aux), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        state.params, micro, jax.random.fold_in(dropout_rng, index))
     return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, batch)
+  accum_steps = jax.tree.leaves(batch)[0].shape[0]
+  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum_steps)))
   loss = jnp.sum(losses)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -62,7 +67,7 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
       step=state.step + 1,
       params=keep_new(params, state.params),
       opt_state=keep_new(opt_state, state.opt_state),
-      rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+      rng=jax.random.key_data(next_rng),
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32),
       ema_params=None if ema_params is None else keep_new(ema_params, state.ema_params),
   )
