@@ -15,7 +15,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", True, False),
     "Qwen3ForCausalLM": ("qwen3", False, True),
 }
-# The ModelConfig fields that an HF checkpoint fixes (its architecture); dtype, remat and gamma are run choices.
+# The ModelConfig fields that an HF checkpoint fixes (its architecture); dtype, remat, gamma, dropout are run choices.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                        "rope_theta", "rms_norm_eps", "tie_embeddings", "qkv_bias", "qk_norm")
 
