@@ -19,14 +19,18 @@ from lenvm_jax.infer.predict import Predictor
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _MAX_EVAL = flags.DEFINE_integer("max_eval_records", 0, "Evaluate on the first N eval records (0 = all).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+_CELLS = flags.DEFINE_string(
+    "cell_separator", "", "prompt_id = <problem><separator><cell> (CHAMP: |): also print the MRE of the model's "
+    "L_hat averaged within each (generator, cell), which shows whether its prompt-specific part helps.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def format_report(report: dict) -> str:
+  cells = "cell_mean" in report["prompt_mre"][prompt_boundary.ALL_GENERATORS]
   tables = (("per-token length MAE (tokens): model / best constant / position baseline", "token_mae",
              ("model", "constant", "position")),
-            ("prompt-boundary MRE: model / best constant / generator baseline", "prompt_mre",
-             ("model", "constant", "generator")),
+            ("prompt-boundary MRE: model / best constant / generator baseline" + (" / model's cell mean" * cells),
+             "prompt_mre", ("model", "constant", "generator") + ("cell_mean",) * cells),
             ("prompt-boundary calibration (length of the mean return at s_0): model / true", "prompt_calibration",
              ("model", "true")))
   lines = [f"held-out: {report['counts']}"]
@@ -46,7 +50,9 @@ def main(argv):
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
-                                config.data.max_len, _BATCH.value, config.data.max_prompt_len)
+                                config.data.max_len, _BATCH.value, config.data.max_prompt_len,
+                                (lambda key: prompt_boundary.cell_of_prompt(key, _CELLS.value)) if _CELLS.value
+                                else None)
   report["checkpoint_step"] = predictor.step
   with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

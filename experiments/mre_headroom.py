@@ -33,15 +33,12 @@ def main(argv):
   if any(not isinstance(prompt, str) for prompt, _ in groups):
     raise SystemExit("mre_headroom needs a prompt_id on every record (problems and cells are read from it)")
 
-  def cell_of(key):
-    setting = key[0].split(separator, 1)[1] if separator and separator in key[0] else ""
-    return key[1], setting
-
   print(f"{len(groups)} training prompt groups; MRE means over {_SPLITS.value} splits holding out "
         f"{_FRACTION.value:.0%} of the problems")
   print(f"{'gamma':>8} {'cell LenVM':>11} {'generator LenVM':>16} {'constant':>9} {'cell beats constant':>20}")
   for gamma in map(float, _GAMMAS.value):
-    r = prompt_boundary.cell_headroom(groups, lambda key: group_of(key[0], separator), cell_of, gamma,
+    r = prompt_boundary.cell_headroom(groups, lambda key: group_of(key[0], separator),
+                                      lambda key: prompt_boundary.cell_of_prompt(key, separator), gamma,
                                       _SPLITS.value, _FRACTION.value)
     print(f"{gamma:8.5g} {r['cell']:11.4f} {r['generator']:16.4f} {r['constant']:9.4f} {r['cell_wins']:20.0%}")
 

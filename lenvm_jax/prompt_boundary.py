@@ -40,6 +40,23 @@ def least_mre_by_generator(truths: dict) -> dict:
   return {g: least_mre_length(v) for g, v in by_generator.items()}
 
 
+def cell_of_prompt(key, separator: str):
+  """(generator, what follows the separator in the prompt_id), e.g. CHAMP's prompt setting; "" without one."""
+  prompt, generator = key
+  has_cell = separator and isinstance(prompt, str) and separator in prompt
+  return generator, (prompt.split(separator, 1)[1] if has_cell else "")
+
+
+def cell_mean_lengths(predicted: dict, cell_of, gamma: float) -> dict:
+  """{key: L_hat} -> each key's L_hat replaced by the length of its cell's mean predicted return: the prediction
+  without its prompt-specific part, to tell whether that part helps MRE (a part that is noise makes it worse)."""
+  by_cell = collections.defaultdict(list)
+  for key, length in predicted.items():
+    by_cell[cell_of(key)].append(length)
+  means = {cell: prompt_boundary_length(lengths, gamma) for cell, lengths in by_cell.items()}
+  return {key: means[cell_of(key)] for key in predicted}
+
+
 def generator_of(t) -> str:
   return t.generator or "unknown"
 

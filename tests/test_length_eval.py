@@ -133,6 +133,28 @@ def test_prompt_calibration_shows_a_biased_boundary_value():
       prompt_boundary.prompt_boundary_length([12, 24, 6], 0.9))
 
 
+def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_prediction():
+  class Scattered(_OraclePredictor):  # L_hat at s_0 off by +-50 % around the truth, alternating over prompts.
+    def predict(self, trajectories, **kwargs):
+      out = super().predict(trajectories, **kwargs)
+      return [(v, np.concatenate([[n[0] * (1.5 if i % 2 else 0.5)], n[1:]])) for i, (v, n) in enumerate(out)]
+
+  gamma = 0.9
+  # Cell "a|s" of generator a holds two prompts of 6 tokens each: their cell mean is exact, the scattered model not.
+  held_out = [_t(6, "a", prompt_id="p1|s"), _t(6, "a", prompt_id="p2|s"), _t(12, "b", prompt_id="p1|s")]
+  train = [_t(4, "a", prompt_id="p|s"), _t(10, "b", prompt_id="p|s")]
+  cell_of = lambda key: prompt_boundary.cell_of_prompt(key, "|")
+  report = length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma), gamma, max_len=16,
+                                cell_of=cell_of)
+  mre = report["prompt_mre"]
+  assert mre["a"]["model"] == pytest.approx(0.5)
+  assert mre["a"]["cell_mean"] == pytest.approx(abs(prompt_boundary.prompt_boundary_length([3, 9], gamma) - 6) / 6)
+  assert mre["b"]["cell_mean"] == pytest.approx(mre["b"]["model"]) == pytest.approx(0.5)  # A cell of one prompt.
+  assert cell_of(("p1|s|t", "a")) == ("a", "s|t") and cell_of(("p1", "a")) == ("a", "")
+  assert "cell_mean" not in length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma),
+                                                 gamma, max_len=16)["prompt_mre"]["*"]
+
+
 def test_prompt_boundary_mre_by_hand():
   gamma = 0.5
   # Group p/a: lengths 1 and 3: mean return ((1 - 0.5) + (1 - 0.125)) / 2 = 0.6875, L_GT = log2(1 / 0.3125).

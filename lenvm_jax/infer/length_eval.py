@@ -16,8 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.prompt_boundary import (ALL_GENERATORS, generator_of, group_by_prompt, group_key, least_mre_by_generator,
-                                       least_mre_length, prompt_boundary_length, prompt_boundary_mre)
+from lenvm_jax.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, generator_of, group_by_prompt, group_key,
+                                       least_mre_by_generator, least_mre_length, prompt_boundary_length,
+                                       prompt_boundary_mre)
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
 position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)
@@ -87,10 +88,10 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
-             batch_size: int = 16, max_prompt_len: int = 0) -> dict:
+             batch_size: int = 16, max_prompt_len: int = 0, cell_of=None) -> dict:
   """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
   per generator, on the finished held-out trajectories; "prompt_calibration": {"model", "true"} mean-return lengths
-  at s_0."""
+  at s_0. cell_of(group key) adds a "cell_mean" MRE: the model's L_hat averaged (in return) within each cell."""
   finished = [t for t in trajectories if t.finished]
   predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -112,6 +113,8 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   boundary = {group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)}
   guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
              "generator": lambda key: baselines.generator_prompt_length.get(key[1], baselines.constant_prompt_length)}
+  if cell_of is not None:
+    guesses["cell_mean"] = cell_mean_lengths(boundary, cell_of, gamma)
   by_name = {name: prompt_boundary_mre(groups, guess, gamma) for name, guess in guesses.items()}
   prompt_mre = {scope: {name: by_name[name][scope] for name in guesses} for scope in by_name["model"]}
   # Calibration at s_0: the length of the mean predicted return against that of the mean realised return, overall and
