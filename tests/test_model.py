@@ -121,11 +121,11 @@ def test_remat_gives_the_same_gradients():
 def test_residual_dropout_drops_and_rescales_sublayer_outputs_in_training_only():
   from lenvm_jax.model.transformer import _dropout
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, 32)), jnp.float32)
-  out = np.asarray(_dropout(x, (0.25, jax.random.key(1)), jax.random.key(2)))
+  out = np.asarray(_dropout(x, 0.25, jax.random.key(2)))
   kept = out != 0
   np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)  # Inverted dropout.
   assert abs(kept.mean() - 0.75) < 0.01  # 8,192 draws: 3 sigma is ~0.014.
-  assert _dropout(x, None, None) is x
+  assert _dropout(x, 0.25, None) is x
 
   model = _model(dropout_rate=0.25)
   tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (2, 12)))

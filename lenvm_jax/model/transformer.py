@@ -186,11 +186,12 @@ class MLP(nnx.Module):
     return dense(jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
 
 
-def _dropout(x, dropout, key):
-  """Inverted dropout: kept units are scaled by 1 / (1 - rate), so evaluation (no dropout) needs no rescaling."""
-  if dropout is None:
+def _dropout(x, rate: float, key):
+  """Inverted dropout: kept units are scaled by 1 / (1 - rate), so evaluation (key None: no dropout) needs no
+  rescaling."""
+  if key is None or rate == 0.0:
     return x
-  keep = 1.0 - dropout[0]
+  keep = 1.0 - rate
   return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
 
 
@@ -201,12 +202,13 @@ class DecoderLayer(nnx.Module):
     self.attention = Attention(config, rngs)
     self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
     self.mlp = MLP(config, rngs)
+    self.dropout_rate = config.dropout_rate
 
-  def __call__(self, x, rope, mask, dropout=None):
-    """dropout: None, or (rate, key) to drop each sublayer's output before it joins the residual stream."""
-    attn_key, mlp_key = (None, None) if dropout is None else jax.random.split(dropout[1])
-    x = x + _dropout(self.attention(self.input_norm(x), rope, mask), dropout, attn_key)
-    x = x + _dropout(self.mlp(self.post_attention_norm(x)), dropout, mlp_key)
+  def __call__(self, x, rope, mask, dropout_key=None):
+    """dropout_key (training only) drops each sublayer's output before it joins the residual stream."""
+    attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x = x + _dropout(self.attention(self.input_norm(x), rope, mask), self.dropout_rate, attn_key)
+    x = x + _dropout(self.mlp(self.post_attention_norm(x)), self.dropout_rate, mlp_key)
     return constrain(x, ("batch", "length", "embed"))
 
   def with_cache(self, x, rope, mask, cached_k, cached_v):
@@ -262,12 +264,11 @@ class LengthValueModel(nnx.Module):
     use_dropout = dropout_key is not None and c.dropout_rate > 0
     layer_keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
     for layer, key in zip(self.layers, layer_keys):
-      dropout = (c.dropout_rate, key) if use_dropout else None
       if c.remat == "none":
-        x = layer(x, rope, mask, dropout)
+        x = layer(x, rope, mask, key)
       else:
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None)
-        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask, dropout)
+        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask, key)
     return self.final_norm(x)
 
   def cached_hidden_states(self, tokens, positions, mask, cache):

@@ -52,8 +52,8 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
     return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  accum_steps = jax.tree.leaves(batch)[0].shape[0]
-  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, jnp.arange(accum_steps)))
+  micro_index = jnp.arange(batch["tokens"].shape[0])  # Each micro-batch draws its own dropout masks.
+  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, micro_index))
   loss = jnp.sum(losses)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
