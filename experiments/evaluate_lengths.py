@@ -6,6 +6,7 @@ Baselines are fit on the run's training split (config data.*), the evaluation us
 printed and written to <workdir>/length_eval.json. See lenvm_jax/infer/length_eval.py for the definitions.
 """
 
+import functools
 import json
 import os
 
@@ -26,11 +27,13 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def format_report(report: dict) -> str:
-  cells = "cell_mean" in report["prompt_mre"][prompt_boundary.ALL_GENERATORS]
+  mre_title, mre_columns = "prompt-boundary MRE: model / best constant / generator baseline", ("model", "constant",
+                                                                                                 "generator")
+  if "cell_mean" in report["prompt_mre"][prompt_boundary.ALL_GENERATORS]:  # evaluate_lengths --cell_separator.
+    mre_title, mre_columns = mre_title + " / model's cell mean", mre_columns + ("cell_mean",)
   tables = (("per-token length MAE (tokens): model / best constant / position baseline", "token_mae",
              ("model", "constant", "position")),
-            ("prompt-boundary MRE: model / best constant / generator baseline" + (" / model's cell mean" * cells),
-             "prompt_mre", ("model", "constant", "generator") + ("cell_mean",) * cells),
+            (mre_title, "prompt_mre", mre_columns),
             ("prompt-boundary calibration (length of the mean return at s_0): model / true", "prompt_calibration",
              ("model", "true")))
   lines = [f"held-out: {report['counts']}"]
@@ -51,8 +54,8 @@ def main(argv):
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
-                                (lambda key: prompt_boundary.cell_of_prompt(key, _CELLS.value)) if _CELLS.value
-                                else None)
+                                cell_of=functools.partial(prompt_boundary.cell_of_prompt, separator=_CELLS.value)
+                                if _CELLS.value else None)
   report["checkpoint_step"] = predictor.step
   with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

@@ -151,8 +151,20 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
   assert mre["a"]["cell_mean"] == pytest.approx(abs(prompt_boundary.prompt_boundary_length([3, 9], gamma) - 6) / 6)
   assert mre["b"]["cell_mean"] == pytest.approx(mre["b"]["model"]) == pytest.approx(0.5)  # A cell of one prompt.
   assert cell_of(("p1|s|t", "a")) == ("a", "s|t") and cell_of(("p1", "a")) == ("a", "")
-  assert "cell_mean" not in length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma),
-                                                 gamma, max_len=16)["prompt_mre"]["*"]
+  plain = length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma), gamma, max_len=16)
+  assert "cell_mean" not in plain["prompt_mre"]["*"]
+
+  # evaluate_lengths prints the cell-mean column only when the report has it.
+  from experiments.evaluate_lengths import format_report
+  for printed, columns in ((format_report(report), ("model", "constant", "generator", "cell_mean")),
+                           (format_report(plain), ("model", "constant", "generator"))):
+    lines = printed.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("prompt-boundary MRE")))
+    assert lines[header].endswith(" / model's cell mean") == (len(columns) == 4)
+    row_a = next(line for line in lines[header + 1:] if line.split()[0] == "a").split()
+    source = report if len(columns) == 4 else plain
+    assert [float(v) for v in row_a[1:]] == pytest.approx(
+        [source["prompt_mre"]["a"][c] for c in columns], rel=1e-3)
 
 
 def test_prompt_boundary_mre_by_hand():
