@@ -39,7 +39,7 @@ from absl import app, flags
 from experiments.configs import base
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
-from lenvm_jax.objective import Objective
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train.trainer import batch_shardings
 

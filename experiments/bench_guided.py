@@ -2,8 +2,8 @@
 
   python -m experiments.bench_guided [--preset=small --batch=16 --prompt_len=32 --new_tokens=256 --candidates=5,15]
 
-Weights are random (cost does not depend on them). Plain sampling is lenvm_jax/infer/sampler.py; guided sampling
-is lenvm_jax/infer/guided.py with the Equal-To rule, both as one shared-trunk model (generator = LenVM) and as two
+Weights are random (cost does not depend on them). Plain sampling is lenvm_jax/decoding/sampler.py; guided sampling
+is lenvm_jax/decoding/guided.py with the Equal-To rule, both as one shared-trunk model (generator = LenVM) and as two
 models (a generator and a separate LenVM of the same shape, each with its own KV cache). A row may stop early, but
 every decode step runs the whole batch, so the cost is time / (decode steps x batch): one token per row per step.
 """
@@ -16,12 +16,12 @@ from absl import app, flags
 from flax import nnx
 
 from lenvm_jax import sharding
-from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
-from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
-from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
+from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from lenvm_jax.targets import TargetKind
+from lenvm_jax.value.targets import TargetKind
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model shape (lenvm_jax/model/config.py PRESETS).")
 _LENVM_PRESET = flags.DEFINE_string("lenvm_preset", "", "Shape of the separate LenVM in the two-model layout "

@@ -31,7 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lenvm_jax import sharding  # noqa: E402
 from lenvm_jax.data import rows  # noqa: E402
-from lenvm_jax.objective import Objective  # noqa: E402
+from lenvm_jax.value.objective import Objective  # noqa: E402
 from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, step as step_lib  # noqa: E402
 from lenvm_jax.train.trainer import batch_shardings  # noqa: E402
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import arrayrecord, packing_stats, rows, stats
 from lenvm_jax.data.prepare import SPLITS
 

@@ -4,7 +4,7 @@
 
 Writes <workdir>/evaluate/report.json and plots there:
   * length-instruction following: Equal To / At Most / At Least for each target, guided vs unguided sampling of the
-    same prompts, scored with LIFEBench (lenvm_jax/infer/length_scores.py); score_table.png;
+    same prompts, scored with LIFEBench (lenvm_jax/evaluation/length_scores.py); score_table.png;
   * quality vs length: a tilt sweep (beta <= 0) under a hard token budget; tradeoff.png;
   * length tokens: top lengthening / shortening tokens by TD residual over sampled trajectories;
   * predicted vs true remaining length along sampled trajectories; remaining_length.png.
@@ -32,12 +32,12 @@ from ml_collections import config_flags
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
 from lenvm_jax.data.synthetic import EOS_ID
-from lenvm_jax.infer import length_scores, length_tokens
-from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
-from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerScorer
-from lenvm_jax.infer.predict import Predictor
-from lenvm_jax.infer.sampler import SamplingConfig
-from lenvm_jax.infer.synthetic_models import SyntheticGenerator
+from lenvm_jax.evaluation import length_scores, length_tokens
+from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerScorer
+from lenvm_jax.decoding.predict import Predictor
+from lenvm_jax.decoding.sampler import SamplingConfig
+from lenvm_jax.decoding.synthetic_models import SyntheticGenerator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")

@@ -3,7 +3,7 @@
   python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000]
 
 Baselines are fit on the run's training split (config data.*), the evaluation uses its eval split; the report is
-printed and written to <workdir>/length_eval.json. See lenvm_jax/infer/length_eval.py for the definitions.
+printed and written to <workdir>/length_eval.json. See lenvm_jax/evaluation/length_eval.py for the definitions.
 """
 
 import functools
@@ -12,10 +12,10 @@ import os
 
 from absl import app, flags
 
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import pipeline
-from lenvm_jax.infer import length_eval
-from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.evaluation import length_eval
+from lenvm_jax.decoding.predict import Predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _MAX_EVAL = flags.DEFINE_integer("max_eval_records", 0, "Evaluate on the first N eval records (0 = all).")

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
 from lenvm_jax.model.config import ModelConfig
 

@@ -4,11 +4,11 @@
       [--num_samples=4] [--max_new_tokens=256] [--temperature=1.0] [--top_k=0] [--top_p=1.0] [--min_p=0.0]
   python -m experiments.generate --policy=HF_DIR --tokenizer=HF_DIR --prompts=champ --output_dir=data/champ_rollouts
 
---policy: a lenvm_jax run workdir (latest checkpoint) or a Hugging Face causal-LM directory (lenvm_jax/infer/
+--policy: a lenvm_jax run workdir (latest checkpoint) or a Hugging Face causal-LM directory (lenvm_jax/decoding/
 policy.py). --prompts: a prompt JSONL (lenvm_jax/data/prompts.py: prompt_ids, messages or prompt per line), `champ`,
 or `arrayrecord:PATH`. EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
 Writes <output_dir>/{train,eval}-*.array_record, stats.json and generation.json; rerunning the same command skips
-finished shards (lenvm_jax/infer/rollouts.py). Bad input: one line "error: ..." and exit code 2.
+finished shards (lenvm_jax/decoding/rollouts.py). Bad input: one line "error: ..." and exit code 2.
 """
 
 import os
@@ -21,8 +21,8 @@ from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
-from lenvm_jax.infer import policy as policy_lib, rollouts
-from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding import policy as policy_lib, rollouts
+from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', or 'arrayrecord:PATH'.")

@@ -13,7 +13,7 @@ import os
 
 from absl import app, flags
 
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import arrayrecord
 from lenvm_jax.data.validation_split import group_of
 

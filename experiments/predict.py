@@ -19,11 +19,11 @@ import sys
 
 from absl import app, flags
 
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import jsonl
 from lenvm_jax.data.records import RecordError
-from lenvm_jax.infer import length_eval
-from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.evaluation import length_eval
+from lenvm_jax.decoding.predict import Predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
 _INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README), or prompts for --mode=prompts.")

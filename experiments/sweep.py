@@ -19,7 +19,8 @@ import time
 
 from absl import app, flags
 
-from launch import repo, sweep_spec
+from launch import repo
+from lenvm_jax import sweep_spec
 
 _CONFIG = flags.DEFINE_string("config", None, "Trainer config file (experiments/configs/*.py).")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep: one workdir per point + summary.csv.")

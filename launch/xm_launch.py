@@ -9,7 +9,7 @@ Runs in its own venv (xmanager pins clash with nothing, but it is large):
 --dry_run prints each job's spec (image build steps, executor, requirements, trainer flags) as JSON and contacts
 nothing. The trainer writes its workdir with local file I/O: on Vertex AI a gs://BUCKET/... root is passed as
 /gcs/BUCKET/... (Vertex mounts buckets there); for GKE pass the path where the bucket is mounted (GCS FUSE CSI).
-Sweep specs are parsed by launch/sweep_spec.py, the same parser experiments/sweep.py uses.
+Sweep specs are parsed by lenvm_jax/sweep_spec.py, the same parser experiments/sweep.py uses.
 """
 
 import json
@@ -20,7 +20,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
 
-from launch import repo, sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
+from launch import repo  # noqa: E402  pylint: disable=g-import-not-at-top
+from lenvm_jax import sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
 
 REPO = repo.REPO
 

@@ -10,7 +10,7 @@ import pytest
 
 from lenvm_jax.data import packing_stats, prepare, synthetic
 from lenvm_jax.data.packing_stats import best_fit, first_fit
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

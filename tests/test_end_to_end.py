@@ -10,7 +10,7 @@ import pytest
 from experiments.configs import synthetic as synthetic_config
 from lenvm_jax.data import pipeline
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.train import trainer
 from tests.conftest import REPO
 

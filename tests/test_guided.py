@@ -11,14 +11,15 @@ from flax import nnx
 
 from lenvm_jax import sharding
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
-from lenvm_jax.infer import guided, length_scores
-from lenvm_jax.infer.guided import GuidedSampler, LengthRequest
-from lenvm_jax.infer.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
-from lenvm_jax.infer.sampler import SamplingConfig
-from lenvm_jax.infer.synthetic_models import SyntheticGenerator, SyntheticScorer
+from lenvm_jax.decoding import guided
+from lenvm_jax.evaluation import length_scores
+from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
+from lenvm_jax.decoding.sampler import SamplingConfig
+from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from lenvm_jax.targets import TargetKind
+from lenvm_jax.value.targets import TargetKind
 
 GAMMA = 0.98
 POLICY = SyntheticPolicy()

@@ -6,8 +6,8 @@ import pytest
 
 from lenvm_jax.data import arrayrecord
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax import prompt_boundary
-from lenvm_jax.infer import length_eval
+from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.evaluation import length_eval
 
 
 def _t(length, generator="a", prompt=(5,), prompt_id=None):

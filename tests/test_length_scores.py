@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lenvm_jax.infer import length_scores, length_tokens
+from lenvm_jax.evaluation import length_scores, length_tokens
 
 
 def test_lifebench_scores_by_hand():

@@ -74,7 +74,7 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
 
 
 def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
-  from lenvm_jax import prompt_boundary
+  from lenvm_jax.evaluation import prompt_boundary
   tiny_config.model.gamma = "auto_mre"
   config_lib.validate(tiny_config)
   gamma = pipeline.resolve_gamma(tiny_config)

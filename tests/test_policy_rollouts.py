@@ -21,10 +21,10 @@ from experiments.configs import policy_synthetic, tiny
 from lenvm_jax import sharding
 from lenvm_jax.data import arrayrecord, pipeline, rows as rows_lib
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
-from lenvm_jax.infer import policy as policy_lib, rollouts
-from lenvm_jax.infer.predict import Predictor
-from lenvm_jax.infer.sampler import Sampler, SamplingConfig
-from lenvm_jax.objective import Objective
+from lenvm_jax.decoding import policy as policy_lib, rollouts
+from lenvm_jax.decoding.predict import Predictor
+from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib, trainer
 from tests.conftest import REPO
 

@@ -5,8 +5,8 @@ import pytest
 
 from lenvm_jax.data import jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
-from lenvm_jax import prompt_boundary
-from lenvm_jax.infer import length_eval
+from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.evaluation import length_eval
 
 
 def _t(prompt, length, prompt_id=None, generator="g"):

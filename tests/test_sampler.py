@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from lenvm_jax import sharding
-from lenvm_jax.infer import sampler as sampler_lib
-from lenvm_jax.infer.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding import sampler as sampler_lib
+from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.kv_cache import KVCache
 from lenvm_jax.model.transformer import LengthValueModel

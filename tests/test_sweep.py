@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO
-from launch import sweep_spec
+from lenvm_jax import sweep_spec
 
 
 def test_product_zip_names_and_flags():

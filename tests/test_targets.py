@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lenvm_jax import targets
+from lenvm_jax.value import targets
 
 
 def test_discounted_return_exact_values_and_inverse():

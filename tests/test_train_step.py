@@ -8,7 +8,7 @@ import pytest
 
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
-from lenvm_jax.objective import Objective
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib
 
 
@@ -222,7 +222,7 @@ def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_step
 
 
 def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config, tmp_path):
-  from lenvm_jax.infer.predict import Predictor
+  from lenvm_jax.decoding.predict import Predictor
   from lenvm_jax.train import checkpointing, optimizer, trainer
   config = tiny_config
   config.train.steps, config.train.eval_every, config.mesh.data = 6, 0, 1

@@ -12,7 +12,7 @@ import grain
 import jax
 import numpy as np
 
-from lenvm_jax import prompt_boundary
+from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import arrayrecord, jsonl, rows, stats, synthetic
 
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")

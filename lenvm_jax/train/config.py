@@ -7,7 +7,7 @@ import re
 
 import jax
 
-from lenvm_jax import targets
+from lenvm_jax.value import targets
 from lenvm_jax.data.pipeline import AUTO_GAMMA, PACKING, SOURCES
 from lenvm_jax.data.rows import UNFINISHED_POLICIES
 from lenvm_jax.model.config import ModelConfig

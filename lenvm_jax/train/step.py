@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lenvm_jax import metrics
-from lenvm_jax.objective import Objective
+from lenvm_jax.value import metrics
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lenvm_jax import distributed, metrics, sharding
+from lenvm_jax import distributed, sharding
+from lenvm_jax.value import metrics
 from lenvm_jax.data import pipeline
 from lenvm_jax.model import hf_config, hf_import
-from lenvm_jax.objective import Objective
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train.metrics_log import MetricsLog
 

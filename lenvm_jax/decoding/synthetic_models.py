@@ -1,6 +1,6 @@
 """The synthetic policy (lenvm_jax/data/synthetic.py) as a JAX generator, and its exact value function as a scorer.
 
-They plug into guided decoding (lenvm_jax/infer/guided.py) like trained models: the exact scorer tests the
+They plug into guided decoding (lenvm_jax/decoding/guided.py) like trained models: the exact scorer tests the
 guidance rules without any learning error, and the generator lets a LenVM trained on synthetic data steer the very
 policy that produced its training data. State per row: the hidden mode (the last mode / switch token seen).
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lenvm_jax import targets
+from lenvm_jax.value import targets
 
 
 @dataclasses.dataclass(frozen=True)

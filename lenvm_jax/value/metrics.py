@@ -7,7 +7,7 @@ Per-position metrics take one token per sequence at t = floor(f * L) for f in PO
 
 import jax.numpy as jnp
 
-from lenvm_jax import targets
+from lenvm_jax.value import targets
 
 POSITION_FRACTIONS = (0, 25, 50, 75)
 

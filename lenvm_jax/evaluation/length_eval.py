@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, generator_of, group_by_prompt, group_key,
+from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, generator_of, group_by_prompt, group_key,
                                        least_mre_by_generator, least_mre_length, prompt_boundary_length,
                                        prompt_boundary_mre)
 

@@ -1,11 +1,11 @@
 """Length-guided decoding (spec section 5): a generator proposes, a LenVM scores, a per-row rule chooses.
 
 Each step, per row: the generator's logits go through the sampling filters (temperature, top-k, top-p, min-p;
-lenvm_jax/infer/sampler.py), the `num_candidates` most likely surviving tokens are the candidates, and the LenVM
+lenvm_jax/decoding/sampler.py), the `num_candidates` most likely surviving tokens are the candidates, and the LenVM
 scores every candidate x as V(s_t + x) in (-1, 0] (more negative = more tokens expected to follow; an EOS
 candidate is 0). All candidates of all rows are scored in one batched forward over the LenVM's prefix cache,
 each candidate seeing the prefix and itself only; the chosen candidate's keys and values are then committed, so
-the prefix is never recomputed (lenvm_jax/infer/guided_models.py).
+the prefix is never recomputed (lenvm_jax/decoding/guided_models.py).
 
 Rules (per row, in one batch; "remaining" R = target - generated - 1 tokens after the candidate, lengths count
 the EOS token, and v*(R) = -(1 - gamma ** max(R, 0)) is the value of exactly R more tokens):
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax import sharding
-from lenvm_jax.infer.sampler import PAD_ID, SamplingConfig, filter_logits, left_pad
+from lenvm_jax.decoding.sampler import PAD_ID, SamplingConfig, filter_logits, left_pad
 
 RULES = ("none", "equal_to", "at_most", "at_least", "tilt")
 _NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT = range(len(RULES))

@@ -6,7 +6,7 @@ finished = an EOS id was sampled, else the completion was cut at max_new_tokens)
 sampling settings}, plus the decoded `text` when a tokenizer is given.
 
 Resume: the (prompt, sample) -> shard assignment depends only on the prompt list and the settings, each sample's
-random stream only on its row id (prompt index x num_samples + sample; lenvm_jax/infer/sampler.py), and shards are
+random stream only on its row id (prompt index x num_samples + sample; lenvm_jax/decoding/sampler.py), and shards are
 written atomically. A rerun skips shards that exist and regenerates the others identically; a rerun with other
 settings into the same directory is refused (generation.json differs).
 """
@@ -21,7 +21,7 @@ from lenvm_jax.data.prompts import Prompt
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.data.reference_jsonl import hash_split
 from lenvm_jax.data.tokenizer import Tokenizer
-from lenvm_jax.infer.sampler import Sampler
+from lenvm_jax.decoding.sampler import Sampler
 
 SETTINGS_FILE = "generation.json"
 

@@ -13,7 +13,7 @@ import os
 import jax
 
 from lenvm_jax import sharding
-from lenvm_jax.infer.predict import Predictor
+from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_import
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.train import state as state_lib

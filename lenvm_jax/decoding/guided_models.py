@@ -1,4 +1,4 @@
-"""Models for guided decoding (lenvm_jax/infer/guided.py): a transformer generator, a transformer LenVM scorer,
+"""Models for guided decoding (lenvm_jax/decoding/guided.py): a transformer generator, a transformer LenVM scorer,
 one shared-trunk model that is both, and `Pair`, which joins any generator with any scorer.
 
 Cost per decode step (why guidance is cheap here): the scorer runs the k candidates of every row as k new tokens
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lenvm_jax.model.kv_cache import KVCache
-from lenvm_jax.targets import TargetKind
+from lenvm_jax.value.targets import TargetKind
 
 
 def _prefill(model, prompt_tokens, prompt_lengths, cache_len):

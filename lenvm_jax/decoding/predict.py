@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from lenvm_jax import sharding
-from lenvm_jax.objective import Objective
+from lenvm_jax.value.objective import Objective
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib
 
