@@ -9,12 +9,13 @@ the name a config's data.eval_path reads), copied byte for byte; see lenvm_jax/d
 
 from absl import app, flags
 
-from lenvm_jax.data import validation_split
+from lenvm_jax.data import prompt_groups, validation_split
 
 _INPUT = flags.DEFINE_string("input_dir", None, "A prepare_data output directory (its train split is carved).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the new train and eval (validation) shards go.")
 _FRACTION = flags.DEFINE_float("fraction", 0.2, "Share of prompt groups that go to validation.")
-_SEPARATOR = flags.DEFINE_string("group_separator", "|", "A group is the prompt_id up to this; empty: the prompt_id.")
+_SEPARATOR = flags.DEFINE_string("group_separator", prompt_groups.PROMPT_ID_SEPARATOR,
+                                 "A group is the prompt_id up to this; empty: the prompt_id.")
 _SEED = flags.DEFINE_integer("seed", 1, "Seed of the group permutation (prepare_data's CHAMP split uses 0).")
 flags.mark_flags_as_required(["input_dir", "output_dir"])
 

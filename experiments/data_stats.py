@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
+from lenvm_jax.data import arrayrecord, packing_stats, prompt_groups, rows, stats
 from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.data import arrayrecord, packing_stats, rows, stats
 from lenvm_jax.data.prepare import SPLITS
 
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
@@ -45,11 +45,11 @@ class _Lengths:
 
   def note(self, trajectories):
     for t in trajectories:
-      self.generators.append(t.generator or "unknown")  # stats.trajectory_stats's name for a missing generator.
+      self.generators.append(prompt_groups.generator_of(t))
       self.finished.append(bool(t.finished))
       self.prompt.append(len(t.prompt_ids))
       self.completion.append(len(t.completion_ids))
-      prompt_boundary.add_to_groups(self.prompt_groups, t)
+      prompt_groups.add_to_groups(self.prompt_groups, t)
       yield t
 
   def arrays(self):
@@ -62,7 +62,7 @@ class SplitExtras(NamedTuple):
   finished_lengths: dict  # {generator: finished completion lengths}, for the histogram.
   packing_order: np.ndarray  # Record indices in the pipeline's order (unfinished dropped under "drop").
   sequence_lengths: np.ndarray  # Per record, prompt + completion cut at max_len.
-  prompt_groups: dict  # prompt_boundary.group_by_prompt of the split, for the auto_mre gamma.
+  prompt_groups: dict  # prompt_groups.group_by_prompt of the split, for the auto_mre gamma.
 
 
 def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfinished: bool,

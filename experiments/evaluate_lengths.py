@@ -12,8 +12,8 @@ import os
 
 from absl import app, flags
 
+from lenvm_jax.data import pipeline, prompt_groups
 from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
 
@@ -54,7 +54,7 @@ def main(argv):
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
-                                cell_of=functools.partial(prompt_boundary.cell_of_prompt, separator=_CELLS.value)
+                                cell_of=functools.partial(prompt_groups.cell_of, separator=_CELLS.value)
                                 if _CELLS.value else None)
   report["checkpoint_step"] = predictor.step
   with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:

@@ -13,22 +13,22 @@ import os
 
 from absl import app, flags
 
+from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.data import arrayrecord
-from lenvm_jax.data.validation_split import group_of
 
 _DATA = flags.DEFINE_string("data_dir", None, "A prepare_data output directory (only its train split is read).")
 _GAMMAS = flags.DEFINE_list("gammas", ["0.9974", "0.996", "0.995"], "Discount factors to compare.")
 _SPLITS = flags.DEFINE_integer("splits", 100, "Random problem splits per gamma.")
 _FRACTION = flags.DEFINE_float("fraction", 0.2, "Share of problems held out in each split.")
-_SEPARATOR = flags.DEFINE_string("group_separator", "|", "prompt_id = <problem><separator><cell>; empty: no cells.")
+_SEPARATOR = flags.DEFINE_string("group_separator", prompt_groups.PROMPT_ID_SEPARATOR,
+                                 "prompt_id = <problem><separator><cell>; empty: no cells.")
 flags.mark_flags_as_required(["data_dir"])
 
 
 def main(argv):
   del argv
   source = arrayrecord.ArrayRecordTrajectories(os.path.join(_DATA.value, "train"))
-  groups = prompt_boundary.group_by_prompt(source[i] for i in range(len(source)))
+  groups = prompt_groups.group_by_prompt(source[i] for i in range(len(source)))
   separator = _SEPARATOR.value
   if any(not isinstance(prompt, str) for prompt, _ in groups):
     raise SystemExit("mre_headroom needs a prompt_id on every record (problems and cells are read from it)")
@@ -37,8 +37,8 @@ def main(argv):
         f"{_FRACTION.value:.0%} of the problems")
   print(f"{'gamma':>8} {'cell LenVM':>11} {'generator LenVM':>16} {'constant':>9} {'cell beats constant':>20}")
   for gamma in map(float, _GAMMAS.value):
-    r = prompt_boundary.cell_headroom(groups, lambda key: group_of(key[0], separator),
-                                      lambda key: prompt_boundary.cell_of_prompt(key, separator), gamma,
+    r = prompt_boundary.cell_headroom(groups, lambda key: prompt_groups.problem_of(key[0], separator),
+                                      lambda key: prompt_groups.cell_of(key, separator), gamma,
                                       _SPLITS.value, _FRACTION.value)
     print(f"{gamma:8.5g} {r['cell']:11.4f} {r['generator']:16.4f} {r['constant']:9.4f} {r['cell_wins']:20.0%}")
 

@@ -2,7 +2,6 @@ import json
 
 import grain
 import numpy as np
-import pytest
 
 from lenvm_jax.data import arrayrecord
 from lenvm_jax.data import validation_split
@@ -31,7 +30,3 @@ def test_validation_split_keeps_problems_whole_and_copies_every_record(tmp_path)
   prompts = lambda rs: {json.loads(r)["prompt_id"] for r in rs}
   assert len(prompts(_read(str(tmp_path / "whole" / "eval")))) == 30
 
-
-def test_records_without_prompt_id_are_refused():
-  with pytest.raises(ValueError, match="prompt_id"):
-    validation_split.group_of(None, "|")

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from lenvm_jax.data import arrayrecord
+from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.evaluation import length_eval
@@ -36,9 +36,9 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
     generator, scale = ("a", 300.0) if i % 2 else ("b", 80.0)
     for _ in range(1 + i % 3):
       train.append(_t(int(rng.lognormal(np.log(scale), 0.6)) + 1, generator, prompt_id=f"p{i}"))
-  gamma, mre = prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(train))
+  gamma, mre = prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(train))
   # The vectorised search agrees with the metric's own definition at the gamma it picked.
-  groups = prompt_boundary.group_by_prompt(train)
+  groups = prompt_groups.group_by_prompt(train)
   pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
   guess = {g: prompt_boundary.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
   assert mre == pytest.approx(prompt_boundary.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
@@ -50,7 +50,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   # With one sample per prompt, L_GT = L for every gamma: the generator-only prediction can then reach the least-MRE
   # constant of each generator (the 1/L-weighted median), which the p99 gamma misses.
   single = [_t(int(rng.lognormal(np.log(300.0), 0.6)) + 1, "a", prompt_id=f"q{i}") for i in range(500)]
-  gamma, mre = prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(single))
+  gamma, mre = prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(single))
   lengths = np.array([len(t.completion_ids) for t in single], np.float64)
   floor = np.mean(np.abs(prompt_boundary.least_mre_length(lengths) - lengths) / lengths)
   p99_gamma = 0.01 ** (1 / np.percentile(lengths, 99))
@@ -58,7 +58,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   assert mre == pytest.approx(floor, abs=2e-3) and at_p99 > floor + 0.01
   with pytest.raises(ValueError, match="auto_mre"):
     unfinished = Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")
-    prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt([unfinished]))
+    prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt([unfinished]))
 
 
 def test_baselines_are_medians_by_position_and_generator():
@@ -143,7 +143,7 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
   # Cell "a|s" of generator a holds two prompts of 6 tokens each: their cell mean is exact, the scattered model not.
   held_out = [_t(6, "a", prompt_id="p1|s"), _t(6, "a", prompt_id="p2|s"), _t(12, "b", prompt_id="p1|s")]
   train = [_t(4, "a", prompt_id="p|s"), _t(10, "b", prompt_id="p|s")]
-  cell_of = lambda key: prompt_boundary.cell_of_prompt(key, "|")
+  cell_of = lambda key: prompt_groups.cell_of(key, "|")
   report = length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma), gamma, max_len=16,
                                 cell_of=cell_of)
   mre = report["prompt_mre"]
@@ -179,13 +179,6 @@ def test_prompt_boundary_mre_by_hand():
   assert mre["*"] == pytest.approx((0.5 + 0.25 + 0.0) / 3)
   # L_GT under one token divides by 1: a prompt answered by EOS alone.
   assert prompt_boundary.prompt_boundary_mre({("r", "a"): [0]}, {("r", "a"): 2.0}, gamma)["*"] == pytest.approx(2.0)
-
-
-def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
-  unfinished = Trajectory(np.asarray([5], np.int32), np.ones(7, np.int32), False, "p", "a")
-  groups = prompt_boundary.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
-                                        _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
-  assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}
 
 
 def test_cell_headroom_scores_exact_cell_and_generator_lenvms_against_the_constant():

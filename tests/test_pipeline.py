@@ -74,6 +74,7 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
 
 
 def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
+  from lenvm_jax.data import prompt_groups
   from lenvm_jax.evaluation import prompt_boundary
   tiny_config.model.gamma = "auto_mre"
   config_lib.validate(tiny_config)
@@ -81,7 +82,7 @@ def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
   policy = pipeline.synthetic_policy(tiny_config)
   sample = [policy.sample(np.random.default_rng([tiny_config.data.seed * 2, i]))
             for i in range(tiny_config.data.synthetic.train_records)]
-  assert gamma == prompt_boundary.least_mre_gamma(prompt_boundary.group_by_prompt(sample))[0]
+  assert gamma == prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(sample))[0]
   tiny_config.model.gamma = "auto"
   assert pipeline.resolve_gamma(tiny_config) != gamma
 

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from lenvm_jax.data.prepare import ImportedRecord, split_groups
+from lenvm_jax.data.prompt_groups import make_prompt_id
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import Tokenizer
 
@@ -107,7 +108,8 @@ def _record(problem_id: str, key: str, conversation, turn: str, summarize_reques
       raise RecordError(source, line, where, str(e)) from None
   finished = response.error != LENGTH_CURRENT
   completion_ids = np.asarray(tokenizer.completion_ids(response.text, finished), np.int32)
-  trajectory = Trajectory(prompt_cache[prompt], completion_ids, finished, f"{problem_id}|{setting}", generator)
+  trajectory = Trajectory(prompt_cache[prompt], completion_ids, finished, make_prompt_id(problem_id, setting),
+                          generator)
   meta = {"problem_id": problem_id, "setting": setting, "generator": generator}
   return ImportedRecord(split, trajectory, source, line, text=response.text, meta=meta)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from lenvm_jax.data import arrayrecord, champ, jsonl
 from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.data.prompt_groups import prompt_key
 from lenvm_jax.data.records import RecordError, check_token_ids
 from lenvm_jax.data.tokenizer import Tokenizer
 
@@ -98,7 +99,7 @@ def arrayrecord_prompts(path: str) -> list[Prompt]:
   prompts = {}
   for index in range(len(source)):
     trajectory = source[index]
-    key = trajectory.prompt_id if trajectory.prompt_id is not None else tuple(trajectory.prompt_ids.tolist())
+    key = prompt_key(trajectory)
     if key not in prompts:
       prompt_id = trajectory.prompt_id if trajectory.prompt_id is not None else f"{path}#{index}"
       prompts[key] = Prompt(trajectory.prompt_ids, prompt_id)

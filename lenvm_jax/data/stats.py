@@ -4,6 +4,8 @@ import collections
 
 import numpy as np
 
+from lenvm_jax.data.prompt_groups import generator_of
+
 
 def suggested_gamma(p99_length: float) -> float:
   """Spec section 1: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
@@ -25,7 +27,7 @@ def trajectory_stats(trajectories) -> dict:
   unfinished = collections.Counter()
   total = collections.Counter()
   for t in trajectories:
-    name = t.generator or "unknown"
+    name = generator_of(t)
     total[name] += 1
     if t.finished:
       by_generator[name].append(len(t.completion_ids))

@@ -1,6 +1,6 @@
 """A validation split carved from a prepared train split, by prompt group: choose settings without the held-out split.
 
-A group is the prompt_id up to the first separator (CHAMP's "<problem>|<setting>": all settings of a problem land on
+A group is the prompt_id up to the first separator (prompt_groups.problem_of: all settings of a CHAMP problem land on
 one side), or the whole prompt_id; groups are assigned with a seeded permutation, as prepare_data splits problems.
 Records are copied byte for byte. CLI: experiments/carve_validation.py.
 """
@@ -13,19 +13,14 @@ import grain
 
 from lenvm_jax.data import arrayrecord
 from lenvm_jax.data.prepare import split_groups
-
-
-def group_of(prompt_id, separator: str) -> str:
-  if prompt_id is None:
-    raise ValueError("a record has no prompt_id: cannot keep a prompt's completions on one side")
-  return prompt_id.split(separator, 1)[0] if separator else prompt_id
+from lenvm_jax.data.prompt_groups import problem_of
 
 
 def carve(input_dir: str, output_dir: str, fraction: float, separator: str, seed: int) -> dict:
   """Splits input_dir's train records into output_dir's train and eval; returns {split: record count}."""
   source = grain.sources.ArrayRecordDataSource(arrayrecord.split_paths(os.path.join(input_dir, "train")))
   records = [source[i] for i in range(len(source))]
-  groups = [group_of(json.loads(r).get("prompt_id"), separator) for r in records]
+  groups = [problem_of(json.loads(r).get("prompt_id"), separator) for r in records]
   side = split_groups(sorted(set(groups)), eval_fraction=fraction, seed=seed)
   by_split = collections.defaultdict(list)
   for record, group in zip(records, groups):

@@ -1,8 +1,8 @@
 """Prompt-boundary length (spec section 4): L_GT of a prompt group, the MRE of L_hat against it, and the choices
 that minimise it (the least-MRE constant, the least-MRE gamma).
 
-numpy only, on Trajectory lists: the data layer (model.gamma="auto_mre", data stats) and the evaluation
-(infer/length_eval.py) share these definitions.
+numpy only, on prompt groups (lenvm_jax/data/prompt_groups.py): the gamma rules (model.gamma="auto_mre", data stats)
+and the evaluation (evaluation/length_eval.py) share these definitions.
 """
 
 import collections
@@ -40,13 +40,6 @@ def least_mre_by_generator(truths: dict) -> dict:
   return {g: least_mre_length(v) for g, v in by_generator.items()}
 
 
-def cell_of_prompt(key, separator: str):
-  """(generator, what follows the separator in the prompt_id), e.g. CHAMP's prompt setting; "" without one."""
-  prompt, generator = key
-  has_cell = separator and isinstance(prompt, str) and separator in prompt
-  return generator, (prompt.split(separator, 1)[1] if has_cell else "")
-
-
 def cell_mean_lengths(predicted: dict, cell_of, gamma: float) -> dict:
   """{key: L_hat} -> each key's L_hat replaced by the length of its cell's mean predicted return: the prediction
   without its prompt-specific part, to tell whether that part helps MRE (a part that is noise makes it worse)."""
@@ -57,33 +50,11 @@ def cell_mean_lengths(predicted: dict, cell_of, gamma: float) -> dict:
   return {key: means[cell_of(key)] for key in predicted}
 
 
-def generator_of(t) -> str:
-  return t.generator or "unknown"
-
-
-def group_key(t):
-  return (t.prompt_id if t.prompt_id is not None else tuple(t.prompt_ids.tolist()), generator_of(t))
-
-
-def add_to_groups(groups: collections.defaultdict, t) -> None:
-  """Adds a finished trajectory's completion length to its group (unfinished ones have no known length)."""
-  if t.finished:
-    groups[group_key(t)].append(len(t.completion_ids))
-
-
-def group_by_prompt(trajectories) -> dict:
-  """{(prompt id or prompt tokens, generator): [completion lengths]} of the finished trajectories."""
-  groups = collections.defaultdict(list)
-  for t in trajectories:
-    add_to_groups(groups, t)
-  return dict(groups)
-
-
 def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
   """Spec section 4 MRE: mean over prompt groups of |L_hat - L_GT| / L_GT, overall ("*") and per generator.
 
-  groups: {(prompt, generator): [lengths]} (group_by_prompt); predicted: {same key: L_hat} or a function of the
-  key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.
+  groups: {(prompt, generator): [lengths]} (prompt_groups.group_by_prompt); predicted: {same key: L_hat} or a
+  function of the key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.
   """
   guess = predicted if callable(predicted) else predicted.__getitem__
   relative = collections.defaultdict(list)
@@ -97,7 +68,8 @@ def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
 
 def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
   """(gamma, training MRE) for model.gamma = "auto_mre": the gamma under which a LenVM that knows only the generator
-  has the least prompt-boundary MRE on the training groups ({(prompt, generator): [lengths]}, group_by_prompt).
+  has the least prompt-boundary MRE on the training groups ({(prompt, generator): [lengths]},
+  prompt_groups.group_by_prompt).
 
   Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
   equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies

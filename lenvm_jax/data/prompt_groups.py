@@ -1,0 +1,61 @@
+"""Which prompt a record answers, and which group it counts in: one definition for importers, splits and metrics.
+
+A prompt id may name a problem and a setting, "<problem>|<setting>" (CHAMP's own separator; settings may hold "/"),
+so that every setting of a problem can be kept on one side of a split (`problem_of`) and a prompt's setting can be
+told apart from the prompt itself (`cell_of`). A record without a prompt id is identified by its prompt tokens.
+A prompt-boundary group (spec section 4) is a (prompt, generator) pair: completions of one prompt by one generator.
+"""
+
+import collections
+
+PROMPT_ID_SEPARATOR = "|"
+UNKNOWN_GENERATOR = "unknown"
+
+
+def make_prompt_id(problem: str, setting: str) -> str:
+  """"<problem>|<setting>": the prompt id of one problem asked in one prompt setting."""
+  return f"{problem}{PROMPT_ID_SEPARATOR}{setting}"
+
+
+def problem_of(prompt_id, separator: str = PROMPT_ID_SEPARATOR) -> str:
+  """The prompt id up to the first separator (all settings of a problem), or the whole id without a separator."""
+  if prompt_id is None:
+    raise ValueError("a record has no prompt_id: cannot keep a prompt's completions on one side")
+  return prompt_id.split(separator, 1)[0] if separator else prompt_id
+
+
+def cell_of(group, separator: str = PROMPT_ID_SEPARATOR) -> tuple[str, str]:
+  """(generator, what follows the separator in the prompt id) of a group key: e.g. CHAMP's prompt setting; "" when
+  the prompt id has no separator or the prompt is known by its tokens only."""
+  prompt, generator = group
+  has_cell = separator and isinstance(prompt, str) and separator in prompt
+  return generator, (prompt.split(separator, 1)[1] if has_cell else "")
+
+
+def generator_of(trajectory) -> str:
+  """The generator's name; records that do not say count under UNKNOWN_GENERATOR."""
+  return trajectory.generator or UNKNOWN_GENERATOR
+
+
+def prompt_key(trajectory):
+  """The prompt a record answers: its prompt id, else its prompt tokens (as a tuple, so equal prompts match)."""
+  return trajectory.prompt_id if trajectory.prompt_id is not None else tuple(trajectory.prompt_ids.tolist())
+
+
+def group_key(trajectory) -> tuple:
+  """(prompt, generator): the prompt-boundary group of a record."""
+  return prompt_key(trajectory), generator_of(trajectory)
+
+
+def add_to_groups(groups: collections.defaultdict, trajectory) -> None:
+  """Adds a finished trajectory's completion length to its group (unfinished ones have no known length)."""
+  if trajectory.finished:
+    groups[group_key(trajectory)].append(len(trajectory.completion_ids))
+
+
+def group_by_prompt(trajectories) -> dict:
+  """{(prompt id or prompt tokens, generator): [completion lengths]} of the finished trajectories."""
+  groups = collections.defaultdict(list)
+  for trajectory in trajectories:
+    add_to_groups(groups, trajectory)
+  return dict(groups)

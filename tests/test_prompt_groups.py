@@ -1,0 +1,32 @@
+"""The prompt id format and a record's prompt group: one definition for importers, splits and metrics."""
+
+import numpy as np
+import pytest
+
+from lenvm_jax.data import prompt_groups
+from lenvm_jax.data.records import Trajectory
+
+
+def _t(length, generator="a", prompt=(5,), prompt_id=None, finished=True):
+  return Trajectory(np.asarray(prompt, np.int32), np.ones(length, np.int32), finished, prompt_id, generator)
+
+
+def test_prompt_id_round_trip():
+  prompt_id = prompt_groups.make_prompt_id("P_12", "5-Shot/Hint")
+  assert prompt_id == "P_12|5-Shot/Hint"
+  assert prompt_groups.problem_of(prompt_id) == "P_12" and prompt_groups.problem_of(prompt_id, "") == prompt_id
+  assert prompt_groups.cell_of((prompt_id, "g")) == ("g", "5-Shot/Hint")
+  assert prompt_groups.cell_of(((3, 4), "g")) == ("g", "")  # Known by tokens only: no cell.
+
+
+def test_records_without_prompt_id_are_refused():
+  with pytest.raises(ValueError, match="prompt_id"):
+    prompt_groups.problem_of(None, "|")
+
+
+def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
+  unfinished = Trajectory(np.asarray([5], np.int32), np.ones(7, np.int32), False, "p", "a")
+  groups = prompt_groups.group_by_prompt([_t(4, "a", prompt_id="p"), _t(6, "a", prompt_id="p"),
+                                          _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
+  assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}
+  assert prompt_groups.group_key(_t(1, None, prompt_id="q")) == ("q", prompt_groups.UNKNOWN_GENERATOR)
