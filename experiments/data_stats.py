@@ -4,7 +4,7 @@
       [--output_png=DIR/lengths.png]
 
 Per split (train, eval) and per generator: finished completion-length p50/p90/p99, unfinished count and share,
-suggested gamma (the train split's p99 rule, and what model.gamma=auto_mre would pick), and the share of non-pad
+suggested gamma (the train split's p99 rule, and what loss.gamma=auto_mre would pick), and the share of non-pad
 tokens when the sequences (prompt + completion cut at max_len, as rows.trajectory_to_row does) are packed into rows
 of max_len the way the pipeline packs them: train shuffled (data.seed), eval in stored order, unfinished dropped
 unless --unfinished keeps them, --open_bins rows open at a time (the pipeline uses the per-host batch size). A sweep
@@ -23,7 +23,7 @@ from absl import app, flags
 
 from lenvm_jax.data import arrayrecord, packing_stats, prompt_groups, rows, stats
 from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.data.prompt_groups import SPLITS
 
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
 _PACKING = flags.DEFINE_enum("packing", "first_fit", packing_stats.POLICIES, "Packing policy to report.")
@@ -136,7 +136,7 @@ def format_table(result: dict) -> str:
   gamma = result["suggested_gamma"]
   lines.append(f"suggested gamma (train p99): {gamma:.6f}" if gamma is not None else "suggested gamma: n/a")
   if result["auto_mre_gamma"] is not None:
-    lines.append(f"gamma for prompt-boundary MRE (model.gamma=auto_mre): {result['auto_mre_gamma']:.6f}")
+    lines.append(f"gamma for prompt-boundary MRE (loss.gamma=auto_mre): {result['auto_mre_gamma']:.6f}")
   return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from lenvm_jax.data import champ
 from lenvm_jax.data.arrayrecord import ArrayRecordTrajectories
-from lenvm_jax.data.prepare import ImportedRecord, prepare, split_groups
+from lenvm_jax.data.prepare import ImportedRecord, prepare
+from lenvm_jax.data.prompt_groups import split_groups
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lenvm_jax.data import reference_jsonl
+from lenvm_jax.data import prompt_groups, reference_jsonl
 from lenvm_jax.data.arrayrecord import ArrayRecordTrajectories
 from lenvm_jax.data.prepare import prepare
 from lenvm_jax.data.records import RecordError
@@ -239,7 +239,7 @@ def test_all_completions_of_a_prompt_land_in_one_split(tmp_path, tok):
   assert all(len(s) == 1 for s in splits.values())
   eval_prompts = sum(s == {"eval"} for s in splits.values())
   assert 5 <= eval_prompts <= 35
-  assert reference_jsonl.hash_split("17", 0.3) == reference_jsonl.hash_split("17", 0.3)
+  assert prompt_groups.hash_split("17", 0.3) == prompt_groups.hash_split("17", 0.3)
 
 
 BAD_REFERENCE_LINES = [
@@ -303,8 +303,8 @@ def test_tokenized_jsonl_importer_yields_errors_and_splits_by_prompt(tmp_path):
             json.dumps({"prompt_ids": [1, 2], "completion_ids": [99]})]
   path = write_lines(tmp_path / "tok.jsonl", lines)
   items = list(reference_jsonl.iter_tokenized_jsonl(path, vocab_size=10, max_len=16, eval_fraction=0.5))
-  assert [i.split for i in items[:2]] == [reference_jsonl.hash_split("a", 0.5)] * 2
-  assert items[2].split == reference_jsonl.hash_split("5", 0.5)
+  assert [i.split for i in items[:2]] == [prompt_groups.hash_split("a", 0.5)] * 2
+  assert items[2].split == prompt_groups.hash_split("5", 0.5)
   assert items[3].trajectory.prompt_id is None and items[3].split in ("train", "eval")
   assert [(e.line, e.field) for e in items[4:]] == [(5, "<json>"), (6, "completion_ids"), (7, "completion_ids")]
   empty = write_lines(tmp_path / "empty.jsonl", [""])

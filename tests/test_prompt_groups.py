@@ -30,3 +30,15 @@ def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
                                           _t(5, "b", prompt_id="p"), unfinished, _t(2, "a", prompt=(7, 8))])
   assert groups == {("p", "a"): [4, 6], ("p", "b"): [5], ((7, 8), "a"): [2]}
   assert prompt_groups.group_key(_t(1, None, prompt_id="q")) == ("q", prompt_groups.UNKNOWN_GENERATOR)
+
+
+def test_unseeded_split_draws_each_group_by_its_hash_and_seeded_split_takes_an_exact_share():
+  ids = [f"p{i}" for i in range(200)]
+  assert prompt_groups.split_groups(ids, 0.3) == {i: prompt_groups.hash_split(i, 0.3) for i in ids}
+  seeded = prompt_groups.split_groups(ids, 0.3, seed=4)
+  assert list(seeded.values()).count("eval") == 60
+  assert prompt_groups.split_key(None, [3, 4]) == prompt_groups.split_key(None, [3, 4]) != prompt_groups.split_key(
+      None, [3, 5])
+  assert prompt_groups.split_key(7, [3, 4]) == "7"
+  with pytest.raises(ValueError, match="eval_fraction"):
+    prompt_groups.split_groups(ids, 1.0)

@@ -30,8 +30,8 @@ from typing import Iterator
 
 import numpy as np
 
-from lenvm_jax.data.prepare import ImportedRecord, split_groups
-from lenvm_jax.data.prompt_groups import make_prompt_id
+from lenvm_jax.data.prepare import ImportedRecord
+from lenvm_jax.data.prompt_groups import make_prompt_id, split_groups
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import Tokenizer
 

@@ -11,14 +11,13 @@ import json
 import os
 from typing import Iterable
 
-import numpy as np
 from absl import logging
 
 from lenvm_jax.data import arrayrecord, stats
+from lenvm_jax.data.prompt_groups import SPLITS
 from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
 
 BAD_RECORD_POLICIES = ("error", "skip")
-SPLITS = ("train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,17 +28,6 @@ class ImportedRecord:
   line: int
   text: str | None = None
   meta: dict | None = None
-
-
-def split_groups(group_ids, eval_fraction: float, seed: int) -> dict[str, str]:
-  """group id (a CHAMP problem, a carved prompt group) -> "train"|"eval": sorted ids, a seeded permutation, the
-  first eval_fraction share is eval, so every record of a group lands on one side."""
-  if not 0.0 <= eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-  ordered = sorted(group_ids)
-  permuted = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
-  eval_count = round(eval_fraction * len(ordered))
-  return {group: "eval" if rank < eval_count else "train" for rank, group in enumerate(permuted)}
 
 
 def validate(record: ImportedRecord, vocab_size: int, max_len: int) -> None:

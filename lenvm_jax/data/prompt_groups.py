@@ -4,10 +4,15 @@ A prompt id may name a problem and a setting, "<problem>|<setting>" (CHAMP's own
 so that every setting of a problem can be kept on one side of a split (`problem_of`) and a prompt's setting can be
 told apart from the prompt itself (`cell_of`). A record without a prompt id is identified by its prompt tokens.
 A prompt-boundary group (spec section 4) is a (prompt, generator) pair: completions of one prompt by one generator.
+Train/eval splits are by prompt group too (`split_groups`), so no prompt's completions land on both sides.
 """
 
 import collections
+import hashlib
 
+import numpy as np
+
+SPLITS = ("train", "eval")
 PROMPT_ID_SEPARATOR = "|"
 UNKNOWN_GENERATOR = "unknown"
 
@@ -59,3 +64,37 @@ def group_by_prompt(trajectories) -> dict:
   for trajectory in trajectories:
     add_to_groups(groups, trajectory)
   return dict(groups)
+
+
+def split_key(prompt_id, prompt_ids) -> str:
+  """What a record's split is drawn from: its prompt id, else a hash of its prompt tokens (equal prompts agree)."""
+  if prompt_id is not None:
+    return str(prompt_id)
+  return "prompt-sha256:" + hashlib.sha256(np.asarray(prompt_ids, np.int64).tobytes()).hexdigest()
+
+
+def check_eval_fraction(eval_fraction: float) -> None:
+  if not 0.0 <= eval_fraction < 1.0:
+    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+
+
+def hash_split(key: str, eval_fraction: float) -> str:
+  """"eval" for a stable `eval_fraction` share of keys; sha256, not hash(), so every run and host agrees. Needs no
+  list of all groups, so a streamed import can split record by record."""
+  draw = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+  return "eval" if draw < eval_fraction else "train"
+
+
+def split_groups(group_ids, eval_fraction: float, seed: int | None = None) -> dict[str, str]:
+  """group id -> "train"|"eval", so every record of a group lands on one side.
+
+  With a seed: sorted ids, a seeded permutation, the first round(eval_fraction * n) are eval: an exact share (CHAMP
+  problems, carved validation groups). Without: each id by hash_split, which does not depend on the other ids.
+  """
+  check_eval_fraction(eval_fraction)
+  if seed is None:
+    return {group: hash_split(group, eval_fraction) for group in group_ids}
+  ordered = sorted(group_ids)
+  permuted = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+  eval_count = round(eval_fraction * len(ordered))
+  return {group: "eval" if rank < eval_count else "train" for rank, group in enumerate(permuted)}

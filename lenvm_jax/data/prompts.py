@@ -18,8 +18,7 @@ import dataclasses
 import numpy as np
 
 from lenvm_jax.data import arrayrecord, champ, jsonl
-from lenvm_jax.data.prepare import SPLITS
-from lenvm_jax.data.prompt_groups import prompt_key
+from lenvm_jax.data.prompt_groups import SPLITS, prompt_key
 from lenvm_jax.data.records import RecordError, check_token_ids
 from lenvm_jax.data.tokenizer import Tokenizer
 

@@ -12,13 +12,13 @@ Both importers yield ImportedRecord, or a RecordError (never raise) so that prep
 Splits are by prompt, so all completions of one prompt land in the same split (no prompt leaks into eval).
 """
 
-import hashlib
 from typing import Callable, Iterator
 
 import numpy as np
 
 from lenvm_jax.data import jsonl
 from lenvm_jax.data.prepare import ImportedRecord
+from lenvm_jax.data.prompt_groups import check_eval_fraction, hash_split, split_key
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import Tokenizer
 
@@ -26,23 +26,11 @@ ROLE_OF_SPEAKER = {"system": "system", "human": "user", "gpt": "assistant"}
 UNFINISHED_REASONS = ("length", "max_tokens")
 
 
-def hash_split(key: str, eval_fraction: float) -> str:
-  """"eval" for a stable `eval_fraction` share of keys; sha256, not hash(), so every run and host agrees."""
-  draw = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
-  return "eval" if draw < eval_fraction else "train"
-
-
 def _split_function(split_of: Callable[[str], str] | None, eval_fraction: float) -> Callable[[str], str]:
   if split_of is not None:
     return split_of
-  if not 0.0 <= eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+  check_eval_fraction(eval_fraction)
   return lambda key: hash_split(key, eval_fraction)
-
-
-def _content_key(prompt_ids) -> str:
-  """Split key of a record without a prompt id: its prompt tokens, so equal prompts still share a split."""
-  return "prompt-sha256:" + hashlib.sha256(np.asarray(prompt_ids, np.int64).tobytes()).hexdigest()
 
 
 def _records(path: str, make_record) -> Iterator[ImportedRecord | RecordError]:
@@ -120,7 +108,7 @@ def _reference_record(obj, tokenizer: Tokenizer, generator: str | None, split_of
   prompt_id = None if prompt_id is None else str(prompt_id)
   trajectory = Trajectory(np.asarray(prompt_ids, np.int32), np.asarray(completion_ids, np.int32), finished,
                           prompt_id, generator)
-  split = split_of(prompt_id if prompt_id is not None else _content_key(prompt_ids))
+  split = split_of(split_key(prompt_id, prompt_ids))
   return ImportedRecord(split, trajectory, source, line, text=completion_text, meta=meta)
 
 
@@ -143,7 +131,6 @@ def iter_tokenized_jsonl(path: str, vocab_size: int, max_len: int, split_of: Cal
 
   def record(obj, line):
     trajectory = jsonl.parse_record(obj, vocab_size, max_len, path, line)
-    key = trajectory.prompt_id if trajectory.prompt_id is not None else _content_key(trajectory.prompt_ids)
-    return ImportedRecord(split_of(key), trajectory, path, line)
+    return ImportedRecord(split_of(split_key(trajectory.prompt_id, trajectory.prompt_ids)), trajectory, path, line)
 
   return _records(path, record)

@@ -12,8 +12,7 @@ import os
 import grain
 
 from lenvm_jax.data import arrayrecord
-from lenvm_jax.data.prepare import split_groups
-from lenvm_jax.data.prompt_groups import problem_of
+from lenvm_jax.data.prompt_groups import problem_of, split_groups
 
 
 def carve(input_dir: str, output_dir: str, fraction: float, separator: str, seed: int) -> dict:

@@ -16,10 +16,9 @@ import os
 from typing import Callable, Sequence
 
 from lenvm_jax.data import arrayrecord, stats
-from lenvm_jax.data.prepare import SPLITS
+from lenvm_jax.data.prompt_groups import SPLITS, split_groups
 from lenvm_jax.data.prompts import Prompt
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.data.reference_jsonl import hash_split
 from lenvm_jax.data.tokenizer import Tokenizer
 from lenvm_jax.decoding.sampler import Sampler
 
@@ -51,10 +50,12 @@ def check_settings(output_dir: str, settings: dict) -> None:
 
 def plan(prompts: Sequence[Prompt], num_samples: int, shard_size: int, eval_fraction: float
          ) -> dict[str, list[list[tuple[int, int]]]]:
-  """split -> shards -> (prompt index, sample index) items. A prompt without a split gets hash_split's."""
+  """split -> shards -> (prompt index, sample index) items. A prompt without a split is split by its prompt id
+  (prompt_groups.split_groups, unseeded: the same prompt id always lands on the same side)."""
+  drawn = split_groups({p.prompt_id for p in prompts if not p.split}, eval_fraction)
   items = {split: [] for split in SPLITS}
   for index, prompt in enumerate(prompts):
-    split = prompt.split or hash_split(prompt.prompt_id, eval_fraction)
+    split = prompt.split or drawn[prompt.prompt_id]
     items[split].extend((index, sample) for sample in range(num_samples))
   return {split: [chunk[i:i + shard_size] for i in range(0, len(chunk), shard_size)] for split, chunk in
           items.items()}

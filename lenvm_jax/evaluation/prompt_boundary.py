@@ -112,7 +112,7 @@ def cell_headroom(groups: dict, problem_of, cell_of, gamma: float, splits: int =
   one side of a split; cell_of(key) is what the LenVM can tell from the prompt (e.g. generator and prompt setting).
   Returns {"cell", "generator", "constant": mean MRE over splits; "cell_wins": share of splits where cell < constant}.
   """
-  from lenvm_jax.data.prepare import split_groups  # The split rule of prepare_data and carve_validation.
+  from lenvm_jax.data.prompt_groups import split_groups  # The split rule of prepare_data and carve_validation.
   keys = list(groups)
   problems = sorted({problem_of(k) for k in keys})
   if len(problems) < 2:
