@@ -1,10 +1,10 @@
-"""Prompt-boundary prediction: the report and the prompt reader (the CLI modes run in test_end_to_end.py)."""
+"""Prompt-boundary prediction: the report (the prompt reader is tested in test_prompts.py, the CLI modes in
+test_end_to_end.py)."""
 
 import numpy as np
 import pytest
 
-from lenvm_jax.data import jsonl
-from lenvm_jax.data.records import RecordError, Trajectory
+from lenvm_jax.data.records import Trajectory
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.evaluation import length_eval
 
@@ -31,12 +31,3 @@ def test_prompt_boundary_report_groups_by_prompt_and_generator():
   assert report["mre"]["*"] == pytest.approx((abs(20 - truth) / truth + 0.5) / 3)
   assert [(g["prompt"], g["samples"]) for g in report["groups"]] == [([2], 2), ([3], 1), ("q", 1)]
 
-
-def test_read_prompts_names_the_bad_field(tmp_path):
-  path = tmp_path / "p.jsonl"
-  path.write_text('{"prompt_ids": [3, 4], "prompt_id": "a"}\n{"prompt": [1]}\n')
-  with pytest.raises(RecordError, match="prompt_ids.*missing"):
-    jsonl.read_prompts(str(path), 64)
-  path.write_text('{"prompt_ids": [3, 4], "prompt_id": "a"}\n')
-  (record,) = jsonl.read_prompts(str(path), 64)
-  assert record.prompt_ids.tolist() == [3, 4] and record.prompt_id == "a" and len(record.completion_ids) == 0

@@ -63,6 +63,21 @@ def test_repeated_prompt_id_is_an_error(tmp_path):
     read_prompt_jsonl(path, 64)
 
 
+def test_prompts_for_prediction_name_the_bad_field_and_keep_a_missing_id_unnamed(tmp_path):
+  """experiments/predict.py --mode=prompts reads the same JSONL, without a tokenizer, as trajectories to score."""
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt_ids": [3, 4], "prompt_id": "a"}\n{"prompt": [1]}\n')
+  with pytest.raises(RecordError, match="prompt_ids.*missing"):
+    read_prompt_jsonl(str(path), 64, name_by_line=False)
+  path.write_text('{"prompt_ids": [3, 4], "prompt_id": "a"}\n')
+  (record,) = [p.as_trajectory() for p in read_prompt_jsonl(str(path), 64, name_by_line=False)]
+  assert record.prompt_ids.tolist() == [3, 4] and record.prompt_id == "a" and len(record.completion_ids) == 0
+  path.write_text('{"prompt_ids": [3], "prompt_id": "q", "generator": "g"}\n{"prompt_ids": [3], "prompt_id": "q", '
+                  '"generator": "h"}\n{"prompt_ids": [5]}\n')
+  one, other, unnamed = read_prompt_jsonl(str(path), 64, name_by_line=False)
+  assert (one.generator, other.generator, unnamed.prompt_id) == ("g", "h", None)
+
+
 def test_prompts_of_existing_shards_are_distinct(tmp_path):
   records = [Trajectory(np.asarray(p, np.int32), np.asarray([9, 1], np.int32), True, pid)
              for p, pid in (([3, 4], "a"), ([3, 4], "a"), ([5], "b"), ([6], None))]

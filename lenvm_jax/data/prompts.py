@@ -1,12 +1,14 @@
-"""Prompts to sample rollouts from (experiments/generate.py): a JSONL file, CHAMP, or an existing ArrayRecord split.
+"""Prompts to sample rollouts from (experiments/generate.py) or to predict lengths for (experiments/predict.py
+--mode=prompts): a JSONL file, CHAMP, or an existing ArrayRecord split.
 
 Prompt JSONL, one object a line, with exactly one of
   prompt_ids  list[int]: the prompt tokens as the policy sees them (chat template already applied);
   messages    [{"role": "system"|"user"|"assistant", "content": str}, ...]: rendered with the tokenizer's chat
               template and its generation prompt (lenvm_jax/data/tokenizer.py);
   prompt      str: one user message, rendered the same way;
-and optionally `prompt_id` (str or int; default: the line number) and `split` ("train" | "eval"; default: a hash
-of the prompt id, so all samples of a prompt share a split). Errors name file, line and field.
+and optionally `prompt_id` (str or int; default: the line number), `split` ("train" | "eval"; default: a hash
+of the prompt id, so all samples of a prompt share a split) and `generator` (str: whose completion a prediction is
+for; rollouts name the policy that samples instead). Errors name file, line and field.
 
 `champ` gives CHAMP's distinct solution prompts (without a generator tag), split by problem as in
 lenvm_jax/data/champ.py; `arrayrecord:PATH` the distinct prompts (by prompt_id, else by tokens) of the trajectories
@@ -19,21 +21,27 @@ import numpy as np
 
 from lenvm_jax.data import arrayrecord, champ, jsonl
 from lenvm_jax.data.prompt_groups import SPLITS, prompt_key
-from lenvm_jax.data.records import RecordError, check_token_ids
+from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
 from lenvm_jax.data.tokenizer import Tokenizer
 
 PROMPT_FIELDS = ("prompt_ids", "messages", "prompt")
-_OPTIONAL_FIELDS = ("prompt_id", "split")
+_OPTIONAL_FIELDS = ("prompt_id", "split", "generator")
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
   prompt_ids: np.ndarray
-  prompt_id: str
+  prompt_id: str | None  # None only from read_prompt_jsonl(name_by_line=False).
   split: str | None = None  # None: the caller draws one from the prompt id.
+  generator: str | None = None
+
+  def as_trajectory(self) -> Trajectory:
+    """The prompt with no completion yet: what prompt-boundary prediction scores."""
+    return Trajectory(self.prompt_ids, self.prompt_ids[:0], True, self.prompt_id, self.generator)
 
 
-def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: str, line: int) -> Prompt:
+def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: str, line: int,
+                      name_by_line: bool) -> Prompt:
   if not isinstance(obj, dict):
     raise RecordError(path, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
   unknown = sorted(set(obj) - set(PROMPT_FIELDS) - set(_OPTIONAL_FIELDS))
@@ -48,7 +56,8 @@ def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: s
     ids = obj[field]
   else:
     if tokenizer is None:
-      raise RecordError(path, line, field, "text prompts need a tokenizer (--tokenizer)")
+      raise RecordError(path, line, field, "text prompts need a tokenizer (--tokenizer); without one a line needs "
+                        "prompt_ids, which is missing")
     messages = obj[field] if field == "messages" else [{"role": "user", "content": obj[field]}]
     if field == "prompt" and not isinstance(obj[field], str):
       raise RecordError(path, line, field, f"must be a string, got {obj[field]!r:.40}")
@@ -59,24 +68,35 @@ def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: s
     except ValueError as e:
       raise RecordError(path, line, field, str(e)) from None
   prompt_ids = check_token_ids(ids, vocab_size, path, line, field)
-  prompt_id = obj.get("prompt_id", line)
-  if not isinstance(prompt_id, (str, int)) or isinstance(prompt_id, bool):
+  prompt_id = obj.get("prompt_id", line if name_by_line else None)
+  if prompt_id is not None and (not isinstance(prompt_id, (str, int)) or isinstance(prompt_id, bool)):
     raise RecordError(path, line, "prompt_id", f"must be a string or integer, got {prompt_id!r:.40}")
   split = obj.get("split")
   if split is not None and split not in SPLITS:
     raise RecordError(path, line, "split", f"must be one of {SPLITS}, got {split!r:.40}")
-  return Prompt(prompt_ids, str(prompt_id), split)
+  generator = obj.get("generator")
+  if generator is not None and not isinstance(generator, str):
+    raise RecordError(path, line, "generator", f"must be a string, got {generator!r:.40}")
+  return Prompt(prompt_ids, None if prompt_id is None else str(prompt_id), split, generator)
 
 
-def read_prompt_jsonl(path: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> list[Prompt]:
+def read_prompt_jsonl(path: str, vocab_size: int, tokenizer: Tokenizer | None = None, *,
+                      name_by_line: bool = True) -> list[Prompt]:
+  """Every prompt of a prompt JSONL file; anything malformed raises RecordError.
+
+  name_by_line names a prompt without a prompt_id by its line number (rollouts need a name for every prompt);
+  without it such a prompt keeps prompt_id None (a prediction echoes what it was given). A (prompt_id, generator)
+  pair may occur once.
+  """
   prompts, seen = [], {}
   for line, obj in jsonl.json_lines(path):
     if isinstance(obj, RecordError):
       raise obj
-    prompt = _prompt_from_json(obj, tokenizer, vocab_size, path, line)
-    if prompt.prompt_id in seen:
-      raise RecordError(path, line, "prompt_id", f"{prompt.prompt_id!r} repeats line {seen[prompt.prompt_id]}")
-    seen[prompt.prompt_id] = line
+    prompt = _prompt_from_json(obj, tokenizer, vocab_size, path, line, name_by_line)
+    key = (prompt.prompt_id, prompt.generator)
+    if prompt.prompt_id is not None and key in seen:
+      raise RecordError(path, line, "prompt_id", f"{prompt.prompt_id!r} repeats line {seen[key]}")
+    seen[key] = line
     prompts.append(prompt)
   return prompts
 
