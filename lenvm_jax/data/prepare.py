@@ -15,7 +15,7 @@ from absl import logging
 
 from lenvm_jax.data import arrayrecord, stats
 from lenvm_jax.data.prompt_groups import SPLITS
-from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
+from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids, prompt_too_long
 
 BAD_RECORD_POLICIES = ("error", "skip")
 
@@ -36,9 +36,8 @@ def validate(record: ImportedRecord, vocab_size: int, max_len: int) -> None:
     raise RecordError(src, line, "split", f"must be one of {SPLITS}, got {record.split!r}")
   check_token_ids(t.prompt_ids.tolist(), vocab_size, src, line, "prompt_ids")
   check_token_ids(t.completion_ids.tolist(), vocab_size, src, line, "completion_ids")
-  if len(t.prompt_ids) >= max_len:
-    raise RecordError(src, line, "prompt_ids",
-                      f"prompt has {len(t.prompt_ids)} tokens; max_len ({max_len}) must leave room for the completion")
+  if problem := prompt_too_long(len(t.prompt_ids), max_len):
+    raise RecordError(src, line, "prompt_ids", problem)
 
 
 def prepare(records: Iterable[ImportedRecord | RecordError], output_dir: str, *, vocab_size: int, max_len: int,

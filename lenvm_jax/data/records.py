@@ -47,3 +47,12 @@ def check_token_ids(ids, vocab_size: int, source: str, line: int, field: str) ->
                       f"token id {int(array[position])} at position {position} is outside the vocabulary "
                       f"[0, {vocab_size}) (model.vocab_size)")
   return array.astype(np.int32)
+
+
+def prompt_too_long(prompt_length: int, max_len: int) -> str | None:
+  """What is wrong with a prompt of prompt_length tokens in rows of max_len, or None: s_0 is the prompt's last token,
+  so the prompt must leave room for at least one completion token."""
+  if prompt_length < max_len:
+    return None
+  return (f"prompt has {prompt_length} tokens; max_len ({max_len}) must leave room for the completion "
+          "(in training, data.max_prompt_len > 0 keeps only a prompt's last tokens)")

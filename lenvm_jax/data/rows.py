@@ -17,7 +17,7 @@ Row fields, each [max_len]:
 
 import numpy as np
 
-from lenvm_jax.data.records import Trajectory
+from lenvm_jax.data.records import Trajectory, prompt_too_long
 
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
 # Per-token fields a packer concatenates (positions and segment_ids it renumbers itself).
@@ -35,9 +35,8 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
   if max_prompt_len:
     prompt = prompt[-max_prompt_len:]
   p, length = len(prompt), len(completion)
-  if p >= max_len:
-    raise ValueError(f"prompt of {p} tokens does not fit data.max_len={max_len} with its completion "
-                     "(set data.max_prompt_len to keep only the prompt's last tokens)")
+  if problem := prompt_too_long(p, max_len):
+    raise ValueError(problem)
   tokens = np.concatenate([prompt, completion])[:max_len].astype(np.int32)
   n = len(tokens)
 
