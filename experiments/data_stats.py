@@ -13,7 +13,6 @@ DIR/data_stats.json and a histogram PNG of completion lengths per generator.
 """
 
 import collections
-import json
 import os
 import sys
 from typing import NamedTuple
@@ -164,8 +163,7 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
     raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
   train = result["splits"].get("train", {}).get("overall", {})
   result["suggested_gamma"] = train.get("suggested_gamma")
-  with open(os.path.join(directory, "data_stats.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
+  stats.write_json(os.path.join(directory, "data_stats.json"), result)
   plot_lengths(finished_lengths, output_png or os.path.join(directory, "lengths.png"), max_len)
   return result
 

@@ -7,7 +7,6 @@ naming file, line and field, or, under on_bad_record="skip", is skipped, printed
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Iterable
 
@@ -76,15 +75,6 @@ def prepare(records: Iterable[ImportedRecord | RecordError], output_dir: str, *,
         arrayrecord.write_shard(path, chunk)
     written[split] = len(chunks)
 
-  result = {
-      "records": {split: len(kept[split]) for split in SPLITS},
-      "shards": written,
-      "skipped": {"total": sum(skipped.values()), "by_field": dict(skipped)},
-      "splits": {split: stats.trajectory_stats(kept[split]) for split in SPLITS if kept[split]},
-  }
-  tmp = os.path.join(output_dir, "stats.json.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(output_dir, "stats.json"))
+  result = stats.write_stats(output_dir, kept, written, skipped)
   logging.info("wrote %s: %s records, %d skipped", output_dir, result["records"], result["skipped"]["total"])
   return result

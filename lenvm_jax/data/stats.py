@@ -1,6 +1,9 @@
-"""Completion-length statistics of a trajectory set: percentiles per generator, unfinished share, suggested gamma."""
+"""Completion-length statistics of a trajectory set (percentiles per generator, unfinished share, suggested gamma),
+and the stats.json that prepare_data and rollouts write beside their shards."""
 
 import collections
+import json
+import os
 
 import numpy as np
 
@@ -42,3 +45,26 @@ def trajectory_stats(trajectories) -> dict:
       "generators": {name: {**length_summary(by_generator[name]), "unfinished": unfinished[name],
                             "unfinished_fraction": unfinished[name] / total[name]} for name in sorted(total)},
   }
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Indented, keys sorted, written to a temporary file and renamed, so a reader never sees half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_stats(output_dir: str, kept: dict, shards: dict, skipped: dict | None = None, **extra) -> dict:
+  """<output_dir>/stats.json, returned: per split ({split: trajectories}) its record and shard counts and
+  trajectory_stats, the bad records skipped ({field: count}), and `extra` (rollouts add their "generation")."""
+  skipped = dict(skipped or {})
+  result = {
+      "records": {split: len(trajectories) for split, trajectories in kept.items()},
+      "shards": dict(shards),
+      "skipped": {"total": sum(skipped.values()), "by_field": skipped},
+      "splits": {split: trajectory_stats(trajectories) for split, trajectories in kept.items() if trajectories},
+      **extra,
+  }
+  write_json(os.path.join(output_dir, "stats.json"), result)
+  return result

@@ -25,13 +25,6 @@ from lenvm_jax.decoding.sampler import Sampler
 SETTINGS_FILE = "generation.json"
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def check_settings(output_dir: str, settings: dict) -> None:
   """Records the settings of this output directory, or refuses to mix in samples drawn with other settings."""
   path = os.path.join(output_dir, SETTINGS_FILE)
@@ -45,7 +38,7 @@ def check_settings(output_dir: str, settings: dict) -> None:
       raise ValueError(f"{path}: {output_dir} holds rollouts made with other settings ({details}); "
                        "use a new --output_dir")
   else:
-    _write_json(path, settings)
+    stats.write_json(path, settings)
 
 
 def plan(prompts: Sequence[Prompt], num_samples: int, shard_size: int, eval_fraction: float
@@ -114,19 +107,11 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
 
 
 def write_stats(output_dir: str, shard_counts: dict[str, int], settings: dict) -> dict:
-  """stats.json as prepare_data writes it (from the shards on disk, so a resumed run counts every shard)."""
+  """stats.json as prepare_data writes it, from the shards on disk (so a resumed run counts every shard)."""
   kept = {}
   for split, count in shard_counts.items():
     source = arrayrecord.ArrayRecordTrajectories(os.path.join(output_dir, f"{split}-*-of-{count:05d}.array_record")) \
         if count else []
     kept[split] = [source[i] for i in range(len(source))]
-  result = {
-      "records": {split: len(kept[split]) for split in SPLITS},
-      "shards": shard_counts,
-      "skipped": {"total": 0, "by_field": {}},
-      "splits": {split: stats.trajectory_stats(kept[split]) for split in SPLITS if kept[split]},
-      "generation": settings,
-  }
-  _write_json(os.path.join(output_dir, "stats.json"), result)
-  return result
+  return stats.write_stats(output_dir, kept, shard_counts, generation=settings)
 
