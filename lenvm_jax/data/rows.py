@@ -13,6 +13,7 @@ Row fields, each [max_len]:
   exact_value        float32 (synthetic data only) the exact V(s_t)
 `trajectory_to_row` returns the unpadded arrays (length <= max_len); `pad_row` pads them, and packing
 (lenvm_jax/data/pipeline.py) instead concatenates several into one row, renumbering segment_ids and positions.
+The objective and metrics (lenvm_jax/value/) read the fields by the names below.
 """
 
 import numpy as np
@@ -20,8 +21,13 @@ import numpy as np
 from lenvm_jax.data.records import Trajectory, prompt_too_long
 
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+TOKENS, POSITIONS, SEGMENT_IDS = "tokens", "positions", "segment_ids"
+VALUE_MASK, REMAINING = "value_mask", "remaining"
+COMPLETION_INDEX, COMPLETION_LENGTH = "completion_index", "completion_length"
+LM_TARGETS, LM_MASK = "lm_targets", "lm_mask"
+EXACT_VALUE = "exact_value"
 # Per-token fields a packer concatenates (positions and segment_ids it renumbers itself).
-PACKED_FIELDS = ("tokens", "value_mask", "remaining", "completion_index", "completion_length", "lm_targets", "lm_mask")
+PACKED_FIELDS = (TOKENS, VALUE_MASK, REMAINING, COMPLETION_INDEX, COMPLETION_LENGTH, LM_TARGETS, LM_MASK)
 
 
 def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop",
@@ -47,18 +53,18 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
   lm_mask = value & (np.arange(n) + 1 < n)
 
   row = {
-      "tokens": tokens,
-      "positions": np.arange(n, dtype=np.int32),
-      "segment_ids": np.ones(n, np.int32),
-      "value_mask": value,
-      "remaining": remaining.astype(np.int32),
-      "completion_index": np.where(value, t, -1).astype(np.int32),
-      "completion_length": np.where(value, length, 0).astype(np.int32),
-      "lm_targets": np.append(tokens[1:], 0).astype(np.int32),
-      "lm_mask": lm_mask,
+      TOKENS: tokens,
+      POSITIONS: np.arange(n, dtype=np.int32),
+      SEGMENT_IDS: np.ones(n, np.int32),
+      VALUE_MASK: value,
+      REMAINING: remaining.astype(np.int32),
+      COMPLETION_INDEX: np.where(value, t, -1).astype(np.int32),
+      COMPLETION_LENGTH: np.where(value, length, 0).astype(np.int32),
+      LM_TARGETS: np.append(tokens[1:], 0).astype(np.int32),
+      LM_MASK: lm_mask,
   }
   if trajectory.exact_values is not None:
-    row["exact_value"] = np.where(value, trajectory.exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
+    row[EXACT_VALUE] = np.where(value, trajectory.exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
   return row
 
 

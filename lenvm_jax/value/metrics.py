@@ -7,6 +7,7 @@ Per-position metrics take one token per sequence at t = floor(f * L) for f in PO
 
 import jax.numpy as jnp
 
+from lenvm_jax.data import rows
 from lenvm_jax.value import targets
 
 POSITION_FRACTIONS = (0, 25, 50, 75)
@@ -22,10 +23,10 @@ def metric_sums(z, batch, kind: targets.TargetKind):
   prediction = kind.predict(z)
   value_hat = kind.value_estimate(prediction)
   n_hat = kind.remaining_estimate(prediction)
-  remaining = batch["remaining"]
+  remaining = batch[rows.REMAINING]
   g = targets.discounted_return(remaining, kind.gamma)
   n = remaining.astype(jnp.float32)
-  mask = batch["value_mask"].astype(bool)
+  mask = batch[rows.VALUE_MASK].astype(bool)
   known = mask & (remaining >= 0)
   abs_err = jnp.abs(n_hat - n)
   rel_err = abs_err / jnp.maximum(n, 1.0)
@@ -34,7 +35,7 @@ def metric_sums(z, batch, kind: targets.TargetKind):
   _add(out, "value_mse", (value_hat - g) ** 2, mask)
   _add(out, "length_mae", abs_err, known)
   _add(out, "length_mre", rel_err, known & (remaining > 0))
-  index, length = batch["completion_index"], batch["completion_length"]
+  index, length = batch[rows.COMPLETION_INDEX], batch[rows.COMPLETION_LENGTH]
   for f in POSITION_FRACTIONS:
     at = known & (remaining > 0) & (index == (length * f) // 100)
     _add(out, f"length_mae_at_{f}", abs_err, at)
@@ -43,8 +44,8 @@ def metric_sums(z, batch, kind: targets.TargetKind):
   # data knows it (synthetic source), the exact value function.
   _add(out, "return_mean", g, mask)
   _add(out, "return_sq_mean", g * g, mask)
-  if "exact_value" in batch:
-    _add(out, "bayes_value_mse", (batch["exact_value"] - g) ** 2, mask)
+  if rows.EXACT_VALUE in batch:
+    _add(out, "bayes_value_mse", (batch[rows.EXACT_VALUE] - g) ** 2, mask)
   return out
 
 
