@@ -12,7 +12,6 @@ from lenvm_jax import sharding
 from lenvm_jax.decoding import sampler as sampler_lib
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model.config import ModelConfig, preset_fields
-from lenvm_jax.model.kv_cache import KVCache
 from lenvm_jax.model.transformer import LengthValueModel
 
 PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 3, 8, 1, 5: one batch, mixed.
@@ -56,14 +55,10 @@ def greedy_without_cache(graphdef, params, prompt, steps):
 
 
 def prefill(m, prompts, width, extra_slots):
-  """A cache holding left-padded prompts, and the prompts' lengths."""
+  """The sampler's prefill of left-padded prompts: hidden states, a cache holding them, and the prompts' lengths."""
   tokens, lengths = sampler_lib.left_pad(prompts, width)
-  cache = KVCache.create(m.config, len(prompts), width + extra_slots)
-  slots = jnp.arange(width)[None]
-  valid = slots >= (width - lengths)[:, None]
-  hidden, kv = m.cached_hidden_states(jnp.asarray(tokens), jnp.maximum(slots - (width - lengths)[:, None], 0),
-                                      cache.mask(valid), cache)
-  return hidden, cache.append(kv, valid), lengths
+  hidden, cache = sampler_lib.prefill(m, jnp.asarray(tokens), lengths, width + extra_slots)
+  return hidden, cache, lengths
 
 
 def test_prefill_and_decode_steps_match_the_full_forward(model):

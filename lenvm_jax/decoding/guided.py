@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax import sharding
-from lenvm_jax.decoding.sampler import PAD_ID, SamplingConfig, filter_logits, left_pad
+from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
+                                        row_keys, step_keys)
 
 RULES = ("none", "equal_to", "at_most", "at_least", "tilt")
 _NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT = range(len(RULES))
@@ -110,7 +111,7 @@ def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, r
   batch, width = prompt_tokens.shape
   steps = sampling.max_new_tokens
   eos_ids = jnp.asarray(sampling.eos_ids, jnp.int32)
-  row_keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(sampling.seed)))(row_ids)
+  keys = row_keys(sampling.seed, row_ids)
   state, logits = models.start(params, prompt_tokens, prompt_lengths, width + steps)
 
   def keep_going(carry):
@@ -119,12 +120,11 @@ def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, r
 
   def step_once(carry):
     step, state, logits, out, out_values, done, lengths = carry
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
     candidate_logits, candidates = jax.lax.top_k(filter_logits(logits, sampling), num_candidates)
     positions = prompt_lengths + step
     values, pending = models.score(params, state, candidates, positions)
     values = jnp.where(jnp.isin(candidates, eos_ids), 0.0, values)
-    choice = choose(candidate_logits, values, rules, targets, betas, lengths, keys, models.gamma)
+    choice = choose(candidate_logits, values, rules, targets, betas, lengths, step_keys(keys, step), models.gamma)
     token = jnp.where(done, PAD_ID, jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0])
     value = jnp.where(done, 0.0, jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0])
     out, out_values = out.at[:, step].set(token), out_values.at[:, step].set(value)
@@ -151,9 +151,7 @@ class GuidedSampler:
 
   def __init__(self, models: GuidedModels, params, sampling: SamplingConfig, mesh, num_candidates: int = 5,
                batch_size: int = 16):
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % shards:
-      raise ValueError(f"batch_size ({batch_size}) must be a multiple of mesh data x fsdp = {shards}")
+    check_batch_size(mesh, batch_size)
     if sampling.temperature == 0.0:
       raise ValueError("guided decoding samples among candidates: sampling temperature must be > 0")
     if not 1 <= num_candidates <= models.vocab_size:
@@ -171,20 +169,10 @@ class GuidedSampler:
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if not len(row_ids) == len(requests) == len(prompts):
       raise ValueError(f"got {len(prompts)} prompts, {len(requests)} requests and {len(row_ids)} row_ids")
-    for i, prompt in enumerate(prompts):
-      if not len(prompt):
-        raise ValueError(f"prompt {i} is empty")
-      if min(prompt) < 0 or max(prompt) >= self.models.vocab_size:
-        raise ValueError(f"prompt {i} has a token id outside the vocabulary [0, {self.models.vocab_size})")
     out: list[GuidedSample | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     filler = LengthRequest()
-    for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
+    for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.models.vocab_size):
       fill = self.batch_size - len(chunk)
-      rows = [prompts[i] for i in chunk] + [[PAD_ID]] * fill
-      width = 1 << max(int(np.ceil(np.log2(max(map(len, rows))))), 3)
-      tokens, lengths = left_pad(rows, width)
       chunk_requests = [requests[i] for i in chunk] + [filler] * fill
       per_row = lambda values, dtype: jax.device_put(np.asarray(values, dtype), self._per_row)
       with jax.set_mesh(self.mesh):

@@ -15,20 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lenvm_jax.model.kv_cache import KVCache
+from lenvm_jax.decoding.sampler import prefill
 from lenvm_jax.value.targets import TargetKind
 
 
-def _prefill(model, prompt_tokens, prompt_lengths, cache_len):
-  """Left-padded prompts through a fresh cache: (last hidden state [B, H], cache)."""
-  batch, width = prompt_tokens.shape
-  cache = KVCache.create(model.config, batch, cache_len)
-  padding = (width - prompt_lengths)[:, None]
-  slots = jnp.arange(width)[None]
-  valid = slots >= padding
-  hidden, new_kv = model.cached_hidden_states(prompt_tokens, jnp.maximum(slots - padding, 0), cache.mask(valid),
-                                              cache)
-  return hidden[:, -1], cache.append(new_kv, valid)
+def _start(model, prompt_tokens, prompt_lengths, cache_len):
+  """Prefill, then the next-token logits [B, V] at every prompt's last token: (cache, logits)."""
+  hidden, cache = prefill(model, prompt_tokens, prompt_lengths, cache_len)
+  return cache, model.lm_logits(hidden[:, -1:])[:, 0]
 
 
 def _score_alternatives(model, kind: TargetKind, cache, candidates, positions):
@@ -54,9 +48,7 @@ class TransformerGenerator:
   vocab_size: int
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
-    model = nnx.merge(self.graphdef, params)
-    hidden, cache = _prefill(model, prompt_tokens, prompt_lengths, cache_len)
-    return cache, model.lm_logits(hidden[:, None])[:, 0]
+    return _start(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)
 
   def advance(self, params, cache, tokens, positions):
     model = nnx.merge(self.graphdef, params)
@@ -76,7 +68,7 @@ class TransformerScorer:
     return self.kind.gamma
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
-    return _prefill(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)[1]
+    return prefill(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)[1]
 
   def score(self, params, cache, candidates, positions):
     _, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
@@ -100,9 +92,7 @@ class SharedTrunk:
     return self.kind.gamma
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
-    model = nnx.merge(self.graphdef, params)
-    hidden, cache = _prefill(model, prompt_tokens, prompt_lengths, cache_len)
-    return cache, model.lm_logits(hidden[:, None])[:, 0]
+    return _start(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)
 
   def score(self, params, cache, candidates, positions):
     hidden, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,

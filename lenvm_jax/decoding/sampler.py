@@ -9,6 +9,9 @@ Sampling filters are small pure functions applied in the order temperature -> to
 of Hugging Face `generate`); temperature 0 is greedy (argmax of the raw logits, first index on ties).
 Randomness is per row: row i's key is fold_in(key(seed), row_id[i]) and step t uses fold_in(row key, t), so a
 sample does not depend on which other rows share its batch or on the batch size.
+
+Batching (prompt_batches, bucket_width, left_pad) and the prefill are shared with guided decoding
+(lenvm_jax/decoding/guided.py) and, for the bucketed width, the Predictor.
 """
 
 import dataclasses
@@ -102,12 +105,61 @@ def next_tokens(logits, keys, sampling: SamplingConfig):
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
+def bucket_width(longest: int, smallest: int) -> int:
+  """The power of two >= longest (at least `smallest`, a power of two): few distinct shapes, so few compiles."""
+  return max(smallest, 1 << (max(longest, 1) - 1).bit_length())
+
+
 def left_pad(prompts: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
   """[B, width] int32 prompts aligned to end at the last column, and their lengths."""
   tokens = np.full((len(prompts), width), PAD_ID, np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, width - len(prompt):] = prompt
   return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int, vocab_size: int):
+  """Checks the prompts, then yields (indices, tokens [batch_size, width], lengths [batch_size]) per batch: similar
+  lengths share a batch, left-padded to a bucketed width; a short last batch is filled with one-token rows."""
+  for i, prompt in enumerate(prompts):
+    if not len(prompt):
+      raise ValueError(f"prompt {i} is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+      raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {vocab_size})")
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  for start in range(0, len(order), batch_size):
+    chunk = order[start:start + batch_size]
+    rows = [prompts[i] for i in chunk] + [[PAD_ID]] * (batch_size - len(chunk))
+    yield (chunk, *left_pad(rows, bucket_width(max(map(len, rows)), 8)))
+
+
+def check_batch_size(mesh, batch_size: int) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"batch_size ({batch_size}) must be a multiple of mesh data x fsdp = {shards}")
+
+
+def prefill(model, prompt_tokens, prompt_lengths, cache_len):
+  """Left-padded prompts [B, P] through a fresh cache of cache_len slots: (hidden states [B, P, H], cache). Every
+  prompt keeps its own positions and ends in the last column."""
+  batch, width = prompt_tokens.shape
+  cache = KVCache.create(model.config, batch, cache_len)
+  padding = (width - prompt_lengths)[:, None]
+  slots = jnp.arange(width)[None]
+  valid = slots >= padding
+  hidden, new_kv = model.cached_hidden_states(prompt_tokens, jnp.maximum(slots - padding, 0), cache.mask(valid),
+                                              cache)
+  return hidden, cache.append(new_kv, valid)
+
+
+def row_keys(seed: int, row_ids):
+  """[B] PRNG keys, one per row id: a row's samples do not depend on its batch."""
+  return jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(row_ids)
+
+
+def step_keys(keys, step):
+  """[B] keys of decode step `step` from the rows' keys."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
 
 
 def decode(graphdef, params, prompt_tokens, prompt_lengths, row_ids, *, sampling: SamplingConfig):
@@ -120,15 +172,8 @@ def decode(graphdef, params, prompt_tokens, prompt_lengths, row_ids, *, sampling
   batch, width = prompt_tokens.shape
   steps = sampling.max_new_tokens
   eos_ids = jnp.asarray(sampling.eos_ids, jnp.int32)
-  row_keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(sampling.seed)))(row_ids)
-
-  cache = KVCache.create(model.config, batch, width + steps)
-  padding = (width - prompt_lengths)[:, None]
-  slots = jnp.arange(width)[None]
-  valid = slots >= padding
-  hidden, new_kv = model.cached_hidden_states(prompt_tokens, jnp.maximum(slots - padding, 0),
-                                              cache.mask(valid), cache)
-  cache = cache.append(new_kv, valid)
+  keys = row_keys(sampling.seed, row_ids)
+  hidden, cache = prefill(model, prompt_tokens, prompt_lengths, width + steps)
   logits = model.lm_logits(hidden[:, -1:])[:, 0]  # Left padding: every prompt ends in the last column.
 
   def keep_going(carry):
@@ -137,8 +182,7 @@ def decode(graphdef, params, prompt_tokens, prompt_lengths, row_ids, *, sampling
 
   def step_once(carry):
     step, cache, logits, out, done, lengths = carry
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-    token = jnp.where(done, PAD_ID, next_tokens(logits, keys, sampling))
+    token = jnp.where(done, PAD_ID, next_tokens(logits, step_keys(keys, step), sampling))
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos_ids)
@@ -163,9 +207,7 @@ class Sampler:
   """Generates completions for many prompts in fixed-size batches on a mesh (batch over data x fsdp)."""
 
   def __init__(self, graphdef, params, sampling: SamplingConfig, mesh, batch_size: int = 16):
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % shards:
-      raise ValueError(f"batch_size ({batch_size}) must be a multiple of mesh data x fsdp = {shards}")
+    check_batch_size(mesh, batch_size)
     self.graphdef, self.params, self.sampling, self.mesh = graphdef, params, sampling, mesh
     self.batch_size = batch_size
     self.vocab_size = params["embedding"].shape[0]
@@ -178,18 +220,8 @@ class Sampler:
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
       raise ValueError(f"got {len(row_ids)} row_ids for {len(prompts)} prompts")
-    for i, prompt in enumerate(prompts):
-      if not len(prompt):
-        raise ValueError(f"prompt {i} is empty")
-      if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-        raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {self.vocab_size})")
     out: list[Sample | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # Similar lengths share a batch.
-    for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
-      rows = [prompts[i] for i in chunk] + [[PAD_ID]] * (self.batch_size - len(chunk))  # Filler rows.
-      width = 1 << max(int(np.ceil(np.log2(max(map(len, rows))))), 3)  # Few distinct shapes: few compiles.
-      tokens, lengths = left_pad(rows, width)
+    for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.vocab_size):
       ids = np.asarray([row_ids[i] for i in chunk] + [0] * (self.batch_size - len(chunk)), np.int32)
       with jax.set_mesh(self.mesh):
         generated, counts, finished = jax.device_get(self._decode(
