@@ -8,7 +8,7 @@ each candidate seeing the prefix and itself only; the chosen candidate's keys an
 the prefix is never recomputed (lenvm_jax/decoding/guided_models.py).
 
 Rules (per row, in one batch; "remaining" R = target - generated - 1 tokens after the candidate, lengths count
-the EOS token, and v*(R) = -(1 - gamma ** max(R, 0)) is the value of exactly R more tokens):
+the EOS token, and v*(R) = -(1 - gamma ** max(R, 0)) is the value of exactly R more tokens, targets.discounted_return):
   none      sample from the base distribution over the candidates;
   equal_to  the candidate whose V is closest to v*(R) (value space, as the paper; ties: the more likely one);
   at_most   sample among candidates expected to fit, V >= v*(R); if none fits, the one closest to 0 (shortest);
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax import sharding
+from lenvm_jax.value.targets import discounted_return
 from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
                                         row_keys, step_keys)
 
@@ -65,11 +66,6 @@ class GuidedModels(Protocol):
     """Appends the chosen candidates (index choice [B], ids tokens [B]): (state, next-token logits [B, V])."""
 
 
-def target_value(remaining, gamma: float):
-  """v*(R) = -(1 - gamma ** R): the value of a state with exactly R tokens to come (R clipped at 0)."""
-  return -(1.0 - jnp.power(jnp.float32(gamma), jnp.maximum(remaining, 0).astype(jnp.float32)))
-
-
 def choose(candidate_logits, values, rules, targets, betas, generated, keys, gamma: float):
   """Index [B] of the chosen candidate per row (see the module docstring for the rules).
 
@@ -78,7 +74,7 @@ def choose(candidate_logits, values, rules, targets, betas, generated, keys, gam
   """
   allowed = jnp.isfinite(candidate_logits)
   length_score = -values  # u in [0, 1): larger = longer.
-  v_star = target_value(targets - generated - 1, gamma)[:, None]
+  v_star = discounted_return(jnp.maximum(targets - generated - 1, 0), gamma)[:, None]
   # One Gumbel draw per row serves every sampling rule (argmax of logits + Gumbel noise is a categorical sample);
   # a row uses one rule, so sharing the noise across rules changes nothing and saves the random-bit generation.
   gumbel = jax.vmap(lambda key: jax.random.gumbel(key, candidate_logits.shape[-1:]))(keys)

@@ -11,11 +11,13 @@ import collections
 
 import numpy as np
 
+from lenvm_jax.value.targets import token_reward
+
 
 def td_residuals(values, gamma: float) -> np.ndarray:
   """[L] residuals of the tokens 1..L of a value sequence V_0..V_L (V at s_0 .. s_L)."""
   v = np.asarray(values, np.float64)
-  return -(1.0 - gamma) + gamma * v[1:] - v[:-1]
+  return token_reward(gamma) + gamma * v[1:] - v[:-1]
 
 
 def length_tokens(sequences, gamma: float, threshold: float = 0.01, top: int = 20) -> dict:

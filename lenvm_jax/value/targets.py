@@ -21,8 +21,13 @@ def discounted_return(remaining, gamma: float):
 
 def remaining_from_value(value, gamma: float):
   """Exact inverse of discounted_return: n = log(1 + V) / log(gamma); V is clipped just inside (-1, 0]."""
-  v = jnp.clip(value.astype(jnp.float32), -1.0 + 1e-7, 0.0)
+  v = jnp.clip(jnp.asarray(value).astype(jnp.float32), -1.0 + 1e-7, 0.0)
   return jnp.log1p(v) / jnp.log(jnp.float32(gamma))
+
+
+def token_reward(gamma: float) -> float:
+  """r = -(1 - gamma): the reward of every generated token, so that the rewards of n tokens sum (discounted) to G."""
+  return -(1.0 - gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +76,7 @@ class TargetKind:
     """The prediction expressed as a discounted value V in (-1, 0], so every target type is comparable."""
     if self.name == "discounted":
       return prediction
-    return jnp.expm1(self.remaining_estimate(prediction) * jnp.log(jnp.float32(self.gamma)))
+    return discounted_return(self.remaining_estimate(prediction), self.gamma)
 
 
 def gae_targets(values, remaining, value_mask, segment_ids, gamma: float, lam: float):
@@ -91,7 +96,7 @@ def gae_targets(values, remaining, value_mask, segment_ids, gamma: float, lam: f
   next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
   next_is_eos = jnp.concatenate([remaining[:, 1:] == 0, jnp.zeros_like(mask[:, :1])], axis=1)
   next_values = jnp.where(next_is_eos, 0.0, next_values)  # The terminal state's value is 0, not the model's.
-  reward = -(1.0 - gamma)
+  reward = token_reward(gamma)
 
   def step(next_return, xs):
     cont, v_next, mc_t = xs
