@@ -4,7 +4,9 @@ load_tokenizer(path) takes
   - a Hugging Face tokenizer.json file: no chat template, the plain default below;
   - a Hugging Face tokenizer directory: tokenizer.json plus tokenizer_config.json, whose `chat_template` (or a
     chat_template.jinja file), `eos_token` and `bos_token` are used;
-  - a SentencePiece model file (e.g. tokenizer.model): Mistral v1 instruct format.
+  - a SentencePiece model file (e.g. tokenizer.model): Mistral v1 instruct format;
+  - a llama.cpp .gguf file: its byte-level BPE tokenizer and chat template, rebuilt from the metadata as a
+    tokenizer.json + tokenizer_config.json (model/gguf_import.py), then loaded as a directory.
 
 Default prompt formats, used only when no chat template is given:
   SentencePiece   BOS "[INST] {system}\\n\\n{user} [/INST]"; earlier assistant turns are "{text}" EOS (Mistral v1)
@@ -195,6 +197,19 @@ def _read_chat_template(directory: str, config: dict) -> str | None:
   return template if isinstance(template, str) else None
 
 
+def _load_gguf_tokenizer(path: str) -> HuggingFaceTokenizer:
+  """The GGUF's tokenizer files are written to a temporary directory only long enough to load them."""
+  import tempfile
+
+  from lenvm_jax.model import gguf_import  # Lazy: it brings jax, which text-only callers do not need.
+
+  with tempfile.TemporaryDirectory(prefix="gguf_tokenizer_") as directory:
+    gguf_import.write_tokenizer_files(path, directory)
+    tokenizer = load_tokenizer(directory)
+  tokenizer.path = path
+  return tokenizer
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   if os.path.isdir(path):
     tokenizer_json = os.path.join(path, "tokenizer.json")
@@ -209,6 +224,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     return HuggingFaceTokenizer(tokenizer_json, config, _read_chat_template(path, config))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no tokenizer at {path!r}")
+  if path.lower().endswith(".gguf"):
+    return _load_gguf_tokenizer(path)
   if path.endswith(".json"):
     return HuggingFaceTokenizer(path)
   try:

@@ -2,7 +2,8 @@
 
 Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding, so
 the host holds at most one full tensor, never a second copy of the model. A `value_head.safetensors` (a LenVM in
-the reference layout, spec section 6) supplies the value head; without one it gets a fresh init.
+the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every function
+that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py).
 """
 
 import contextlib
@@ -16,7 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from lenvm_jax import sharding
-from lenvm_jax.model import hf_config, hf_layout
+from lenvm_jax.model import gguf_import, hf_config, hf_layout
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.model.transformer import LengthValueModel, ValueHead
 
@@ -41,7 +42,7 @@ def tensor_files(directory: str) -> dict[str, str]:
                           "are supported)")
 
 
-def _place(array: np.ndarray, target) -> jax.Array:
+def place(array: np.ndarray, target) -> jax.Array:
   """One host array onto its sharding: each device takes its slice (works across processes too)."""
   return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
@@ -62,7 +63,7 @@ def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dic
       target = hf_layout.get_path(abstract, m.path)
       ours = m.to_ours(np.asarray(tensor, dtype=target.dtype), target.shape)
       del tensor
-      hf_layout.set_path(params, m.path, _place(ours, hf_layout.get_path(shardings, m.path)))
+      hf_layout.set_path(params, m.path, place(ours, hf_layout.get_path(shardings, m.path)))
   return params
 
 
@@ -72,7 +73,21 @@ def _ignorable(name: str, model_config: ModelConfig) -> bool:
 
 
 def has_value_head(directory: str) -> bool:
+  if gguf_import.is_gguf_path(directory):  # A GGUF file is a plain LM: never a value head.
+    return False
   return os.path.isfile(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
+
+
+def abstract_params(model_config: ModelConfig, mesh) -> tuple[dict, dict]:
+  """(abstract params pure dict, matching shardings on `mesh` by logical axes), nothing allocated."""
+  _, abstract_state = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+  return abstract_state.to_pure_dict(), sharding.param_shardings(abstract_state, mesh)
+
+
+def fresh_value_head(model_config: ModelConfig, shardings: dict, seed: int) -> dict:
+  """A newly initialised value head (from `seed`), created directly on its shardings."""
+  fresh = lambda: nnx.split(ValueHead(model_config.hidden_size, nnx.Rngs(seed)))[1].to_pure_dict()
+  return jax.jit(fresh, out_shardings=shardings["value_head"])()
 
 
 def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) -> dict:
@@ -80,10 +95,11 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
 
   Tensors the model has no place for are an error (an unsupported feature such as an o_proj bias would otherwise
   be dropped silently). Without value_head.safetensors the value head is a fresh init from `seed`.
+  A `.gguf` file instead of a directory loads through gguf_import.
   """
-  _, abstract_state = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
-  shardings = sharding.param_shardings(abstract_state, mesh)
-  abstract = abstract_state.to_pure_dict()
+  if gguf_import.is_gguf_path(directory):
+    return gguf_import.load_params(directory, model_config, mesh, seed)
+  abstract, shardings = abstract_params(model_config, mesh)
 
   files = tensor_files(directory)
   mappings = hf_layout.trunk_mappings(model_config)
@@ -103,12 +119,13 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
       raise ValueError(f"{value_file}: holds {sorted(names)}, expected exactly {sorted(expected)}")
     params.update(_load_mapped(value_maps, {n: value_file for n in names}, abstract, shardings))
   else:
-    fresh = lambda: nnx.split(ValueHead(model_config.hidden_size, nnx.Rngs(seed)))[1].to_pure_dict()
-    params["value_head"] = jax.jit(fresh, out_shardings=shardings["value_head"])()
+    params["value_head"] = fresh_value_head(model_config, shardings, seed)
   return params
 
 
 def load_model_config(directory: str, **run_fields) -> ModelConfig:
-  """ModelConfig of an HF dir; `run_fields` sets dtype / remat / gamma."""
+  """ModelConfig of an HF dir (or a `.gguf` file); `run_fields` sets dtype / remat / dropout."""
+  if gguf_import.is_gguf_path(directory):
+    return gguf_import.load_model_config(directory, **run_fields)
   return hf_config.model_config_from_hf(hf_config.read_hf_config(directory),
                                         os.path.join(directory, "config.json"), **run_fields)

@@ -1,0 +1,71 @@
+"""Convert a llama.cpp GGUF file (Llama / Qwen2 / Qwen3) into a Hugging Face causal-LM directory.
+
+  python -m experiments.convert_gguf --input SmolLM2-135M-Instruct.Q4_1.gguf --output models/smollm2
+
+Writes config.json (bos / eos / pad ids included), model.safetensors (float32: the quantized weights dequantized,
+llama.cpp's q/k row order undone; sharded with an index above --max_shard_size_gb), tokenizer.json,
+tokenizer_config.json (chat template, special tokens) and generation_config.json (EOS ids, with the chat
+template's end-of-turn token). No value_head.safetensors: the directory is a plain LM, so model.init_from on it
+starts a fresh value head. The GGUF itself also works directly wherever an HF directory does; converting pays off
+when a run is started many times or the files go to another tool. Bad input: one line "error: ..." and exit 2.
+"""
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+from lenvm_jax import sharding
+from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
+
+_INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the Hugging Face model into (created if needed).")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
+                                   "Split the weights into safetensors shards of at most this size (+ index).")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Writes the HF directory; returns the file names written. Everything is checked before the first write."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise ValueError(f"--output {output_dir} is a file, not a directory")
+  if os.path.isfile(os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE)):  # It would pair with the new weights.
+    raise ValueError(f"--output {output_dir} holds a {hf_layout.VALUE_HEAD_FILE} of another model; choose an empty "
+                     "directory")
+  model_config = gguf_import.load_model_config(input_path, dtype="float32")
+  reader = gguf_import.read_gguf(input_path)
+  gguf_import.build_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
+  generation = gguf_import.generation_config(input_path)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    params = gguf_import.load_params(input_path, model_config, mesh)
+
+  os.makedirs(output_dir, exist_ok=True)
+  ids = {name: value for name, value in generation.items() if name != "eos_token_id"}
+  eos = generation["eos_token_id"]
+  config = hf_config.hf_config_from_model_config(model_config, eos_token_id=eos[0] if len(eos) == 1 else eos, **ids)
+  with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  written = ["config.json"]
+  written += hf_export._save_trunk(params, model_config, output_dir, max_shard_bytes)
+  written += gguf_import.write_tokenizer_files(input_path, output_dir)
+  with open(os.path.join(output_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+    json.dump(generation, f, indent=2)
+  return written + ["generation_config.json"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    written = convert(_INPUT.value, _OUTPUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
+  except (ValueError, OSError) as e:  # Missing file, not a GGUF, unsupported architecture / quantization.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"converted {_INPUT.value} to {_OUTPUT.value}: {', '.join(written)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
