@@ -37,11 +37,12 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import base
-from lenvm_jax import sharding
+from lenvm_jax import config as config_lib, sharding
+from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
+from lenvm_jax.model import transformer
+from lenvm_jax.train import optimizer, state as state_lib, step as step_lib
 from lenvm_jax.value.objective import Objective
-from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, step as step_lib
-from lenvm_jax.train.trainer import batch_shardings
 
 _PRESET = flags.DEFINE_string("preset", "small", "Model preset (lenvm_jax/model/config.py PRESETS).")
 _HIDDEN = flags.DEFINE_integer("hidden_size", 256, "Overrides the preset; 0 keeps it.")
@@ -78,7 +79,7 @@ def bench_config():
   config.train.accum_steps = _ACCUM.value
   config.optim.warmup_steps = 0
   config.mesh.data = 1  # One device, like the PyTorch baseline and the matmul peak (a); MFU is per chip.
-  return config
+  return RunConfig.from_dict(config)
 
 
 def matmul_peak(n: int, dtype) -> float:
@@ -114,19 +115,19 @@ def batches(config, count: int) -> list[dict]:
 def ours_runner(config, model_config, data: list[dict]):
   """Initial params, first-step loss, XLA's FLOP count and a step(batch_index) of the trainer's compiled step."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  config_lib.check_batch_fits_mesh(config, mesh)
-  objective = Objective.from_config(config)
+  config_lib.check_batch_fits_mesh(config, mesh, jax.process_count())
+  objective = Objective.from_config(config.loss)
   with jax.set_mesh(mesh):
-    graphdef, abstract = state_lib.abstract_model(model_config)
+    graphdef, abstract = transformer.abstract_model(model_config)
     tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
     state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed)
     initial_params = jax.device_get(state.params)
     accum = config.train.accum_steps  # [B, T] -> [accum_steps, B / accum_steps, T], as the trainer feeds the step.
     to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
-    train_sh = batch_shardings(mesh, to_micro(data[0]), leading=1)
-    eval_sh = batch_shardings(mesh, data[0], leading=0)
+    train_sh = sharding.batch_shardings(mesh, to_micro(data[0]), leading=1)
+    eval_sh = sharding.batch_shardings(mesh, data[0], leading=0)
     shape = lambda batch, sh: {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in batch.items()}
-    compiled, _ = step_lib.compile_steps(graphdef, objective, tx, config, state_sh, train_sh, eval_sh,
+    compiled, _ = step_lib.compile_steps(graphdef, objective, tx, config.train, state_sh, train_sh, eval_sh,
                                          state_lib.shape_structs(state), shape(to_micro(data[0]), train_sh),
                                          shape(data[0], eval_sh))
     device_batches = [{k: jax.device_put(v, train_sh[k]) for k, v in to_micro(b).items()} for b in data]
@@ -208,7 +209,7 @@ def torch_runner(config, model_config, initial_params, data: list[dict], device:
   o = config.optim
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0}],
                           lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-  log_gamma = float(np.log(config.model.gamma))
+  log_gamma = float(np.log(config.loss.gamma))
   tensors = [{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in b.items()} for b in data]
 
   micro = len(data[0]["tokens"]) // config.train.accum_steps
@@ -262,7 +263,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = bench_config()
-  model_config = config_lib.validate(config)
+  model_config = config.model
   backend = jax.default_backend()
   on_cpu = backend == "cpu"
   dtype = model_config.compute_dtype  # The peak in the dtype our matmuls run in.

@@ -32,23 +32,25 @@ from ml_collections import config_flags  # noqa: E402
 from lenvm_jax import sharding  # noqa: E402
 from lenvm_jax.data import rows  # noqa: E402
 from lenvm_jax.value.objective import Objective  # noqa: E402
-from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, step as step_lib  # noqa: E402
-from lenvm_jax.train.trainer import batch_shardings  # noqa: E402
+from lenvm_jax import config as config_lib  # noqa: E402
+from lenvm_jax.config import RunConfig  # noqa: E402
+from lenvm_jax.model import transformer  # noqa: E402
+from lenvm_jax.train import optimizer, state as state_lib, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("fake_devices", 8, "Fake CPU devices to compile for (0 = the real devices).")
 flags.mark_flags_as_required(["config"])
 
 
-def batch_structs(config, mesh, rows_count: int, leading_dims: tuple[int, ...], leading: int):
+def batch_structs(run: RunConfig, mesh, rows_count: int, leading_dims: tuple[int, ...], leading: int):
   """ShapeDtypeStructs of a batch in the row format (lenvm_jax/data/rows.py), with batch shardings."""
   dtypes = {"tokens": np.int32, "positions": np.int32, "segment_ids": np.int32, "value_mask": bool,
             "remaining": np.int32, "completion_index": np.int32, "completion_length": np.int32,
             "lm_targets": np.int32, "lm_mask": bool}
   assert set(dtypes) == set(rows.PACKED_FIELDS) | {"positions", "segment_ids"}
-  shape = leading_dims + (config.data.max_len,)
+  shape = leading_dims + (run.data.max_len,)
   example = {k: np.zeros((1,) * len(shape), d) for k, d in dtypes.items()}
-  shardings = batch_shardings(mesh, example, leading)
+  shardings = sharding.batch_shardings(mesh, example, leading)
   return {k: jax.ShapeDtypeStruct(shape, d, sharding=shardings[k]) for k, d in dtypes.items()}, shardings
 
 
@@ -58,22 +60,22 @@ def gib(n):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  model_config = config_lib.validate(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  config_lib.check_batch_fits_mesh(config, mesh)
-  accum = config.train.accum_steps
+  run = RunConfig.from_dict(_CONFIG.value)
+  model_config = run.model
+  mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+  config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
+  accum = run.train.accum_steps
   with jax.set_mesh(mesh):
-    graphdef, abstract = state_lib.abstract_model(model_config)
-    tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
-    state_shape, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed, initialize=False,
-                                                         ema=state_lib.keeps_ema(config))  # The EMA's memory too.
-    train_batch, train_sh = batch_structs(config, mesh, config.train.batch_size,
-                                          (accum, config.train.batch_size // accum), leading=1)
-    eval_batch, eval_sh = batch_structs(config, mesh, config.train.eval_batch_size,
-                                        (config.train.eval_batch_size,), leading=0)
+    graphdef, abstract = transformer.abstract_model(model_config)
+    tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
+    state_shape, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initialize=False,
+                                                         ema=run.train.keeps_ema)  # The EMA's memory too.
+    train_batch, train_sh = batch_structs(run, mesh, run.train.batch_size,
+                                          (accum, run.train.batch_size // accum), leading=1)
+    eval_batch, eval_sh = batch_structs(run, mesh, run.train.eval_batch_size,
+                                        (run.train.eval_batch_size,), leading=0)
     start = time.perf_counter()
-    train, evaluate = step_lib.compile_steps(graphdef, Objective.from_config(config), tx, config, state_sh,
+    train, evaluate = step_lib.compile_steps(graphdef, Objective.from_config(run.loss), tx, run.train, state_sh,
                                              train_sh, eval_sh, state_shape, train_batch, eval_batch)
     seconds = time.perf_counter() - start
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params))

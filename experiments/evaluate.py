@@ -24,12 +24,12 @@ import json
 import os
 import sys
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from lenvm_jax import sharding
+from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.data.synthetic import EOS_ID
 from lenvm_jax.evaluation import length_scores, length_tokens
@@ -38,6 +38,7 @@ from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerScore
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator
+from lenvm_jax.value.targets import remaining_from_value
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
@@ -58,7 +59,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def _models(predictor: Predictor, config, kind: str):
+def _models(predictor: Predictor, config: RunConfig, kind: str):
   scorer = TransformerScorer(predictor.graphdef, predictor.kind)
   vocab_size = config.model.vocab_size
   if kind == "auto":
@@ -68,7 +69,7 @@ def _models(predictor: Predictor, config, kind: str):
       raise ValueError("--generator=synthetic needs a run on data.source='synthetic'")
     generator = SyntheticGenerator(pipeline.synthetic_policy(config), _FILLER_TOKENS.value)
     return "synthetic policy", Pair(generator, scorer), (None, predictor.params)
-  if config.loss.get("lm_weight", 0.0) <= 0:
+  if config.loss.lm_weight <= 0:
     raise ValueError("--generator=shared needs a run trained with loss.lm_weight > 0 (its LM head is untrained)")
   return "shared trunk", SharedTrunk(predictor.graphdef, predictor.kind, vocab_size), predictor.params
 
@@ -123,7 +124,7 @@ def _plots(out_dir, report, trajectories, predictions, gamma):
     line, = ax.plot(steps, n_hat, lw=1)
     ax.plot(steps, len(t.completion_ids) - steps, ls=":", color=line.get_color(), lw=1)
     if t.exact_values is not None:
-      exact = np.log1p(np.clip(t.exact_values[:len(n_hat)], -1 + 1e-7, 0)) / np.log(gamma)
+      exact = np.asarray(remaining_from_value(t.exact_values[:len(n_hat)], gamma))
       ax.plot(steps, exact, ls="--", color=line.get_color(), lw=0.8, alpha=0.6)
   ax.set(xlabel="tokens generated", ylabel="remaining tokens",
          title="predicted (solid), true (dotted), Bayes-optimal (dashed)")
@@ -164,10 +165,12 @@ def _plots(out_dir, report, trajectories, predictions, gamma):
 def main(argv):
   del argv
   predictor = Predictor(_WORKDIR.value)
-  config = _CONFIG.value if _CONFIG.value is not None else predictor.config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.gamma = predictor.config.model.gamma  # The trained value's discount ("auto" resolved at training).
-  gamma = predictor.kind.gamma
+  gamma = predictor.kind.gamma  # The trained value's discount ("auto" resolved at training).
+  try:
+    config = predictor.config if _CONFIG.value is None else RunConfig.from_dict(_CONFIG.value).with_gamma(gamma)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   targets = [int(t) for t in _TARGETS.value]
   betas = [float(b) for b in _BETAS.value]
   try:

@@ -51,8 +51,8 @@ def main(argv):
   train = pipeline.load_source(config, "train")
   evaluation = pipeline.load_source(config, "eval")
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
-  baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.model.gamma)
-  report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.model.gamma,
+  baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.loss.gamma)
+  report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.loss.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
                                 cell_of=functools.partial(prompt_groups.cell_of, separator=_CELLS.value)
                                 if _CELLS.value else None)

@@ -14,7 +14,6 @@ from absl import app, flags
 
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
-from lenvm_jax.model.config import ModelConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the LenVM into.")
@@ -30,8 +29,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     predictor = Predictor(_WORKDIR.value)
-    model_config = ModelConfig.from_config(predictor.config.model)
-    tokenizer_dir = _TOKENIZER.value or predictor.config.model.get("init_from", "")
+    model_config = predictor.config.model
+    tokenizer_dir = _TOKENIZER.value or model_config.init_from
     written = hf_export.export(predictor.params, model_config, _OUTPUT.value, tokenizer_dir=tokenizer_dir,
                                max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
   except (ValueError, OSError) as e:  # No checkpoint, or a model no HF class can hold: one clear line.

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 
 from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.data import jsonl
+from lenvm_jax.data import jsonl, prompts
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
@@ -37,10 +37,11 @@ def main(argv):
   del argv
   predictor = Predictor(_WORKDIR.value)
   config = predictor.config
-  max_prompt_len = config.data.get("max_prompt_len", 0)
+  max_prompt_len = config.data.max_prompt_len
   try:
     if _MODE.value == "prompts":
-      records = jsonl.read_prompts(_INPUT.value, config.model.vocab_size)
+      records = [p.as_trajectory()
+                 for p in prompts.read_prompt_jsonl(_INPUT.value, config.model.vocab_size, name_by_line=False)]
     else:
       # Prediction is not bound to the training row length: allow any prompt the model can take.
       records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
@@ -61,7 +62,7 @@ def main(argv):
       print(f"wrote {len(records)} prompt-boundary predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
     else:
       try:
-        report = length_eval.prompt_boundary_report(predictor, records, config.model.gamma, _BATCH.value,
+        report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,
                                                     max_prompt_len)
       except ValueError as e:
         print(f"error: {_INPUT.value}: {e}", file=sys.stderr)

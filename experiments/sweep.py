@@ -1,7 +1,7 @@
 """Run a hyperparameter sweep locally: one trainer run per point, each in its own workdir under --sweep_dir.
 
   python -m experiments.sweep --config experiments/configs/synthetic.py --sweep_dir runs/sweep \
-      --sweep config.model.gamma=0.99,0.997 --sweep config.optim.lr=1e-3,3e-4 [--zip] [--parallel 2]
+      --sweep config.loss.gamma=0.99,0.997 --sweep config.optim.lr=1e-3,3e-4 [--zip] [--parallel 2]
 
 Points are the product of the --sweep axes (or, with --zip, their i-th values together); a --sweep with one value
 is a fixed override for every point. Rerunning the same command resumes: finished points are skipped and unfinished
@@ -19,8 +19,8 @@ import time
 
 from absl import app, flags
 
-from launch import repo
 from lenvm_jax import sweep_spec
+from lenvm_jax.config import is_url
 
 _CONFIG = flags.DEFINE_string("config", None, "Trainer config file (experiments/configs/*.py).")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep: one workdir per point + summary.csv.")
@@ -151,7 +151,7 @@ def main(argv):
     named = sweep_spec.named_points(_SWEEP.value, _ZIP.value)
   except sweep_spec.SweepError as e:
     raise app.UsageError(str(e)) from None
-  if repo.is_url(_SWEEP_DIR.value):  # Points run here and write with local file I/O (as the trainer checks too).
+  if is_url(_SWEEP_DIR.value):  # Points run here and write with local file I/O (as the trainer checks too).
     raise app.UsageError(f"--sweep_dir {_SWEEP_DIR.value!r} is a URL: sweeps run locally; pass a local path")
   sweep_dir = os.path.abspath(_SWEEP_DIR.value)
   os.makedirs(sweep_dir, exist_ok=True)

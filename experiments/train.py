@@ -17,9 +17,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lenvm_jax import distributed
-from lenvm_jax.train import trainer
+from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data.records import RecordError
-from lenvm_jax.train.config import ConfigError
+from lenvm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
                                           lock_config=True)
@@ -49,7 +49,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    trainer.train_and_evaluate(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)
   except (ConfigError, RecordError) as e:  # Bad config or data: one clear line, no traceback.
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

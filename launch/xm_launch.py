@@ -4,7 +4,7 @@ Runs in its own venv (xmanager pins clash with nothing, but it is large):
   python -m venv .venv-launch && .venv-launch/bin/pip install -r launch/requirements.txt
   .venv-launch/bin/python launch/xm_launch.py --config=experiments/configs/synthetic.py \
       --executor=vertex --accelerator=A100 --accelerator_count=8 --workdir_root=gs://bucket/runs \
-      --sweep=config.model.gamma=0.99,0.997 [--zip] --dry_run
+      --sweep=config.loss.gamma=0.99,0.997 [--zip] --dry_run
 
 --dry_run prints each job's spec (image build steps, executor, requirements, trainer flags) as JSON and contacts
 nothing. The trainer writes its workdir with local file I/O: on Vertex AI a gs://BUCKET/... root is passed as

@@ -116,3 +116,8 @@ def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
   spec = [None] * ndim
   spec[leading] = logical_to_spec(("batch",))[0]
   return NamedSharding(mesh, P(*spec))
+
+
+def batch_shardings(mesh: Mesh, example: dict, leading: int = 0) -> dict:
+  """A batch_sharding for each array of a batch dict (by its rank)."""
+  return {k: batch_sharding(mesh, v.ndim, leading) for k, v in example.items()}

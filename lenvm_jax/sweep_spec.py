@@ -34,14 +34,14 @@ def _split_values(text: str) -> list[str]:
 
 
 def parse_axes(specs: list[str]) -> list[tuple[str, list[str]]]:
-  """`config.model.gamma=0.99,0.997` -> [("config.model.gamma", ["0.99", "0.997"])], one axis per spec, in order."""
+  """`config.loss.gamma=0.99,0.997` -> [("config.loss.gamma", ["0.99", "0.997"])], one axis per spec, in order."""
   axes: list[tuple[str, list[str]]] = []
   for spec in specs:
     key, sep, text = spec.partition("=")
     key = key.strip().lstrip("-")
     if not sep or not _KEY.match(key):
       raise SweepError(f"--sweep {spec!r}: expected config.<field>=<value>[,<value>...], "
-                       "e.g. config.model.gamma=0.99,0.997")
+                       "e.g. config.loss.gamma=0.99,0.997")
     values = _split_values(text)
     if any(not v for v in values):
       raise SweepError(f"--sweep {spec!r}: empty value in the list")
@@ -70,7 +70,7 @@ def points(axes: list[tuple[str, list[str]]], zip_axes: bool = False) -> list[di
 
 
 def trainer_flags(point: dict[str, str]) -> list[str]:
-  """The point as the trainer's config overrides: ["--config.model.gamma=0.99", ...]."""
+  """The point as the trainer's config overrides: ["--config.loss.gamma=0.99", ...]."""
   return [f"--{key}={value}" for key, value in point.items()]
 
 

@@ -22,3 +22,9 @@ if not flags.FLAGS.is_parsed():
 def tiny_config():
   from experiments.configs import tiny
   return tiny.get_config()
+
+
+def run_config(config):
+  """The typed RunConfig of an ml_collections config, as the entry points build it (lenvm_jax/config.py)."""
+  from lenvm_jax.config import RunConfig
+  return RunConfig.from_dict(config)

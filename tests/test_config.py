@@ -4,14 +4,15 @@ import sys
 import pytest
 
 from lenvm_jax import sharding
-from lenvm_jax.train import config as config_lib, trainer
-from tests.conftest import REPO
+from lenvm_jax import config as config_lib
+from lenvm_jax.train import trainer
+from tests.conftest import REPO, run_config
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model.gamma", 1.5, "model.gamma"),
-    ("model.gamma", 0.0, "model.gamma"),
-    ("model.gamma", "auto-mre", "model.gamma"),
+    ("loss.gamma", 1.5, "loss.gamma"),
+    ("loss.gamma", 0.0, "loss.gamma"),
+    ("loss.gamma", "auto-mre", "loss.gamma"),
     ("model.num_kv_heads", 3, "model.num_heads"),
     ("model.dtype", "float16", "model.dtype"),
     ("data.source", "parquet", "data.source"),
@@ -28,13 +29,13 @@ def test_bad_values_name_the_field(tiny_config, field, value, message):
   with tiny_config.unlocked():
     setattr(tiny_config[section], name, value)
   with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
-    config_lib.validate(tiny_config)
+    run_config(tiny_config).model
 
 
 def test_jsonl_source_needs_a_path(tiny_config):
   tiny_config.data.source = "jsonl"
   with pytest.raises(config_lib.ConfigError, match=r"data\.train_path"):
-    config_lib.validate(tiny_config)
+    run_config(tiny_config).model
 
 
 def test_mesh_that_does_not_fit_the_devices_fails_clearly():
@@ -48,14 +49,14 @@ def test_mesh_that_does_not_fit_the_devices_fails_clearly():
 def test_micro_batch_must_divide_over_data_and_fsdp(tiny_config):
   tiny_config.train.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r"train\.batch_size"):
-    config_lib.check_batch_fits_mesh(tiny_config, sharding.make_mesh(8, 1, 1))
+    config_lib.check_batch_fits_mesh(run_config(tiny_config), sharding.make_mesh(8, 1, 1), 1)
 
 
 def test_url_workdir_is_refused_before_anything_is_written(tiny_config, tmp_path, monkeypatch):
   # The trainer writes local paths: gs://b/run would become a local folder ./gs:/b/run, lost with the machine.
   monkeypatch.chdir(tmp_path)
   with pytest.raises(config_lib.ConfigError, match=r"'gs://b/run' is a URL.*/gcs/BUCKET"):
-    trainer.train_and_evaluate(tiny_config, "gs://b/run")
+    trainer.train_and_evaluate(run_config(tiny_config), "gs://b/run")
   assert not list(tmp_path.iterdir())
   config_lib.check_workdir("/gcs/b/run")  # A mounted bucket is a path.
 
@@ -67,8 +68,8 @@ def _train_cli(*overrides, workdir):
 
 
 def test_cli_rejects_bad_values_unknown_fields_and_bad_types_at_start(tmp_path):
-  result = _train_cli("--config.model.gamma=1.5", workdir=tmp_path / "a")
-  assert result.returncode != 0 and "model.gamma" in result.stderr
+  result = _train_cli("--config.loss.gamma=1.5", workdir=tmp_path / "a")
+  assert result.returncode != 0 and "loss.gamma" in result.stderr
   result = _train_cli("--config.model.gama=0.9", workdir=tmp_path / "b")
   assert result.returncode != 0 and "gama" in result.stderr
   result = _train_cli("--config.train.steps=ten", workdir=tmp_path / "c")

@@ -5,6 +5,7 @@ import pytest
 
 from lenvm_jax.data import jsonl, pipeline, rows, synthetic
 from lenvm_jax.data.records import RecordError, Trajectory
+from tests.conftest import run_config
 
 
 def test_row_targets_mask_and_truncation_keep_true_remaining_lengths():
@@ -100,13 +101,13 @@ def test_packed_rows_reproduce_every_trajectory(tiny_config, packing):
   """Packing keeps every trajectory's tokens, positions, remaining lengths and mask, each in its own segment."""
   config = tiny_config
   config.data.packing = packing
-  source = pipeline.load_source(config, "eval")
+  source = pipeline.load_source(run_config(config), "eval")
   expected = {}
   for i in range(len(source)):
     r = rows.trajectory_to_row(source[i], config.data.max_len)
     expected[tuple(r["tokens"].tolist())] = r
   found = 0
-  for batch in pipeline.eval_batches(config, source):
+  for batch in pipeline.eval_batches(run_config(config), source):
     for b in range(len(batch["tokens"])):
       for seg in set(batch["segment_ids"][b].tolist()) - {0}:
         where = batch["segment_ids"][b] == seg
@@ -116,7 +117,7 @@ def test_packed_rows_reproduce_every_trajectory(tiny_config, packing):
         found += 1
   assert found == len(source)
   if packing != "none":  # Several trajectories share rows.
-    assert max(len(set(b.tolist()) - {0}) for batch in pipeline.eval_batches(config, source)
+    assert max(len(set(b.tolist()) - {0}) for batch in pipeline.eval_batches(run_config(config), source)
                for b in batch["segment_ids"]) > 1
 
 

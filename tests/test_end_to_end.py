@@ -12,7 +12,7 @@ from lenvm_jax.data import pipeline
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.train import trainer
-from tests.conftest import REPO
+from tests.conftest import REPO, run_config
 
 # 300 of the main job's 1500 steps. Measured on 2 CPU cores: 300 steps close 97.3 % of the gap, 1500 steps 99.9 %.
 SHORT_RUN_STEPS = 300
@@ -30,7 +30,7 @@ def short_run(tmp_path_factory):
   config.train.eval_every = 0
   config.mesh.data = 1  # One device: the test measures learning, not sharding.
   workdir = tmp_path_factory.mktemp("short_run")
-  final_eval = trainer.train_and_evaluate(config, str(workdir))
+  final_eval = trainer.train_and_evaluate(run_config(config), str(workdir))
   return workdir, config, final_eval
 
 
@@ -56,7 +56,7 @@ def test_metrics_jsonl_has_train_and_eval_records(short_run):
 
 def test_predict_cli_writes_values_for_every_state(short_run, tmp_path):
   workdir, config, _ = short_run
-  source = pipeline.load_source(config, "eval")
+  source = pipeline.load_source(run_config(config), "eval")
   trajectories = [source[i] for i in range(5)]
   inputs = tmp_path / "in.jsonl"
   inputs.write_text("".join(json.dumps({"prompt_ids": t.prompt_ids.tolist(),
@@ -66,7 +66,7 @@ def test_predict_cli_writes_values_for_every_state(short_run, tmp_path):
                   "--output", str(outputs)], cwd=REPO, check=True, capture_output=True, timeout=300)
   predictions = [json.loads(line) for line in outputs.read_text().splitlines()]
   assert len(predictions) == 5
-  gamma = config.model.gamma
+  gamma = config.loss.gamma
   for t, p in zip(trajectories, predictions):
     assert len(p["values"]) == len(p["remaining"]) == len(t.completion_ids) + 1
     values = np.asarray(p["values"])
@@ -80,7 +80,7 @@ def test_predictor_reloads_the_last_step_and_ignores_batching(short_run):
   workdir, config, _ = short_run
   predictor = Predictor(str(workdir))
   assert predictor.step == SHORT_RUN_STEPS
-  t = pipeline.load_source(config, "eval")[0]
+  t = pipeline.load_source(run_config(config), "eval")[0]
   (values, remaining), = predictor.predict([t])
   (values_again, _), = predictor.predict([t, t, t], batch_size=2)[1:2]
   np.testing.assert_allclose(values, values_again, atol=1e-6)  # Independent of batching and padding.

@@ -9,6 +9,7 @@ from lenvm_jax.data import champ, reference_jsonl
 from lenvm_jax.data.prepare import prepare
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.train import trainer
+from tests.conftest import run_config
 from tests.test_import import reference_line, write_lines
 
 
@@ -19,11 +20,11 @@ def _train_on(config, data_dir, vocab_size, workdir, max_len=128, max_prompt_len
   config.data.eval_path = str(data_dir / "eval")
   config.data.max_len = max_len
   config.data.max_prompt_len = max_prompt_len
-  config.model.gamma = "auto"
+  config.loss.gamma = "auto"
   config.train.steps = 2
   config.train.eval_every = 0
   config.mesh.data = 1
-  final_eval = trainer.train_and_evaluate(config, str(workdir))
+  final_eval = trainer.train_and_evaluate(run_config(config), str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
   assert np.isfinite(final_eval["loss"]) and final_eval["value_mse"] > 0

@@ -20,9 +20,10 @@ from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_config, hf_export, hf_import, hf_layout
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from lenvm_jax.train import config as config_lib, trainer
+from lenvm_jax import config as config_lib
+from lenvm_jax.train import trainer
 from tests import hf_models
-from tests.conftest import REPO
+from tests.conftest import REPO, run_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -204,7 +205,7 @@ def test_init_from_starts_training_from_the_hf_weights_and_export_reads_it_back(
   save_file(_random_value_head(model_config), str(source / hf_layout.VALUE_HEAD_FILE))
   _, hf_params = _load(source)
   workdir = tmp_path / "run"
-  trainer.train_and_evaluate(_init_from_config(tiny_config, source, steps=2), str(workdir))
+  trainer.train_and_evaluate(run_config(_init_from_config(tiny_config, source, steps=2)), str(workdir))
 
   # The CLI exports the latest checkpoint (step 2): training moved every parameter off its HF value.
   out = tmp_path / "exported"
@@ -231,7 +232,7 @@ def test_init_from_with_a_mismatched_shape_field_names_both_values(tmp_path, tin
   config = _init_from_config(tiny_config, source, steps=2)
   config.model.num_layers = 3
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.num_layers=3 but .*config\.json gives 2"):
-    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    trainer.train_and_evaluate(run_config(config), str(tmp_path / "run"))
 
 
 def test_published_qwen25_config_gives_the_preset_shape():

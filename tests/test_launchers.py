@@ -33,7 +33,7 @@ def _flags(command: list[str]) -> set[str]:
 def test_tpu_vm_dry_run_commands():
   plan = _plan("--name=lenvm-v4", "--zone=us-central2-b", "--accelerator_type=v4-16", "--spot",
                f"--config={REPO / CONFIG}",  # Absolute here: shipped relative to the repo root.
-               "--workdir=/mnt/bucket/runs/v4", "--", "--config.train.steps=100", "--config.model.gamma=0.99")
+               "--workdir=/mnt/bucket/runs/v4", "--", "--config.train.steps=100", "--config.loss.gamma=0.99")
   assert [c[:5] for c in plan] == [["gcloud", "compute", "tpus", "tpu-vm", verb]
                                    for verb in ("create", "scp", "ssh", "ssh", "delete")]
   create, copy, install, train, delete = plan
@@ -45,7 +45,7 @@ def test_tpu_vm_dry_run_commands():
   assert "pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in remote_install
   remote_train = train[train.index("--worker=all") + 1].removeprefix("--command=")
   assert remote_train == ("cd ~/lenvm && .venv/bin/python -m experiments.train --config=experiments/configs/tiny.py "
-                          "--workdir=/mnt/bucket/runs/v4 --config.train.steps=100 --config.model.gamma=0.99")
+                          "--workdir=/mnt/bucket/runs/v4 --config.train.steps=100 --config.loss.gamma=0.99")
   assert delete[5:] == ["lenvm-v4", "--quiet", "--async", "--zone=us-central2-b"]
 
   queued = _plan("--name=q1", "--zone=europe-west4-a", "--project=my-proj", "--accelerator_type=v5litepod-16",
@@ -103,7 +103,7 @@ def _xm(python, *args) -> subprocess.CompletedProcess:
 def test_xm_dry_run_job_specs(launch_python):
   result = _xm(launch_python, "--executor=vertex", "--accelerator=A100", "--accelerator_count=8",
                "--workdir_root=gs://bucket/runs", "--experiment_title=gsweep",
-               "--sweep=config.model.gamma=0.99,0.997", "--sweep=config.optim.lr=1e-3,3e-4")
+               "--sweep=config.loss.gamma=0.99,0.997", "--sweep=config.optim.lr=1e-3,3e-4")
   assert result.returncode == 0, result.stderr
   jobs = json.loads(result.stdout)
   assert [j["name"] for j in jobs] == ["gamma=0.99,lr=1e-3", "gamma=0.99,lr=3e-4", "gamma=0.997,lr=1e-3",
@@ -112,16 +112,16 @@ def test_xm_dry_run_job_specs(launch_python):
   assert job["executor"] == {"type": "Vertex", "resources": {"A100": 8}, "topology": None}
   # The trainer writes local paths: on Vertex the bucket is mounted at /gcs/<bucket>.
   assert job["args"] == {"config": CONFIG, "workdir": "/gcs/bucket/runs/gsweep/gamma=0.99,lr=3e-4",
-                         "config.model.gamma": "0.99", "config.optim.lr": "3e-4"}
+                         "config.loss.gamma": "0.99", "config.optim.lr": "3e-4"}
   assert job["command"] == ["python", "-m", "experiments.train", f"--config={CONFIG}",
-                            "--workdir=/gcs/bucket/runs/gsweep/gamma=0.99,lr=3e-4", "--config.model.gamma=0.99",
+                            "--workdir=/gcs/bucket/runs/gsweep/gamma=0.99,lr=3e-4", "--config.loss.gamma=0.99",
                             "--config.optim.lr=3e-4"]
   image = job["executable"]
   assert image["entrypoint"] == "experiments.train" and image["path"] == str(REPO)
   assert "RUN python -m pip install 'jax[cuda12]==0.10.2'" in image["docker_instructions"]
 
   result = _xm(launch_python, "--executor=gke", "--accelerator=TPU_V4", "--topology=2x2x2", "--zip",
-               "--sweep=config.model.gamma=0.99,0.997", "--sweep=config.optim.lr=1e-3,3e-4")
+               "--sweep=config.loss.gamma=0.99,0.997", "--sweep=config.optim.lr=1e-3,3e-4")
   assert result.returncode == 0, result.stderr
   jobs = json.loads(result.stdout)
   assert [j["name"] for j in jobs] == ["gamma=0.99,lr=1e-3", "gamma=0.997,lr=3e-4"]
@@ -140,7 +140,7 @@ def test_xm_dry_run_job_specs(launch_python):
 @pytest.mark.parametrize("args, message", [
     (["--accelerator=TPU_V4"], "needs --topology"),
     (["--accelerator=A100", "--topology=2x2"], "--topology is for TPUs"),
-    (["--zip", "--sweep=config.model.gamma=0.9,0.99", "--sweep=config.optim.lr=1e-3"], "equal length"),
+    (["--zip", "--sweep=config.loss.gamma=0.9,0.99", "--sweep=config.optim.lr=1e-3"], "equal length"),
     (["--executor=gke", "--accelerator=TPU_V4", "--topology=2x2x1", "--workdir_root=gs://b/runs"],
      "the trainer writes local paths"),
 ])

@@ -6,8 +6,11 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lenvm_jax.model import transformer
 from lenvm_jax import sharding
-from lenvm_jax.train import config as config_lib, optimizer, state as state_lib, trainer
+from lenvm_jax import config as config_lib
+from lenvm_jax.train import optimizer, state as state_lib, trainer
+from tests.conftest import run_config
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 1)]
 
@@ -26,7 +29,7 @@ def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd):
     config.train.eval_every = 0
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     workdir = tmp_path / "x".join(map(str, shape))
-    trainer.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(run_config(config), str(workdir))
     losses[shape] = _losses(workdir)
   reference = losses[(1, 1, 1)]
   assert sorted(reference) == [1, 2, 3, 4]
@@ -40,10 +43,10 @@ def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd):
 
 def test_parameters_are_sharded_as_the_rules_say(tiny_config):
   mesh = sharding.make_mesh(2, 2, 2)
-  model_config = config_lib.validate(tiny_config)
+  model_config = run_config(tiny_config).model
   with jax.set_mesh(mesh):
-    _, abstract = state_lib.abstract_model(model_config)
-    tx = optimizer.make_optimizer(tiny_config, abstract.to_pure_dict())
+    _, abstract = transformer.abstract_model(model_config)
+    tx = optimizer.make_optimizer(run_config(tiny_config), abstract.to_pure_dict())
     state, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
   params = state.params
   attention = params["layers"][0]["attention"]

@@ -7,7 +7,7 @@ from flax import nnx
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
                                          attention_mask, dense)
-from lenvm_jax.train.state import abstract_model
+from lenvm_jax.model.transformer import abstract_model
 
 
 def _model(**overrides):

@@ -6,20 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax.data import arrayrecord, pipeline, prepare, stats
-from lenvm_jax.train import checkpointing, config as config_lib, trainer
+from lenvm_jax import config as config_lib
+from lenvm_jax.train import checkpointing, trainer
+from tests.conftest import run_config
 
 
 def test_resume_mid_epoch_with_worker_processes_gives_the_same_batches(tiny_config, tmp_path):
   config = tiny_config
   config.data.worker_count = 2
   config.data.synthetic.train_records = 300  # ~40 batches per epoch: the stop below is mid-epoch.
-  source = pipeline.load_source(config, "train")
+  source = pipeline.load_source(run_config(config), "train")
 
-  straight = iter(pipeline.train_dataset(config, source))
+  straight = iter(pipeline.train_dataset(run_config(config), source))
   expected = [next(straight) for _ in range(14)]
   straight.close()
 
-  interrupted = iter(pipeline.train_dataset(config, source))
+  interrupted = iter(pipeline.train_dataset(run_config(config), source))
   for _ in range(9):
     next(interrupted)
   ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=1, async_save=False)
@@ -27,7 +29,7 @@ def test_resume_mid_epoch_with_worker_processes_gives_the_same_batches(tiny_conf
   ckpt.wait()
   interrupted.close()
 
-  resumed = iter(pipeline.train_dataset(config, source))
+  resumed = iter(pipeline.train_dataset(run_config(config), source))
   ckpt.restore(9, {"x": jnp.zeros(1)}, resumed)
   ckpt.close()
   for want in expected[9:]:
@@ -41,7 +43,7 @@ def _write_shards(config, directory):
   """The synthetic trajectories, imported through prepare() like any other data."""
   records = []
   for split in ("train", "eval"):
-    source = pipeline.load_source(config, split)
+    source = pipeline.load_source(run_config(config), split)
     n = 600 if split == "train" else 48
     records += [prepare.ImportedRecord(split, source[i], "synthetic", i + 1) for i in range(n)]
   return prepare.prepare(records, str(directory), vocab_size=config.model.vocab_size, max_len=config.data.max_len,
@@ -54,37 +56,40 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
   assert summary["shards"] == {"train": 3, "eval": 1}
   shards = arrayrecord.ArrayRecordTrajectories(str(tmp_path / "data" / "train"))
   assert len(shards) == 600
-  original = pipeline.load_source(config, "train")[5]
+  original = pipeline.load_source(run_config(config), "train")[5]
   np.testing.assert_array_equal(shards[5].completion_ids, original.completion_ids)
 
   config.data.source = "arrayrecord"
   config.data.train_path = str(tmp_path / "data" / "train")
   config.data.eval_path = str(tmp_path / "data" / "eval")
   config.data.worker_count = 2
-  config.model.gamma = "auto"
+  config.loss.gamma = "auto"
   config.train.steps = 4
   config.train.eval_every = 0
   config.mesh.data = 1
-  final_eval = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  final_eval = trainer.train_and_evaluate(run_config(config), str(tmp_path / "run"))
   assert np.isfinite(final_eval["value_mse"]) and "bayes_value_mse" not in final_eval
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   p99 = np.percentile([len(shards[i].completion_ids) for i in range(len(shards))], 99)
-  assert saved["model"]["gamma"] == stats.suggested_gamma(p99)
-  assert abs((1 - saved["model"]["gamma"] ** p99) - 0.99) < 1e-9  # Spec: 1 - gamma ** L_p99 = 0.99.
+  assert saved["loss"]["gamma"] == stats.suggested_gamma(p99)
+  assert abs((1 - saved["loss"]["gamma"] ** p99) - 0.99) < 1e-9  # Spec: 1 - gamma ** L_p99 = 0.99.
 
 
 def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
   from lenvm_jax.data import prompt_groups
   from lenvm_jax.evaluation import prompt_boundary
-  tiny_config.model.gamma = "auto_mre"
-  config_lib.validate(tiny_config)
-  gamma = pipeline.resolve_gamma(tiny_config)
-  policy = pipeline.synthetic_policy(tiny_config)
+  from lenvm_jax.value import gamma as gamma_lib
+  tiny_config.loss.gamma = "auto_mre"
+  run = run_config(tiny_config)
+  resolved, source = trainer.resolve_gamma(run)
+  gamma = resolved.loss.gamma
+  policy = pipeline.synthetic_policy(run)
   sample = [policy.sample(np.random.default_rng([tiny_config.data.seed * 2, i]))
             for i in range(tiny_config.data.synthetic.train_records)]
   assert gamma == prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(sample))[0]
-  tiny_config.model.gamma = "auto"
-  assert pipeline.resolve_gamma(tiny_config) != gamma
+  assert source[0].exact_values is not None  # The synthetic source is drawn again under the resolved gamma.
+  tiny_config.loss.gamma = "auto"
+  assert gamma_lib.resolve(run_config(tiny_config), sample).loss.gamma != gamma
 
 
 def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tmp_path):
@@ -106,5 +111,5 @@ def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tm
   config.train.steps = 3
   config.train.eval_every = 0
   config.mesh.data = 1
-  final_eval = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  final_eval = trainer.train_and_evaluate(run_config(config), str(tmp_path / "run"))
   assert np.isfinite(final_eval["value_mse"])

@@ -18,6 +18,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from experiments.configs import policy_synthetic, tiny
+from lenvm_jax.model import transformer
 from lenvm_jax import sharding
 from lenvm_jax.data import arrayrecord, pipeline, rows as rows_lib
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
@@ -25,8 +26,9 @@ from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.value.objective import Objective
-from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib, trainer
-from tests.conftest import REPO
+from lenvm_jax import config as config_lib
+from lenvm_jax.train import state as state_lib, step as step_lib, trainer
+from tests.conftest import REPO, run_config
 
 NUM_PROMPTS, NUM_SAMPLES, MAX_NEW = 48, 4, 32
 SAMPLING_FLAGS = ["--temperature=1.0", "--top_k=40", "--top_p=0.95", "--min_p=0.01", "--seed=3"]
@@ -42,7 +44,7 @@ def pipeline_run(tmp_path_factory):
   # 1. An LM-only policy.
   config = policy_synthetic.get_config()
   config.mesh.data = 1
-  trainer.train_and_evaluate(config, str(root / "policy"))
+  trainer.train_and_evaluate(run_config(config), str(root / "policy"))
   # 2. Prompts from the synthetic generator, with their mode in the prompt id.
   generator = SyntheticPolicy(vocab_size=64, hazards=tuple(config.data.synthetic.hazards))
   rng = np.random.default_rng(7)
@@ -73,7 +75,7 @@ def pipeline_run(tmp_path_factory):
   lenvm.optim.lr = 3e-3
   lenvm.mesh.data = 1
   lenvm.checkpoint.every_steps = 120
-  final_eval = trainer.train_and_evaluate(lenvm, str(root / "lenvm"))
+  final_eval = trainer.train_and_evaluate(run_config(lenvm), str(root / "lenvm"))
   return root, prompts, run, final_eval
 
 
@@ -163,10 +165,10 @@ def test_rerun_skips_finished_shards_and_regenerates_missing_ones_identically(pi
 def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(tiny_config):
   config = tiny_config
   config.loss.value_weight, config.loss.lm_weight = 0.0, 1.0
-  model_config = config_lib.validate(config)
-  objective = Objective.from_config(config)
-  graphdef, _ = state_lib.abstract_model(model_config)
-  source = pipeline.load_source(config, "train")
+  model_config = run_config(config).model
+  objective = Objective.from_config(run_config(config).loss)
+  graphdef, _ = transformer.abstract_model(model_config)
+  source = pipeline.load_source(run_config(config), "train")
   rows = [rows_lib.pad_row(rows_lib.trajectory_to_row(source[i], config.data.max_len), config.data.max_len)
           for i in range(8)]
   batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
@@ -179,7 +181,7 @@ def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(
       return objective.loss(objective.sums(z, lm_logits, batch), value_count, lm_count), lm_logits
     return jax.value_and_grad(loss, has_aux=True)(params)
 
-  (loss, logits), grads = loss_and_grads(jax.jit(lambda: state_lib.init_params(model_config, 0))())
+  (loss, logits), grads = loss_and_grads(jax.jit(lambda: transformer.init_params(model_config, 0))())
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["lm_targets"])
   mask = batch["lm_mask"]
   assert float(loss) == pytest.approx(float(jnp.sum(ce * mask) / jnp.sum(mask)), rel=1e-6)
@@ -190,4 +192,4 @@ def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(
 def test_nothing_to_train_is_a_config_error(tiny_config):
   tiny_config.loss.value_weight = 0.0
   with pytest.raises(config_lib.ConfigError, match="loss.value_weight"):
-    config_lib.validate(tiny_config)
+    run_config(tiny_config).model

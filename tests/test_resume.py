@@ -75,7 +75,7 @@ def test_kill_nine_then_rerun_matches_an_uninterrupted_run(tmp_path):
   for a, b in zip(_flatten(_final_params(straight)), _flatten(_final_params(resumed))):
     np.testing.assert_array_equal(a, b)
   config = json.loads((resumed / "config.json").read_text())
-  assert config["train"]["steps"] == STEPS and config["model"]["gamma"] == 0.98
+  assert config["train"]["steps"] == STEPS and config["loss"]["gamma"] == 0.98
 
 
 def _flatten(tree):

@@ -15,15 +15,15 @@ from lenvm_jax import sweep_spec
 
 
 def test_product_zip_names_and_flags():
-  specs = ["config.model.gamma=0.99,0.997", "--config.optim.lr=1e-3,3e-4", "config.train.steps=50"]
+  specs = ["config.loss.gamma=0.99,0.997", "--config.optim.lr=1e-3,3e-4", "config.train.steps=50"]
   named = sweep_spec.named_points(specs)
   assert [n for n, _ in named] == ["gamma=0.99,lr=1e-3", "gamma=0.99,lr=3e-4", "gamma=0.997,lr=1e-3",
                                    "gamma=0.997,lr=3e-4"]
-  assert sweep_spec.trainer_flags(named[1][1]) == ["--config.model.gamma=0.99", "--config.optim.lr=3e-4",
+  assert sweep_spec.trainer_flags(named[1][1]) == ["--config.loss.gamma=0.99", "--config.optim.lr=3e-4",
                                                    "--config.train.steps=50"]
   zipped = sweep_spec.named_points(specs[:2], zip_axes=True)
-  assert [p for _, p in zipped] == [{"config.model.gamma": "0.99", "config.optim.lr": "1e-3"},
-                                    {"config.model.gamma": "0.997", "config.optim.lr": "3e-4"}]
+  assert [p for _, p in zipped] == [{"config.loss.gamma": "0.99", "config.optim.lr": "1e-3"},
+                                    {"config.loss.gamma": "0.997", "config.optim.lr": "3e-4"}]
   # Brackets keep tuple values whole; axes sharing a last name keep their full path in the workdir name.
   named = sweep_spec.named_points(["config.data.synthetic.hazards=(0.05,0.3),(0.1,0.2)", "config.data.seed=0,1",
                                    "config.seed=0,1"], zip_axes=True)
@@ -32,11 +32,11 @@ def test_product_zip_names_and_flags():
 
 
 @pytest.mark.parametrize("specs, zip_axes, message", [
-    (["model.gamma=0.9"], False, "expected config.<field>"),
-    (["config.model.gamma"], False, "expected config.<field>"),
-    (["config.model.gamma=0.9,,0.99"], False, "empty value"),
-    (["config.model.gamma=0.9", "config.model.gamma=0.99"], False, "given twice"),
-    (["config.model.gamma=0.9,0.99", "config.optim.lr=1e-3"], True, "equal length"),
+    (["loss.gamma=0.9"], False, "expected config.<field>"),
+    (["config.loss.gamma"], False, "expected config.<field>"),
+    (["config.loss.gamma=0.9,,0.99"], False, "empty value"),
+    (["config.loss.gamma=0.9", "config.loss.gamma=0.99"], False, "given twice"),
+    (["config.loss.gamma=0.9,0.99", "config.optim.lr=1e-3"], True, "equal length"),
     (["config.data.synthetic.hazards=(0.1),[0.1]"], False, "same workdir name"),
 ])
 def test_bad_specs_are_named(specs, zip_axes, message):
@@ -46,7 +46,7 @@ def test_bad_specs_are_named(specs, zip_axes, message):
 
 def _sweep(sweep_dir, *extra):
   command = [sys.executable, "-m", "experiments.sweep", "--config=experiments/configs/tiny.py",
-             f"--sweep_dir={sweep_dir}", "--sweep=config.model.gamma=0.9,0.97", "--sweep=config.train.steps=100",
+             f"--sweep_dir={sweep_dir}", "--sweep=config.loss.gamma=0.9,0.97", "--sweep=config.train.steps=100",
              "--sweep=config.train.eval_every=0", *extra]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -89,11 +89,11 @@ def test_sweep_interrupted_then_resumed(tmp_path):
   assert _train_steps(sweep_dir / "gamma=0.97") == list(range(1, 101))
   for name, gamma in (("gamma=0.9", 0.9), ("gamma=0.97", 0.97)):
     with open(sweep_dir / name / "config.json", encoding="utf-8") as f:
-      assert json.load(f)["model"]["gamma"] == gamma
+      assert json.load(f)["loss"]["gamma"] == gamma
 
   with open(sweep_dir / "summary.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
-  assert [(r["point"], r["status"], r["config.model.gamma"], r["step"]) for r in rows] == [
+  assert [(r["point"], r["status"], r["config.loss.gamma"], r["step"]) for r in rows] == [
       ("gamma=0.9", "done", "0.9", "100"), ("gamma=0.97", "done", "0.97", "100")]
   assert float(rows[0]["eval/loss"]) != float(rows[1]["eval/loss"])
   table = out[out.index("point "):].splitlines()

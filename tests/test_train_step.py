@@ -6,18 +6,20 @@ import numpy as np
 import optax
 import pytest
 
+from lenvm_jax.model import transformer
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
 from lenvm_jax.value.objective import Objective
-from lenvm_jax.train import config as config_lib, state as state_lib, step as step_lib
+from lenvm_jax.train import state as state_lib, step as step_lib
+from tests.conftest import run_config
 
 
 def _setup(config, tx):
-  model_config = config_lib.validate(config)
+  model_config = run_config(config).model
   mesh = sharding.make_mesh(1, 1, 1)
-  graphdef, _ = state_lib.abstract_model(model_config)
+  graphdef, _ = transformer.abstract_model(model_config)
   state, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
-  batch = next(iter(pipeline.train_dataset(config, pipeline.load_source(config, "train"))))
+  batch = next(iter(pipeline.train_dataset(run_config(config), pipeline.load_source(run_config(config), "train"))))
   return graphdef, state, batch
 
 
@@ -32,7 +34,7 @@ def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weig
   graphdef, state, batch = _setup(config, tx)
   counts = batch["value_mask"].sum(axis=1)
   assert len(set(counts.tolist())) > 1  # Rows differ in valid tokens: a per-micro-batch mean would be wrong.
-  objective = Objective.from_config(config)
+  objective = Objective.from_config(run_config(config).loss)
   results = []
   for accum in (1, 2, 4):
     micro = {k: jnp.asarray(v.reshape((accum, -1) + v.shape[1:])) for k, v in batch.items()}
@@ -49,7 +51,7 @@ def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_
   from lenvm_jax.data import rows
   from lenvm_jax.data.records import Trajectory
   gamma = 0.9
-  tiny_config.model.gamma = gamma
+  tiny_config.loss.gamma = gamma
   # Two packed sequences: prompts of 3 and 2 tokens, completions of 4 and 1 (s_0 at columns 2 and 8), then padding
   # (whose completion_index pads to 0 too: only the value mask tells it apart).
   parts = [rows.trajectory_to_row(Trajectory(np.full(p, 7, np.int32), np.full(n, 9, np.int32), True), 16)
@@ -63,7 +65,7 @@ def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_
   np.testing.assert_array_equal(boundary, [2, 8])
   for weight in (1.0, 5.0):
     tiny_config.loss.boundary_weight = weight
-    objective = Objective.from_config(tiny_config)
+    objective = Objective.from_config(run_config(tiny_config).loss)
     loss = objective.loss(objective.sums(z, None, batch), *objective.token_counts(batch))
     weights = valid.astype(np.float64)
     weights[boundary] = weight
@@ -76,7 +78,7 @@ def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_conf
   """The LM term against a numpy cross-entropy over the masked positions 0, k, 2k, ... of each row."""
   tiny_config.loss.lm_weight, tiny_config.loss.value_weight, tiny_config.loss.lm_stride = 1.0, 0.0, stride
   graphdef, state, batch = _setup(tiny_config, optax.sgd(1.0))
-  objective = Objective.from_config(tiny_config)
+  objective = Objective.from_config(run_config(tiny_config).loss)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   z, lm_logits = step_lib.forward(graphdef, state.params, batch, freeze_trunk=False, objective=objective)
   loss = objective.loss(objective.sums(z, lm_logits, batch), *objective.token_counts(batch))
@@ -101,7 +103,7 @@ def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_co
   graphdef_plain, state, batch = _setup(tiny_config, tx)
   tiny_config.model.dropout_rate = 0.3
   graphdef, _, _ = _setup(tiny_config, tx)
-  objective = Objective.from_config(tiny_config)
+  objective = Objective.from_config(run_config(tiny_config).loss)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
   step = lambda g, s: step_lib.train_step(s, micro, graphdef=g, objective=objective, tx=tx, freeze_trunk=False)[0]
   # The trunk's update: the value head's bias gradient barely depends on the masks.
@@ -124,7 +126,7 @@ def test_nonfinite_update_is_skipped_and_counted(tiny_config):
   poisoned = state.replace(params={**state.params, "value_head": jax.tree.map(
       lambda p: jnp.full_like(p, jnp.nan), state.params["value_head"])})
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  new_state, out = step_lib.train_step(poisoned, micro, graphdef=graphdef, objective=Objective.from_config(config),
+  new_state, out = step_lib.train_step(poisoned, micro, graphdef=graphdef, objective=Objective.from_config(run_config(config).loss),
                                        tx=tx, freeze_trunk=False)
   assert not bool(out["finite"]) and int(new_state.nonfinite_skips) == 1 and int(new_state.step) == 1
   for a, b in zip(jax.tree.leaves(new_state.params["layers"]), jax.tree.leaves(poisoned.params["layers"])):
@@ -135,14 +137,14 @@ def test_frozen_trunk_trains_only_the_value_head(tiny_config):
   config = tiny_config
   config.train.freeze_trunk = True
   from lenvm_jax.train import optimizer
-  model_config = config_lib.validate(config)
-  graphdef, abstract = state_lib.abstract_model(model_config)
-  tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+  model_config = run_config(config).model
+  graphdef, abstract = transformer.abstract_model(model_config)
+  tx = optimizer.make_optimizer(run_config(config), abstract.to_pure_dict())
   graphdef, state, batch = _setup(config, tx)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
   new_state = state
   for _ in range(2):  # The warmup schedule starts at lr 0: the second step moves the head.
-    new_state, _ = step_lib.train_step(new_state, micro, graphdef=graphdef, objective=Objective.from_config(config),
+    new_state, _ = step_lib.train_step(new_state, micro, graphdef=graphdef, objective=Objective.from_config(run_config(config).loss),
                                        tx=tx, freeze_trunk=True)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
   assert all(jax.tree.leaves(changed["value_head"]))
@@ -161,10 +163,10 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
   config.mesh.data = 1
   if policy == "stop":
     with pytest.raises(FloatingPointError, match="train.nonfinite='stop'"):
-      trainer.train_and_evaluate(config, str(tmp_path))
+      trainer.train_and_evaluate(run_config(config), str(tmp_path))
     return
   with caplog.at_level("WARNING"):
-    trainer.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(run_config(config), str(tmp_path))
   assert "non-finite loss or gradient" in caplog.text
   import json
   last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
@@ -182,7 +184,7 @@ def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
     config.train.steps, config.train.log_every, config.train.eval_every = 4, log_every, 0
     config.checkpoint.every_steps, config.mesh.data = 100, 1
     workdir = tmp_path / f"log_every_{log_every}"
-    trainer.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(run_config(config), str(workdir))
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["split"] == "train"}
 
@@ -202,13 +204,13 @@ def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
 
 def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_steps(tiny_config):
   tx = optax.sgd(0.1)
-  model_config = config_lib.validate(tiny_config)
-  graphdef, _ = state_lib.abstract_model(model_config)
+  model_config = run_config(tiny_config).model
+  graphdef, _ = transformer.abstract_model(model_config)
   state, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), seed=0, ema=True)
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
-  batch = next(iter(pipeline.train_dataset(tiny_config, pipeline.load_source(tiny_config, "train"))))
+  batch = next(iter(pipeline.train_dataset(run_config(tiny_config), pipeline.load_source(run_config(tiny_config), "train"))))
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  step = lambda s: step_lib.train_step(s, micro, graphdef=graphdef, objective=Objective.from_config(tiny_config),
+  step = lambda s: step_lib.train_step(s, micro, graphdef=graphdef, objective=Objective.from_config(run_config(tiny_config).loss),
                                        tx=tx, freeze_trunk=False, ema_decay=0.99)[0]
   # (1 + t) / (10 + t) caps the decay at the first updates: 0.1 after update 0, 2 / 11 after update 1.
   expected = state.params
@@ -227,11 +229,11 @@ def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config
   config = tiny_config
   config.train.steps, config.train.eval_every, config.mesh.data = 6, 0, 1
   config.train.ema_decay = 0.9
-  final_eval = trainer.train_and_evaluate(config, str(tmp_path))
+  final_eval = trainer.train_and_evaluate(run_config(config), str(tmp_path))
   predictor = Predictor(str(tmp_path))
-  model_config = config_lib.validate(config)
-  _, abstract = state_lib.abstract_model(model_config)
-  tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+  model_config = run_config(config).model
+  _, abstract = transformer.abstract_model(model_config)
+  tx = optimizer.make_optimizer(run_config(config), abstract.to_pure_dict())
   target, _ = state_lib.create_train_state(model_config, tx, sharding.make_mesh(1, 1, 1), 0, initialize=False,
                                            ema=True)
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 1, False)
@@ -241,13 +243,13 @@ def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config
   head = lambda p: np.asarray(p["value_head"]["summary"])
   assert not np.allclose(head(saved.ema_params), head(saved.params))
   # The trainer's final eval used the EMA weights: re-evaluating them gives its value MSE, the raw weights do not.
-  source = pipeline.load_source(config, "eval")
+  source = pipeline.load_source(run_config(config), "eval")
   trajectories = [source[i] for i in range(len(source))]
 
   def value_mse():
     values = predictor.predict(trajectories, max_len=config.data.max_len)
     return float(np.mean(np.concatenate([
-        (v - (-(1 - config.model.gamma ** (len(t.completion_ids) - np.arange(len(v)))))) ** 2
+        (v - (-(1 - config.loss.gamma ** (len(t.completion_ids) - np.arange(len(v)))))) ** 2
         for t, (v, _) in zip(trajectories, values)])))
 
   assert value_mse() == pytest.approx(final_eval["value_mse"], rel=1e-4)
@@ -260,7 +262,7 @@ def test_checkpoints_restore_whether_or_not_they_and_the_target_keep_an_ema(tiny
   import orbax.checkpoint as ocp
   from lenvm_jax.train import checkpointing
   tx = optax.adamw(1e-3)
-  model_config = config_lib.validate(tiny_config)
+  model_config = run_config(tiny_config).model
   mesh = sharding.make_mesh(1, 1, 1)
   plain, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
   with_ema, _ = state_lib.create_train_state(model_config, tx, mesh, seed=1, ema=True)

@@ -14,7 +14,7 @@ from experiments.configs import base
 def get_config():
   config = base.get_config("small")
   config.model.vocab_size = 32000  # mistral-common's SentencePiece v1 tokenizer (prepare_data's champ default).
-  config.model.gamma = "auto"  # 0.01 ** (1 / L_p99) of the training transcripts.
+  config.loss.gamma = "auto"  # 0.01 ** (1 / L_p99) of the training transcripts.
   # Chosen on a validation split carved from the training problems (experiments/carve_validation.py), not on the
   # held-out split: prompt-boundary MRE 0.402 (defaults) -> 0.386 (boundary weight 32) -> 0.380 (and GAE 0.99).
   config.loss.boundary_weight = 32.0  # s_0 is ~1/L of the token mean; the trunk otherwise confuses the generators.

@@ -12,7 +12,7 @@ from experiments.configs import base
 def get_config():
   config = base.get_config("qwen2.5-1.5b")
   config.model.vocab_size = 151936
-  config.model.gamma = 0.997  # The paper's value for Qwen2.5 generators.
+  config.loss.gamma = 0.997  # The paper's value for Qwen2.5 generators.
   config.model.dtype = "bfloat16"
   config.model.remat = "full"
   config.data.max_len = 2048

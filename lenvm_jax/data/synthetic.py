@@ -100,11 +100,13 @@ class SyntheticSource:
   policy: SyntheticPolicy
   num_records: int
   seed: int
-  gamma: float
+  gamma: float | None  # None: records without exact values (before loss.gamma is resolved from their lengths).
 
   def __len__(self) -> int:
     return self.num_records
 
   def __getitem__(self, index: int) -> Trajectory:
     trajectory = self.policy.sample(np.random.default_rng([self.seed, int(index)]))
+    if self.gamma is None:
+      return trajectory
     return dataclasses.replace(trajectory, exact_values=self.policy.exact_values(trajectory, self.gamma))

@@ -1,43 +1,30 @@
 """Per-token values and predicted remaining lengths from a trained run (its workdir)."""
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from lenvm_jax import sharding
-from lenvm_jax.value.objective import Objective
+from lenvm_jax import rundir, sharding
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib
+from lenvm_jax.decoding.sampler import bucket_width
+from lenvm_jax.model.transformer import abstract_model
+from lenvm_jax.value.objective import Objective
 
 
 class Predictor:
-  """Loads the latest checkpoint of a workdir on one device (its EMA weights if the run keeps them) and scores
-  trajectories."""
+  """Loads a workdir's weights (its EMA when the run keeps one; the latest checkpoint unless `step` is given) on one
+  device, with the config it trained with, and scores trajectories."""
 
-  def __init__(self, workdir: str):
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      self.config = ml_collections.ConfigDict(json.load(f))
-    model_config = config_lib.validate(self.config)
-    self.kind = Objective.from_config(self.config).kind
+  def __init__(self, workdir: str, step: int | None = None):
+    self.config = rundir.read_config(workdir)
+    self.kind = Objective.from_config(self.config.loss).kind
     mesh = sharding.make_mesh(1, 1, 1)
-    ckpt = checkpointing.Checkpointer(workdir, every_steps=1, keep=1, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {ckpt.directory}")
     with jax.set_mesh(mesh):
-      self.graphdef, abstract = state_lib.abstract_model(model_config)
-      tx = optimizer.make_optimizer(self.config, abstract.to_pure_dict())
-      target, _ = state_lib.create_train_state(model_config, tx, mesh, self.config.seed, initialize=False,
-                                               ema=state_lib.keeps_ema(self.config))
-      self.params = state_lib.eval_params(ckpt.restore_train_state(step, target))
-    ckpt.close()
-    self.step = step
+      self.graphdef, abstract = abstract_model(self.config.model)
+      self.params, self.step = rundir.restore_params(workdir, rundir.abstract_params_on(abstract, mesh), step)
     self._forward = jax.jit(self._values)
 
   def _values(self, params, tokens, positions, segment_ids):
@@ -61,7 +48,7 @@ class Predictor:
     for start in range(0, len(order), batch_size):
       chunk = order[start:start + batch_size]
       ids = [np.concatenate([trajectories[i].prompt_ids, trajectories[i].completion_ids])[:max_len] for i in chunk]
-      width = 1 << max(int(np.ceil(np.log2(max(map(len, ids))))), 4)  # Bucketed lengths: few recompiles.
+      width = bucket_width(max(map(len, ids)), 16)
       tokens = np.zeros((batch_size, width), np.int32)
       segment_ids = np.zeros((batch_size, width), np.int32)
       for row, seq in enumerate(ids):

@@ -6,10 +6,7 @@ starting set of values that a config file copies in with `preset_fields(name)`.
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "auto": None}
+DTYPES = ("float32", "bfloat16", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -31,20 +28,21 @@ class ModelConfig:
   # there), bfloat16 on accelerators.
   dtype: str = "auto"
   remat: str = "none"  # Recompute each decoder layer in the backward pass: none | full | dots.
-  gamma: float = 0.997  # Discount of the length return G = -(1 - gamma ** n) (spec section 1).
   # Residual dropout on every attention and MLP output, in training only (evaluation, prediction and decoding never
   # drop): against a small trunk memorising the few hundred prompts of a real-data job.
   dropout_rate: float = 0.0
+  # Weights that start a fresh run: a Hugging Face causal-LM dir (Llama / Qwen2 / Qwen3, + its value head if it has
+  # value_head.safetensors). Its architecture must match the fields above; a resumed run ignores it. Not a shape:
+  # the model never reads it, and two configs that differ only here build the same model.
+  init_from: str = dataclasses.field(default="", compare=False)
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
-      raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+      raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"model.dropout_rate must lie in [0, 1), got {self.dropout_rate}")
-    if not 0.0 < self.gamma < 1.0:
-      raise ValueError(f"model.gamma must lie in (0, 1), got {self.gamma}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
@@ -56,9 +54,11 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    import jax  # pylint: disable=g-import-not-at-top  (config objects are built without the accelerator stack)
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     if self.dtype == "auto":
       return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return DTYPES[self.dtype]
+    return jnp.dtype(self.dtype)
 
   @classmethod
   def from_config(cls, model_config) -> "ModelConfig":

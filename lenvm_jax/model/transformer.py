@@ -296,3 +296,12 @@ class LengthValueModel(nnx.Module):
 
   def __call__(self, tokens, positions, segment_ids):
     return self.value_logits(self.hidden_states(tokens, positions, segment_ids))
+
+
+def abstract_model(model_config: ModelConfig):
+  """(graphdef, abstract nnx.State with logical_axes metadata) without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+
+
+def init_params(model_config: ModelConfig, seed: int) -> dict:
+  return nnx.split(LengthValueModel(model_config, nnx.Rngs(seed)))[1].to_pure_dict()

@@ -4,18 +4,17 @@ orbax writes each step to a temporary directory and renames it when complete, so
 (even kill -9) leaves at most a temporary directory that `latest_step` ignores: resume takes the last complete one.
 """
 
-import os
-
 import grain
 import orbax.checkpoint as ocp
 
+from lenvm_jax import rundir
 from lenvm_jax.train import state as state_lib
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = rundir.checkpoint_dir(workdir)
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,

@@ -3,8 +3,10 @@
 import jax
 import optax
 
+from lenvm_jax.config import OptimConfig, RunConfig
 
-def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
+
+def learning_rate_schedule(optim_config: OptimConfig, total_steps: int) -> optax.Schedule:
   warmup = min(optim_config.warmup_steps, total_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_config.lr, warmup_steps=warmup,
@@ -22,14 +24,14 @@ def _trainable_labels(params, freeze_trunk: bool):
   return labels
 
 
-def make_optimizer(config, params_shape) -> optax.GradientTransformation:
-  optim = config.optim
+def make_optimizer(run: RunConfig, params_shape) -> optax.GradientTransformation:
+  optim = run.optim
   adamw = optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(learning_rate_schedule(optim, config.train.steps), b1=optim.b1, b2=optim.b2,
+      optax.adamw(learning_rate_schedule(optim, run.train.steps), b1=optim.b1, b2=optim.b2,
                   eps=optim.eps, weight_decay=optim.weight_decay, mask=_decay_mask),
   )
-  if not config.train.freeze_trunk:
+  if not run.train.freeze_trunk:
     return adamw
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
                                _trainable_labels(params_shape, freeze_trunk=True))

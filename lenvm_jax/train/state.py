@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lenvm_jax import sharding
 from lenvm_jax.model.config import ModelConfig
-from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.model.transformer import abstract_model, init_params
 
 
 @flax.struct.dataclass
@@ -26,11 +26,6 @@ class TrainState:
   nonfinite_skips: jax.Array  # Steps whose update was skipped for a non-finite loss or gradient.
   # train.ema_decay > 0: an exponential moving average of params, which eval, prediction and export use; else None.
   ema_params: dict | None = None
-
-
-def keeps_ema(config) -> bool:
-  """Whether a run keeps a weight EMA: train.ema_decay > 0 (absent from the config.json of runs older than it)."""
-  return config.train.get("ema_decay", 0.0) > 0
 
 
 def eval_params(state: TrainState) -> dict:
@@ -59,15 +54,6 @@ def from_checkpoint(abstract_state: TrainState, restored: dict) -> TrainState:
   elif ema is None:
     ema = jax.tree.map(jnp.copy, restored["params"])
   return TrainState(**restored, ema_params=ema)
-
-
-def abstract_model(model_config: ModelConfig):
-  """(graphdef, abstract nnx.State with logical_axes metadata) without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
-
-
-def init_params(model_config: ModelConfig, seed: int) -> dict:
-  return nnx.split(LengthValueModel(model_config, nnx.Rngs(seed)))[1].to_pure_dict()
 
 
 def create_train_state(model_config: ModelConfig, tx, mesh, seed: int, initialize: bool = True,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lenvm_jax.config import TrainConfig
 from lenvm_jax.value import metrics
 from lenvm_jax.value.objective import Objective
 from lenvm_jax.train.state import TrainState
@@ -86,12 +87,12 @@ def eval_step(params, batch, *, graphdef, objective: Objective):
   return sums
 
 
-def compile_steps(graphdef, objective, tx, config, state_shardings, train_batch_shardings, eval_batch_shardings,
-                  state_shape, train_batch_shape, eval_batch_shape):
+def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shardings, train_batch_shardings,
+                  eval_batch_shardings, state_shape, train_batch_shape, eval_batch_shape):
   """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
   train = jax.jit(
       functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
-                        freeze_trunk=config.train.freeze_trunk, ema_decay=config.train.ema_decay),
+                        freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay),
       in_shardings=(state_shardings, train_batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, objective=objective),

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lenvm_jax import distributed, sharding
-from lenvm_jax.value import metrics
+from lenvm_jax import config as config_lib, distributed, rundir, sharding
+from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
-from lenvm_jax.model import hf_config, hf_import
-from lenvm_jax.value.objective import Objective
-from lenvm_jax.train import checkpointing, config as config_lib, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.model import hf_config, hf_import, transformer
+from lenvm_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train.metrics_log import MetricsLog
+from lenvm_jax.value import gamma as gamma_lib, metrics
+from lenvm_jax.value.objective import Objective
 
 
 class _StopRequest:
@@ -42,17 +43,13 @@ def _global_batch(local: dict, shardings: dict):
   return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
 
 
-def batch_shardings(mesh, example: dict, leading: int) -> dict:
-  return {k: sharding.batch_sharding(mesh, v.ndim, leading) for k, v in example.items()}
-
-
-def evaluate(compiled_eval, params, objective, config, eval_source, shardings, empty: dict) -> dict:
+def evaluate(compiled_eval, params, objective, run: RunConfig, eval_source, shardings, empty: dict) -> dict:
   """One pass over the eval split: the training objective (`loss`) and the metrics, from exact sums.
 
   `empty` (a batch without valid tokens) pads hosts that run out of eval batches early, so all take the same steps.
   """
   totals: dict = {}
-  for batch in distributed.aligned_batches(pipeline.eval_batches(config, eval_source), empty):
+  for batch in distributed.aligned_batches(pipeline.eval_batches(run, eval_source), empty):
     sums = jax.device_get(compiled_eval(params, _global_batch(batch, shardings)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -90,10 +87,10 @@ def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
   return {k: one(v, shardings[k]) for k, v in local.items()}
 
 
-def _on_nonfinite(config, step: int, new_skips: int, last_step_finite: bool):
+def _on_nonfinite(run: RunConfig, step: int, new_skips: int, last_step_finite: bool):
   message = (f"non-finite loss or gradient: {new_skips} update(s) skipped up to step {step} "
              f"(the last step was {'finite' if last_step_finite else 'non-finite'})")
-  if config.train.nonfinite == "stop":
+  if run.train.nonfinite == "stop":
     raise FloatingPointError(message + "; stopping (train.nonfinite='stop'); the last checkpoint is intact")
   logging.warning("%s; continuing (train.nonfinite='skip')", message)
 
@@ -109,61 +106,65 @@ def _params_from_hf(directory: str, model_config, mesh, seed: int) -> dict:
   return hf_import.load_params(directory, model_config, mesh, seed)
 
 
-def save_config(config, workdir: str):
-  if not distributed.is_leader():
-    return
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+def resolve_gamma(run: RunConfig):
+  """(run with loss.gamma a number, its training source): "auto" / "auto_mre" are resolved from the training split's
+  lengths (value/gamma.py), read once, before anything else is built."""
+  source = pipeline.load_source(run, "train")
+  if run.loss.gamma_resolved:
+    return run, source
+  run = gamma_lib.resolve(run, pipeline.length_sample(source))
+  if run.data.source == "synthetic":  # Synthetic records carry their exact values under gamma: draw them again.
+    source = pipeline.load_source(run, "train")
+  return run, source
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains to config.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
+def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
+  """Trains to run.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
   config_lib.check_workdir(workdir)
-  config_lib.validate(config)
-  if config.model.gamma in pipeline.AUTO_GAMMA:
-    config.model.gamma = pipeline.resolve_gamma(config)
-  model_config = config_lib.validate(config)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  config_lib.check_batch_fits_mesh(config, mesh)
+  run, train_source = resolve_gamma(run)
+  model_config = run.model
+  mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+  config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
+  if distributed.is_leader():
+    rundir.write_config(workdir, run)
   logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
 
-  objective = Objective.from_config(config)
-  train_iter = iter(pipeline.train_dataset(config, pipeline.load_source(config, "train")))
-  has_eval = config.data.source in ("synthetic", "tfds") or bool(config.data.eval_path)
-  eval_source = pipeline.load_source(config, "eval") if has_eval else None
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                                    config.checkpoint.async_save)
+  objective = Objective.from_config(run.loss)
+  train_iter = iter(pipeline.train_dataset(run, train_source))
+  has_eval = run.data.has_eval
+  eval_source = pipeline.load_source(run, "eval") if has_eval else None
+  ckpt = checkpointing.Checkpointer(workdir, run.checkpoint.every_steps, run.checkpoint.keep,
+                                    run.checkpoint.async_save)
   log = MetricsLog(workdir)
 
   with jax.set_mesh(mesh):
-    graphdef, abstract = state_lib.abstract_model(model_config)
-    tx = optimizer.make_optimizer(config, abstract.to_pure_dict())
+    graphdef, abstract = transformer.abstract_model(model_config)
+    tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
     resume_step = ckpt.latest_step()
     initial_params = None
-    if resume_step is None and config.model.get("init_from"):  # A resumed run takes its weights from the checkpoint.
-      initial_params = _params_from_hf(config.model.init_from, model_config, mesh, config.seed)
-    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, config.seed,
+    if resume_step is None and model_config.init_from:  # A resumed run takes its weights from the checkpoint.
+      initial_params = _params_from_hf(model_config.init_from, model_config, mesh, run.seed)
+    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed,
                                                    initialize=resume_step is None, initial_params=initial_params,
-                                                   ema=state_lib.keeps_ema(config))
+                                                   ema=run.train.keeps_ema)
     if resume_step is not None:
       logging.info("resuming from %s/%d", ckpt.directory, resume_step)
       state = ckpt.restore_train_state(resume_step, state, train_iter)
 
-    accum = config.train.accum_steps
+    accum = run.train.accum_steps
     first = next(train_iter)
     to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
-    train_sh = batch_shardings(mesh, to_micro(first), leading=1)
-    eval_rows = config.train.eval_batch_size // jax.process_count()
+    train_sh = sharding.batch_shardings(mesh, to_micro(first), leading=1)
+    eval_rows = run.train.eval_batch_size // jax.process_count()
     eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()}  # Also the pad.
-    eval_sh = batch_shardings(mesh, eval_example, leading=0)
+    eval_sh = sharding.batch_shardings(mesh, eval_example, leading=0)
     compiled_train, compiled_eval = step_lib.compile_steps(
-        graphdef, objective, tx, config, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
+        graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
         train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
         eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
     flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
-    evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, config, eval_source,
+    evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, run, eval_source,
                                         eval_sh, eval_example)
 
     step = int(state.step)
@@ -174,13 +175,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
     batch = first
     try:
-      while step < config.train.steps:
+      while step < run.train.steps:
         state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
         window = _add_to_window(window, step_metrics)
         step += 1
         window_steps += 1
         window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
-        if step % config.train.log_every == 0 or step == config.train.steps:
+        if step % run.train.log_every == 0 or step == run.train.steps:
           train_metrics = _window_metrics(window)
           elapsed = time.perf_counter() - window_start
           finite = bool(jax.device_get(step_metrics["finite"]))
@@ -190,23 +191,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
           log.write(step, "train", train_metrics)
           window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
           if skips > reported_skips:
-            _on_nonfinite(config, step, skips - reported_skips, finite)
+            _on_nonfinite(run, step, skips - reported_skips, finite)
             reported_skips = skips
         ckpt.save(step, state, train_iter)
-        if has_eval and config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+        if has_eval and run.train.eval_every and step % run.train.eval_every == 0 and step < run.train.steps:
           eval_start = time.perf_counter()
           last_eval = evaluate_state(state)
           log.write(step, "eval", last_eval)
           window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
         # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
         # dispatch if done every step, so several hosts agree only at log steps (where they sync anyway).
-        at_log_step = step % config.train.log_every == 0 or step == config.train.steps
+        at_log_step = step % run.train.log_every == 0 or step == run.train.steps
         if (jax.process_count() == 1 or at_log_step) and distributed.any_host(stop.signal is not None):
           logging.warning("%s received: checkpointing step %d and exiting", stop.signal or "stop on another host",
                           step)
           stopped = True
           break
-        if step < config.train.steps:
+        if step < run.train.steps:
           batch = next(train_iter)
       if not stopped and has_eval:
         last_eval = evaluate_state(state)

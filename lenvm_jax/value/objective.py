@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lenvm_jax.config import LossConfig
+from lenvm_jax.data import rows
 from lenvm_jax.value import targets
 
 
@@ -36,12 +38,12 @@ class Objective:
   lm_stride: int = 1
 
   @classmethod
-  def from_config(cls, config) -> "Objective":
-    kind = targets.TargetKind(config.loss.target_type, config.model.gamma, config.loss.length_normalizer)
-    # Runs saved before loss.value_weight existed have no such field: they trained the value loss at weight 1.
-    # Likewise loss.boundary_weight: older runs weighed every state alike.
-    return cls(kind, config.loss.gae_lambda, config.loss.lm_weight, config.loss.get("value_weight", 1.0),
-               config.loss.get("boundary_weight", 1.0), config.loss.get("lm_stride", 1))
+  def from_config(cls, loss: LossConfig) -> "Objective":
+    """From a run's loss section; its gamma must be resolved (value/gamma.py)."""
+    if not loss.gamma_resolved:
+      raise ValueError(f"loss.gamma={loss.gamma!r} is not resolved yet (value/gamma.resolve)")
+    kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer)
+    return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride)
 
   def lm_positions(self, x, axis: int = -1):
     """The positions (along the time axis) that the LM term is taken on: every lm_stride-th."""
@@ -49,8 +51,8 @@ class Objective:
 
   def value_targets(self, prediction, batch):
     if self.gae_lambda == 1.0:
-      return self.kind.target(batch["remaining"])
-    return targets.gae_targets(prediction, batch["remaining"], batch["value_mask"], batch["segment_ids"],
+      return self.kind.target(batch[rows.REMAINING])
+    return targets.gae_targets(prediction, batch[rows.REMAINING], batch[rows.VALUE_MASK], batch[rows.SEGMENT_IDS],
                                self.kind.gamma, self.gae_lambda)
 
   def sums(self, z, lm_logits, batch):
@@ -59,8 +61,8 @@ class Objective:
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * (prediction - target) ** 2)}
     if lm_logits is not None:
-      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch["lm_targets"]))
-      out["lm_ce"] = jnp.sum(self.lm_positions(batch["lm_mask"]).astype(jnp.float32) * ce)
+      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch[rows.LM_TARGETS]))
+      out["lm_ce"] = jnp.sum(self.lm_positions(batch[rows.LM_MASK]).astype(jnp.float32) * ce)
     return out
 
   def loss(self, sums, value_count, lm_count):
@@ -73,11 +75,11 @@ class Objective:
 
   def value_weights(self, batch):
     """Per-token weight of the value MSE: the value mask, with s_0 (completion_index 0) weighing boundary_weight."""
-    mask = batch["value_mask"].astype(jnp.float32)
+    mask = batch[rows.VALUE_MASK].astype(jnp.float32)
     if self.boundary_weight == 1.0:
       return mask
-    return mask * jnp.where(batch["completion_index"] == 0, jnp.float32(self.boundary_weight), 1.0)
+    return mask * jnp.where(batch[rows.COMPLETION_INDEX] == 0, jnp.float32(self.boundary_weight), 1.0)
 
   def token_counts(self, batch):
     """Global (weighted) valid-token counts of a batch (any leading dims): the loss denominators."""
-    return jnp.sum(self.value_weights(batch)), jnp.sum(self.lm_positions(batch["lm_mask"]).astype(jnp.float32))
+    return jnp.sum(self.value_weights(batch)), jnp.sum(self.lm_positions(batch[rows.LM_MASK]).astype(jnp.float32))

@@ -1,0 +1,343 @@
+"""The run config, typed: frozen dataclasses built once, at the entry point, from the ml_collections dict.
+
+Users keep writing `--config experiments/configs/<name>.py --config.a.b=value` (ml_collections rejects unknown fields
+and ill-typed overrides); the entry point calls `RunConfig.from_dict` once and the library takes only the typed
+object. The dataclasses are the single list of fields, defaults and checks: `experiments/configs/base.py` builds its
+ml_collections dict from them (`to_config_dict`). Every check raises ConfigError naming `config.<section>.<field>`.
+
+`loss.gamma` may be "auto" or "auto_mre" in a user's config; `value/gamma.py` resolves it from the training split
+before anything is built, into a new RunConfig (`with_gamma`); nothing changes a RunConfig after that.
+
+This module imports no jax (launchers and config tooling can use it without the accelerator stack).
+"""
+
+import dataclasses
+import json
+import re
+import types
+import typing
+
+from lenvm_jax.model.config import ModelConfig, preset_fields
+
+AUTO_GAMMA = ("auto", "auto_mre")  # loss.gamma values resolved from the training split (value/gamma.py).
+TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
+SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
+PACKING = ("none", "first_fit", "best_fit")
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class ConfigError(ValueError):
+  """A user's config mistake: the message starts with the field, `config.<section>.<field>: ...`."""
+
+
+def _require(condition: bool, field: str, message: str):
+  if not condition:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The value targets and the training objective (spec sections 1-3)."""
+  # Discount of the length return G = -(1 - gamma ** n): a float in (0, 1), "auto" (0.01 ** (1 / L_p99) of the
+  # training split) or "auto_mre" (least prompt-boundary MRE of a generator-only predictor on the training split).
+  # The resolved value is what config.json records.
+  gamma: float | str = 0.98
+  target_type: str = "discounted"  # discounted | raw_length | normalized_length | log_length (ablations).
+  gae_lambda: float = 1.0  # 1 = Monte-Carlo return (the paper); < 1 bootstraps from stop-gradient values.
+  lm_weight: float = 0.0  # Weight of a joint next-token cross-entropy on completion tokens.
+  lm_stride: int = 1  # Take the LM term on every k-th position only (a 32k-vocab head outweighs a small trunk).
+  value_weight: float = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
+  boundary_weight: float = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
+  length_normalizer: float = 1024.0  # Only for target_type='normalized_length': the length that maps to 1.
+
+  def __post_init__(self):
+    gamma = self.gamma
+    _require(gamma in AUTO_GAMMA or (_is_number(gamma) and 0.0 < gamma < 1.0), "loss.gamma",
+             f"must be a number in (0, 1), 'auto' or 'auto_mre', got {gamma!r}")
+    _require(self.target_type in TARGET_TYPES, "loss.target_type",
+             f"must be one of {TARGET_TYPES}, got {self.target_type!r}")
+    _require(0.0 < self.gae_lambda <= 1.0, "loss.gae_lambda", f"must lie in (0, 1], got {self.gae_lambda}")
+    _require(self.gae_lambda == 1.0 or self.target_type == "discounted", "loss.gae_lambda",
+             "GAE targets (gae_lambda < 1) need loss.target_type='discounted'")
+    _require(self.lm_weight >= 0.0, "loss.lm_weight", f"must be >= 0, got {self.lm_weight}")
+    _require(isinstance(self.lm_stride, int) and self.lm_stride >= 1, "loss.lm_stride",
+             f"must be an integer >= 1, got {self.lm_stride!r}")
+    _require(self.boundary_weight > 0.0, "loss.boundary_weight", f"must be > 0, got {self.boundary_weight}")
+    _require(self.value_weight >= 0.0, "loss.value_weight", f"must be >= 0, got {self.value_weight}")
+    _require(self.value_weight > 0.0 or self.lm_weight > 0.0, "loss.value_weight",
+             "is 0 and so is loss.lm_weight: nothing to train (set loss.lm_weight > 0 for an LM-only policy)")
+    _require(self.length_normalizer > 0.0, "loss.length_normalizer", f"must be > 0, got {self.length_normalizer}")
+
+  @property
+  def gamma_resolved(self) -> bool:
+    return self.gamma not in AUTO_GAMMA
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """The synthetic generator (data.source='synthetic'): hidden stop modes with an exactly solvable value."""
+  hazards: tuple[float, ...] = (0.01, 0.03, 0.08, 0.25)  # Stop probability per token in each hidden mode.
+  switch_prob: float = 0.04  # Probability that a completion token switches the mode.
+  train_records: int = 200_000
+  eval_records: int = 1024
+
+  def __post_init__(self):
+    object.__setattr__(self, "hazards", tuple(float(h) for h in self.hazards))
+    _require(bool(self.hazards) and all(0.0 < h < 1.0 for h in self.hazards), "data.synthetic.hazards",
+             f"must be values in (0, 1), got {self.hazards}")
+    _require(0.0 <= self.switch_prob < 1.0, "data.synthetic.switch_prob", f"must lie in [0, 1), got {self.switch_prob}")
+    _require(self.train_records > 0 and self.eval_records > 0, "data.synthetic.train_records",
+             "train_records and eval_records must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "synthetic"  # synthetic | jsonl | arrayrecord | tfds
+  train_path: str = ""  # jsonl: a file; arrayrecord: a shard file, a glob, or <prepare_data dir>/train.
+  eval_path: str = ""  # Held-out split, same forms; empty = no eval.
+  tfds_name: str = "lenvm_trajectories"  # data.source='tfds': a prepared TFDS dataset's name ...
+  tfds_data_dir: str = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
+  max_len: int = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
+  max_prompt_len: int = 0  # > 0: keep only each prompt's last tokens; 0: a prompt >= max_len is an error.
+  packing: str = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
+  packing_bins: int = 0  # Rows open for packing at once; 0 = the rows of one batch.
+  unfinished: str = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
+  seed: int = 0  # Shuffle order (and synthetic sampling).
+  read_threads: int = 1
+  worker_count: int = 0  # Processes that prepare batches ahead (grain mp_prefetch); 0 = in-process threads.
+  prefetch: int = 4  # Batches prepared ahead by grain threads.
+  synthetic: SyntheticConfig = SyntheticConfig()
+
+  def __post_init__(self):
+    _require(self.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {self.source!r}")
+    if self.source in ("jsonl", "arrayrecord"):
+      _require(bool(self.train_path), "data.train_path", f"is required when data.source='{self.source}'")
+    if self.source == "tfds":
+      _require(bool(self.tfds_data_dir), "data.tfds_data_dir", "is required when data.source='tfds'")
+    _require(self.packing in PACKING, "data.packing", f"must be one of {PACKING}, got {self.packing!r}")
+    _require(self.max_len >= 2, "data.max_len", f"must be >= 2, got {self.max_len}")
+    _require(0 <= self.max_prompt_len < self.max_len, "data.max_prompt_len",
+             f"must lie in [0, data.max_len), got {self.max_prompt_len}")
+    _require(self.packing_bins >= 0, "data.packing_bins", f"must be >= 0, got {self.packing_bins}")
+    _require(self.worker_count >= 0, "data.worker_count", f"must be >= 0, got {self.worker_count}")
+    _require(self.unfinished in UNFINISHED_POLICIES, "data.unfinished",
+             f"must be one of {UNFINISHED_POLICIES}, got {self.unfinished!r}")
+
+  @property
+  def has_eval(self) -> bool:
+    """Synthetic and TFDS data always have an eval split; files only when data.eval_path names one."""
+    return self.source in ("synthetic", "tfds") or bool(self.eval_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 32  # Global batch, in rows.
+  accum_steps: int = 1  # Micro-batches per step (gradient accumulation); must divide batch_size.
+  eval_batch_size: int = 64
+  eval_every: int = 500  # 0 = evaluate only at the end.
+  log_every: int = 50
+  freeze_trunk: bool = False  # Train only the value head.
+  # > 0: keep an exponential moving average of the weights (decay per step, ramped up over the first steps); eval,
+  # prediction, export and rollouts then use it. It averages out the step-to-step noise of the final weights.
+  ema_decay: float = 0.0
+  nonfinite: str = "skip"  # A non-finite loss/gradient: skip the update and count it, or stop.
+
+  def __post_init__(self):
+    _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+    _require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+    _require(self.accum_steps > 0 and self.batch_size % self.accum_steps == 0, "train.accum_steps",
+             f"must divide train.batch_size ({self.batch_size}), got {self.accum_steps}")
+    _require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
+    _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {self.eval_every}")
+    _require(self.log_every > 0, "train.log_every", f"must be positive, got {self.log_every}")
+    _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+    _require(self.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+             f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+
+  @property
+  def keeps_ema(self) -> bool:
+    return self.ema_decay > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay, global-norm clipping (train/optimizer.py)."""
+  lr: float = 1e-3
+  warmup_steps: int = 100
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _require(self.lr > 0.0, "optim.lr", f"must be positive, got {self.lr}")
+    _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    _require(0.0 <= self.end_lr_fraction <= 1.0, "optim.end_lr_fraction",
+             f"must lie in [0, 1], got {self.end_lr_fraction}")
+    _require(self.clip_norm > 0.0, "optim.clip_norm", f"must be positive, got {self.clip_norm}")
+    _require(self.weight_decay >= 0.0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 500
+  keep: int = 3
+  async_save: bool = True
+
+  def __post_init__(self):
+    _require(self.every_steps > 0, "checkpoint.every_steps", f"must be positive, got {self.every_steps}")
+    _require(self.keep > 0, "checkpoint.keep", f"must be positive, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1 takes the devices that the other axes leave.
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig
+  loss: LossConfig = LossConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  optim: OptimConfig = OptimConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+  seed: int = 0  # Parameter init and RNG state.
+
+  def __post_init__(self):
+    _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
+             "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
+
+  @classmethod
+  def from_dict(cls, config) -> "RunConfig":
+    """From an ml_collections ConfigDict or a plain nested dict (a config.json). Fields a section lacks take their
+    defaults, so config.json files of runs older than a field still load; unknown fields are errors."""
+    return _build(cls, _to_plain(config), "")
+
+  @classmethod
+  def default(cls, preset: str = "small") -> "RunConfig":
+    """The defaults with a model preset's shapes (and a 64-token vocabulary: the synthetic generator's)."""
+    return cls(model=ModelConfig(**{**preset_fields(preset), "vocab_size": 64}))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  def with_gamma(self, gamma: float) -> "RunConfig":
+    """The same run with its discount resolved (value/gamma.py)."""
+    return dataclasses.replace(self, loss=dataclasses.replace(self.loss, gamma=float(gamma)))
+
+
+# Fields that moved between sections; config.json files of older runs name them at their old place.
+_MOVED = {("model", "gamma"): ("loss", "gamma")}
+
+
+def _to_plain(config) -> dict:
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  config = json.loads(json.dumps(config, default=list))  # Tuples -> lists, FieldReferences resolved, a deep copy.
+  for (old_section, old_name), (new_section, new_name) in _MOVED.items():
+    old = config.get(old_section, {})
+    if isinstance(old, dict) and old_name in old:
+      value = old.pop(old_name)
+      config.setdefault(new_section, {}).setdefault(new_name, value)
+  return config
+
+
+def _build(cls, values, prefix: str):
+  """A dataclass from nested plain values; nested dataclass fields recurse; errors name the dotted field."""
+  where = prefix.rstrip(".") or "config"
+  if not isinstance(values, dict):
+    raise ConfigError(f"config.{where}: must be a section (a dict), got {values!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(f"config.{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+  kwargs = {}
+  for name, value in values.items():
+    field_type = _field_types(cls)[name]
+    if dataclasses.is_dataclass(field_type):
+      kwargs[name] = _build(field_type, value, f"{prefix}{name}.")
+    elif typing.get_origin(field_type) is tuple:
+      kwargs[name] = tuple(value) if isinstance(value, (list, tuple)) else value
+    else:
+      kwargs[name] = value
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:  # ModelConfig's own checks say "model.<field> ...".
+    message = str(e)
+    raise ConfigError(f"config.{message}" if prefix and message.startswith(prefix)
+                      else f"config.{where}: {message}") from None
+
+
+def _field_types(cls) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def to_config_dict(run: RunConfig):
+  """The ml_collections dict that config files start from (`--config.a.b=value` overrides), from the dataclass
+  defaults. Fields that take several types (loss.gamma: a float or "auto") accept any value on the command line;
+  the typed config checks them."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+
+  def section(obj):
+    out = ml_collections.ConfigDict()
+    hints = _field_types(type(obj))
+    for field in dataclasses.fields(obj):
+      value = getattr(obj, field.name)
+      if dataclasses.is_dataclass(value):
+        out[field.name] = section(value)
+      elif isinstance(hints[field.name], types.UnionType):
+        out[field.name] = config_dict.FieldReference(value, field_type=object)
+      else:
+        out[field.name] = value
+    return out
+
+  return section(run)
+
+
+def is_url(path: str) -> bool:
+  """gs://, s3://, ...: run files are written with local file I/O, so such a workdir needs a mount instead."""
+  return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+def check_workdir(workdir: str):
+  """A run's files are written with local file I/O (and orbax under an absolute path), so a URL workdir would land in a
+  local folder named after it and vanish with the machine: refuse it and say how to mount the bucket instead."""
+  if is_url(workdir):
+    raise ConfigError(f"workdir {workdir!r} is a URL, but checkpoints, metrics and config are written to local paths "
+                      "(they would end up under a local folder named after it). Pass a mounted path: Vertex AI "
+                      "mounts gs://BUCKET at /gcs/BUCKET; on TPU VMs and GKE mount the bucket with Cloud Storage FUSE.")
+
+
+def check_batch_fits_mesh(run: RunConfig, mesh, process_count: int):
+  """The micro-batch is split over data x fsdp: it must divide evenly (and so must the eval batch); each host loads
+  batch_size / hosts rows, split into accum_steps micro-batches."""
+  train = run.train
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = train.batch_size // train.accum_steps
+  _require(micro % shards == 0, "train.batch_size",
+           f"micro-batch {micro} (batch_size / accum_steps) must be a multiple of mesh data x fsdp = {shards}")
+  _require(train.eval_batch_size % shards == 0, "train.eval_batch_size",
+           f"must be a multiple of mesh data x fsdp = {shards}, got {train.eval_batch_size}")
+  _require(train.batch_size % (process_count * train.accum_steps) == 0, "train.batch_size",
+           f"must be a multiple of processes x accum_steps = {process_count} x {train.accum_steps}, "
+           f"got {train.batch_size}")
+  _require(train.eval_batch_size % process_count == 0, "train.eval_batch_size",
+           f"must be a multiple of the process count {process_count}, got {train.eval_batch_size}")
