@@ -6,7 +6,7 @@ For each gamma, over random problem splits of the training prompts: the MRE of a
 prompt's cell (generator plus the prompt_id after the separator: CHAMP's prompt setting), of one that knows only the
 generator, of the per-generator least-MRE constant (evaluate_lengths' baseline), and how often the first beats the
 last. An MSE-trained LenVM predicts a certainty equivalent, so at a large gamma even a perfect one can lose to the
-constant; see prompt_boundary.cell_headroom.
+constant; see lenvm_jax/evaluation/headroom.py.
 """
 
 import os
@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 
 from lenvm_jax.data import arrayrecord, prompt_groups
-from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.evaluation import headroom
 
 _DATA = flags.DEFINE_string("data_dir", None, "A prepare_data output directory (only its train split is read).")
 _GAMMAS = flags.DEFINE_list("gammas", ["0.9974", "0.996", "0.995"], "Discount factors to compare.")
@@ -37,9 +37,9 @@ def main(argv):
         f"{_FRACTION.value:.0%} of the problems")
   print(f"{'gamma':>8} {'cell LenVM':>11} {'generator LenVM':>16} {'constant':>9} {'cell beats constant':>20}")
   for gamma in map(float, _GAMMAS.value):
-    r = prompt_boundary.cell_headroom(groups, lambda key: prompt_groups.problem_of(key[0], separator),
-                                      lambda key: prompt_groups.cell_of(key, separator), gamma,
-                                      _SPLITS.value, _FRACTION.value)
+    r = headroom.cell_headroom(groups, lambda key: prompt_groups.problem_of(key[0], separator),
+                               lambda key: prompt_groups.cell_of(key, separator), gamma, _SPLITS.value,
+                               _FRACTION.value)
     print(f"{gamma:8.5g} {r['cell']:11.4f} {r['generator']:16.4f} {r['constant']:9.4f} {r['cell_wins']:20.0%}")
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.evaluation import prompt_boundary
-from lenvm_jax.evaluation import length_eval
+from lenvm_jax.evaluation import headroom, length_eval, prompt_boundary
+from lenvm_jax.value import targets
 
 
 def _t(length, generator="a", prompt=(5,), prompt_id=None):
@@ -15,9 +15,9 @@ def _t(length, generator="a", prompt=(5,), prompt_id=None):
 
 
 def test_prompt_boundary_length_is_the_length_of_the_mean_return():
-  assert prompt_boundary.prompt_boundary_length([37], 0.99) == pytest.approx(37)
+  assert targets.prompt_boundary_length([37], 0.99) == pytest.approx(37)
   gamma = 0.9
-  got = prompt_boundary.prompt_boundary_length([2, 10], gamma)
+  got = targets.prompt_boundary_length([2, 10], gamma)
   assert 1 - gamma**got == pytest.approx(((1 - gamma**2) + (1 - gamma**10)) / 2)
 
 
@@ -25,7 +25,7 @@ def test_prompt_boundary_length_of_long_completions_does_not_underflow():
   # gamma ** 50000 underflows to 0 in float64; the log-space sum keeps the exact value.
   gamma = 0.99
   expected = 50_000 + np.log((1 + gamma**1000) / 2) / np.log(gamma)
-  assert prompt_boundary.prompt_boundary_length([50_000, 51_000], gamma) == pytest.approx(expected, rel=1e-12)
+  assert targets.prompt_boundary_length([50_000, 51_000], gamma) == pytest.approx(expected, rel=1e-12)
 
 
 def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
@@ -40,12 +40,12 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   # The vectorised search agrees with the metric's own definition at the gamma it picked.
   groups = prompt_groups.group_by_prompt(train)
   pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
-  guess = {g: prompt_boundary.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
+  guess = {g: targets.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
   assert mre == pytest.approx(prompt_boundary.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
   # It is the best gamma: no better at the spec's p99 rule, nor at finer gammas nearby.
   for other in (0.01 ** (1 / np.percentile([len(t.completion_ids) for t in train], 99)), gamma * 0.999,
                 1 - (1 - gamma) * 0.97, 1 - (1 - gamma) * 1.03):
-    other_guess = {g: prompt_boundary.prompt_boundary_length(v, other) for g, v in pooled.items()}
+    other_guess = {g: targets.prompt_boundary_length(v, other) for g, v in pooled.items()}
     assert mre <= prompt_boundary.prompt_boundary_mre(groups, lambda k: other_guess[k[1]], other)["*"] + 1e-3
   # With one sample per prompt, L_GT = L for every gamma: the generator-only prediction can then reach the least-MRE
   # constant of each generator (the 1/L-weighted median), which the p99 gamma misses.
@@ -54,7 +54,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   lengths = np.array([len(t.completion_ids) for t in single], np.float64)
   floor = np.mean(np.abs(prompt_boundary.least_mre_length(lengths) - lengths) / lengths)
   p99_gamma = 0.01 ** (1 / np.percentile(lengths, 99))
-  at_p99 = np.mean(np.abs(prompt_boundary.prompt_boundary_length(lengths, p99_gamma) - lengths) / lengths)
+  at_p99 = np.mean(np.abs(targets.prompt_boundary_length(lengths, p99_gamma) - lengths) / lengths)
   assert mre == pytest.approx(floor, abs=2e-3) and at_p99 > floor + 0.01
   with pytest.raises(ValueError, match="auto_mre"):
     unfinished = Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")
@@ -115,7 +115,7 @@ def test_evaluate_scores_model_and_baselines_on_the_same_states():
   assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4}
   calibration = report["prompt_calibration"]
   assert calibration["a"]["model"] == pytest.approx(calibration["a"]["true"])
-  assert calibration["a"]["true"] == pytest.approx(prompt_boundary.prompt_boundary_length([6, 3], 0.9))
+  assert calibration["a"]["true"] == pytest.approx(targets.prompt_boundary_length([6, 3], 0.9))
 
 
 def test_prompt_calibration_shows_a_biased_boundary_value():
@@ -127,10 +127,10 @@ def test_prompt_calibration_shows_a_biased_boundary_value():
   train = [_t(4, "a", prompt_id="p"), _t(10, "b", prompt_id="p")]
   report = length_eval.evaluate(Doubling(), held_out, length_eval.fit_baselines(train, 0.9), 0.9, max_len=8)
   assert report["prompt_calibration"]["a"] == pytest.approx(
-      {"model": prompt_boundary.prompt_boundary_length([12, 6], 0.9),
-       "true": prompt_boundary.prompt_boundary_length([6, 3], 0.9)})
+      {"model": targets.prompt_boundary_length([12, 6], 0.9),
+       "true": targets.prompt_boundary_length([6, 3], 0.9)})
   assert report["prompt_calibration"]["*"]["model"] == pytest.approx(
-      prompt_boundary.prompt_boundary_length([12, 24, 6], 0.9))
+      targets.prompt_boundary_length([12, 24, 6], 0.9))
 
 
 def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_prediction():
@@ -148,7 +148,7 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
                                 cell_of=cell_of)
   mre = report["prompt_mre"]
   assert mre["a"]["model"] == pytest.approx(0.5)
-  assert mre["a"]["cell_mean"] == pytest.approx(abs(prompt_boundary.prompt_boundary_length([3, 9], gamma) - 6) / 6)
+  assert mre["a"]["cell_mean"] == pytest.approx(abs(targets.prompt_boundary_length([3, 9], gamma) - 6) / 6)
   assert mre["b"]["cell_mean"] == pytest.approx(mre["b"]["model"]) == pytest.approx(0.5)  # A cell of one prompt.
   assert cell_of(("p1|s|t", "a")) == ("a", "s|t") and cell_of(("p1", "a")) == ("a", "")
   plain = length_eval.evaluate(Scattered(), held_out, length_eval.fit_baselines(train, gamma), gamma, max_len=16)
@@ -188,13 +188,13 @@ def test_cell_headroom_scores_exact_cell_and_generator_lenvms_against_the_consta
   groups = {(f"p{i}|{s}", "g"): [length] for i in range(10) for s, length in (("a", 100), ("b", 400))}
   problem_of = lambda key: key[0].split("|")[0]
   setting_of = lambda key: (key[1], key[0].split("|")[1])
-  by_setting = prompt_boundary.cell_headroom(groups, problem_of, setting_of, gamma, splits=5)
-  pooled = prompt_boundary.prompt_boundary_length([100, 400], gamma)
+  by_setting = headroom.cell_headroom(groups, problem_of, setting_of, gamma, splits=5)
+  pooled = targets.prompt_boundary_length([100, 400], gamma)
   assert by_setting["cell"] == 0.0 and by_setting["cell_wins"] == 1.0
   assert by_setting["constant"] == pytest.approx((0.0 + 300 / 400) / 2)
   assert by_setting["generator"] == pytest.approx((abs(pooled - 100) / 100 + abs(pooled - 400) / 400) / 2)
   # Cells that tell nothing (one per generator) make the cell LenVM the generator LenVM.
-  blind = prompt_boundary.cell_headroom(groups, problem_of, lambda key: key[1], gamma, splits=5)
+  blind = headroom.cell_headroom(groups, problem_of, lambda key: key[1], gamma, splits=5)
   assert blind["cell"] == pytest.approx(blind["generator"]) and blind["cell_wins"] == 0.0
 
 
@@ -207,7 +207,7 @@ def test_mre_headroom_prints_the_exact_cell_and_constant_scores(tmp_path):
   printed = subprocess.run([sys.executable, "-m", "experiments.mre_headroom", f"--data_dir={tmp_path}",
                             "--gammas=0.99", "--splits=5"], capture_output=True, text=True, check=True).stdout
   row = printed.strip().splitlines()[-1].split()
-  pooled = prompt_boundary.prompt_boundary_length([100, 400], 0.99)
+  pooled = targets.prompt_boundary_length([100, 400], 0.99)
   assert printed.startswith("20 training prompt groups")
   assert row[0] == "0.99" and float(row[1]) == 0.0 and row[-1] == "100%"  # Knowing the setting is exact here.
   assert float(row[2]) == pytest.approx((abs(pooled - 100) / 100 + abs(pooled - 400) / 400) / 2, abs=1e-4)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.evaluation import length_eval
+from lenvm_jax.value import targets
 
 
 def _t(prompt, length, prompt_id=None, generator="g"):
@@ -24,7 +24,7 @@ class _FixedPredictor:
 def test_prompt_boundary_report_groups_by_prompt_and_generator():
   samples = [_t([2], 10), _t([2], 30), _t([3], 20, generator="h"), _t([3], 30, "q", "h")]
   report = length_eval.prompt_boundary_report(_FixedPredictor(), samples, gamma=0.9)
-  truth = prompt_boundary.prompt_boundary_length([10, 30], 0.9)
+  truth = targets.prompt_boundary_length([10, 30], 0.9)
   # Groups: prompt (2,) / g with L_hat 20; prompt (3,) / h (L_GT 20, L_hat 30); prompt id q / h (30 vs 30).
   assert report["mre"]["g"] == pytest.approx(abs(20 - truth) / truth)
   assert report["mre"]["h"] == pytest.approx((10 / 20 + 0) / 2)

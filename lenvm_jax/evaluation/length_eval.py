@@ -18,7 +18,8 @@ import numpy as np
 
 from lenvm_jax.data.prompt_groups import generator_of, group_by_prompt, group_key
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
-                                                  least_mre_length, prompt_boundary_length, prompt_boundary_mre)
+                                                  least_mre_length, prompt_boundary_mre)
+from lenvm_jax.value.targets import prompt_boundary_length
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
 position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)

@@ -1,4 +1,5 @@
-"""Regression targets (spec sections 1 and 3), computed on device so gamma is only a config value.
+"""Regression targets (spec sections 1 and 3), computed on device so gamma is only a config value; and, in numpy,
+the prompt-boundary length L_GT and relative length error (spec section 4) that evaluation and the gamma rules share.
 
 `remaining` is the per-token count of tokens still to come, n_t = L - t, taken from the untruncated completion
 length; -1 marks an unknown (infinite) remaining length: a completion that never emitted EOS, kept as G = -1.
@@ -8,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
 
@@ -28,6 +30,36 @@ def remaining_from_value(value, gamma: float):
 def token_reward(gamma: float) -> float:
   """r = -(1 - gamma): the reward of every generated token, so that the rewards of n tokens sum (discounted) to G."""
   return -(1.0 - gamma)
+
+
+def prompt_boundary_lengths(lengths, group_index, group_count: int, gamma: float) -> np.ndarray:
+  """[group_count] L_GT: per group, the length whose return is the mean return of its completion lengths,
+  log(mean(gamma ** L)) / log(gamma) (the inverse of discounted_return at the mean return). lengths [N] and
+  group_index [N] (each length's group) are flat, so many groups cost a few numpy passes."""
+  # Summed in log space: gamma ** L underflows to 0 for long L.
+  log_terms = np.asarray(lengths, np.float64) * np.log(gamma)
+  group_index = np.asarray(group_index, np.int64)
+  top = np.full(group_count, -np.inf)
+  np.maximum.at(top, group_index, log_terms)
+  total = np.bincount(group_index, np.exp(log_terms - top[group_index]), group_count)
+  return (top + np.log(total / np.bincount(group_index, minlength=group_count))) / np.log(gamma)
+
+
+def groups_boundary_lengths(groups: dict, gamma: float) -> np.ndarray:
+  """L_GT of every group of {key: [completion lengths]}, in the dict's order."""
+  sizes = [len(v) for v in groups.values()]
+  lengths = np.concatenate([np.asarray(v, np.float64) for v in groups.values()]) if sizes else np.zeros(0)
+  return prompt_boundary_lengths(lengths, np.repeat(np.arange(len(sizes)), sizes), len(sizes), gamma)
+
+
+def prompt_boundary_length(lengths, gamma: float) -> float:
+  """L_GT of one prompt group from its sampled completion lengths."""
+  return float(prompt_boundary_lengths(lengths, np.zeros(len(lengths), np.int64), 1, gamma)[0])
+
+
+def relative_length_error(predicted, true):
+  """|L_hat - L| / L, with L below 1 token counted as 1 so that a prompt answered by EOS alone does not divide by ~0."""
+  return np.abs(predicted - true) / np.maximum(true, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
