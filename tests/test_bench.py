@@ -17,6 +17,7 @@ from conftest import REPO
 # The float32 run splits the batch into 2 micro-batches (gradient accumulation in both frameworks, the bench's
 # default): the first-step losses agreeing to float32 rounding checks that both accumulate the whole batch's token
 # mean (a mean of per-micro-batch means would differ).
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, accum, loss_rtol", [("float32", 2, 1e-4), ("bfloat16", 1, 1e-3)])
 def test_bench_parts_and_same_first_loss(tmp_path, dtype, accum, loss_rtol):
   out = tmp_path / "bench.json"

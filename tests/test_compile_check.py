@@ -1,3 +1,4 @@
+import pytest
 import re
 import subprocess
 import sys
@@ -5,6 +6,7 @@ import sys
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_real_shape_config_compiles_ahead_of_time_on_eight_fake_devices():
   """The Qwen2.5-1.5B-width config (2 of its 28 layers, to keep CI short) lowers and compiles on a 2x2x2 mesh."""
   result = subprocess.run(

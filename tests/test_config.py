@@ -67,6 +67,7 @@ def _train_cli(*overrides, workdir):
                         timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_values_unknown_fields_and_bad_types_at_start(tmp_path):
   result = _train_cli("--config.loss.gamma=1.5", workdir=tmp_path / "a")
   assert result.returncode != 0 and "loss.gamma" in result.stderr

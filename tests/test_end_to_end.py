@@ -34,6 +34,7 @@ def short_run(tmp_path_factory):
   return workdir, config, final_eval
 
 
+@pytest.mark.slow
 def test_short_run_closes_most_of_the_gap_to_bayes_optimal(short_run):
   _, _, final_eval = short_run
   assert final_eval["bayes_value_mse"] < final_eval["const_value_mse"]
@@ -41,6 +42,7 @@ def test_short_run_closes_most_of_the_gap_to_bayes_optimal(short_run):
   assert np.isfinite(final_eval["length_mae"]) and final_eval["length_mre_at_0"] > 0
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_has_train_and_eval_records(short_run):
   workdir, _, final_eval = short_run
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -54,6 +56,7 @@ def test_metrics_jsonl_has_train_and_eval_records(short_run):
   assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_values_for_every_state(short_run, tmp_path):
   workdir, config, _ = short_run
   source = pipeline.load_source(run_config(config), "eval")
@@ -76,6 +79,7 @@ def test_predict_cli_writes_values_for_every_state(short_run, tmp_path):
     assert np.mean(np.abs(values - t.exact_values)) < 0.1
 
 
+@pytest.mark.slow
 def test_predictor_reloads_the_last_step_and_ignores_batching(short_run):
   workdir, config, _ = short_run
   predictor = Predictor(str(workdir))
@@ -86,6 +90,7 @@ def test_predictor_reloads_the_last_step_and_ignores_batching(short_run):
   np.testing.assert_allclose(values, values_again, atol=1e-6)  # Independent of batching and padding.
 
 
+@pytest.mark.slow
 def test_predict_prompts_is_the_first_state_of_predict(short_run):
   predictor = Predictor(str(short_run[0]))
   full = [Trajectory(np.asarray(p, np.int32), np.full(n, 12, np.int32)) for p, n in (([5, 20], 7), ([30, 31], 3))]
@@ -95,6 +100,7 @@ def test_predict_prompts_is_the_first_state_of_predict(short_run):
     assert value == pytest.approx(v[0], abs=1e-6) and length == pytest.approx(n[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_cli_prompt_modes(short_run, tmp_path):
   prompts, samples = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
   prompts.write_text('{"prompt_ids": [5, 20, 21], "prompt_id": "a"}\n{"prompt_ids": [30, 31]}\n')
@@ -113,6 +119,7 @@ def test_predict_cli_prompt_modes(short_run, tmp_path):
   assert group["predicted_length"] == pytest.approx(lines[0]["predicted_length"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_report_and_plots(short_run):
   workdir, _, _ = short_run
   printed = subprocess.run(

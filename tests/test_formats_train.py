@@ -30,6 +30,7 @@ def _train_on(config, data_dir, vocab_size, workdir, max_len=128, max_prompt_len
   assert np.isfinite(final_eval["loss"]) and final_eval["value_mse"] > 0
 
 
+@pytest.mark.slow
 def test_reference_jsonl_trains(tiny_config, tmp_path):
   from tests.test_import import build_tokenizer_json, CHATML
   directory = tmp_path / "tok"
@@ -44,6 +45,7 @@ def test_reference_jsonl_trains(tiny_config, tmp_path):
   _train_on(tiny_config, tmp_path / "data", tok.vocab_size, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_tokenized_jsonl_trains(tiny_config, tmp_path):
   rng = np.random.default_rng(0)
   lines = [json.dumps({"prompt_ids": rng.integers(2, 50, 5).tolist(),
@@ -55,6 +57,7 @@ def test_tokenized_jsonl_trains(tiny_config, tmp_path):
   _train_on(tiny_config, tmp_path / "data", 64, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_champ_trains(tiny_config, tmp_path):
   pytest.importorskip("champ_dataset")
   tok = load_tokenizer(champ.default_tokenizer_path())

@@ -129,6 +129,7 @@ def _values_without_cache(graphdef, kind, params, tokens, segment_ids):
   return kind.value_estimate(kind.predict(z))
 
 
+@pytest.mark.slow
 def test_transformer_guidance_matches_the_cache_free_forward(tiny_model):
   graphdef, params = tiny_model
   kind = TargetKind("discounted", 0.9, 1024.0)

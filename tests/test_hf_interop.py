@@ -73,6 +73,7 @@ def _reference(directory, tokens=TOKENS):
   return out.hidden_states[-1].numpy(), out.logits.numpy(), model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,tied,rope_theta", [("llama", False, 10000.0), ("qwen2", True, 10000.0),
                                                   ("qwen3", False, 1e6)])
 def test_hidden_states_and_logits_match_transformers(tmp_path, kind, tied, rope_theta):
@@ -199,6 +200,7 @@ def _init_from_config(tiny_config, directory, steps):
   return config
 
 
+@pytest.mark.slow
 def test_init_from_starts_training_from_the_hf_weights_and_export_reads_it_back(tmp_path, tiny_config):
   source = hf_models.save_tiny_hf_model("llama", tmp_path / "hf")
   model_config = hf_import.load_model_config(str(source), dtype="float32")

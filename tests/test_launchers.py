@@ -100,6 +100,7 @@ def _xm(python, *args) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_xm_dry_run_job_specs(launch_python):
   result = _xm(launch_python, "--executor=vertex", "--accelerator=A100", "--accelerator_count=8",
                "--workdir_root=gs://bucket/runs", "--experiment_title=gsweep",

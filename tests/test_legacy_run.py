@@ -4,6 +4,7 @@ day's TrainState) still predicts, exports and resumes: tests/fixtures/legacy_run
 --config.checkpoint.keep=1 --config.train.eval_every=0 --config.mesh.data=1`), and expected_prediction.json holds
 what that commit's Predictor printed for one trajectory."""
 
+import pytest
 import json
 import pathlib
 import shutil
@@ -52,6 +53,7 @@ def test_legacy_run_exports(tmp_path):
   assert (out / "config.json").exists() and (out / "value_head.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_legacy_run_resumes_from_its_checkpoint(tmp_path, tiny_config):
   workdir = _copy(tmp_path)
   tiny_config.train.steps = 6

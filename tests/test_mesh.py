@@ -20,6 +20,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd):
   assert jax.device_count() == 8
   losses = {}

@@ -18,6 +18,7 @@ def _model(**overrides):
 LAYOUTS = [dict(), dict(qkv_bias=True), dict(qk_norm=True, tie_embeddings=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["llama", "qwen2", "qwen3"])
 def test_packed_sequences_match_separate_rows(layout):
   """Two sequences packed in one row (segment ids, restarting positions) give the outputs they give alone."""
@@ -61,6 +62,7 @@ def test_causal_future_tokens_do_not_change_the_past():
   assert not np.allclose(z1[0, 6:], z2[0, 6:])
 
 
+@pytest.mark.slow
 def test_value_head_is_float32_in_bf16_compute_and_close_to_fp32():
   tokens = jnp.asarray(np.random.default_rng(2).integers(1, 50, (2, 12)))
   pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
@@ -106,6 +108,7 @@ def test_every_parameter_has_logical_axes_matching_its_rank():
     assert axes is not None and len(axes) == len(v.value.shape)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   tokens = jnp.asarray(np.random.default_rng(3).integers(1, 50, (2, 9)))
   pos, seg = jnp.broadcast_to(jnp.arange(9), (2, 9)), jnp.ones((2, 9), jnp.int32)

@@ -41,6 +41,7 @@ def _check(proc: subprocess.Popen, name: str):
   assert proc.returncode == 0, f"{name} failed:\n{out[-4000:]}"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   train = [sys.executable, "-m", "experiments.train"] + OVERRIDES
   port = _free_port()

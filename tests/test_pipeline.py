@@ -1,5 +1,6 @@
 """grain pipeline: exact resume with worker processes, ArrayRecord shards as a training source, gamma = "auto"."""
 
+import pytest
 import json
 
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from lenvm_jax.train import checkpointing, trainer
 from tests.conftest import run_config
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_worker_processes_gives_the_same_batches(tiny_config, tmp_path):
   config = tiny_config
   config.data.worker_count = 2
@@ -50,6 +52,7 @@ def _write_shards(config, directory):
                          shard_size=256)
 
 
+@pytest.mark.slow
 def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_path):
   config = tiny_config
   summary = _write_shards(config, tmp_path / "data")
@@ -92,6 +95,7 @@ def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
   assert gamma_lib.resolve(run_config(tiny_config), sample).loss.gamma != gamma
 
 
+@pytest.mark.slow
 def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tmp_path):
   import importlib.util
   assert importlib.util.find_spec("tensorflow") is None  # The point: TFDS's array_record path needs no TF.

@@ -88,6 +88,7 @@ def read_records(directory):
   return records
 
 
+@pytest.mark.slow
 def test_rollout_shards_hold_every_sample_with_truthful_flags(pipeline_run):
   root, prompts, run, _ = pipeline_run
   records = read_records(root / "rollouts")
@@ -113,6 +114,7 @@ def test_rollout_shards_hold_every_sample_with_truthful_flags(pipeline_run):
   assert all(source[i].finished == (source[i].completion_ids[-1] == EOS_ID) for i in range(len(source)))
 
 
+@pytest.mark.slow
 def test_the_policy_learned_the_prompt_dependent_stop_rate(pipeline_run):
   root, _, _, _ = pipeline_run
   lengths = {0: [], 1: []}
@@ -123,6 +125,7 @@ def test_the_policy_learned_the_prompt_dependent_stop_rate(pipeline_run):
   assert np.mean(lengths[0]) > 2 * np.mean(lengths[1]), {k: np.mean(v) for k, v in lengths.items()}
 
 
+@pytest.mark.slow
 def test_lenvm_trained_on_rollouts_beats_the_constant_and_ranks_prompts(pipeline_run):
   root, _, _, final_eval = pipeline_run
   assert final_eval["value_mse"] < final_eval["const_value_mse"], final_eval
@@ -137,6 +140,7 @@ def test_lenvm_trained_on_rollouts_beats_the_constant_and_ranks_prompts(pipeline
   assert np.mean(at_prompt[0]) > np.mean(at_prompt[1]), {k: np.mean(v) for k, v in at_prompt.items()}
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_shards_and_regenerates_missing_ones_identically(pipeline_run, tmp_path):
   root, _, _, _ = pipeline_run
   out = root / "rollouts"
@@ -162,6 +166,7 @@ def test_rerun_skips_finished_shards_and_regenerates_missing_ones_identically(pi
                                str(out), **{**kwargs, "num_samples": 2})
 
 
+@pytest.mark.slow
 def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(tiny_config):
   config = tiny_config
   config.loss.value_weight, config.loss.lm_weight = 0.0, 1.0

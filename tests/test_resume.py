@@ -1,5 +1,6 @@
 """Kill -9 after a checkpoint, rerun the same command: the run continues exactly as if never stopped."""
 
+import pytest
 import json
 import os
 import signal
@@ -51,6 +52,7 @@ def _wait_for(predicate, process, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_nine_then_rerun_matches_an_uninterrupted_run(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   _run(straight)
@@ -83,6 +85,7 @@ def _flatten(tree):
   return jax.tree.leaves(tree)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "w"
   command = _command(workdir)

@@ -61,6 +61,7 @@ def prefill(m, prompts, width, extra_slots):
   return hidden, cache, lengths
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_steps_match_the_full_forward(model):
   """Left-padded prompts of different lengths, then decode steps: every hidden state equals the no-cache forward
   (float32; relative and absolute tolerance 1e-4 on hidden values of magnitude up to ~8)."""
@@ -141,6 +142,7 @@ def test_rows_stop_at_eos_with_their_own_finished_flags(model, greedy_samples):
   assert samples[0].finished and len(samples[0].completion_ids) <= 3
 
 
+@pytest.mark.slow
 def test_a_sample_does_not_depend_on_its_batch_or_the_mesh(model):
   """Per-row random streams and padding masks: a row sampled in a mixed batch on a (2, 2, 2) mesh equals the same
   row sampled alone on one device."""

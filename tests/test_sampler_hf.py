@@ -23,6 +23,7 @@ def transformers_greedy(model, prompt):
   return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_greedy_matches_transformers(tmp_path, kind, tied):
   directory = hf_models.save_tiny_hf_model(kind, tmp_path / kind, tie_embeddings=tied, seed=3)

@@ -64,6 +64,7 @@ def _train_steps(workdir) -> list[int]:
     return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_then_resumed(tmp_path):
   sweep_dir = tmp_path / "sweep"
   first_point = sweep_dir / "gamma=0.9"

@@ -23,6 +23,7 @@ def _setup(config, tx):
   return graphdef, state, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lm_weight,boundary_weight,lm_stride", [(0.0, 1.0, 1), (0.5, 8.0, 1), (0.5, 1.0, 3)])
 def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight, boundary_weight, lm_stride):
   """Token-mean over the global batch: 1, 2 or 4 micro-batches give the same loss and the same SGD update."""
@@ -73,6 +74,7 @@ def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_
   assert weights.sum() == valid.sum() + 2 * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [1, 4])
 def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_config, stride):
   """The LM term against a numpy cross-entropy over the masked positions 0, k, 2k, ... of each row."""
@@ -97,6 +99,7 @@ def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_conf
   assert lm_logits.shape[1] == -(-batch["tokens"].shape[1] // stride)
 
 
+@pytest.mark.slow
 def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_config):
   tx = optax.sgd(1.0)  # The update is -grad: it shows the masks.
   tiny_config.model.dropout_rate = 0.0
@@ -119,6 +122,7 @@ def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_co
   assert float(evaluate(graphdef)) == float(evaluate(graphdef_plain))
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_and_counted(tiny_config):
   config = tiny_config
   tx = optax.adamw(1e-3)
@@ -133,6 +137,7 @@ def test_nonfinite_update_is_skipped_and_counted(tiny_config):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_frozen_trunk_trains_only_the_value_head(tiny_config):
   config = tiny_config
   config.train.freeze_trunk = True
@@ -151,6 +156,7 @@ def test_frozen_trunk_trains_only_the_value_head(tiny_config):
   assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "value_head"}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, caplog):
   from lenvm_jax.train import trainer
@@ -175,6 +181,7 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
   assert np.isnan(last["loss"]) and np.isnan(last["value_mse"])
 
 
+@pytest.mark.slow
 def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
   import json
   from lenvm_jax.train import trainer
@@ -202,6 +209,7 @@ def test_train_records_average_the_whole_logging_window(tiny_config, tmp_path):
       assert windowed[end][name] != pytest.approx(pair[1][name], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_steps(tiny_config):
   tx = optax.sgd(0.1)
   model_config = run_config(tiny_config).model
@@ -223,6 +231,7 @@ def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_step
   jax.tree.map(np.testing.assert_array_equal, step(poisoned).ema_params, state.ema_params)  # A skipped step.
 
 
+@pytest.mark.slow
 def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config, tmp_path):
   from lenvm_jax.decoding.predict import Predictor
   from lenvm_jax.train import checkpointing, optimizer, trainer
@@ -257,6 +266,7 @@ def test_a_run_with_ema_is_evaluated_and_served_with_its_ema_weights(tiny_config
   assert value_mse() != pytest.approx(final_eval["value_mse"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_whether_or_not_they_and_the_target_keep_an_ema(tiny_config, tmp_path):
   import dataclasses
   import orbax.checkpoint as ocp

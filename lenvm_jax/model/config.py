@@ -1,7 +1,7 @@
 """Model shape and numerics, and the named size presets.
 
-Configs keep the model section as plain fields (so `--config.model.num_layers=4` works); a preset is just a
-starting set of values that a config file copies in with `preset_fields(name)`.
+The `model` section of a run config (lenvm_jax/config.py RunConfig.model); a preset is just a starting set of values
+that a config file copies in (`base.get_config(preset)`, via `preset_fields(name)`).
 """
 
 import dataclasses
@@ -58,14 +58,7 @@ class ModelConfig:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     if self.dtype == "auto":
       return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(self.dtype)
-
-  @classmethod
-  def from_config(cls, model_config) -> "ModelConfig":
-    """Builds from the `model` section of a run config (an ml_collections ConfigDict or dict)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(model_config)
-    return cls(**{k: v for k, v in values.items() if k in fields})
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[self.dtype]
 
 
 # Shapes of the public checkpoints the paper starts from (their config.json), so that HF import lands on the same
