@@ -1,17 +1,14 @@
 """Pre-tokenized trajectory JSONL (schema in lenvm_jax/data/records.py), validated line by line."""
 
-import dataclasses
 import json
 from typing import Iterator
 
-from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
+from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids, prompt_too_long
 
 _KNOWN_FIELDS = {"prompt_ids", "completion_ids", "finished", "prompt_id", "generator"}
 
 
-def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> Trajectory:
-  if not isinstance(obj, dict):
-    raise RecordError(source, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+def parse_record(obj: dict, vocab_size: int, max_len: int, source: str, line: int) -> Trajectory:
   for field in ("prompt_ids", "completion_ids"):
     if field not in obj:
       raise RecordError(source, line, field, "is missing")
@@ -20,9 +17,8 @@ def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> 
     raise RecordError(source, line, sorted(unknown)[0], f"is not a trajectory field (known: {sorted(_KNOWN_FIELDS)})")
   prompt = check_token_ids(obj["prompt_ids"], vocab_size, source, line, "prompt_ids")
   completion = check_token_ids(obj["completion_ids"], vocab_size, source, line, "completion_ids")
-  if len(prompt) >= max_len:
-    raise RecordError(source, line, "prompt_ids",
-                      f"prompt has {len(prompt)} tokens; data.max_len ({max_len}) must leave room for the completion")
+  if problem := prompt_too_long(len(prompt), max_len):
+    raise RecordError(source, line, "prompt_ids", problem)
   finished = obj.get("finished", True)
   if not isinstance(finished, bool):
     raise RecordError(source, line, "finished", f"must be true or false, got {finished!r:.40}")
@@ -34,24 +30,9 @@ def parse_record(obj, vocab_size: int, max_len: int, source: str, line: int) -> 
                     obj.get("generator"))
 
 
-def read_prompts(path: str, vocab_size: int) -> list[Trajectory]:
-  """Prompts alone ({"prompt_ids": [...]} lines, optional prompt_id / generator) as trajectories with no
-  completion yet, for prompt-boundary prediction. Anything malformed raises RecordError."""
-  records = []
-  for line_number, obj in json_lines(path):
-    if isinstance(obj, RecordError):
-      raise obj
-    if not isinstance(obj, dict):
-      raise RecordError(path, line_number, "<record>", f"must be a JSON object, got {type(obj).__name__}")
-    if "prompt_ids" not in obj:
-      raise RecordError(path, line_number, "prompt_ids", "is missing")
-    records.append(parse_record({**obj, "completion_ids": [0]}, vocab_size, 1 << 30, path, line_number))
-    records[-1] = dataclasses.replace(records[-1], completion_ids=records[-1].completion_ids[:0])
-  return records
-
-
-def json_lines(path: str) -> Iterator[tuple[int, object]]:
-  """(line number, parsed object or RecordError) for every non-blank line; a RecordError if there is none.
+def json_lines(path: str) -> Iterator[tuple[int, dict | RecordError]]:
+  """(line number, JSON object or RecordError) for every non-blank line; a RecordError if there is none. Every
+  record format here is one JSON object a line, so anything else is an error.
 
   Yields errors instead of raising them, so importers can skip bad lines (prepare_data --on_bad_record=skip).
   """
@@ -62,9 +43,13 @@ def json_lines(path: str) -> Iterator[tuple[int, object]]:
         continue
       found = True
       try:
-        yield line_number, json.loads(text)
+        obj = json.loads(text)
       except json.JSONDecodeError as e:
         yield line_number, RecordError(path, line_number, "<json>", f"invalid JSON: {e.msg} at column {e.colno}")
+        continue
+      if not isinstance(obj, dict):
+        obj = RecordError(path, line_number, "<record>", f"must be a JSON object, got {type(obj).__name__}")
+      yield line_number, obj
   if not found:
     yield 0, RecordError(path, 0, "<file>", "holds no records")
 

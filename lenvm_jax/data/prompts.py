@@ -42,8 +42,6 @@ class Prompt:
 
 def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: str, line: int,
                       name_by_line: bool) -> Prompt:
-  if not isinstance(obj, dict):
-    raise RecordError(path, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
   unknown = sorted(set(obj) - set(PROMPT_FIELDS) - set(_OPTIONAL_FIELDS))
   if unknown:
     raise RecordError(path, line, unknown[0], f"unknown field; a prompt line has one of {PROMPT_FIELDS} and "

@@ -87,8 +87,6 @@ def _messages(conversations, source: str, line: int) -> tuple[list[dict], str]:
 
 def _reference_record(obj, tokenizer: Tokenizer, generator: str | None, split_of, source: str,
                       line: int) -> ImportedRecord:
-  if not isinstance(obj, dict):
-    raise RecordError(source, line, "<record>", f"must be a JSON object, got {type(obj).__name__}")
   prompt_messages, completion_text = _messages(obj.get("conversations"), source, line)
   meta = obj.get("meta_info", {})
   if not isinstance(meta, dict):
