@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from lenvm_jax.data import arrayrecord, packing_stats, prompt_groups, rows, stats
-from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.value import gamma as gamma_lib
 from lenvm_jax.data.prompt_groups import SPLITS
 
 _MAX_LEN = flags.DEFINE_integer("max_len", 2048, "Training row length (data.max_len).")
@@ -158,11 +158,11 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
       summary["packing_sweep"] = packing_sweep(extras.sequence_lengths[extras.packing_order], max_len, sweep_bins)
     result["splits"][split] = summary
     if split == "train" and extras.prompt_groups:
-      result["auto_mre_gamma"] = prompt_boundary.least_mre_gamma(extras.prompt_groups)[0]
+      result["auto_mre_gamma"] = gamma_lib.least_mre_gamma(extras.prompt_groups)[0]
   if not result["splits"]:
     raise FileNotFoundError(f"no {' or '.join(SPLITS)} ArrayRecord shards in {directory!r}")
   train = result["splits"].get("train", {}).get("overall", {})
-  result["suggested_gamma"] = train.get("suggested_gamma")
+  result["suggested_gamma"] = gamma_lib.p99_gamma(train["p99"]) if train.get("count") else None
   stats.write_json(os.path.join(directory, "data_stats.json"), result)
   plot_lengths(finished_lengths, output_png or os.path.join(directory, "lengths.png"), max_len)
   return result

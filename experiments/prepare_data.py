@@ -8,9 +8,10 @@
 --format=champ reads the installed champ-dataset package (lenvm_jax/data/champ.py), so it takes no --input (ignored
 if given); its tokenizer defaults to the Mistral v1 SentencePiece model shipped in mistral-common.
 
-Writes <output_dir>/{train,eval}-*.array_record and stats.json (lengths per generator, suggested gamma). A bad
-record stops the run with one line "error: <file>:<line>: field ...: ..." and exit code 2, or, with
---on_bad_record=skip, is skipped and counted in stats.json. Rerunning keeps the shards that already exist.
+Writes <output_dir>/{train,eval}-*.array_record and stats.json (lengths per generator), and prints the suggested
+gamma (the p99 rule, lenvm_jax/value/gamma.py). A bad record stops the run with one line "error: <file>:<line>:
+field ...: ..." and exit code 2, or, with --on_bad_record=skip, is skipped and counted in stats.json. Rerunning keeps
+the shards that already exist.
 
 To add a format: a function(FLAGS) -> iterable of ImportedRecord | RecordError (see lenvm_jax/data/prepare.py),
 registered in FORMATS.
@@ -26,6 +27,7 @@ from absl import app, flags
 from lenvm_jax.data import champ, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from lenvm_jax.value import gamma as gamma_lib
 
 FLAGS = flags.FLAGS
 
@@ -115,9 +117,9 @@ def summary(result: dict) -> str:
     by_field = ", ".join(f"{field}={count}" for field, count in sorted(skipped["by_field"].items()))
     lines.append(f"skipped {skipped['total']} bad records ({by_field})")
   train = result["splits"].get("train", {}).get("overall")
-  if train and train.get("suggested_gamma") is not None:
-    lines.append(f"train: p99 completion length {train['p99']:.0f}, suggested gamma {train['suggested_gamma']:.5f}"
-                 f", unfinished {train['unfinished_fraction']:.1%}")
+  if train and train["count"]:
+    lines.append(f"train: p99 completion length {train['p99']:.0f}, suggested gamma "
+                 f"{gamma_lib.p99_gamma(train['p99']):.5f}, unfinished {train['unfinished_fraction']:.1%}")
   return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lenvm_jax.data import packing_stats, prepare, prompt_groups, synthetic
 from lenvm_jax.data.packing_stats import best_fit, first_fit
-from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.value import gamma as gamma_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_cli_numbers_match_direct_computation(tmp_path):
   train_p99 = np.percentile([len(t.completion_ids) for s, t in data if s == "train" and t.finished], 99)
   assert result["suggested_gamma"] == pytest.approx(0.01 ** (1 / train_p99))
   train_groups = prompt_groups.group_by_prompt([t for s, t in data if s == "train"])
-  assert result["auto_mre_gamma"] == prompt_boundary.least_mre_gamma(train_groups)[0]
+  assert result["auto_mre_gamma"] == gamma_lib.least_mre_gamma(train_groups)[0]
   assert set(result["splits"]["train"]["packing_sweep"]) == {"first_fit", "best_fit"}
   assert result["splits"]["train"]["packing_sweep"]["first_fit"]["4"] == pytest.approx(
       result["splits"]["train"]["overall"]["packing"]["efficiency"])

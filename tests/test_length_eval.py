@@ -7,7 +7,7 @@ import pytest
 from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.evaluation import headroom, length_eval, prompt_boundary
-from lenvm_jax.value import targets
+from lenvm_jax.value import gamma as gamma_lib, targets
 
 
 def _t(length, generator="a", prompt=(5,), prompt_id=None):
@@ -36,7 +36,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
     generator, scale = ("a", 300.0) if i % 2 else ("b", 80.0)
     for _ in range(1 + i % 3):
       train.append(_t(int(rng.lognormal(np.log(scale), 0.6)) + 1, generator, prompt_id=f"p{i}"))
-  gamma, mre = prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(train))
+  gamma, mre = gamma_lib.least_mre_gamma(prompt_groups.group_by_prompt(train))
   # The vectorised search agrees with the metric's own definition at the gamma it picked.
   groups = prompt_groups.group_by_prompt(train)
   pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
@@ -50,7 +50,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   # With one sample per prompt, L_GT = L for every gamma: the generator-only prediction can then reach the least-MRE
   # constant of each generator (the 1/L-weighted median), which the p99 gamma misses.
   single = [_t(int(rng.lognormal(np.log(300.0), 0.6)) + 1, "a", prompt_id=f"q{i}") for i in range(500)]
-  gamma, mre = prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(single))
+  gamma, mre = gamma_lib.least_mre_gamma(prompt_groups.group_by_prompt(single))
   lengths = np.array([len(t.completion_ids) for t in single], np.float64)
   floor = np.mean(np.abs(prompt_boundary.least_mre_length(lengths) - lengths) / lengths)
   p99_gamma = 0.01 ** (1 / np.percentile(lengths, 99))
@@ -58,7 +58,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   assert mre == pytest.approx(floor, abs=2e-3) and at_p99 > floor + 0.01
   with pytest.raises(ValueError, match="auto_mre"):
     unfinished = Trajectory(np.ones(2, np.int32), np.ones(3, np.int32), False, "p", "a")
-    prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt([unfinished]))
+    gamma_lib.least_mre_gamma(prompt_groups.group_by_prompt([unfinished]))
 
 
 def test_baselines_are_medians_by_position_and_generator():

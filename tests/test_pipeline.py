@@ -6,9 +6,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from lenvm_jax.data import arrayrecord, pipeline, prepare, stats
+from lenvm_jax.data import arrayrecord, pipeline, prepare, prompt_groups
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import checkpointing, trainer
+from lenvm_jax.value import gamma as gamma_lib
 from tests.conftest import run_config
 
 
@@ -74,14 +75,11 @@ def test_arrayrecord_shards_train_with_auto_gamma_and_workers(tiny_config, tmp_p
   assert np.isfinite(final_eval["value_mse"]) and "bayes_value_mse" not in final_eval
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   p99 = np.percentile([len(shards[i].completion_ids) for i in range(len(shards))], 99)
-  assert saved["loss"]["gamma"] == stats.suggested_gamma(p99)
+  assert saved["loss"]["gamma"] == gamma_lib.p99_gamma(p99)
   assert abs((1 - saved["loss"]["gamma"] ** p99) - 0.99) < 1e-9  # Spec: 1 - gamma ** L_p99 = 0.99.
 
 
 def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
-  from lenvm_jax.data import prompt_groups
-  from lenvm_jax.evaluation import prompt_boundary
-  from lenvm_jax.value import gamma as gamma_lib
   tiny_config.loss.gamma = "auto_mre"
   run = run_config(tiny_config)
   resolved, source = trainer.resolve_gamma(run)
@@ -89,7 +87,7 @@ def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
   policy = pipeline.synthetic_policy(run)
   sample = [policy.sample(np.random.default_rng([tiny_config.data.seed * 2, i]))
             for i in range(tiny_config.data.synthetic.train_records)]
-  assert gamma == prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(sample))[0]
+  assert gamma == gamma_lib.least_mre_gamma(prompt_groups.group_by_prompt(sample))[0]
   assert source[0].exact_values is not None  # The synthetic source is drawn again under the resolved gamma.
   tiny_config.loss.gamma = "auto"
   assert gamma_lib.resolve(run_config(tiny_config), sample).loss.gamma != gamma

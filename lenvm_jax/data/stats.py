@@ -1,5 +1,5 @@
-"""Completion-length statistics of a trajectory set (percentiles per generator, unfinished share, suggested gamma),
-and the stats.json that prepare_data and rollouts write beside their shards."""
+"""Completion-length statistics of a trajectory set (percentiles per generator, unfinished share), and the
+stats.json that prepare_data and rollouts write beside their shards. The gamma they suggest is value/gamma.py's."""
 
 import collections
 import json
@@ -8,11 +8,6 @@ import os
 import numpy as np
 
 from lenvm_jax.data.prompt_groups import generator_of
-
-
-def suggested_gamma(p99_length: float) -> float:
-  """Spec section 1: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
-  return float(0.01 ** (1.0 / max(p99_length, 1.0)))
 
 
 def length_summary(lengths) -> dict:
@@ -40,8 +35,7 @@ def trajectory_stats(trajectories) -> dict:
   overall = length_summary(everything)
   return {
       "overall": {**overall, "unfinished": sum(unfinished.values()), "records": sum(total.values()),
-                  "unfinished_fraction": sum(unfinished.values()) / max(sum(total.values()), 1),
-                  "suggested_gamma": suggested_gamma(overall["p99"]) if everything else None},
+                  "unfinished_fraction": sum(unfinished.values()) / max(sum(total.values()), 1)},
       "generators": {name: {**length_summary(by_generator[name]), "unfinished": unfinished[name],
                             "unfinished_fraction": unfinished[name] / total[name]} for name in sorted(total)},
   }

@@ -9,7 +9,7 @@ import collections
 
 import numpy as np
 
-from lenvm_jax.value.targets import groups_boundary_lengths, prompt_boundary_lengths, relative_length_error
+from lenvm_jax.value.targets import groups_boundary_lengths, relative_length_error
 
 ALL_GENERATORS = "*"
 
@@ -57,34 +57,3 @@ def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
     relative[ALL_GENERATORS].append(error)
     relative[key[1]].append(error)
   return {scope: float(np.mean(v)) for scope, v in relative.items()}
-
-
-def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
-  """(gamma, training MRE) for model.gamma = "auto_mre": the gamma under which a LenVM that knows only the generator
-  has the least prompt-boundary MRE on the training groups ({(prompt, generator): [lengths]},
-  prompt_groups.group_by_prompt).
-
-  Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
-  equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies
-  below the mean for right-skewed lengths, so the spec's p99 rule (made for per-token resolution) overshoots it.
-  Searched over horizons 1 / (1 - gamma) from 2 tokens to 4x the longest completion, log-spaced.
-  """
-  if not groups:
-    raise ValueError("model.gamma='auto_mre' needs finished completions in the training split; there are none")
-  # Flat arrays so each candidate gamma costs a few numpy passes: lengths in group order, their group and generator.
-  generators = sorted({generator for _, generator in groups})
-  lengths = np.concatenate([np.asarray(v, np.float64) for v in groups.values()])
-  sizes = np.array([len(v) for v in groups.values()])
-  group_generator = np.array([generators.index(generator) for _, generator in groups])
-  sample_generator = np.repeat(group_generator, sizes)
-  sample_group = np.repeat(np.arange(len(sizes)), sizes)
-
-  best = None
-  for horizon in np.geomspace(2.0, 4.0 * max(lengths.max(), 2.0), horizons):
-    gamma = 1.0 - 1.0 / horizon
-    truth = prompt_boundary_lengths(lengths, sample_group, len(sizes), gamma)
-    guess = prompt_boundary_lengths(lengths, sample_generator, len(generators), gamma)
-    mre = float(np.mean(relative_length_error(guess[group_generator], truth)))
-    if best is None or mre < best[1]:
-      best = (float(gamma), mre)
-  return best

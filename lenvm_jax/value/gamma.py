@@ -7,9 +7,47 @@ export and evaluation later read.
 
 import logging
 
+import numpy as np
+
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import prompt_groups, stats
-from lenvm_jax.evaluation import prompt_boundary
+from lenvm_jax.value.targets import prompt_boundary_lengths, relative_length_error
+
+
+def p99_gamma(p99_length: float) -> float:
+  """Spec section 1: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
+  return float(0.01 ** (1.0 / max(p99_length, 1.0)))
+
+
+def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
+  """(gamma, training MRE) for loss.gamma = "auto_mre": the gamma under which a LenVM that knows only the generator
+  has the least prompt-boundary MRE on the training groups ({(prompt, generator): [lengths]},
+  prompt_groups.group_by_prompt).
+
+  Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
+  equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies
+  below the mean for right-skewed lengths, so the spec's p99 rule (made for per-token resolution) overshoots it.
+  Searched over horizons 1 / (1 - gamma) from 2 tokens to 4x the longest completion, log-spaced.
+  """
+  if not groups:
+    raise ValueError("loss.gamma='auto_mre' needs finished completions in the training split; there are none")
+  # Flat arrays so each candidate gamma costs a few numpy passes: lengths in group order, their group and generator.
+  generators = sorted({generator for _, generator in groups})
+  lengths = np.concatenate([np.asarray(v, np.float64) for v in groups.values()])
+  sizes = np.array([len(v) for v in groups.values()])
+  group_generator = np.array([generators.index(generator) for _, generator in groups])
+  sample_generator = np.repeat(group_generator, sizes)
+  sample_group = np.repeat(np.arange(len(sizes)), sizes)
+
+  best = None
+  for horizon in np.geomspace(2.0, 4.0 * max(lengths.max(), 2.0), horizons):
+    gamma = 1.0 - 1.0 / horizon
+    truth = prompt_boundary_lengths(lengths, sample_group, len(sizes), gamma)
+    guess = prompt_boundary_lengths(lengths, sample_generator, len(generators), gamma)
+    mre = float(np.mean(relative_length_error(guess[group_generator], truth)))
+    if best is None or mre < best[1]:
+      best = (float(gamma), mre)
+  return best
 
 
 def resolve(run: RunConfig, sample) -> RunConfig:
@@ -22,7 +60,7 @@ def resolve(run: RunConfig, sample) -> RunConfig:
   if run.loss.gamma_resolved:
     return run
   if mode == "auto_mre":
-    gamma, mre = prompt_boundary.least_mre_gamma(prompt_groups.group_by_prompt(sample))
+    gamma, mre = least_mre_gamma(prompt_groups.group_by_prompt(sample))
     logging.info("loss.gamma=auto_mre: least training prompt-boundary MRE %.4f over %d completions -> gamma=%.6f",
                  mre, len(sample), gamma)
     return run.with_gamma(gamma)
@@ -30,7 +68,7 @@ def resolve(run: RunConfig, sample) -> RunConfig:
   if summary["count"] == 0:
     raise ConfigError("config.loss.gamma: 'auto' needs finished completions in the training split; there are none "
                       "(set a number, or data.unfinished='as_finished')")
-  gamma = stats.suggested_gamma(summary["p99"])
+  gamma = p99_gamma(summary["p99"])
   logging.info("loss.gamma=auto: L_p99=%.0f over %d completions -> gamma=%.6f", summary["p99"], summary["count"],
                gamma)
   return run.with_gamma(gamma)
