@@ -1,9 +1,10 @@
 """A policy to sample from, placed on a mesh: a lenvm_jax run workdir or a Hugging Face causal-LM directory.
 
-A workdir (config.json + checkpoints/) loads its latest checkpoint through infer/predict.py's Predictor; an HF
+A workdir (config.json + checkpoints/) loads its latest checkpoint's weights through rundir.restore_params; an HF
 directory (config.json with `architectures`, safetensors) through model/hf_import.py. Runs do not know an EOS id
 (training needs none), so for them it must come from the caller; HF directories name theirs in
-generation_config.json or config.json (`eos_token_id`, an id or a list).
+generation_config.json or config.json (`eos_token_id`, an id or a list). A llama.cpp `.gguf` file loads through
+model/gguf_import.py; its EOS ids are the metadata's EOS plus the chat template's end-of-turn token.
 """
 
 import dataclasses
@@ -12,11 +13,10 @@ import os
 
 import jax
 
-from lenvm_jax import sharding
-from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.model import hf_import
+from lenvm_jax import rundir
+from lenvm_jax.model import gguf_import, hf_import
 from lenvm_jax.model.config import ModelConfig
-from lenvm_jax.train import state as state_lib
+from lenvm_jax.model.transformer import abstract_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +46,18 @@ def hf_eos_ids(directory: str) -> tuple[int, ...]:
 def load_policy(path: str, mesh) -> Policy:
   """The policy at `path` with its parameters sharded on `mesh` by their logical axes."""
   if is_run_workdir(path):
-    predictor = Predictor(path)
-    model_config = ModelConfig.from_config(predictor.config.model)
-    graphdef, abstract = state_lib.abstract_model(model_config)
+    model_config = rundir.read_config(path).model
+    graphdef, abstract = abstract_model(model_config)
     with jax.set_mesh(mesh):
-      params = jax.device_put(predictor.params, sharding.param_shardings(abstract, mesh))
-    return Policy(graphdef, params, model_config, (), f"run {path} step {predictor.step}")
-  if os.path.isfile(os.path.join(path, "config.json")):
+      params, step = rundir.restore_params(path, rundir.abstract_params_on(abstract, mesh))
+    return Policy(graphdef, params, model_config, (), f"run {path} step {step}")
+  if gguf_import.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
     model_config = hf_import.load_model_config(path)
-    graphdef, _ = state_lib.abstract_model(model_config)
+    graphdef, _ = abstract_model(model_config)
     with jax.set_mesh(mesh):
       params = hf_import.load_params(path, model_config, mesh)
+    if gguf_import.is_gguf_path(path):
+      return Policy(graphdef, params, model_config, gguf_import.eos_ids(path), f"gguf {path}")
     return Policy(graphdef, params, model_config, hf_eos_ids(path), f"hf {path}")
-  raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/) nor a Hugging Face directory "
-                          "(no config.json)")
+  raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/), a Hugging Face directory "
+                          "(no config.json) nor a .gguf file")
