@@ -18,6 +18,7 @@ import jax
 from absl import app, flags
 
 from lenvm_jax import sharding
+from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
 _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
@@ -35,9 +36,9 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
     raise ValueError(f"--output {output_dir} holds a {hf_layout.VALUE_HEAD_FILE} of another model; choose an empty "
                      "directory")
   model_config = gguf_import.load_model_config(input_path, dtype="float32")
-  reader = gguf_import.read_gguf(input_path)
-  gguf_import.build_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
-  generation = gguf_import.generation_config(input_path)
+  reader = gguf_file.read_gguf(input_path)
+  gguf_file.build_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
+  generation = gguf_file.generation_config(input_path)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     params = gguf_import.load_params(input_path, model_config, mesh)
@@ -49,11 +50,8 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
   with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   written = ["config.json"]
-  written += hf_export._save_trunk(params, model_config, output_dir, max_shard_bytes)
-  written += gguf_import.write_tokenizer_files(input_path, output_dir)
-  with open(os.path.join(output_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump(generation, f, indent=2)
-  return written + ["generation_config.json"]
+  written += hf_export.save_trunk(params, model_config, output_dir, max_shard_bytes)
+  return written + gguf_file.write_tokenizer_files(input_path, output_dir)
 
 
 def main(argv):

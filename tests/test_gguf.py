@@ -15,6 +15,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from lenvm_jax import sharding  # noqa: E402
+from lenvm_jax.data import gguf_file  # noqa: E402
 from lenvm_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from lenvm_jax.decoding import policy as policy_lib  # noqa: E402
 from lenvm_jax.model import gguf_import, hf_config, hf_import, hf_layout  # noqa: E402
@@ -31,7 +32,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 def _byte_tokens() -> list[str]:
   """The 256 single-byte tokens of a byte-level BPE vocabulary, spelled in GPT-2's printable alphabet."""
-  return [gguf_import._byte_alphabet()[b] for b in range(256)]
+  return [gguf_file._byte_alphabet()[b] for b in range(256)]
 
 
 def tiny_tokens() -> list[str]:
@@ -156,7 +157,7 @@ def test_permutation_round_trip_and_rope_meaning():
 def test_quantized_weights_dequantize_exactly(tmp_path):
   path = str(tmp_path / "q8.gguf")
   hf = write_tiny_gguf(path, quant=QTYPE.Q8_0)
-  types = {t.name: t.tensor_type for t in gguf_import.read_gguf(path).tensors}
+  types = {t.name: t.tensor_type for t in gguf_file.read_gguf(path).tensors}
   assert types["blk.0.attn_q.weight"] == QTYPE.Q8_0 and types["blk.0.attn_norm.weight"] == QTYPE.F32
   model_config = gguf_import.load_model_config(path, dtype="float32")
   params = _host(gguf_import.load_params(path, model_config, sharding.make_mesh(1, 1, 1)))
@@ -231,7 +232,7 @@ def test_tokenizer_eos_and_policy_of_a_tiny_file(tmp_path):
   assert tokenizer.prompt_ids([{"role": "user", "content": "hello"}]) == tokenizer.encode(
       "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
   assert tokenizer.encode("<|im_end|>") == [2]
-  assert gguf_import.eos_ids(path) == (0, 2)
+  assert gguf_file.eos_ids(path) == (0, 2)
 
   policy = policy_lib.load_policy(path, sharding.make_mesh(1, 1, 1))
   assert policy.eos_ids == (0, 2) and policy.description == f"gguf {path}"

@@ -6,7 +6,7 @@ load_tokenizer(path) takes
     chat_template.jinja file), `eos_token` and `bos_token` are used;
   - a SentencePiece model file (e.g. tokenizer.model): Mistral v1 instruct format;
   - a llama.cpp .gguf file: its byte-level BPE tokenizer and chat template, rebuilt from the metadata as a
-    tokenizer.json + tokenizer_config.json (model/gguf_import.py), then loaded as a directory.
+    tokenizer.json + tokenizer_config.json (data/gguf_file.py), then loaded as a directory.
 
 Default prompt formats, used only when no chat template is given:
   SentencePiece   BOS "[INST] {system}\\n\\n{user} [/INST]"; earlier assistant turns are "{text}" EOS (Mistral v1)
@@ -19,6 +19,8 @@ model's eos id). A tokenizer without one raises ValueError: finished completions
 import datetime
 import json
 import os
+
+from lenvm_jax.data import gguf_file
 
 ROLES = ("system", "user", "assistant")
 _EOS_NAMES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
@@ -201,10 +203,8 @@ def _load_gguf_tokenizer(path: str) -> HuggingFaceTokenizer:
   """The GGUF's tokenizer files are written to a temporary directory only long enough to load them."""
   import tempfile
 
-  from lenvm_jax.model import gguf_import  # Lazy: it brings jax, which text-only callers do not need.
-
   with tempfile.TemporaryDirectory(prefix="gguf_tokenizer_") as directory:
-    gguf_import.write_tokenizer_files(path, directory)
+    gguf_file.write_tokenizer_files(path, directory)
     tokenizer = load_tokenizer(directory)
   tokenizer.path = path
   return tokenizer

@@ -14,7 +14,8 @@ import os
 import jax
 
 from lenvm_jax import rundir
-from lenvm_jax.model import gguf_import, hf_import
+from lenvm_jax.data import gguf_file
+from lenvm_jax.model import hf_import
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.model.transformer import abstract_model
 
@@ -51,13 +52,13 @@ def load_policy(path: str, mesh) -> Policy:
     with jax.set_mesh(mesh):
       params, step = rundir.restore_params(path, rundir.abstract_params_on(abstract, mesh))
     return Policy(graphdef, params, model_config, (), f"run {path} step {step}")
-  if gguf_import.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
+  if gguf_file.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
     model_config = hf_import.load_model_config(path)
     graphdef, _ = abstract_model(model_config)
     with jax.set_mesh(mesh):
       params = hf_import.load_params(path, model_config, mesh)
-    if gguf_import.is_gguf_path(path):
-      return Policy(graphdef, params, model_config, gguf_import.eos_ids(path), f"gguf {path}")
+    if gguf_file.is_gguf_path(path):
+      return Policy(graphdef, params, model_config, gguf_file.eos_ids(path), f"gguf {path}")
     return Policy(graphdef, params, model_config, hf_eos_ids(path), f"hf {path}")
   raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/), a Hugging Face directory "
                           "(no config.json) nor a .gguf file")

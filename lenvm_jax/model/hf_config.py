@@ -7,6 +7,7 @@ attention in use, output-projection or MLP biases, another activation) is an err
 import json
 import os
 
+from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import
 from lenvm_jax.model.config import ModelConfig
 
@@ -99,7 +100,7 @@ def hf_config_from_model_config(model_config: ModelConfig, **extra) -> dict:
 def check_run_matches(model_config: ModelConfig, directory: str):
   """model.init_from: every architecture field of the run must equal the checkpoint's; lists all that differ.
   `directory` may also be a llama.cpp .gguf file (its metadata then gives the architecture)."""
-  if gguf_import.is_gguf_path(directory):
+  if gguf_file.is_gguf_path(directory):
     path, hf_model = directory, gguf_import.load_model_config(directory)
   else:
     path = os.path.join(directory, "config.json")

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from lenvm_jax.data import gguf_file
 from lenvm_jax.model import hf_config, hf_import, hf_layout
 from lenvm_jax.model.config import ModelConfig
 
@@ -36,7 +37,10 @@ def _host_tensors(mappings, params: dict) -> dict[str, np.ndarray]:
 
 
 def copy_tokenizer_files(source_dir: str, output_dir: str) -> list[str]:
-  """Copies the tokenizer / generation files that `source_dir` has; returns their names."""
+  """Copies the tokenizer / generation files that `source_dir` has (or rebuilds them from a `.gguf` file's
+  metadata); returns their names."""
+  if gguf_file.is_gguf_path(source_dir):
+    return gguf_file.write_tokenizer_files(source_dir, output_dir)
   copied = []
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):
@@ -58,7 +62,7 @@ def _shards(mappings, max_shard_bytes: int) -> list[list]:
   return shards
 
 
-def _save_trunk(params: dict, model_config: ModelConfig, output_dir: str, max_shard_bytes: int) -> list[str]:
+def save_trunk(params: dict, model_config: ModelConfig, output_dir: str, max_shard_bytes: int) -> list[str]:
   for name in os.listdir(output_dir):  # A re-export must not leave the other layout's weights to be read instead.
     if name in (hf_import.SINGLE_FILE, hf_import.INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
       os.remove(os.path.join(output_dir, name))
@@ -87,7 +91,7 @@ def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_d
   with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config.hf_config_from_model_config(model_config), f, indent=2, sort_keys=True)
   written.append("config.json")
-  written += _save_trunk(params, model_config, output_dir, max_shard_bytes)
+  written += save_trunk(params, model_config, output_dir, max_shard_bytes)
   save_file(_host_tensors(hf_layout.value_head_mappings(model_config), params),
             os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE), metadata=_METADATA)
   written.append(hf_layout.VALUE_HEAD_FILE)

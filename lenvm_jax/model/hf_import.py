@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from lenvm_jax import sharding
+from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_layout
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.model.transformer import LengthValueModel, ValueHead
@@ -73,7 +74,7 @@ def _ignorable(name: str, model_config: ModelConfig) -> bool:
 
 
 def has_value_head(directory: str) -> bool:
-  if gguf_import.is_gguf_path(directory):  # A GGUF file is a plain LM: never a value head.
+  if gguf_file.is_gguf_path(directory):  # A GGUF file is a plain LM: never a value head.
     return False
   return os.path.isfile(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
 
@@ -97,7 +98,7 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
   be dropped silently). Without value_head.safetensors the value head is a fresh init from `seed`.
   A `.gguf` file instead of a directory loads through gguf_import.
   """
-  if gguf_import.is_gguf_path(directory):
+  if gguf_file.is_gguf_path(directory):
     return gguf_import.load_params(directory, model_config, mesh, seed)
   abstract, shardings = abstract_params(model_config, mesh)
 
@@ -125,7 +126,7 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
 
 def load_model_config(directory: str, **run_fields) -> ModelConfig:
   """ModelConfig of an HF dir (or a `.gguf` file); `run_fields` sets dtype / remat / dropout."""
-  if gguf_import.is_gguf_path(directory):
+  if gguf_file.is_gguf_path(directory):
     return gguf_import.load_model_config(directory, **run_fields)
   return hf_config.model_config_from_hf(hf_config.read_hf_config(directory),
                                         os.path.join(directory, "config.json"), **run_fields)
