@@ -46,7 +46,9 @@ def rule_lengths(synthetic_sampler):
   """Lengths of every prompt under each rule, all rules mixed in the same batches (per-row settings)."""
   targets = [TARGETS[i % len(TARGETS)] for i in range(len(PROMPTS))]
   rules = ("none", "equal_to", "at_most", "at_least")
-  requests = [LengthRequest(rule, target) for rule in rules for target in targets]
+  # This framework's earlier rules (at_most / at_least sample among the candidates that fit); the paper's and the
+  # reference's are pinned in test_conventions_on_the_synthetic_policy and the hand-built candidate tests.
+  requests = [LengthRequest.following("sample_fitting", rule, target) for rule in rules for target in targets]
   rows = np.random.default_rng(0).permutation(len(requests))  # Rules interleaved across rows and batches.
   samples = synthetic_sampler.generate([PROMPTS[i % len(PROMPTS)] for i in rows], [requests[i] for i in rows],
                                        row_ids=[i % len(PROMPTS) for i in rows])
@@ -74,6 +76,29 @@ def test_at_most_and_at_least_move_lengths_the_right_way(rule_lengths):
             > length_scores.summarize(lengths["none"], targets, rule)["score"])
 
 
+def test_conventions_on_the_synthetic_policy(synthetic_sampler):
+  """The paper's and the reference's rules end to end: At Most stops at the first chance (EOS among the candidates),
+  the paper's At Least never stops by choice (rows run to max_new_tokens), the reference's At Least stops once the
+  budget is met, and Equal To under either convention raises the LIFEBench score."""
+  targets = np.asarray([TARGETS[i % len(TARGETS)] for i in range(len(PROMPTS))])
+  cases = [(c, r) for c in ("paper", "reference") for r in ("none", "equal_to", "at_most", "at_least")]
+  requests = [LengthRequest.following(c, r, int(t)) for c, r in cases for t in targets]
+  samples = synthetic_sampler.generate(PROMPTS * len(cases), requests, row_ids=list(range(len(PROMPTS))) * len(cases))
+  by_case = {case: samples[i * len(PROMPTS):(i + 1) * len(PROMPTS)] for i, case in enumerate(cases)}
+  length = lambda case: np.asarray([len(s.completion_ids) for s in by_case[case]])
+  limit = synthetic_sampler.sampling.max_new_tokens
+  for convention in ("paper", "reference"):
+    assert length((convention, "at_most")).mean() < 2.0  # EOS is always among the top-9 candidates here.
+    unguided = length_scores.summarize(length((convention, "none")), targets, "equal_to")["score"]
+    score = length_scores.summarize(length((convention, "equal_to")), targets, "equal_to")["score"]
+    assert score > unguided + 30, (convention, unguided, score)
+  assert np.all(length(("paper", "at_least")) == limit) and not any(s.finished for s in by_case["paper", "at_least"])
+  reference = length(("reference", "at_least"))
+  assert all(s.finished for s in by_case["reference", "at_least"])
+  # R = max(T - generated, 0) reaches 0 after T tokens, so the EOS comes as token T + 1.
+  np.testing.assert_array_equal(reference, targets + 1)
+
+
 def test_negative_tilt_shortens_monotonically(synthetic_sampler):
   betas = (0.0, -3.0, -10.0, -30.0)
   requests = [LengthRequest("tilt", beta=b) for b in betas for _ in PROMPTS]
@@ -92,6 +117,8 @@ def test_choose_follows_each_rule_on_hand_built_candidates():
   generated = jnp.asarray([0, 0, 0, 0, 9])
   keys = jax.random.split(jax.random.key(0), 5)
   choose = jax.jit(guided.choose, static_argnums=7)  # One compile instead of one per eager op.
+  fitting = jnp.full(5, guided.SELECTIONS.index("sample_fitting"))  # The rules these assertions were written for.
+  choose = functools.partial(choose, selections=fitting)
   choice = choose(logits, values, rules, targets, jnp.zeros(5), generated, keys, GAMMA)
   # equal_to 7: 6 tokens after the candidate -> the 5-token switch; 200 -> the long filler; at_most 8: only the
   # switch and EOS fit (both sampled in proportion, so check the set); at_least 50 -> the long filler only;

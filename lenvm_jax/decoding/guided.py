@@ -7,15 +7,24 @@ candidate is 0). All candidates of all rows are scored in one batched forward ov
 each candidate seeing the prefix and itself only; the chosen candidate's keys and values are then committed, so
 the prefix is never recomputed (lenvm_jax/decoding/guided_models.py).
 
-Rules (per row, in one batch; "remaining" R = target - generated - 1 tokens after the candidate, lengths count
-the EOS token, and v*(R) = -(1 - gamma ** max(R, 0)) is the value of exactly R more tokens, targets.discounted_return):
+Rules (per row, in one batch). Lengths count the EOS token; R = max(target - generated - target_offset, 0) is the
+number of tokens still wanted after the candidate (target_offset 1: the candidate itself is one of the target's
+tokens; 0: the reference's R = max(T - generated, 0)), and v*(R) = -(1 - gamma ** R) is the value of exactly R more
+tokens (targets.discounted_return):
   none      sample from the base distribution over the candidates;
-  equal_to  the candidate whose V is closest to v*(R) (value space, as the paper; ties: the more likely one);
-  at_most   sample among candidates expected to fit, V >= v*(R); if none fits, the one closest to 0 (shortest);
-  at_least  before the target is reached, sample among candidates expected to reach it, V <= v*(R), else the
-            most negative (longest); once EOS would meet the target, the candidate closest to 0 (EOS if offered);
+  equal_to  the candidate closest to R: in value space |V - v*(R)| (space="value", the paper's), or in length space
+            |n(V) - R| with n(V) = log(1 + V) / log(gamma) (space="length", the reference's); ties: the more likely;
+  at_most   selection="paper" / "reference": the candidate with the largest V (the shortest), always;
+            selection="sample_fitting": sample among candidates expected to fit, V >= v*(R), else the shortest;
+  at_least  selection="paper": the candidate with the smallest V (the longest), always (the row then ends at
+            max_new_tokens unless EOS is the only candidate); "reference": the longest until the budget is met
+            (R = 0), then the shortest (EOS if offered); "sample_fitting": until R = 0, sample among candidates
+            expected to reach the target, V <= v*(R), else the longest; then the shortest;
   tilt      sample from p'(x) ~ p(x) exp(beta * u(x)) with u = -V = sigmoid(z) in [0, 1) (the reference's sign):
             beta < 0 favours short continuations, beta > 0 long ones, beta = 0 is the base model.
+Deterministic choices break ties toward the more likely candidate (candidates come sorted by probability), as the
+reference does. `LengthRequest.following(convention, ...)` sets selection, space and target_offset together:
+"paper" (the default), "reference", or "sample_fitting" (this framework's earlier rules).
 """
 
 import dataclasses
@@ -27,20 +36,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax import sharding
-from lenvm_jax.value.targets import discounted_return
+from lenvm_jax.value.targets import discounted_return, remaining_from_value
 from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
                                         row_keys, step_keys)
 
 RULES = ("none", "equal_to", "at_most", "at_least", "tilt")
 _NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT = range(len(RULES))
+SELECTIONS = ("paper", "reference", "sample_fitting")  # How at_most / at_least pick among the candidates.
+_PAPER, _REFERENCE, _SAMPLE_FITTING = range(len(SELECTIONS))
+SPACES = ("value", "length")  # Where equal_to measures the distance to the target.
+# Named sets of (selection, space, target_offset): the paper's rules, the reference code's, and the sampling rules
+# this framework used before (at_most / at_least sample among the candidates that fit).
+CONVENTIONS = {
+    "paper": dict(selection="paper", space="value", target_offset=1),
+    "reference": dict(selection="reference", space="length", target_offset=0),
+    "sample_fitting": dict(selection="sample_fitting", space="value", target_offset=1),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class LengthRequest:
-  """One row's length instruction: a rule, its target length in tokens (EOS included), and beta for `tilt`."""
+  """One row's length instruction: a rule, its target length in tokens (EOS included), beta for `tilt`, and how the
+  rule is applied (module docstring): selection for at_most / at_least, space for equal_to, and target_offset
+  (R = max(target - generated - target_offset, 0)) for all three. The defaults are the paper's rules."""
   rule: str = "none"
   target: int = 0
   beta: float = 0.0
+  selection: str = "paper"
+  space: str = "value"
+  target_offset: int = 1
 
   def __post_init__(self):
     if self.rule not in RULES:
@@ -49,6 +73,20 @@ class LengthRequest:
       raise ValueError(f"length rule {self.rule!r} needs a positive target, got {self.target}")
     if not np.isfinite(self.beta):
       raise ValueError(f"tilt beta must be finite, got {self.beta}")
+    if self.selection not in SELECTIONS:
+      raise ValueError(f"length selection must be one of {SELECTIONS}, got {self.selection!r}")
+    if self.space not in SPACES:
+      raise ValueError(f"equal_to space must be one of {SPACES}, got {self.space!r}")
+    if self.target_offset not in (0, 1):
+      raise ValueError(f"target_offset must be 1 (the target counts the candidate) or 0 (the reference's), "
+                       f"got {self.target_offset!r}")
+
+  @classmethod
+  def following(cls, convention: str, rule: str = "none", target: int = 0, beta: float = 0.0) -> "LengthRequest":
+    """A request under a named set of rules: "paper", "reference" or "sample_fitting" (CONVENTIONS)."""
+    if convention not in CONVENTIONS:
+      raise ValueError(f"length rule convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+    return cls(rule, target, beta, **CONVENTIONS[convention])
 
 
 class GuidedModels(Protocol):
@@ -66,15 +104,24 @@ class GuidedModels(Protocol):
     """Appends the chosen candidates (index choice [B], ids tokens [B]): (state, next-token logits [B, V])."""
 
 
-def choose(candidate_logits, values, rules, targets, betas, generated, keys, gamma: float):
+def choose(candidate_logits, values, rules, targets, betas, generated, keys, gamma: float, selections=None,
+           spaces=None, target_offsets=None):
   """Index [B] of the chosen candidate per row (see the module docstring for the rules).
 
-  candidate_logits [B, k] (filtered; -inf = not allowed, at least one allowed per row), values [B, k] in (-1, 0],
-  rules / targets / generated [B] int32, betas [B] float32, keys [B] PRNG keys.
+  candidate_logits [B, k] (filtered; -inf = not allowed, at least one allowed per row, sorted by probability),
+  values [B, k] in (-1, 0], rules / targets / generated [B] int32, betas [B] float32, keys [B] PRNG keys;
+  selections / spaces [B] int32 (indices into SELECTIONS / SPACES) and target_offsets [B] int32 default to the
+  paper's rules (selection "paper", value space, offset 1).
   """
+  zeros = jnp.zeros_like(rules)
+  selections = zeros + _PAPER if selections is None else selections
+  spaces = zeros if spaces is None else spaces
+  target_offsets = zeros + 1 if target_offsets is None else target_offsets
   allowed = jnp.isfinite(candidate_logits)
   length_score = -values  # u in [0, 1): larger = longer.
-  v_star = discounted_return(jnp.maximum(targets - generated - 1, 0), gamma)[:, None]
+  remaining = jnp.maximum(targets - generated - target_offsets, 0)
+  v_star = discounted_return(remaining, gamma)[:, None]
+  budget_met = remaining == 0
   # One Gumbel draw per row serves every sampling rule (argmax of logits + Gumbel noise is a categorical sample);
   # a row uses one rule, so sharing the noise across rules changes nothing and saves the random-bit generation.
   gumbel = jax.vmap(lambda key: jax.random.gumbel(key, candidate_logits.shape[-1:]))(keys)
@@ -83,23 +130,28 @@ def choose(candidate_logits, values, rules, targets, betas, generated, keys, gam
   shortest = first_allowed_min(length_score)
   longest = first_allowed_min(-length_score)
   base = sample(candidate_logits)
-  equal_to = first_allowed_min(jnp.abs(values - v_star))
+  value_distance = jnp.abs(values - v_star)
+  length_distance = jnp.abs(remaining_from_value(values, gamma) - remaining[:, None].astype(jnp.float32))
+  equal_to = first_allowed_min(jnp.where((spaces == 1)[:, None], length_distance, value_distance))
 
   def sample_within(fits, fallback):
     fits = fits & allowed
     return jnp.where(jnp.any(fits, axis=-1), sample(jnp.where(fits, candidate_logits, -jnp.inf)), fallback)
 
-  at_most = sample_within(values >= v_star, shortest)
-  target_met = generated + 1 >= targets
-  at_least = jnp.where(target_met, shortest, sample_within(values <= v_star, longest))
+  at_most = jnp.where(selections == _SAMPLE_FITTING, sample_within(values >= v_star, shortest), shortest)
+  at_least = jnp.select(
+      [selections == _PAPER, budget_met],
+      [longest, shortest],
+      jnp.where(selections == _REFERENCE, longest, sample_within(values <= v_star, longest)))
   tilt = sample(jnp.where(allowed, candidate_logits + betas[:, None] * length_score, -jnp.inf))
   return jnp.select([rules == _EQUAL_TO, rules == _AT_MOST, rules == _AT_LEAST, rules == _TILT],
                     [equal_to, at_most, at_least, tilt], base).astype(jnp.int32)
 
 
-def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rules, targets, betas, *,
-                  sampling: SamplingConfig, num_candidates: int):
-  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; per-row rules, targets, betas [B]).
+def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rules, targets, betas,
+                  selections, spaces, target_offsets, *, sampling: SamplingConfig, num_candidates: int):
+  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; per-row request fields [B], see
+  `choose`).
 
   Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), values [B, max_new_tokens] (V of the state after
   each chosen token, 0 after the end), lengths [B] (EOS included) and finished [B].
@@ -120,7 +172,8 @@ def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, r
     positions = prompt_lengths + step
     values, pending = models.score(params, state, candidates, positions)
     values = jnp.where(jnp.isin(candidates, eos_ids), 0.0, values)
-    choice = choose(candidate_logits, values, rules, targets, betas, lengths, step_keys(keys, step), models.gamma)
+    choice = choose(candidate_logits, values, rules, targets, betas, lengths, step_keys(keys, step), models.gamma,
+                    selections, spaces, target_offsets)
     token = jnp.where(done, PAD_ID, jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0])
     value = jnp.where(done, 0.0, jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0])
     out, out_values = out.at[:, step].set(token), out_values.at[:, step].set(value)
@@ -177,7 +230,10 @@ class GuidedSampler:
             per_row([row_ids[i] for i in chunk] + [0] * fill, np.int32),
             per_row([RULES.index(r.rule) for r in chunk_requests], np.int32),
             per_row([r.target for r in chunk_requests], np.int32),
-            per_row([r.beta for r in chunk_requests], np.float32)))
+            per_row([r.beta for r in chunk_requests], np.float32),
+            per_row([SELECTIONS.index(r.selection) for r in chunk_requests], np.int32),
+            per_row([SPACES.index(r.space) for r in chunk_requests], np.int32),
+            per_row([r.target_offset for r in chunk_requests], np.int32)))
       for row, i in enumerate(chunk):
         n = counts[row]
         out[i] = GuidedSample(generated[row, :n].copy(), values[row, :n].copy(), bool(finished[row]))
