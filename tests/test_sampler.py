@@ -219,3 +219,57 @@ def test_bad_sampling_settings_name_the_field():
     SamplingConfig(max_new_tokens=4, eos_ids=())
   with pytest.raises(ValueError, match="max_new_tokens"):
     SamplingConfig(max_new_tokens=0, eos_ids=(1,))
+
+
+# --- The reference server's filter semantics (SamplingConfig.filter_style="reference") ---------------------------
+
+def _style(style, **settings):
+  return SamplingConfig(max_new_tokens=1, eos_ids=(0,), filter_style=style, **settings)
+
+
+def test_reference_top_p_uses_the_raw_top_k_mass_at_lifebench_settings():
+  """top_k 15, top_p 0.999: 14 tokens share 0.8995, the 15th has 0.0005, 250 more share 0.1. Renormalised within the
+  top 15 the mass before the 15th is 0.99944 >= 0.999, so "hf" drops it; raw it is 0.8995 <= 0.999, so the reference
+  keeps all 15."""
+  probs = np.concatenate([np.full(14, 0.8995 / 14), [0.0005], np.full(250, 0.1 / 250)])
+  logits = jnp.asarray(np.log(probs)[None], jnp.float32)
+  hf = np.isfinite(np.asarray(sampler_lib.filter_logits(logits, _style("hf", top_k=15, top_p=0.999))))[0]
+  reference = np.isfinite(np.asarray(sampler_lib.filter_logits(logits, _style("reference", top_k=15, top_p=0.999))))[0]
+  assert hf.sum() == 14 and not hf[14]
+  assert reference.sum() == 15 and reference[:15].all()
+
+
+def test_reference_top_k_keeps_exactly_k_and_top_p_keeps_ties_of_the_bound():
+  logits = jnp.asarray([[1.0, 3.0, 2.0, 3.0, 0.0]])
+  assert kept(sampler_lib.filter_logits(logits, _style("reference", top_k=2))) == [False, True, False, True, False]
+  # Three-way tie for the 2nd place: "hf" keeps all tied tokens, the reference exactly 2 (lower index first).
+  tied = jnp.asarray([[5.0, 1.0, 1.0, 1.0]])
+  assert kept(sampler_lib.filter_logits(tied, _style("hf", top_k=2))) == [True] * 4
+  assert kept(sampler_lib.filter_logits(tied, _style("reference", top_k=2))) == [True, True, False, False]
+  # (0.5, 0.3, 0.15, 0.05) with top_p 0.8: the mass before the third token is 0.8 (within float32 rounding). The
+  # reference keeps it when that mass is <= p; the strict rule does not. Nudged by 1e-6 either way they agree.
+  for style in ("hf", "reference"):
+    assert kept(sampler_lib.filter_logits(jnp.asarray(LOGPROBS), _style(style, top_p=0.8 - 1e-6)))[:3] == [True,
+                                                                                                          True, False]
+    assert kept(sampler_lib.filter_logits(jnp.asarray(LOGPROBS), _style(style, top_p=0.8 + 1e-6))) == [True, True,
+                                                                                                       True, False]
+
+
+def test_styles_agree_without_top_k_away_from_the_top_p_bound():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    logits = jnp.asarray(rng.normal(size=(1, 40)) * 2, jnp.float32)
+    probs = np.sort(np.asarray(jax.nn.softmax(logits)))[0, ::-1]
+    p = float(rng.uniform(0.3, 0.99))
+    if np.min(np.abs(np.cumsum(probs) - probs - p)) < 1e-5:
+      continue
+    min_p = float(rng.choice([0.0, 0.05]))
+    assert kept(sampler_lib.filter_logits(logits, _style("hf", top_p=p, min_p=min_p))) == kept(
+        sampler_lib.filter_logits(logits, _style("reference", top_p=p, min_p=min_p)))
+
+
+def test_filter_style_is_checked_and_left_out_of_the_recorded_settings_by_default():
+  with pytest.raises(ValueError, match="filter_style"):
+    _style("vllm")
+  assert "filter_style" not in _style("hf").to_dict()
+  assert _style("reference").to_dict()["filter_style"] == "reference"

@@ -6,7 +6,12 @@ Decoding runs in a `lax.while_loop` that stops at `max_new_tokens` or when every
 that has finished emits padding (0) from then on.
 
 Sampling filters are small pure functions applied in the order temperature -> top-k -> top-p -> min-p (the order
-of Hugging Face `generate`); temperature 0 is greedy (argmax of the raw logits, first index on ties).
+of Hugging Face `generate`); temperature 0 is greedy (argmax of the raw logits, first index on ties). Two semantics
+(SamplingConfig.filter_style): "hf" (default) keeps top-k ties and measures top-p on the distribution renormalised
+after top-k, keeping a token while the mass before it is below p; "reference" (the LenVM reference server) keeps
+exactly k tokens and measures top-p on the un-renormalised top-k probabilities, keeping a token while the mass
+before it is at most p. They differ at settings like LIFEBench's top_k 15, top_p 0.999, where the renormalised
+tail is cut and the raw one is not.
 Randomness is per row: row i's key is fold_in(key(seed), row_id[i]) and step t uses fold_in(row key, t), so a
 sample does not depend on which other rows share its batch or on the batch size.
 
@@ -27,6 +32,7 @@ from lenvm_jax import sharding
 from lenvm_jax.model.kv_cache import KVCache
 
 PAD_ID = 0
+FILTER_STYLES = ("hf", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,7 @@ class SamplingConfig:
   top_p: float = 1.0  # 1 = off.
   min_p: float = 0.0  # 0 = off.
   seed: int = 0
+  filter_style: str = "hf"  # hf | reference: top-k / top-p semantics (module docstring).
 
   def __post_init__(self):
     object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -48,13 +55,19 @@ class SamplingConfig:
         "top_k": (self.top_k >= 0, "must be >= 0 (0 = off)"),
         "top_p": (0.0 < self.top_p <= 1.0, "must lie in (0, 1] (1 = off)"),
         "min_p": (0.0 <= self.min_p < 1.0, "must lie in [0, 1) (0 = off)"),
+        "filter_style": (self.filter_style in FILTER_STYLES, f"must be one of {FILTER_STYLES}"),
     }
     for name, (ok, problem) in checks.items():
       if not ok:
         raise ValueError(f"sampling {name} {problem}, got {getattr(self, name)!r}")
 
   def to_dict(self) -> dict:
-    return {**dataclasses.asdict(self), "eos_ids": list(self.eos_ids)}
+    """As recorded in generation.json; the default filter style is left out, so settings recorded before the field
+    existed still match (rollouts refuse to resume under other settings)."""
+    out = {**dataclasses.asdict(self), "eos_ids": list(self.eos_ids)}
+    if self.filter_style == "hf":
+      del out["filter_style"]
+    return out
 
 
 def scale_by_temperature(logits, temperature: float):
@@ -89,9 +102,28 @@ def min_p_filter(logits, min_p: float):
   return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
+def reference_filter(logits, top_k: int, top_p: float, min_p: float):
+  """The reference server's candidate set: probabilities sorted, the first top_k kept (exactly k, no ties), then
+  top-p on those un-renormalised probabilities keeping a token while the mass before it is <= top_p, then min-p
+  against the most likely token. The most likely token is always kept. Kept logits are unchanged."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  sorted_probs, order = jax.lax.top_k(probs, probs.shape[-1])
+  rank = jnp.arange(probs.shape[-1])
+  kept = sorted_probs * (rank < top_k) if 0 < top_k < probs.shape[-1] else sorted_probs
+  if top_p < 1.0:
+    kept = jnp.where(jnp.cumsum(kept, axis=-1) - kept <= top_p, kept, 0.0)
+  if min_p > 0.0:
+    kept = jnp.where(kept >= min_p * kept[..., :1], kept, 0.0)
+  keep = (kept > 0) | (rank == 0)
+  keep = jnp.put_along_axis(jnp.zeros(probs.shape, bool), order, keep, axis=-1, inplace=False)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
 def filter_logits(logits, sampling: SamplingConfig):
   """Temperature, then top-k, top-p and min-p: the logits the next token is drawn from (-inf = excluded)."""
   logits = scale_by_temperature(logits.astype(jnp.float32), sampling.temperature)
+  if sampling.filter_style == "reference":
+    return reference_filter(logits, sampling.top_k, sampling.top_p, sampling.min_p)
   logits = top_k_filter(logits, sampling.top_k)
   logits = top_p_filter(logits, sampling.top_p)
   return min_p_filter(logits, sampling.min_p)
