@@ -54,6 +54,9 @@ class LossConfig:
   value_weight: float = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
   boundary_weight: float = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
   length_normalizer: float = 1024.0  # Only for target_type='normalized_length': the length that maps to 1.
+  # Weight of the candidate-value loss (needs model.candidate_head): Q(s_t, a) of the realised next token a regresses
+  # on the next state's target, a token mean like the value loss. 0 = off (no head, today's graph).
+  candidate_weight: float = 0.0
 
   def __post_init__(self):
     gamma = self.gamma
@@ -72,6 +75,8 @@ class LossConfig:
     _require(self.value_weight > 0.0 or self.lm_weight > 0.0, "loss.value_weight",
              "is 0 and so is loss.lm_weight: nothing to train (set loss.lm_weight > 0 for an LM-only policy)")
     _require(self.length_normalizer > 0.0, "loss.length_normalizer", f"must be > 0, got {self.length_normalizer}")
+    _require(_is_number(self.candidate_weight) and self.candidate_weight >= 0.0, "loss.candidate_weight",
+             f"must be a number >= 0, got {self.candidate_weight!r}")
 
   @property
   def gamma_resolved(self) -> bool:
@@ -218,6 +223,13 @@ class RunConfig:
   def __post_init__(self):
     _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
              "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
+    has_head = self.model.candidate_head != "none"
+    _require(has_head or self.loss.candidate_weight == 0.0, "model.candidate_head",
+             f"is 'none' but loss.candidate_weight is {self.loss.candidate_weight}: set model.candidate_head to "
+             "'table' (its own per-token vectors) or 'tied' (the input embedding)")
+    _require(not has_head or self.loss.candidate_weight > 0.0, "loss.candidate_weight",
+             f"is 0 but model.candidate_head is {self.model.candidate_head!r}: the head would never train; set "
+             "loss.candidate_weight > 0 (e.g. 1.0) or model.candidate_head='none'")
 
   @classmethod
   def from_dict(cls, config) -> "RunConfig":

@@ -8,6 +8,9 @@ import dataclasses
 
 DTYPES = ("float32", "bfloat16", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
+# The candidate-value head Q(s_t, x) ~ V(s_t + x) (model/candidate_head.py): none, its own per-token table, or the
+# input embedding as the per-token vectors.
+CANDIDATE_HEADS = ("none", "table", "tied")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,9 @@ class ModelConfig:
   # Residual dropout on every attention and MLP output, in training only (evaluation, prediction and decoding never
   # drop): against a small trunk memorising the few hundred prompts of a real-data job.
   dropout_rate: float = 0.0
+  # A candidate-value head beside the value head (trained when loss.candidate_weight > 0): the values of every next
+  # token from the current hidden state alone, so guided decoding scores k candidates without a k-token forward.
+  candidate_head: str = "none"  # none | table | tied
   # Weights that start a fresh run: a Hugging Face causal-LM dir (Llama / Qwen2 / Qwen3, + its value head if it has
   # value_head.safetensors). Its architecture must match the fields above; a resumed run ignores it. Not a shape:
   # the model never reads it, and two configs that differ only here build the same model.
@@ -41,6 +47,8 @@ class ModelConfig:
       raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.candidate_head not in CANDIDATE_HEADS:
+      raise ValueError(f"model.candidate_head must be one of {CANDIDATE_HEADS}, got {self.candidate_head!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"model.dropout_rate must lie in [0, 1), got {self.dropout_rate}")
     if self.num_heads % self.num_kv_heads:

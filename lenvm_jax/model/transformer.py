@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lenvm_jax.model.candidate_head import CandidateValueHead
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.sharding import constrain
 
@@ -245,6 +246,8 @@ class LengthValueModel(nnx.Module):
     if not c.tie_embeddings:
       self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
     self.value_head = ValueHead(c.hidden_size, rngs)
+    if c.candidate_head != "none":
+      self.candidate_head = CandidateValueHead(c.hidden_size, c.vocab_size, c.candidate_head == "tied", rngs)
 
   def embed(self, tokens, positions):
     """Token embeddings [B, T, H] in the compute dtype and the RoPE tables shared by all layers."""
@@ -293,6 +296,13 @@ class LengthValueModel(nnx.Module):
   def value_logits(self, hidden):
     """[B, T] float32 raw value-head output z (the reference servers return this)."""
     return self.value_head(hidden)
+
+  def candidate_logits(self, hidden, token_ids=None):
+    """Candidate-value logits z_q (model/candidate_head.py), float32: of token_ids [..., k] as the next token of
+    the states hidden [..., H] -> [..., k]; without token_ids, of every token -> [..., vocab]."""
+    head = self.candidate_head
+    base = jax.lax.stop_gradient(self.value_logits(hidden))[..., None]
+    return base + head.deltas(head.features(hidden), head.token_vectors(self.embedding[...]), token_ids)
 
   def __call__(self, tokens, positions, segment_ids):
     return self.value_logits(self.hidden_states(tokens, positions, segment_ids))

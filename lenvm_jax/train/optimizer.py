@@ -13,13 +13,17 @@ def learning_rate_schedule(optim_config: OptimConfig, total_steps: int) -> optax
       decay_steps=max(total_steps, warmup + 1), end_value=optim_config.lr * optim_config.end_lr_fraction)
 
 
+# What a frozen trunk still trains: the value head and the candidate-value head (model/candidate_head.py).
+HEADS = ("value_head", "candidate_head")
+
+
 def _decay_mask(params):
   """Weight decay on matrices only: norms' scales and biases are not decayed."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def _trainable_labels(params, freeze_trunk: bool):
-  labels = {k: jax.tree.map(lambda _: "frozen" if freeze_trunk and k != "value_head" else "train", v)
+  labels = {k: jax.tree.map(lambda _: "frozen" if freeze_trunk and k not in HEADS else "train", v)
             for k, v in params.items()}
   return labels
 

@@ -13,19 +13,37 @@ import optax
 from flax import nnx
 
 from lenvm_jax.config import TrainConfig
-from lenvm_jax.value import metrics
+from lenvm_jax.value import candidate, metrics
 from lenvm_jax.value.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 
-def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
-  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T / lm_stride, V]."""
+def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
+  """forward()'s value and LM logits, and, when the candidate loss is on, the candidate head's logit of each
+  position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None."""
   model = nnx.merge(graphdef, params)
   hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key)
   if freeze_trunk:
     hidden = jax.lax.stop_gradient(hidden)
   with_lm = objective.lm_weight > 0
-  return model.value_logits(hidden), (model.lm_logits(objective.lm_positions(hidden, 1)) if with_lm else None)
+  candidate_z = None
+  if objective.candidate_weight > 0:
+    candidate_z = model.candidate_logits(hidden, candidate.next_tokens(batch)[..., None])[..., 0]
+  return (model.value_logits(hidden), model.lm_logits(objective.lm_positions(hidden, 1)) if with_lm else None,
+          candidate_z)
+
+
+def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
+  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T / lm_stride, V]."""
+  return forward_heads(graphdef, params, batch, freeze_trunk=freeze_trunk, objective=objective,
+                       dropout_key=dropout_key)[:2]
+
+
+def _metric_sums(z, candidate_z, batch, objective: Objective):
+  sums = metrics.metric_sums(z, batch, objective.kind)
+  if candidate_z is not None:
+    sums.update(candidate.metric_sums(objective.kind, candidate_z, z, batch))
+  return sums
 
 
 def ema_update(ema_params, params, step, decay: float):
@@ -38,13 +56,15 @@ def ema_update(ema_params, params, step, decay: float):
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
                freeze_trunk: bool, ema_decay: float = 0.0):
   value_count, lm_count = objective.token_counts(batch)
+  candidate_count = candidate.count(batch) if objective.candidate_weight > 0 else None
   next_rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
   def micro_loss(params, micro, dropout_key):
-    z, lm_logits = forward(graphdef, params, micro, freeze_trunk=freeze_trunk, objective=objective,
-                           dropout_key=dropout_key)
-    sums = objective.sums(z, lm_logits, micro)
-    return objective.loss(sums, value_count, lm_count), (sums, metrics.metric_sums(z, micro, objective.kind))
+    z, lm_logits, candidate_z = forward_heads(graphdef, params, micro, freeze_trunk=freeze_trunk,
+                                              objective=objective, dropout_key=dropout_key)
+    sums = objective.sums(z, lm_logits, micro, candidate_z)
+    return (objective.loss(sums, value_count, lm_count, candidate_count),
+            (sums, _metric_sums(z, candidate_z, micro, objective)))
 
   def accumulate(grads, micro_and_index):
     micro, index = micro_and_index
@@ -79,11 +99,13 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
 
 def eval_step(params, batch, *, graphdef, objective: Objective):
   """Sums over one [B, T] eval batch: the metrics, and the objective's pieces with their token counts."""
-  z, lm_logits = forward(graphdef, params, batch, freeze_trunk=False, objective=objective)
-  sums = metrics.metric_sums(z, batch, objective.kind)
+  z, lm_logits, candidate_z = forward_heads(graphdef, params, batch, freeze_trunk=False, objective=objective)
+  sums = _metric_sums(z, candidate_z, batch, objective)
   value_count, lm_count = objective.token_counts(batch)
-  sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch).items()},
+  sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch, candidate_z).items()},
               **{"objective/value_count": value_count, "objective/lm_count": lm_count})
+  if candidate_z is not None:
+    sums["objective/candidate_count"] = candidate.count(batch)
   return sums
 
 

@@ -54,7 +54,8 @@ def evaluate(compiled_eval, params, objective, run: RunConfig, eval_source, shar
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   pieces = {k.split("/", 1)[1]: totals.pop(k) for k in list(totals) if k.startswith("objective/")}
-  loss = objective.loss(pieces, pieces.pop("value_count"), pieces.pop("lm_count"))
+  loss = objective.loss(pieces, pieces.pop("value_count"), pieces.pop("lm_count"),
+                        pieces.pop("candidate_count", None))
   return {"loss": float(loss), **metrics.finalize(totals)}
 
 

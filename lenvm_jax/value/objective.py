@@ -25,7 +25,7 @@ import optax
 
 from lenvm_jax.config import LossConfig
 from lenvm_jax.data import rows
-from lenvm_jax.value import targets
+from lenvm_jax.value import candidate, targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Objective:
   value_weight: float = 1.0
   boundary_weight: float = 1.0
   lm_stride: int = 1
+  candidate_weight: float = 0.0  # > 0: the model has a candidate-value head, trained as value/candidate.py says.
 
   @classmethod
   def from_config(cls, loss: LossConfig) -> "Objective":
@@ -43,7 +44,8 @@ class Objective:
     if not loss.gamma_resolved:
       raise ValueError(f"loss.gamma={loss.gamma!r} is not resolved yet (value/gamma.resolve)")
     kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer)
-    return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride)
+    return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride,
+               candidate_weight=loss.candidate_weight)
 
   def lm_positions(self, x, axis: int = -1):
     """The positions (along the time axis) that the LM term is taken on: every lm_stride-th."""
@@ -55,21 +57,26 @@ class Objective:
     return targets.gae_targets(prediction, batch[rows.REMAINING], batch[rows.VALUE_MASK], batch[rows.SEGMENT_IDS],
                                self.kind.gamma, self.gae_lambda)
 
-  def sums(self, z, lm_logits, batch):
-    """Un-normalised loss pieces for one (micro-)batch: squared value error and LM cross-entropy, summed."""
+  def sums(self, z, lm_logits, batch, candidate_z=None):
+    """Un-normalised loss pieces for one (micro-)batch: squared value error and LM cross-entropy, summed; with
+    candidate_z (the candidate head's logit of each realised next token, [B, T]) the candidate squared error."""
     prediction = self.kind.predict(z)
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * (prediction - target) ** 2)}
     if lm_logits is not None:
       ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch[rows.LM_TARGETS]))
       out["lm_ce"] = jnp.sum(self.lm_positions(batch[rows.LM_MASK]).astype(jnp.float32) * ce)
+    if candidate_z is not None:
+      out.update(candidate.sums(self.kind, candidate_z, target, batch))
     return out
 
-  def loss(self, sums, value_count, lm_count):
-    """Training loss from summed pieces and global token counts."""
+  def loss(self, sums, value_count, lm_count, candidate_count=None):
+    """Training loss from summed pieces and global token counts (candidate_count: candidate.count of the batch)."""
     loss = self.value_weight * sums["value_sq_err"] / jnp.maximum(value_count, 1.0)
     if "lm_ce" in sums:
       loss = loss + self.lm_weight * sums["lm_ce"] / jnp.maximum(lm_count, 1.0)
+    if "candidate_sq_err" in sums:
+      loss = loss + self.candidate_weight * sums["candidate_sq_err"] / jnp.maximum(candidate_count, 1.0)
     return loss
 
 

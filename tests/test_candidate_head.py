@@ -1,0 +1,219 @@
+"""The candidate-value head (model/candidate_head.py) and its loss (value/candidate.py): targets, masks, the head's
+two token-vector layouts, config checks, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lenvm_jax import sharding
+from lenvm_jax.config import ConfigError, RunConfig
+from lenvm_jax.data import rows
+from lenvm_jax.data.records import Trajectory
+from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.value import candidate, targets
+from lenvm_jax.value.objective import Objective
+from tests.conftest import run_config
+
+GAMMA = 0.9
+EOS = 1
+WIDTH = 24
+
+
+def _packed_batch():
+  """Two rows. Row 0 packs two finished sequences (prompts 3 and 2 tokens, completions 4 and 2 ending in EOS) and
+  padding; row 1 holds one sequence cut at the row's end (its last column has no next state in the row)."""
+  def traj(prompt, completion, finished=True):
+    return rows.trajectory_to_row(Trajectory(np.asarray(prompt, np.int32), np.asarray(completion, np.int32),
+                                             finished), WIDTH)
+
+  first = traj([7, 8, 9], [10, 11, 12, EOS])
+  second = traj([13, 14], [15, EOS])
+  long = traj([7, 8], list(range(20, 20 + 40)) + [EOS])  # Cut at WIDTH: 22 completion tokens present.
+  packed = {}
+  for key in (rows.TOKENS, rows.VALUE_MASK, rows.REMAINING, rows.COMPLETION_INDEX, rows.LM_MASK):
+    packed[key] = np.concatenate([first[key], second[key]])
+  packed[rows.SEGMENT_IDS] = np.concatenate([np.full(len(first[rows.TOKENS]), 1), np.full(len(second[rows.TOKENS]), 2)])
+  packed[rows.POSITIONS] = np.concatenate([first[rows.POSITIONS], second[rows.POSITIONS]])
+  batch = {k: np.stack([np.pad(packed[k], (0, WIDTH - len(packed[k]))), long[k]]) for k in packed}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def test_candidate_positions_targets_and_tokens_never_cross_padding_or_segments():
+  batch = _packed_batch()
+  mask = np.asarray(candidate.next_state_mask(batch))
+  # Row 0: sequence 1 has value positions 2..6 (prompt's last token .. EOS), sequence 2 has 8..10; each position
+  # but a sequence's last (EOS) has a next state. Column 6 -> 7 would cross into sequence 2; 10 -> 11 into padding.
+  np.testing.assert_array_equal(np.flatnonzero(mask[0]), [2, 3, 4, 5, 8, 9])
+  # Row 1: value positions 1..23 (cut); the row's last column has no next state in the row.
+  np.testing.assert_array_equal(np.flatnonzero(mask[1]), np.arange(1, 23))
+
+  g = np.asarray(targets.discounted_return(batch[rows.REMAINING], GAMMA))
+  next_targets = np.asarray(candidate.next_state_targets(jnp.asarray(g), batch))
+  tokens = np.asarray(batch[rows.TOKENS])
+  next_tokens = np.asarray(candidate.next_tokens(batch))
+  for row in range(2):
+    for t in np.flatnonzero(mask[row]):
+      assert next_tokens[row, t] == tokens[row, t + 1]
+      expected = 0.0 if tokens[row, t + 1] == EOS else g[row, t + 1]
+      assert next_targets[row, t] == pytest.approx(expected, abs=1e-7)
+  # The next token EOS gets target 0: positions 5 and 9 of row 0 (the states just before EOS).
+  assert next_tokens[0, 5] == next_tokens[0, 9] == EOS
+  assert next_targets[0, 5] == next_targets[0, 9] == 0.0
+  # Before EOS the target is G of the next state, one token shorter: -(1 - gamma ** (n_t - 1)).
+  assert next_targets[0, 2] == pytest.approx(-(1 - GAMMA ** 3), rel=1e-6)
+
+
+@pytest.mark.parametrize("gae_lambda", [1.0, 0.7])
+def test_candidate_loss_is_the_token_mean_of_next_state_errors(tiny_config, gae_lambda):
+  """loss = value MSE + candidate_weight x mean over candidate positions of (Q(s_t, a) - target(s_{t+1}))^2, with
+  the next state's target as the value loss computes it (Monte-Carlo G or the GAE target)."""
+  tiny_config.loss.gamma = GAMMA
+  tiny_config.loss.gae_lambda = gae_lambda
+  tiny_config.loss.candidate_weight = 0.5
+  tiny_config.model.candidate_head = "table"
+  objective = Objective.from_config(run_config(tiny_config).loss)
+  batch = _packed_batch()
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(2, WIDTH)), jnp.float32)
+  candidate_z = jnp.asarray(rng.normal(size=(2, WIDTH)), jnp.float32)
+  sums = objective.sums(z, None, batch, candidate_z)
+  value_count, lm_count = objective.token_counts(batch)
+  loss = objective.loss(sums, value_count, lm_count, candidate.count(batch))
+
+  value_mask = np.asarray(batch[rows.VALUE_MASK]).astype(bool)
+  prediction = np.asarray(-jax.nn.sigmoid(z))
+  value_target = np.asarray(objective.value_targets(jnp.asarray(prediction), batch))
+  q = np.asarray(-jax.nn.sigmoid(candidate_z))
+  errors = []
+  for row in range(2):
+    for t in range(WIDTH - 1):
+      same = batch[rows.SEGMENT_IDS][row, t] == batch[rows.SEGMENT_IDS][row, t + 1] != 0
+      if value_mask[row, t] and value_mask[row, t + 1] and same:
+        target = 0.0 if batch[rows.REMAINING][row, t + 1] == 0 else value_target[row, t + 1]
+        errors.append((q[row, t] - target) ** 2)
+  assert len(errors) == 6 + 22 == int(candidate.count(batch))
+  value_mse = np.sum(value_mask * (prediction - value_target) ** 2) / value_mask.sum()
+  assert float(loss) == pytest.approx(value_mse + 0.5 * np.mean(errors), rel=1e-5)
+  if gae_lambda < 1:  # The GAE target differs from the Monte-Carlo one, so the test sees which is used.
+    mc = np.asarray(targets.discounted_return(batch[rows.REMAINING], GAMMA))
+    assert not np.allclose(value_target[value_mask], mc[value_mask])
+
+
+def test_without_candidate_weight_the_model_and_objective_are_unchanged(tiny_config):
+  run = run_config(tiny_config)
+  assert run.loss.candidate_weight == 0.0 and run.model.candidate_head == "none"
+  assert "candidate_head" not in nnx.state(nnx.eval_shape(lambda: LengthValueModel(run.model, nnx.Rngs(0))))
+  batch = _packed_batch()
+  objective = Objective.from_config(run.loss)
+  assert set(objective.sums(jnp.zeros((2, WIDTH)), None, batch)) == {"value_sq_err"}
+
+
+def test_config_checks_name_the_field(tiny_config):
+  tiny_config.loss.candidate_weight = 1.0
+  with pytest.raises(ConfigError, match=r"config\.model\.candidate_head: is 'none'"):
+    run_config(tiny_config)
+  tiny_config.loss.candidate_weight = 0.0
+  tiny_config.model.candidate_head = "tied"
+  with pytest.raises(ConfigError, match=r"config\.loss\.candidate_weight: is 0"):
+    run_config(tiny_config)
+  tiny_config.model.candidate_head = "shared"
+  with pytest.raises(ConfigError, match=r"config\.model\.candidate_head"):
+    run_config(tiny_config)
+  tiny_config.model.candidate_head = "tied"
+  tiny_config.loss.candidate_weight = -1.0
+  with pytest.raises(ConfigError, match=r"config\.loss\.candidate_weight: must be"):
+    run_config(tiny_config)
+
+
+def _model(head: str, seed: int = 0) -> LengthValueModel:
+  """Initialised under jit (eager init is hundreds of small dispatches)."""
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": head})
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(seed))))
+  params = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(seed)))[1])()
+  return nnx.merge(graphdef, params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["table", "tied"])
+def test_candidate_logits_gather_the_all_token_columns(head):
+  model = _model(head)
+  state = nnx.state(model).to_pure_dict()["candidate_head"]
+  assert ("table" in state) == (head == "table")
+  hidden = jax.random.normal(jax.random.key(1), (3, 5, model.config.hidden_size))
+  ids = jax.random.randint(jax.random.key(2), (3, 5, 4), 0, 64)
+  every, gathered = jax.jit(lambda h, i: (model.candidate_logits(h), model.candidate_logits(h, i)))(hidden, ids)
+  assert every.shape == (3, 5, 64)
+  np.testing.assert_allclose(gathered, jnp.take_along_axis(every, ids, axis=-1), rtol=1e-5, atol=1e-6)
+  base = model.value_logits(hidden)[..., None]
+  if head == "table":  # Zero rows: an untrained head predicts the current state's value for every token.
+    np.testing.assert_allclose(every, jnp.broadcast_to(base, every.shape), rtol=1e-6)
+  else:  # Tied: the input embedding rows are the token vectors.
+    g = model.candidate_head.features(hidden)
+    np.testing.assert_allclose(every - base, g @ model.embedding[...].T, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_candidate_loss_never_trains_the_value_head_and_the_head_shares_the_trunk():
+  model = _model("table")
+  model.candidate_head.table[...] = jax.random.normal(jax.random.key(3), model.candidate_head.table.shape)
+  graphdef, params = nnx.split(model)
+  hidden_ids = jax.random.randint(jax.random.key(4), (2, 6), 2, 64)
+
+  def candidate_only(params):
+    m = nnx.merge(graphdef, params)
+    hidden = m.hidden_states(hidden_ids, jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32))
+    return jnp.sum(m.candidate_logits(hidden, hidden_ids[..., None]) ** 2)
+
+  grads = nnx.State(jax.jit(jax.grad(candidate_only))(params)).to_pure_dict()
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["value_head"]))
+  assert float(jnp.abs(grads["final_norm"]["scale"]).max()) > 0  # The trunk learns from it.
+  assert float(jnp.abs(grads["candidate_head"]["out"]).max()) > 0
+
+
+def test_the_token_axis_is_sharded_over_tensor():
+  mesh = sharding.make_mesh(1, 2, 4)
+  abstract = nnx.state(nnx.eval_shape(lambda: _model("table")))
+  shardings = sharding.param_shardings(abstract, mesh)["candidate_head"]
+  assert shardings["table"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert shardings["bias"].spec == jax.sharding.PartitionSpec("tensor")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["table", "tied"])
+def test_train_step_with_the_candidate_loss_does_not_depend_on_the_split(tiny_config, head):
+  """The candidate term is a token mean over the global batch too: 1 and 4 micro-batches give the same loss and
+  update; its metrics come out of the step (synthetic data: both scorers against the exact next-state value)."""
+  import optax
+  from lenvm_jax.data import pipeline
+  from lenvm_jax.model import transformer
+  from lenvm_jax.train import state as state_lib, step as step_lib
+
+  tiny_config.loss.candidate_weight = 2.0
+  tiny_config.model.candidate_head = head
+  run = run_config(tiny_config)
+  tx = optax.sgd(1.0)
+  mesh = sharding.make_mesh(1, 1, 1)
+  graphdef, _ = transformer.abstract_model(run.model)
+  state, _ = state_lib.create_train_state(run.model, tx, mesh, seed=0)
+  state = state.replace(params={**state.params, "candidate_head": jax.tree.map(
+      lambda p: p + 0.01, state.params["candidate_head"])})  # Non-zero table rows: every piece gets a gradient.
+  batch = next(iter(pipeline.train_dataset(run, pipeline.load_source(run, "train"))))
+  objective = Objective.from_config(run.loss)
+  results = []
+  for accum in (1, 4):
+    micro = {k: jnp.asarray(v.reshape((accum, -1) + v.shape[1:])) for k, v in batch.items()}
+    new_state, out = jax.jit(lambda s, b: step_lib.train_step(s, b, graphdef=graphdef, objective=objective, tx=tx,
+                                                              freeze_trunk=False))(state, micro)
+    results.append((float(out["loss"]), new_state.params, out))
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  loss, _, out = results[0]
+  assert loss == pytest.approx(results[1][0], rel=1e-5)
+  for name in ("candidate_value_mse", "candidate_exact_mse", "next_state_exact_mse", "candidate_bayes_value_mse"):
+    assert out[name + "/count"] == out["candidate_value_mse/count"] > 0
+  value_mse = out["value_mse"] / out["value_mse/count"]  # Discounted target: value_mse is the value loss.
+  candidate_mse = out["candidate_value_mse"] / out["candidate_value_mse/count"]
+  assert loss == pytest.approx(float(value_mse + 2.0 * candidate_mse), rel=1e-4)
