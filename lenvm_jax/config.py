@@ -21,6 +21,7 @@ from lenvm_jax.model.config import ModelConfig, preset_fields
 
 AUTO_GAMMA = ("auto", "auto_mre")  # loss.gamma values resolved from the training split (value/gamma.py).
 TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
+LOSS_KINDS = ("mse", "huber")
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKING = ("none", "first_fit", "best_fit")
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
@@ -48,12 +49,18 @@ class LossConfig:
   # The resolved value is what config.json records.
   gamma: float | str = 0.98
   target_type: str = "discounted"  # discounted | raw_length | normalized_length | log_length (ablations).
+  # Per-token regression loss: "mse" (d ** 2, the paper's) or "huber" (0.5 d ** 2 within huber_delta, linear beyond:
+  # the reference trains every target type so, delta 1; for raw lengths that is close to L1).
+  kind: str = "mse"
+  huber_delta: float = 1.0
   gae_lambda: float = 1.0  # 1 = Monte-Carlo return (the paper); < 1 bootstraps from stop-gradient values.
   lm_weight: float = 0.0  # Weight of a joint next-token cross-entropy on completion tokens.
   lm_stride: int = 1  # Take the LM term on every k-th position only (a 32k-vocab head outweighs a small trunk).
   value_weight: float = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
   boundary_weight: float = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
-  length_normalizer: float = 1024.0  # Only for target_type='normalized_length': the length that maps to 1.
+  # Only for target_type='normalized_length': the target is n / length_normalizer (unclipped, as the reference);
+  # 0 = the longest completion in the training split, resolved at the start (value/gamma.resolve) like gamma.
+  length_normalizer: float = 0.0
   # Weight of the candidate-value loss (needs model.candidate_head): Q(s_t, a) of the realised next token a regresses
   # on the next state's target, a token mean like the value loss. 0 = off (no head, today's graph).
   candidate_weight: float = 0.0
@@ -74,13 +81,23 @@ class LossConfig:
     _require(self.value_weight >= 0.0, "loss.value_weight", f"must be >= 0, got {self.value_weight}")
     _require(self.value_weight > 0.0 or self.lm_weight > 0.0, "loss.value_weight",
              "is 0 and so is loss.lm_weight: nothing to train (set loss.lm_weight > 0 for an LM-only policy)")
-    _require(self.length_normalizer > 0.0, "loss.length_normalizer", f"must be > 0, got {self.length_normalizer}")
+    _require(self.length_normalizer >= 0.0, "loss.length_normalizer",
+             f"must be >= 0 (0 = the longest training completion), got {self.length_normalizer}")
+    _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {LOSS_KINDS}, got {self.kind!r}")
+    _require(_is_number(self.huber_delta) and self.huber_delta > 0.0, "loss.huber_delta",
+             f"must be a number > 0, got {self.huber_delta!r}")
     _require(_is_number(self.candidate_weight) and self.candidate_weight >= 0.0, "loss.candidate_weight",
              f"must be a number >= 0, got {self.candidate_weight!r}")
 
   @property
   def gamma_resolved(self) -> bool:
     return self.gamma not in AUTO_GAMMA
+
+  @property
+  def resolved(self) -> bool:
+    """Nothing left to read from the training split: gamma is a number, and so is the length normaliser if the
+    target needs one."""
+    return self.gamma_resolved and (self.target_type != "normalized_length" or self.length_normalizer > 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,18 @@ def test_auto_mre_gamma_is_resolved_from_the_training_split(tiny_config):
   assert gamma_lib.resolve(run_config(tiny_config), sample).loss.gamma != gamma
 
 
+def test_length_normalizer_zero_is_the_longest_training_completion(tiny_config):
+  tiny_config.loss.target_type = "normalized_length"
+  tiny_config.loss.gamma = 0.97
+  run = run_config(tiny_config)
+  assert run.loss.length_normalizer == 0 and not run.loss.resolved
+  resolved, source = trainer.resolve_gamma(run)
+  longest = max(len(t.completion_ids) for t in pipeline.length_sample(source))
+  assert resolved.loss.length_normalizer == longest and resolved.loss.gamma == 0.97 and resolved.loss.resolved
+  tiny_config.loss.length_normalizer = 300.0  # Set by hand: kept.
+  assert trainer.resolve_gamma(run_config(tiny_config))[0].loss.length_normalizer == 300.0
+
+
 @pytest.mark.slow
 def test_tfds_builder_round_trip_and_training_without_tensorflow(tiny_config, tmp_path):
   import importlib.util

@@ -61,6 +61,29 @@ def test_gae_matches_a_plain_python_recursion(lam):
     assert gae[t] == pytest.approx(want, abs=1e-6), t
 
 
+def test_huber_loss_is_half_squared_within_delta_and_linear_beyond():
+  kind = targets.TargetKind("raw_length", 0.99, 1.0, loss="huber", huber_delta=1.0)
+  prediction, target = jnp.array([0.0, 0.5, 3.0, -10.0]), jnp.zeros(4)
+  np.testing.assert_allclose(kind.regression_loss(prediction, target), [0.0, 0.125, 2.5, 9.5])
+  wide = targets.TargetKind("discounted", 0.99, 1.0, loss="huber", huber_delta=2.0)
+  np.testing.assert_allclose(wide.regression_loss(jnp.array([1.0, 3.0]), jnp.zeros(2)), [0.5, 4.0])
+  mse = targets.TargetKind("discounted", 0.99, 1.0)
+  np.testing.assert_allclose(mse.regression_loss(prediction, target), [0.0, 0.25, 9.0, 100.0])
+  with pytest.raises(ValueError, match="loss.kind"):
+    targets.TargetKind("discounted", 0.99, 1.0, loss="l1")
+  from lenvm_jax.config import LossConfig  # pylint: disable=g-import-not-at-top
+  from lenvm_jax.value.objective import Objective  # pylint: disable=g-import-not-at-top
+  kind = Objective.from_config(LossConfig(gamma=0.9, kind="huber", huber_delta=2.0)).kind
+  assert (kind.loss, kind.huber_delta) == ("huber", 2.0)
+
+
+def test_normalized_length_divides_by_the_normalizer_without_clipping():
+  kind = targets.TargetKind("normalized_length", 0.99, 100.0)
+  np.testing.assert_allclose(kind.target(jnp.array([0, 50, 100, 250])), [0.0, 0.5, 1.0, 2.5])
+  with pytest.raises(ValueError, match="length_normalizer"):
+    targets.TargetKind("normalized_length", 0.99, 0.0)
+
+
 def test_ablation_target_kinds_round_trip_lengths():
   n = jnp.array([0, 3, 40, 400])
   for name in targets.TARGET_TYPES:

@@ -111,7 +111,7 @@ def resolve_gamma(run: RunConfig):
   """(run with loss.gamma a number, its training source): "auto" / "auto_mre" are resolved from the training split's
   lengths (value/gamma.py), read once, before anything else is built."""
   source = pipeline.load_source(run, "train")
-  if run.loss.gamma_resolved:
+  if run.loss.resolved:
     return run, source
   run = gamma_lib.resolve(run, pipeline.length_sample(source))
   if run.data.source == "synthetic":  # Synthetic records carry their exact values under gamma: draw them again.

@@ -1,9 +1,12 @@
-"""The discount gamma: the rules that pick it from completion lengths, and the resolution of loss.gamma.
+"""The discount gamma: the rules that pick it from completion lengths, and the resolution of loss.gamma (and of
+loss.length_normalizer, the other loss setting read from the data).
 
 A run whose config says loss.gamma = "auto" or "auto_mre" gets a number from its training split once, at the start
-(`resolve`), before anything is built; the resolved RunConfig is what config.json records and what prediction,
-export and evaluation later read.
+(`resolve`), before anything is built; so does loss.length_normalizer = 0 under target_type 'normalized_length'. The
+resolved RunConfig is what config.json records and what prediction, export and evaluation later read.
 """
+
+import dataclasses
 
 import logging
 
@@ -55,7 +58,17 @@ def resolve(run: RunConfig, sample) -> RunConfig:
 
   "auto": gamma = 0.01 ** (1 / L_p99) of the finished completions (spec section 1). "auto_mre": the gamma with the
   least prompt-boundary MRE for a LenVM that knows only the generator (least_mre_gamma), for jobs judged by it.
+  loss.length_normalizer = 0 under target_type 'normalized_length' becomes the longest completion in `sample`
+  (finished or not: a cut completion's length is the generator's limit, the longest any can be).
   """
+  if run.loss.target_type == "normalized_length" and not run.loss.length_normalizer:
+    longest = max((len(t.completion_ids) for t in sample), default=0)
+    if not longest:
+      raise ConfigError("config.loss.length_normalizer: 0 (the longest training completion) found no completion "
+                        "tokens in the training split; set a length")
+    logging.info("loss.length_normalizer=0: the longest of %d training completions has %d tokens", len(sample),
+                 longest)
+    run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, length_normalizer=float(longest)))
   mode = run.loss.gamma
   if run.loss.gamma_resolved:
     return run

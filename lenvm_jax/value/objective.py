@@ -41,9 +41,10 @@ class Objective:
   @classmethod
   def from_config(cls, loss: LossConfig) -> "Objective":
     """From a run's loss section; its gamma must be resolved (value/gamma.py)."""
-    if not loss.gamma_resolved:
-      raise ValueError(f"loss.gamma={loss.gamma!r} is not resolved yet (value/gamma.resolve)")
-    kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer)
+    if not loss.resolved:
+      raise ValueError(f"loss.gamma={loss.gamma!r} or loss.length_normalizer={loss.length_normalizer!r} is not "
+                       "resolved yet (value/gamma.resolve)")
+    kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer, loss.kind, loss.huber_delta)
     return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride,
                candidate_weight=loss.candidate_weight)
 
@@ -62,7 +63,8 @@ class Objective:
     candidate_z (the candidate head's logit of each realised next token, [B, T]) the candidate squared error."""
     prediction = self.kind.predict(z)
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
-    out = {"value_sq_err": jnp.sum(self.value_weights(batch) * (prediction - target) ** 2)}
+    # "value_sq_err": the summed per-token loss (squared error, or Huber under loss.kind = "huber").
+    out = {"value_sq_err": jnp.sum(self.value_weights(batch) * self.kind.regression_loss(prediction, target))}
     if lm_logits is not None:
       ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch[rows.LM_TARGETS]))
       out["lm_ce"] = jnp.sum(self.lm_positions(batch[rows.LM_MASK]).astype(jnp.float32) * ce)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
+LOSS_KINDS = ("mse", "huber")
 
 
 def discounted_return(remaining, gamma: float):
@@ -64,18 +65,36 @@ def relative_length_error(predicted, true):
 
 @dataclasses.dataclass(frozen=True)
 class TargetKind:
-  """How the value-head logit z becomes a prediction, what it regresses on, and how to read a length back.
+  """How the value-head logit z becomes a prediction, what it regresses on with which per-token loss, and how to
+  read a length back.
 
   `discounted` is the LenVM target. The others are the paper's section 5.1 ablations: raw length + softplus,
-  length / length_normalizer + sigmoid (clipped to 1), log1p(length) + softplus.
+  length / length_normalizer + sigmoid (not clipped: the reference divides by the longest length it trains on),
+  log1p(length) + softplus. `loss` is "mse" (d ** 2) or "huber" (torch's huber_loss: 0.5 d ** 2 for |d| <= delta,
+  delta (|d| - delta / 2) beyond), the reference's loss for every target type.
   """
   name: str
   gamma: float
   length_normalizer: float
+  loss: str = "mse"
+  huber_delta: float = 1.0
 
   def __post_init__(self):
     if self.name not in TARGET_TYPES:
       raise ValueError(f"loss.target_type must be one of {TARGET_TYPES}, got {self.name!r}")
+    if self.loss not in LOSS_KINDS:
+      raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {self.loss!r}")
+    if self.name == "normalized_length" and not self.length_normalizer > 0:
+      raise ValueError(f"loss.length_normalizer must be resolved to a positive length, got {self.length_normalizer}")
+
+  def regression_loss(self, prediction, target):
+    """Per-token loss of a prediction against its target (both [...], float32)."""
+    error = prediction - target
+    if self.loss == "mse":
+      return error**2
+    magnitude = jnp.abs(error)
+    return jnp.where(magnitude <= self.huber_delta, 0.5 * error**2,
+                     self.huber_delta * (magnitude - 0.5 * self.huber_delta))
 
   def predict(self, z):
     if self.name == "discounted":
@@ -91,7 +110,7 @@ class TargetKind:
     if self.name == "raw_length":
       return n
     if self.name == "normalized_length":
-      return jnp.minimum(n / self.length_normalizer, 1.0)
+      return n / self.length_normalizer
     return jnp.log1p(n)
 
   def remaining_estimate(self, prediction):
