@@ -31,9 +31,10 @@ from ml_collections import config_flags
 from lenvm_jax import sharding
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline
-from lenvm_jax.data.synthetic import EOS_ID
 from lenvm_jax.evaluation import length_scores, length_tokens
-from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.data.tokenizer import load_tokenizer
+from lenvm_jax.decoding.eos import generator_eos_ids
+from lenvm_jax.decoding.guided import CONVENTIONS, GuidedSampler, LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerScorer
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import SamplingConfig
@@ -56,6 +57,13 @@ _THRESHOLD = flags.DEFINE_float(
     "token that only survives one step moves the residual by up to (1 - gamma), which passes 0.01 once gamma < 0.99.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Rows decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion; default: the synthetic policy's, else "
+                         "--tokenizer's, else the last tokens of the run's finished eval completions.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (HF dir, tokenizer.json, SentencePiece) whose EOS id "
+                                 "ends completions of the shared generator.")
+_LENGTH_RULES = flags.DEFINE_enum("length_rules", "paper", list(CONVENTIONS),
+                                  "How Equal To / At Most / At Least choose (docs/inference.md): paper (At Least "
+                                  "then runs to the sampler's limit), reference, or sample_fitting.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -74,6 +82,14 @@ def _models(predictor: Predictor, config: RunConfig, kind: str):
   return "shared trunk", SharedTrunk(predictor.graphdef, predictor.kind, vocab_size), predictor.params
 
 
+def eos_ids_for(models, trajectories) -> tuple[int, ...]:
+  """The generator's EOS ids (decoding/eos.py): --eos_ids, else the synthetic policy's own, else --tokenizer's, else
+  the data's (the last tokens of the finished completions among `trajectories`)."""
+  synthetic = isinstance(models, Pair) and isinstance(models.generator, SyntheticGenerator)
+  tokenizer_eos = load_tokenizer(_TOKENIZER.value).eos_id if _TOKENIZER.value else None
+  return generator_eos_ids("synthetic" if synthetic else "shared", _EOS.value or (), tokenizer_eos, trajectories)
+
+
 def _lengths(samples):
   return np.asarray([len(s.completion_ids) for s in samples])
 
@@ -82,7 +98,7 @@ def length_instruction(sampler, prompts, targets) -> dict:
   unguided = _lengths(sampler.generate(prompts, [LengthRequest()] * len(prompts)))
   report = {}
   for rule in length_scores.RULES:
-    requests = [LengthRequest(rule, t) for t in targets for _ in prompts]
+    requests = [LengthRequest.following(_LENGTH_RULES.value, rule, t) for t in targets for _ in prompts]
     guided = _lengths(sampler.generate(prompts * len(targets), requests,
                                        row_ids=list(range(len(prompts))) * len(targets)))
     report[rule] = {}
@@ -176,6 +192,7 @@ def main(argv):
   try:
     name, models, params = _models(predictor, config, _GENERATOR.value)
     source = pipeline.load_source(config, "eval")
+    eos_ids = eos_ids_for(models, [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))])
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -184,14 +201,13 @@ def main(argv):
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
   mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
   batch = _BATCH.value
-  eos_ids = (EOS_ID,)
 
   def sampler(max_new_tokens):
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=eos_ids, seed=_SEED.value)
     return GuidedSampler(models, params, sampling, mesh, num_candidates=_CANDIDATES.value, batch_size=batch)
 
-  report = {"checkpoint_step": predictor.step, "generator": name, "gamma": gamma,
-            "num_candidates": _CANDIDATES.value, "prompts": count}
+  report = {"checkpoint_step": predictor.step, "generator": name, "gamma": gamma, "eos_ids": list(eos_ids),
+            "length_rules": _LENGTH_RULES.value, "num_candidates": _CANDIDATES.value, "prompts": count}
   report["length_instruction"] = length_instruction(sampler(2 * max(targets)), prompts, targets)
   report["quality_vs_length"] = {"budget": _BUDGET.value, "accuracy": "emits EOS within the budget",
                                  "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas)}

@@ -23,6 +23,12 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
 _CELLS = flags.DEFINE_string(
     "cell_separator", "", "prompt_id = <problem><separator><cell> (CHAMP: |): also print the MRE of the model's "
     "L_hat averaged within each (generator, cell), which shows whether its prompt-specific part helps.")
+_GROUPING = flags.DEFINE_enum(
+    "grouping", "finished", list(prompt_groups.BOUNDARY_GROUPINGS), "Prompt-boundary groups: finished (the "
+    "finished completions of each prompt) or reference (every sample, a cut one with its token count; only prompts "
+    "with exactly --samples_per_prompt samples).")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
+                                "most common count).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -55,7 +61,8 @@ def main(argv):
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.loss.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
                                 cell_of=functools.partial(prompt_groups.cell_of, separator=_CELLS.value)
-                                if _CELLS.value else None)
+                                if _CELLS.value else None, grouping=_GROUPING.value,
+                                samples_per_prompt=_SAMPLES.value)
   report["checkpoint_step"] = predictor.step
   with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)

@@ -30,6 +30,12 @@ _INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions (JSONL) or report (JSON).")
 _MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval"], "What to predict (see above).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+_GROUPING = flags.DEFINE_enum("grouping", "finished", ["finished", "reference"],
+                              "--mode=prompt_eval groups: finished completions per prompt, or the reference's rule "
+                              "(every sample, a cut one with its token count; prompts with exactly "
+                              "--samples_per_prompt samples; lenvm_jax/data/prompt_groups.py).")
+_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
+                                "most common count).")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -63,7 +69,7 @@ def main(argv):
     else:
       try:
         report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,
-                                                    max_prompt_len)
+                                                    max_prompt_len, _GROUPING.value, _SAMPLES.value)
       except ValueError as e:
         print(f"error: {_INPUT.value}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -118,6 +118,29 @@ def test_evaluate_scores_model_and_baselines_on_the_same_states():
   assert calibration["a"]["true"] == pytest.approx(targets.prompt_boundary_length([6, 3], 0.9))
 
 
+def test_reference_grouping_scores_groups_with_unfinished_samples_from_their_prompt():
+  class Oracle(_OraclePredictor):
+    def predict_prompts(self, prompts, batch_size=16, max_prompt_len=0):
+      return None, np.asarray([{"y": 20.0, "z": 30.0}[t.prompt_id] for t in prompts])
+
+  held_out = [_t(6, "a", prompt_id="x"), _t(8, "a", prompt_id="x"), _t(3, "a", prompt_id="y"),
+              Trajectory(np.asarray([5], np.int32), np.ones(9, np.int32), False, "y", "a"),
+              Trajectory(np.asarray([5], np.int32), np.ones(9, np.int32), False, "z", "a"),
+              Trajectory(np.asarray([5], np.int32), np.ones(7, np.int32), False, "z", "a"), _t(4, "a", prompt_id="w")]
+  baselines = length_eval.fit_baselines([_t(4, "a", prompt_id="p")], 0.9)
+  ours = length_eval.evaluate(Oracle(), held_out, baselines, 0.9, max_len=64)
+  assert ours["counts"]["prompt_groups"] == 3  # x, y (its finished sample), w.
+  reference = length_eval.evaluate(Oracle(), held_out, baselines, 0.9, max_len=64, grouping="reference")
+  assert reference["counts"]["prompt_groups"] == 3  # x, y and z: two samples each; w has one.
+  truth = {"x": targets.prompt_boundary_length([6, 8], 0.9), "y": targets.prompt_boundary_length([3, 9], 0.9),
+           "z": targets.prompt_boundary_length([9, 7], 0.9)}
+  # L_hat: x's from its finished samples' s_0 (a model's V(s_0) is the same for both; the oracle's differ and the
+  # last, 8, is kept), y's from its finished sample (3), z (no finished sample) from its prompt alone (30).
+  expected = np.mean([abs(8 - truth["x"]) / truth["x"], abs(3 - truth["y"]) / truth["y"],
+                      abs(30 - truth["z"]) / truth["z"]])
+  assert reference["prompt_mre"]["*"]["model"] == pytest.approx(expected)
+
+
 def test_prompt_calibration_shows_a_biased_boundary_value():
   class Doubling(_OraclePredictor):  # Predicts twice the true remaining length at every state.
     def predict(self, trajectories, **kwargs):

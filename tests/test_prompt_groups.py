@@ -32,6 +32,22 @@ def test_group_by_prompt_keeps_finished_by_prompt_and_generator():
   assert prompt_groups.group_key(_t(1, None, prompt_id="q")) == ("q", prompt_groups.UNKNOWN_GENERATOR)
 
 
+def test_boundary_groups_finished_or_as_the_reference_counts_every_sample():
+  cut = lambda n, prompt_id: _t(n, "a", prompt_id=prompt_id, finished=False)
+  samples = [_t(4, prompt_id="p"), cut(9, "p"), _t(6, prompt_id="p"),  # p: 3 samples, one cut at 9 tokens.
+             _t(2, prompt_id="q"), _t(3, prompt_id="q"), _t(5, prompt_id="q"),  # q: 3 finished.
+             _t(7, prompt_id="r"), cut(8, "r")]  # r: 2 samples.
+  assert prompt_groups.boundary_groups(samples) == prompt_groups.group_by_prompt(samples) == {
+      ("p", "a"): [4, 6], ("q", "a"): [2, 3, 5], ("r", "a"): [7]}
+  # The reference: unfinished samples count with their token count; groups without exactly N samples are skipped
+  # (N: the most common group size, 3, unless given).
+  assert prompt_groups.boundary_groups(samples, "reference") == {("p", "a"): [4, 9, 6], ("q", "a"): [2, 3, 5]}
+  assert prompt_groups.boundary_groups(samples, "reference", samples_per_prompt=2) == {("r", "a"): [7, 8]}
+  assert prompt_groups.boundary_groups([], "reference") == {}
+  with pytest.raises(ValueError, match="grouping"):
+    prompt_groups.boundary_groups(samples, "all")
+
+
 def test_unseeded_split_draws_each_group_by_its_hash_and_seeded_split_takes_an_exact_share():
   ids = [f"p{i}" for i in range(200)]
   assert prompt_groups.split_groups(ids, 0.3) == {i: prompt_groups.hash_split(i, 0.3) for i in ids}

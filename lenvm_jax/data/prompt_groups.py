@@ -15,6 +15,8 @@ import numpy as np
 SPLITS = ("train", "eval")
 PROMPT_ID_SEPARATOR = "|"
 UNKNOWN_GENERATOR = "unknown"
+# Which samples make a prompt-boundary group (boundary_groups): this framework's rule, or the reference's.
+BOUNDARY_GROUPINGS = ("finished", "reference")
 
 
 def make_prompt_id(problem: str, setting: str) -> str:
@@ -64,6 +66,29 @@ def group_by_prompt(trajectories) -> dict:
   for trajectory in trajectories:
     add_to_groups(groups, trajectory)
   return dict(groups)
+
+
+def boundary_groups(trajectories, grouping: str = "finished", samples_per_prompt: int = 0) -> dict:
+  """{(prompt, generator): [completion lengths]} that the prompt-boundary MRE is measured on (spec section 4).
+
+  "finished" (the default): the finished completions of each group, however many; an unfinished completion has no
+  known length, so it is left out (a group of long prompts then looks shorter than it is). "reference" (the
+  reference's evaluation): every sample counts, an unfinished one with its token count, and only groups with
+  exactly `samples_per_prompt` samples are kept (0 = the most common group size), so every L_GT averages the same
+  number of samples.
+  """
+  if grouping not in BOUNDARY_GROUPINGS:
+    raise ValueError(f"prompt-boundary grouping must be one of {BOUNDARY_GROUPINGS}, got {grouping!r}")
+  if grouping == "finished":
+    return group_by_prompt(trajectories)
+  groups = collections.defaultdict(list)
+  for trajectory in trajectories:
+    groups[group_key(trajectory)].append(len(trajectory.completion_ids))
+  if not groups:
+    return {}
+  sizes = collections.Counter(len(v) for v in groups.values())
+  wanted = samples_per_prompt or max(sizes, key=lambda size: (sizes[size], size))
+  return {key: lengths for key, lengths in groups.items() if len(lengths) == wanted}
 
 
 def split_key(prompt_id, prompt_ids) -> str:

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.data.prompt_groups import generator_of, group_by_prompt, group_key
+from lenvm_jax.data.prompt_groups import boundary_groups, generator_of, group_by_prompt, group_key
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
                                                   least_mre_length, prompt_boundary_mre)
 from lenvm_jax.value.targets import prompt_boundary_length
@@ -26,22 +26,25 @@ position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64
 
 
 def prompt_boundary_report(predictor, trajectories, gamma: float, batch_size: int = 16,
-                           max_prompt_len: int = 0) -> dict:
-  """Spec section 4 on sampled completions: group finished trajectories by (prompt, generator), L_GT from the
-  mean of gamma ** L_i, L_hat from the model's V(s_0); MRE overall ("*") and per generator, plus every group."""
-  groups = group_by_prompt(trajectories)
+                           max_prompt_len: int = 0, grouping: str = "finished", samples_per_prompt: int = 0) -> dict:
+  """Spec section 4 on sampled completions: group trajectories by (prompt, generator) (prompt_groups.boundary_groups:
+  finished ones, or the reference's rule), L_GT from the mean of gamma ** L_i, L_hat from the model's V(s_0); MRE
+  overall ("*") and per generator, plus every group."""
+  groups = boundary_groups(trajectories, grouping, samples_per_prompt)
   if not groups:
-    raise ValueError("prompt-boundary evaluation needs finished trajectories")
+    raise ValueError("prompt-boundary evaluation needs finished trajectories" if grouping == "finished" else
+                     "prompt-boundary evaluation found no prompt group with the wanted number of samples")
   first = {}
   for t in trajectories:
-    if t.finished:
+    if group_key(t) in groups:
       first.setdefault(group_key(t), t)
   keys = list(groups)
   _, predicted = predictor.predict_prompts([first[k] for k in keys], batch_size, max_prompt_len)
   l_hat = dict(zip(keys, predicted.tolist()))
   rows = [{"prompt": k[0] if isinstance(k[0], str) else list(k[0]), "generator": k[1], "samples": len(groups[k]),
            "true_length": prompt_boundary_length(groups[k], gamma), "predicted_length": l_hat[k]} for k in keys]
-  return {"mre": prompt_boundary_mre(groups, l_hat, gamma), "prompt_groups": len(keys), "groups": rows}
+  return {"mre": prompt_boundary_mre(groups, l_hat, gamma), "prompt_groups": len(keys), "grouping": grouping,
+          "groups": rows}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,12 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
-             batch_size: int = 16, max_prompt_len: int = 0, cell_of=None) -> dict:
+             batch_size: int = 16, max_prompt_len: int = 0, cell_of=None, grouping: str = "finished",
+             samples_per_prompt: int = 0) -> dict:
   """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
   per generator, on the finished held-out trajectories; "prompt_calibration": {"model", "true"} mean-return lengths
-  at s_0. cell_of(group key) adds a "cell_mean" MRE: the model's L_hat averaged (in return) within each cell."""
+  at s_0. cell_of(group key) adds a "cell_mean" MRE: the model's L_hat averaged (in return) within each cell.
+  grouping / samples_per_prompt pick the prompt-boundary groups (prompt_groups.boundary_groups)."""
   finished = [t for t in trajectories if t.finished]
   predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -109,9 +114,15 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   token_mae = {scope: {name: float(np.mean(np.concatenate(v))) for name, v in by.items()}
                for scope, by in errors.items()}
 
-  groups = group_by_prompt(finished)
+  groups = boundary_groups(trajectories, grouping, samples_per_prompt)
   # The same prompt gives the same V(s_0), so any member's first prediction is the group's L_hat.
-  boundary = {group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)}
+  boundary = {group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)
+              if group_key(t) in groups}
+  # Groups of unfinished samples only (reference grouping) have no per-token prediction: their prompt alone.
+  unscored = {group_key(t): t for t in trajectories if group_key(t) in groups and group_key(t) not in boundary}
+  if unscored:
+    _, lengths = predictor.predict_prompts(list(unscored.values()), batch_size, max_prompt_len)
+    boundary.update(zip(unscored, map(float, lengths)))
   guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
              "generator": lambda key: baselines.generator_prompt_length.get(key[1], baselines.constant_prompt_length)}
   if cell_of is not None:

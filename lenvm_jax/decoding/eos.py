@@ -1,0 +1,34 @@
+"""Which token ids end a completion when a tool decodes with a run's model: one rule for evaluate and benchmarks.
+
+Runs do not record a tokenizer (training needs no EOS id), so the id comes, in order, from: ids the caller names
+(--eos_ids), the caller's tokenizer (--tokenizer), or the run's own data: a finished completion ends with EOS by
+definition (data/records.py), so the last tokens of the finished completions are the ids the LenVM was trained to
+value 0. The synthetic policy has its own fixed id.
+"""
+
+from typing import Iterable, Sequence
+
+from lenvm_jax.data.synthetic import EOS_ID as SYNTHETIC_EOS_ID
+
+
+def eos_ids_of_data(trajectories: Iterable) -> tuple[int, ...]:
+  """The distinct last tokens of the finished completions, sorted (empty when none finished)."""
+  return tuple(sorted({int(t.completion_ids[-1]) for t in trajectories if t.finished and len(t.completion_ids)}))
+
+
+def generator_eos_ids(generator: str, explicit: Sequence[int] = (), tokenizer_eos: int | None = None,
+                      trajectories: Iterable = ()) -> tuple[int, ...]:
+  """EOS ids for `generator` ("synthetic": the synthetic policy; anything else: a model speaking the data's
+  tokenizer), from the first source that names any: explicit ids, the tokenizer's, the data's finished completions.
+  """
+  if explicit:
+    return tuple(int(i) for i in explicit)
+  if generator == "synthetic":
+    return (SYNTHETIC_EOS_ID,)
+  if tokenizer_eos is not None:
+    return (int(tokenizer_eos),)
+  found = eos_ids_of_data(trajectories)
+  if not found:
+    raise ValueError("no EOS id: the data has no finished completion to read it from; pass --eos_ids (or "
+                     "--tokenizer, whose EOS is used)")
+  return found
