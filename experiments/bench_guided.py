@@ -6,6 +6,12 @@ Weights are random (cost does not depend on them). Plain sampling is lenvm_jax/d
 is lenvm_jax/decoding/guided.py with the Equal-To rule, both as one shared-trunk model (generator = LenVM) and as two
 models (a generator and a separate LenVM of the same shape, each with its own KV cache). A row may stop early, but
 every decode step runs the whole batch, so the cost is time / (decode steps x batch): one token per row per step.
+
+--scorer (default both): next_state runs the k candidates through the LenVM as k extra tokens over its KV cache;
+candidate_head reads their values off the hidden state the step already computed (decoding/candidate_scoring.py),
+so only the chosen token runs. The models then carry a candidate head (--candidate_head: table or tied); plain
+sampling and the next-state scorer ignore it. Variants are timed round-robin (repeat r of every variant, then repeat
+r + 1), so a busy machine slows them alike and the ratios stay comparable; the best run of each is kept.
 """
 
 import time
@@ -16,8 +22,8 @@ from absl import app, flags
 from flax import nnx
 
 from lenvm_jax import sharding
+from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
-from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
@@ -32,15 +38,22 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Decode steps (max_new_tokens).")
 _CANDIDATES = flags.DEFINE_list("candidates", ["5", "15"], "Candidate counts k to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after one warm-up (compile) run; the best is kept.")
+_SCORERS = flags.DEFINE_list("scorer", list(candidate_scoring.SCORERS),
+                             f"Candidate scorers to time: {', '.join(candidate_scoring.SCORERS)}.")
+_CANDIDATE_HEAD = flags.DEFINE_enum("candidate_head", "table", ["table", "tied"],
+                                    "Layout of the candidate head when --scorer includes candidate_head.")
 
 
-def _time_per_token(generate, prompts) -> float:
-  generate(prompts)  # Compile.
-  best = np.inf
+def _times_per_token(variants: dict, prompts) -> dict:
+  """Best time per token of each variant ({name: generate(prompts)}), timed round-robin after one compile run each."""
+  for generate in variants.values():
+    generate(prompts)  # Compile.
+  best = dict.fromkeys(variants, np.inf)
   for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    steps = max(len(s.completion_ids) for s in generate(prompts))
-    best = min(best, (time.perf_counter() - start) / (steps * len(prompts)))
+    for name, generate in variants.items():
+      start = time.perf_counter()
+      steps = max(len(s.completion_ids) for s in generate(prompts))
+      best[name] = min(best[name], (time.perf_counter() - start) / (steps * len(prompts)))
   return best
 
 
@@ -53,8 +66,13 @@ def _random_model(config: ModelConfig, seed: int):
 def main(argv):
   del argv
   vocab_size = _VOCAB.value or preset_fields(_PRESET.value).get("vocab_size") or 64
-  config = ModelConfig(**{**preset_fields(_PRESET.value), "vocab_size": vocab_size})
-  lenvm_config = ModelConfig(**{**preset_fields(_LENVM_PRESET.value or _PRESET.value), "vocab_size": vocab_size})
+  unknown = sorted(set(_SCORERS.value) - set(candidate_scoring.SCORERS))
+  if unknown:
+    raise ValueError(f"--scorer: unknown {unknown}; choose from {', '.join(candidate_scoring.SCORERS)}")
+  head = _CANDIDATE_HEAD.value if "candidate_head" in _SCORERS.value else "none"
+  config = ModelConfig(**{**preset_fields(_PRESET.value), "vocab_size": vocab_size, "candidate_head": head})
+  lenvm_config = ModelConfig(**{**preset_fields(_LENVM_PRESET.value or _PRESET.value), "vocab_size": vocab_size,
+                                "candidate_head": head})
   graphdef, generator_params = _random_model(config, 0)
   lenvm_graphdef, lenvm_params = _random_model(lenvm_config, 1)
   mesh = sharding.make_mesh(-1, 1, 1)
@@ -66,19 +84,24 @@ def main(argv):
   requests = [LengthRequest("equal_to", _NEW_TOKENS.value)] * len(prompts)
 
   plain = Sampler(graphdef, generator_params, sampling, mesh, batch_size=_BATCH.value)
-  base = _time_per_token(plain.generate, prompts)
+  variants = {"plain": plain.generate}
+  for k in map(int, _CANDIDATES.value):
+    for scorer in _SCORERS.value:
+      layouts = {"shared trunk": (candidate_scoring.shared_trunk(scorer, graphdef, kind, config), generator_params),
+                 "two models": (candidate_scoring.pair(scorer, graphdef, lenvm_graphdef, kind, lenvm_config),
+                                (generator_params, lenvm_params))}
+      for name, (models, params) in layouts.items():
+        guided = GuidedSampler(models, params, sampling, mesh, num_candidates=k, batch_size=_BATCH.value)
+        variants[(k, name, scorer)] = lambda p, g=guided: g.generate(p, requests)
+  costs = _times_per_token(variants, prompts)
+  base = costs.pop("plain")
   print(f"generator {_PRESET.value} ({config.num_layers} layers x {config.hidden_size}, vocab {config.vocab_size}), "
         f"two-model LenVM {lenvm_config.num_layers} x {lenvm_config.hidden_size}; batch {_BATCH.value}, prompt "
         f"{_PROMPT_LEN.value}, {_NEW_TOKENS.value} new tokens, {jax.device_count()} x {jax.devices()[0].platform}")
-  print(f"plain sampling: {base * 1e6:9.1f} us/token")
-  two_models = Pair(TransformerGenerator(graphdef, config.vocab_size), TransformerScorer(lenvm_graphdef, kind))
-  layouts = {"shared trunk": (SharedTrunk(graphdef, kind, config.vocab_size), generator_params),
-             "two models": (two_models, (generator_params, lenvm_params))}
-  for k in map(int, _CANDIDATES.value):
-    for name, (models, params) in layouts.items():
-      guided = GuidedSampler(models, params, sampling, mesh, num_candidates=k, batch_size=_BATCH.value)
-      cost = _time_per_token(lambda p, g=guided: g.generate(p, requests), prompts)
-      print(f"guided k={k:<3} {name:<13}: {cost * 1e6:9.1f} us/token  ratio {cost / base:5.2f}x")
+  print(f"plain sampling: {base * 1e6:9.1f} us/token" + (f"  (model with a {head} candidate head)" if head != "none"
+                                                          else ""))
+  for (k, name, scorer), cost in costs.items():
+    print(f"guided k={k:<3} {name:<13} {scorer:<14}: {cost * 1e6:9.1f} us/token  ratio {cost / base:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,106 @@ def test_train_step_with_the_candidate_loss_does_not_depend_on_the_split(tiny_co
   value_mse = out["value_mse"] / out["value_mse/count"]  # Discounted target: value_mse is the value loss.
   candidate_mse = out["candidate_value_mse"] / out["candidate_value_mse/count"]
   assert loss == pytest.approx(float(value_mse + 2.0 * candidate_mse), rel=1e-4)
+
+
+# --- Guided decoding with the candidate head ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_candidate_head_guidance_scores_from_the_cached_hidden_state():
+  """Guided decoding with scorer='candidate_head' (shared trunk, and as the LenVM of a Pair): every recorded value is
+  Q(s_t, chosen token) of the cache-free forward's hidden state at s_t; both layouts make the same choices."""
+  from lenvm_jax.decoding import candidate_scoring
+  from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+  from lenvm_jax.decoding.sampler import SamplingConfig
+
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": "table"})
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
+  # Scaled-up weights and a random table: values spread over (-1, 0), choices are no near-ties.
+  init = lambda: jax.tree.map(lambda p: p * 3.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1]
+                              .to_pure_dict())
+  params = jax.jit(init)()
+  params["candidate_head"]["table"] = jax.random.normal(jax.random.key(5), (64, config.hidden_size)) * 0.3
+  kind = targets.TargetKind("discounted", 0.9, 1024.0)
+  sampling = SamplingConfig(max_new_tokens=12, eos_ids=(1, 2), seed=0, top_p=0.95)
+  mesh = sharding.make_mesh(-1, 1, 1)
+  prompts = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]] * 2
+  requests = [LengthRequest(*r) for r in (("equal_to", 4), ("at_most", 3), ("at_least", 9), ("tilt", 0, -2.0),
+                                          ("none",), ("tilt", 0, 3.0), ("equal_to", 8), ("at_least", 2))]
+  shared = candidate_scoring.shared_trunk("candidate_head", graphdef, kind, config)
+  samples = GuidedSampler(shared, params, sampling, mesh, num_candidates=5, batch_size=8).generate(prompts, requests)
+  pair = candidate_scoring.pair("candidate_head", graphdef, graphdef, kind, config)
+  paired = GuidedSampler(pair, (params, params), sampling, mesh, num_candidates=5, batch_size=8).generate(
+      prompts, requests)
+
+  width = 32
+  tokens, segment_ids = np.zeros((2, len(prompts), width), np.int32)
+  for row, (prompt, sample) in enumerate(zip(prompts, samples)):
+    seq = prompt + sample.completion_ids.tolist()
+    tokens[row, :len(seq)], segment_ids[row, :len(seq)] = seq, 1
+
+  @jax.jit
+  def every_q(params, tokens, segment_ids):
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(tokens, jnp.broadcast_to(jnp.arange(width), tokens.shape), segment_ids)
+    return kind.value_estimate(kind.predict(model.candidate_logits(hidden)))  # [B, T, vocab]
+
+  q = np.asarray(every_q(params, jnp.asarray(tokens), jnp.asarray(segment_ids)))
+  for row, (prompt, sample, other) in enumerate(zip(prompts, samples, paired)):
+    np.testing.assert_array_equal(sample.completion_ids, other.completion_ids)
+    np.testing.assert_allclose(sample.values, other.values, atol=1e-5)
+    steps = np.arange(len(sample.completion_ids))
+    expected = q[row, len(prompt) - 1 + steps, sample.completion_ids]  # Q(s_t, x_{t+1}) read at s_t.
+    expected = np.where(np.isin(sample.completion_ids, (1, 2)), 0.0, expected)
+    np.testing.assert_allclose(sample.values, expected, atol=2e-5)
+  assert len({len(s.completion_ids) for s in samples}) > 1
+
+
+def test_the_candidate_head_scorer_needs_a_head():
+  from lenvm_jax.decoding import candidate_scoring
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64})
+  with pytest.raises(ValueError, match="needs a LenVM with a candidate head"):
+    candidate_scoring.shared_trunk("candidate_head", None, None, config)
+  with pytest.raises(ValueError, match="scorer must be one of"):
+    candidate_scoring.lenvm_scorer("k_token", None, None, config)
+
+
+@pytest.mark.slow
+def test_next_values_of_both_scorers_match_the_cache_free_forward():
+  """next_values: V(s_t + x) for t = 0 .. L. next_state equals the value head on prefix + [x] run from scratch;
+  candidate_head equals Q of the cache-free hidden state at s_t."""
+  import types
+  from lenvm_jax.decoding import next_values
+
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": "tied"})
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
+  params = jax.jit(lambda: jax.tree.map(lambda p: p * 3.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1]
+                                        .to_pure_dict()))()
+  kind = targets.TargetKind("discounted", 0.9, 1024.0)
+  predictor = types.SimpleNamespace(config=types.SimpleNamespace(model=config), graphdef=graphdef, kind=kind,
+                                    params=params)
+  trajectories = [Trajectory(np.asarray(p, np.int32), np.asarray(c, np.int32), True)
+                  for p, c in (([5, 6, 7], [9, 10, 1]), ([3], [11, 12, 13, 14, 1]), ([8, 9, 10, 11, 12], [1]))]
+  ids = [1, 4, 9, 63]
+  got = {scorer: next_values.next_values(predictor, trajectories, ids, scorer, batch_size=2, chunk=3)
+         for scorer in ("next_state", "candidate_head")}
+
+  @jax.jit
+  def forward(tokens):
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden = model.hidden_states(tokens, positions, jnp.ones_like(tokens))
+    q = kind.value_estimate(kind.predict(model.candidate_logits(hidden, jnp.broadcast_to(
+        jnp.asarray(ids), tokens.shape + (len(ids),)))))
+    return kind.value_estimate(kind.predict(model.value_logits(hidden))), q
+
+  for i, t in enumerate(trajectories):
+    sequence = np.concatenate([t.prompt_ids, t.completion_ids])
+    p, length = len(t.prompt_ids), len(t.completion_ids)
+    assert got["next_state"][i].shape == got["candidate_head"][i].shape == (length + 1, len(ids))
+    _, q = forward(jnp.asarray(sequence[None]))
+    np.testing.assert_allclose(got["candidate_head"][i], np.asarray(q[0, p - 1:]), atol=2e-5)
+    for step in range(length + 1):
+      extended = np.stack([np.append(sequence[:p + step], x) for x in ids])  # s_t + x, run from scratch.
+      values, _ = forward(jnp.asarray(extended))
+      np.testing.assert_allclose(got["next_state"][i][step], np.asarray(values[:, -1]), atol=2e-5)

@@ -43,10 +43,11 @@ def count(batch):
 
 
 def sums(kind: targets.TargetKind, candidate_z, value_targets, batch) -> dict:
-  """{"candidate_sq_err": sum over candidate positions of (Q(s_t, a) - target(s_{t+1}))^2}; candidate_z [..., T] is
-  the head's logit of the realised next token, value_targets the (stop-gradient) value targets of every position."""
-  error = kind.predict(candidate_z) - next_state_targets(value_targets, batch)
-  return {"candidate_sq_err": jnp.sum(next_state_mask(batch).astype(jnp.float32) * error ** 2)}
+  """{"candidate_sq_err": sum over candidate positions of the regression loss of Q(s_t, a) against target(s_{t+1})
+  (squared error, or Huber under loss.kind = "huber", as the value loss)}; candidate_z [..., T] is the head's logit of
+  the realised next token, value_targets the (stop-gradient) value targets of every position."""
+  per_token = kind.regression_loss(kind.predict(candidate_z), next_state_targets(value_targets, batch))
+  return {"candidate_sq_err": jnp.sum(next_state_mask(batch).astype(jnp.float32) * per_token)}
 
 
 def metric_sums(kind: targets.TargetKind, candidate_z, z, batch) -> dict:
