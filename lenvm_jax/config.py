@@ -25,6 +25,7 @@ LOSS_KINDS = ("mse", "huber")
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKING = ("none", "first_fit", "best_fit")
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+BATCHING = ("shuffled", "grouped")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -107,6 +108,9 @@ class SyntheticConfig:
   switch_prob: float = 0.04  # Probability that a completion token switches the mode.
   train_records: int = 200_000
   eval_records: int = 1024
+  # Completions drawn per prompt (records come in groups of this many with one prompt id); 1 = every record its
+  # own prompt. Prompt-boundary MRE and the samples-per-prompt experiments need more.
+  samples_per_prompt: int = 1
 
   def __post_init__(self):
     object.__setattr__(self, "hazards", tuple(float(h) for h in self.hazards))
@@ -115,6 +119,8 @@ class SyntheticConfig:
     _require(0.0 <= self.switch_prob < 1.0, "data.synthetic.switch_prob", f"must lie in [0, 1), got {self.switch_prob}")
     _require(self.train_records > 0 and self.eval_records > 0, "data.synthetic.train_records",
              "train_records and eval_records must be positive")
+    _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1,
+             "data.synthetic.samples_per_prompt", f"must be an integer >= 1, got {self.samples_per_prompt!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +136,14 @@ class DataConfig:
   packing_bins: int = 0  # Rows open for packing at once; 0 = the rows of one batch.
   unfinished: str = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
   seed: int = 0  # Shuffle order (and synthetic sampling).
+  # Order of training records: "shuffled" (every epoch a fresh permutation of records; the paper's choice) or
+  # "grouped" (every epoch a fresh order of prompt groups, each group's samples one after another, so a batch holds
+  # whole groups: the paper's figure 5b comparison).
+  batching: str = "shuffled"
+  # Deterministic subsets of the training split (data/subsets.py; 0 = all): at most max_prompts prompt groups (a
+  # seeded choice, nested: a smaller subset lies inside a larger one) and the first samples_per_prompt samples of each.
+  max_prompts: int = 0
+  samples_per_prompt: int = 0
   read_threads: int = 1
   worker_count: int = 0  # Processes that prepare batches ahead (grain mp_prefetch); 0 = in-process threads.
   prefetch: int = 4  # Batches prepared ahead by grain threads.
@@ -149,6 +163,10 @@ class DataConfig:
     _require(self.worker_count >= 0, "data.worker_count", f"must be >= 0, got {self.worker_count}")
     _require(self.unfinished in UNFINISHED_POLICIES, "data.unfinished",
              f"must be one of {UNFINISHED_POLICIES}, got {self.unfinished!r}")
+    _require(self.batching in BATCHING, "data.batching", f"must be one of {BATCHING}, got {self.batching!r}")
+    _require(self.max_prompts >= 0, "data.max_prompts", f"must be >= 0 (0 = all), got {self.max_prompts}")
+    _require(self.samples_per_prompt >= 0, "data.samples_per_prompt",
+             f"must be >= 0 (0 = all), got {self.samples_per_prompt}")
 
   @property
   def has_eval(self) -> bool:

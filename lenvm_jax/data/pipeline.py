@@ -3,6 +3,10 @@
 `data.source` picks where trajectories come from; everything after that is one grain pipeline:
 MapDataset(source) -> global shuffle (re-drawn each epoch) -> repeat -> this host's slice -> [drop unfinished]
 -> rows -> [first-fit or best-fit packing] -> batch -> [worker processes (data.worker_count)].
+
+The training split can be cut to a deterministic subset of its prompts and samples (data.max_prompts,
+data.samples_per_prompt) and read prompt group by prompt group instead of shuffled (data.batching = "grouped");
+data/subsets.py.
 """
 
 import functools
@@ -13,7 +17,7 @@ import jax
 import numpy as np
 
 from lenvm_jax.config import RunConfig
-from lenvm_jax.data import arrayrecord, jsonl, rows, synthetic
+from lenvm_jax.data import arrayrecord, jsonl, rows, subsets, synthetic
 
 PACKERS = {"first_fit": grain.experimental.FirstFitPackIterDataset, "best_fit": grain.experimental.BestFitPackIterDataset}
 # Trajectories sampled to resolve loss.gamma = "auto" / "auto_mre" (all of them when the split is smaller).
@@ -27,16 +31,25 @@ def synthetic_policy(run: RunConfig) -> synthetic.SyntheticPolicy:
 
 
 def load_source(run: RunConfig, split: str):
-  """The trajectories of a split ("train" or "eval") as a random-access sequence.
+  """The trajectories of a split ("train" or "eval") as a random-access sequence; the training split cut to
+  data.max_prompts / data.samples_per_prompt when they are set (so gamma, stats and training all see the subset).
 
   Synthetic records carry their exact values under loss.gamma; before gamma is resolved they carry none (their
   lengths, all that the resolution reads, do not depend on it)."""
+  source = _load_split(run, split)
+  if split != "train":
+    return source
+  return subsets.training_subset(source, run.data.max_prompts, run.data.samples_per_prompt, run.data.seed)
+
+
+def _load_split(run: RunConfig, split: str):
   data = run.data
   if data.source == "synthetic":
     size = data.synthetic.train_records if split == "train" else data.synthetic.eval_records
     # Distinct seed streams per split: eval trajectories are never training trajectories.
     return synthetic.SyntheticSource(synthetic_policy(run), size, seed=data.seed * 2 + (split == "eval"),
-                                     gamma=run.loss.gamma if run.loss.gamma_resolved else None)
+                                     gamma=run.loss.gamma if run.loss.gamma_resolved else None,
+                                     samples_per_prompt=data.synthetic.samples_per_prompt)
   path = data.train_path if split == "train" else data.eval_path
   if data.source == "jsonl":
     # With max_prompt_len, long prompts are cut when rows are built, so the reader does not reject them.
@@ -98,10 +111,19 @@ def _rows(ds: grain.MapDataset, run: RunConfig, rows_per_batch: int) -> grain.It
   return packed.map(_from_packed)
 
 
+def _record_at(source, index):
+  return source[index]
+
+
 def train_dataset(run: RunConfig, source) -> grain.IterDataset:
-  """Endless shuffled batches of this host's share of the global batch."""
+  """Endless batches of this host's share of the global batch: records shuffled, or grouped by prompt."""
   per_host = run.train.batch_size // jax.process_count()
-  ds = grain.MapDataset.source(source).seed(run.data.seed).shuffle().repeat(None)
+  if run.data.batching == "grouped":
+    order = subsets.GroupedOrder(subsets.record_groups(source), run.data.seed)
+    ds = grain.MapDataset.range(order.size).repeat(None).map_with_index(order)
+    ds = ds.map(functools.partial(_record_at, source))
+  else:
+    ds = grain.MapDataset.source(source).seed(run.data.seed).shuffle().repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
   ds = _rows(ds, run, per_host).batch(per_host, drop_remainder=True)
   if run.data.worker_count:

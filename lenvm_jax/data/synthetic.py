@@ -52,10 +52,19 @@ class SyntheticPolicy:
     return 2 + self.num_modes + mode
 
   def sample(self, rng: np.random.Generator) -> Trajectory:
+    """A prompt and one completion, both drawn from `rng`."""
+    return self.sample_completion(rng, *self.sample_prompt(rng))
+
+  def sample_prompt(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """(mode, prompt tokens): fillers with the mode token at a random place."""
     mode = int(rng.integers(self.num_modes))
     prompt_len = int(rng.integers(self.min_prompt_len, self.max_prompt_len + 1))
     prompt = rng.integers(self.first_filler, self.vocab_size, size=prompt_len)
     prompt[rng.integers(prompt_len)] = self.mode_token(mode)
+    return mode, prompt
+
+  def sample_completion(self, rng: np.random.Generator, mode: int, prompt: np.ndarray) -> Trajectory:
+    """One completion of `prompt`, whose mode token set `mode`."""
     completion = []
     for _ in range(self.max_completion_len):
       if rng.random() < self.hazards[mode]:
@@ -96,17 +105,35 @@ class SyntheticPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSource:
-  """A grain random-access source: record i is sampled from its own seed, so any split is reproducible."""
+  """A grain random-access source: record i is sampled from its own seed, so any split is reproducible.
+
+  samples_per_prompt = N > 1: records come in groups of N completions of one prompt (records pN .. pN + N - 1
+  answer prompt p, whose tokens are drawn from seed [seed, p], each completion from [seed, p, j]); their prompt_id is
+  "synthetic-<seed>-<p>". N = 1: every record is its own prompt, drawn as before (no prompt_id).
+  """
   policy: SyntheticPolicy
   num_records: int
   seed: int
   gamma: float | None  # None: records without exact values (before loss.gamma is resolved from their lengths).
+  samples_per_prompt: int = 1
 
   def __len__(self) -> int:
     return self.num_records
 
+  def group_ids(self) -> np.ndarray:
+    """[num_records] prompt index of every record, without drawing any (data/subsets.py reads it)."""
+    return np.arange(self.num_records) // self.samples_per_prompt
+
   def __getitem__(self, index: int) -> Trajectory:
-    trajectory = self.policy.sample(np.random.default_rng([self.seed, int(index)]))
+    index = int(index)
+    if self.samples_per_prompt == 1:
+      trajectory = self.policy.sample(np.random.default_rng([self.seed, index]))
+    else:
+      prompt, sample = divmod(index, self.samples_per_prompt)
+      mode, prompt_ids = self.policy.sample_prompt(np.random.default_rng([self.seed, prompt]))
+      trajectory = dataclasses.replace(
+          self.policy.sample_completion(np.random.default_rng([self.seed, prompt, sample]), mode, prompt_ids),
+          prompt_id=f"synthetic-{self.seed}-{prompt}")
     if self.gamma is None:
       return trajectory
     return dataclasses.replace(trajectory, exact_values=self.policy.exact_values(trajectory, self.gamma))
