@@ -320,3 +320,49 @@ def test_next_values_of_both_scorers_match_the_cache_free_forward():
       extended = np.stack([np.append(sequence[:p + step], x) for x in ids])  # s_t + x, run from scratch.
       values, _ = forward(jnp.asarray(extended))
       np.testing.assert_allclose(got["next_state"][i][step], np.asarray(values[:, -1]), atol=2e-5)
+
+
+# --- Hugging Face export / import ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["table", "tied"])
+def test_hf_export_writes_the_head_beside_an_unchanged_reference_layout(tmp_path, head):
+  from safetensors import safe_open
+  from lenvm_jax.model import hf_export, hf_import, hf_layout
+
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": head, "dtype": "float32"})
+  params = jax.jit(lambda: jax.tree.map(lambda p: p + 0.01 * jnp.sin(jnp.arange(p.size, dtype=jnp.float32))
+                                        .reshape(p.shape), nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1]
+                                        .to_pure_dict()))()  # Non-zero everywhere: a missed tensor shows.
+  with_head, without_head = tmp_path / "with", tmp_path / "without"
+  written = hf_export.export(params, config, str(with_head))
+  assert hf_layout.CANDIDATE_HEAD_FILE in written
+  plain_config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "dtype": "float32"})
+  hf_export.export({k: v for k, v in params.items() if k != "candidate_head"}, plain_config, str(without_head))
+
+  def names(path):
+    with safe_open(str(path), framework="numpy") as f:
+      return set(f.keys()), f.metadata()
+
+  for name in ("model.safetensors", hf_layout.VALUE_HEAD_FILE, "config.json"):  # The reference layout, unchanged.
+    if name.endswith(".json"):
+      assert (with_head / name).read_text() == (without_head / name).read_text()
+    else:
+      assert names(with_head / name) == names(without_head / name)
+  tensors, metadata = names(with_head / hf_layout.CANDIDATE_HEAD_FILE)
+  assert metadata["candidate_head"] == head and ("c_head.table.weight" in tensors) == (head == "table")
+
+  mesh = sharding.make_mesh(1, 1, 1)
+  loaded_config = hf_import.load_model_config(str(with_head), dtype="float32")
+  assert loaded_config == config
+  again = hf_import.load_params(str(with_head), loaded_config, mesh)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), jax.device_get(params))
+
+  # A directory without the file: no head detected; a model that asks for one gets a fresh head.
+  assert hf_import.load_model_config(str(without_head)).candidate_head == "none"
+  fresh = hf_import.load_params(str(without_head), config, mesh)["candidate_head"]
+  assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params["candidate_head"])
+  # A re-export without the head removes the old file, so it is never read back by mistake.
+  hf_export.export({k: v for k, v in params.items() if k != "candidate_head"}, plain_config, str(with_head))
+  assert not (with_head / hf_layout.CANDIDATE_HEAD_FILE).exists()

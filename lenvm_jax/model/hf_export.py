@@ -95,6 +95,13 @@ def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_d
   save_file(_host_tensors(hf_layout.value_head_mappings(model_config), params),
             os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE), metadata=_METADATA)
   written.append(hf_layout.VALUE_HEAD_FILE)
+  candidate_file = os.path.join(output_dir, hf_layout.CANDIDATE_HEAD_FILE)
+  if model_config.candidate_head != "none":
+    save_file(_host_tensors(hf_layout.candidate_head_mappings(model_config), params), candidate_file,
+              metadata={**_METADATA, "candidate_head": model_config.candidate_head})
+    written.append(hf_layout.CANDIDATE_HEAD_FILE)
+  elif os.path.exists(candidate_file):  # A re-export without the head must not leave the old one to be read.
+    os.remove(candidate_file)
   if tokenizer_dir:
     written += copy_tokenizer_files(tokenizer_dir, output_dir)
   return written

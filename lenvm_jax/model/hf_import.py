@@ -19,6 +19,7 @@ from safetensors import safe_open
 from lenvm_jax import sharding
 from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_layout
+from lenvm_jax.model.candidate_head import CandidateValueHead
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.model.transformer import LengthValueModel, ValueHead
 
@@ -91,6 +92,37 @@ def fresh_value_head(model_config: ModelConfig, shardings: dict, seed: int) -> d
   return jax.jit(fresh, out_shardings=shardings["value_head"])()
 
 
+def candidate_head_kind(directory: str) -> str:
+  """The candidate head an HF dir carries ("table" / "tied", from candidate_head.safetensors), or "none"."""
+  path = os.path.join(directory, hf_layout.CANDIDATE_HEAD_FILE)
+  if gguf_file.is_gguf_path(directory) or not os.path.isfile(path):
+    return "none"
+  with safe_open(path, framework="numpy") as f:
+    kind = (f.metadata() or {}).get("candidate_head")
+    return kind or ("table" if "c_head.table.weight" in f.keys() else "tied")
+
+
+def fresh_candidate_head(model_config: ModelConfig, shardings: dict, seed: int) -> dict:
+  """A newly initialised candidate head (from `seed`), created directly on its shardings."""
+  fresh = lambda: nnx.split(CandidateValueHead(model_config.hidden_size, model_config.vocab_size,
+                                               model_config.candidate_head == "tied", nnx.Rngs(seed)))[1]
+  return jax.jit(lambda: fresh().to_pure_dict(), out_shardings=shardings["candidate_head"])()
+
+
+def load_candidate_head(directory: str, model_config: ModelConfig, abstract: dict, shardings: dict, seed: int):
+  """The model's candidate head from candidate_head.safetensors (exactly its tensors), else a fresh init."""
+  path = os.path.join(directory, hf_layout.CANDIDATE_HEAD_FILE)
+  if candidate_head_kind(directory) == "none":
+    return fresh_candidate_head(model_config, shardings, seed)
+  mappings = hf_layout.candidate_head_mappings(model_config)
+  with safe_open(path, framework="numpy") as f:
+    names = set(f.keys())
+  if names != {m.hf_name for m in mappings}:
+    raise ValueError(f"{path}: holds {sorted(names)}, expected exactly {sorted(m.hf_name for m in mappings)} for "
+                     f"model.candidate_head={model_config.candidate_head!r}")
+  return _load_mapped(mappings, {n: path for n in names}, abstract, shardings)["candidate_head"]
+
+
 def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) -> dict:
   """Params pure dict of `model_config`'s model from the HF dir, every leaf sharded on `mesh` by its logical axes.
 
@@ -121,6 +153,8 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
     params.update(_load_mapped(value_maps, {n: value_file for n in names}, abstract, shardings))
   else:
     params["value_head"] = fresh_value_head(model_config, shardings, seed)
+  if model_config.candidate_head != "none":
+    params["candidate_head"] = load_candidate_head(directory, model_config, abstract, shardings, seed)
   return params
 
 
@@ -128,5 +162,6 @@ def load_model_config(directory: str, **run_fields) -> ModelConfig:
   """ModelConfig of an HF dir (or a `.gguf` file); `run_fields` sets dtype / remat / dropout."""
   if gguf_file.is_gguf_path(directory):
     return gguf_import.load_model_config(directory, **run_fields)
+  run_fields.setdefault("candidate_head", candidate_head_kind(directory))  # An exported LenVM's own head.
   return hf_config.model_config_from_hf(hf_config.read_hf_config(directory),
                                         os.path.join(directory, "config.json"), **run_fields)

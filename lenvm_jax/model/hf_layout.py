@@ -76,6 +76,27 @@ def value_head_mappings(config: ModelConfig) -> list[TensorMapping]:
   ]
 
 
+# The candidate-value head (model/candidate_head.py) has no reference layout: its own file beside value_head.safetensors,
+# PyTorch Linear layout ([out, in]); the file's metadata names its kind ("table" or "tied").
+CANDIDATE_HEAD_FILE = "candidate_head.safetensors"
+
+
+def candidate_head_mappings(config: ModelConfig) -> list[TensorMapping]:
+  """c_head.fc / c_head.out: Linear(H, H) each (g = out(SiLU(fc(h)))); c_head.bias [vocab]; c_head.table [vocab, H]
+  (an embedding, not a Linear) when the head has its own token vectors."""
+  h, v = config.hidden_size, config.vocab_size
+  maps = [
+      TensorMapping(("candidate_head", "fc"), "c_head.fc.weight", (h, h), True),
+      TensorMapping(("candidate_head", "fc_bias"), "c_head.fc.bias", (h,), False),
+      TensorMapping(("candidate_head", "out"), "c_head.out.weight", (h, h), True),
+      TensorMapping(("candidate_head", "out_bias"), "c_head.out.bias", (h,), False),
+      TensorMapping(("candidate_head", "bias"), "c_head.bias", (v,), False),
+  ]
+  if config.candidate_head == "table":
+    maps.append(TensorMapping(("candidate_head", "table"), "c_head.table.weight", (v, h), False))
+  return maps
+
+
 def get_path(tree: dict, path: tuple):
   for key in path:
     tree = tree[key]
