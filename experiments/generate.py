@@ -3,12 +3,17 @@
   python -m experiments.generate --policy=runs/policy --prompts=prompts.jsonl --eos_ids=1 --output_dir=data/rollouts \
       [--num_samples=4] [--max_new_tokens=256] [--temperature=1.0] [--top_k=0] [--top_p=1.0] [--min_p=0.0]
   python -m experiments.generate --policy=HF_DIR --tokenizer=HF_DIR --prompts=champ --output_dir=data/champ_rollouts
+  python -m experiments.generate --policy=M.gguf --tokenizer=M.gguf --prompts=reasoning_gym:gsm_symbolic:200 \
+      --num_samples=4 --output_dir=data/gsm_rollouts
 
 --policy: a lenvm_jax run workdir (latest checkpoint) or a Hugging Face causal-LM directory (lenvm_jax/decoding/
 policy.py). --prompts: a prompt JSONL (lenvm_jax/data/prompts.py: prompt_ids, messages or prompt per line), `champ`,
-or `arrayrecord:PATH`. EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
+`reasoning_gym:TASK[:N[:SEED]]` (seeded problems with answers), or `arrayrecord:PATH`. Prompts with answers add
+"answer" and "correct" (the checker on the decoded completion) to each record's meta and the accuracy to stats.json.
+EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
 Writes <output_dir>/{train,eval}-*.array_record, stats.json and generation.json; rerunning the same command skips
-finished shards (lenvm_jax/decoding/rollouts.py). Bad input: one line "error: ..." and exit code 2.
+finished shards (lenvm_jax/decoding/rollouts.py). A directory that holds another import or rollouts with other
+settings is refused (--overwrite replaces them). Bad input: one line "error: ..." and exit code 2.
 """
 
 import os
@@ -17,15 +22,16 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
 from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
-from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', or 'arrayrecord:PATH'.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', 'reasoning_gym:TASK[:N[:SEED]]', or "
+                               "'arrayrecord:PATH'.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the shards, stats.json and generation.json go.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, tokenizer.json or SentencePiece model: for "
                                  "text prompts, decoded text in the records, and the default EOS id.")
@@ -42,12 +48,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per decode batch (a multip
 _SHARD = flags.DEFINE_integer("shard_size", 4096, "Trajectories per ArrayRecord shard (the unit of resume).")
 _EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "Share of prompts (without a split) that go to eval.")
 _MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "Mesh sizes data,fsdp,tensor (-1: the devices left).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace another import (or rollouts with other settings) in "
+                               "--output_dir instead of refusing.")
 flags.mark_flags_as_required(["policy", "prompts", "output_dir"])
-
-
-def fail(error: Exception):
-  print(f"error: {error}", file=sys.stderr)
-  sys.exit(2)
 
 
 class ProgressLine:
@@ -67,7 +70,7 @@ class ProgressLine:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  with cli.user_errors(ValueError, OSError):  # A mesh, sampling setting or policy path that cannot work.
     mesh = sharding.make_mesh(*(int(size) for size in _MESH.value))
     tokenizer = load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
     policy = policy_lib.load_policy(_POLICY.value, mesh)
@@ -85,17 +88,18 @@ def main(argv):
     print(f"{len(prompts)} prompts x {_NUM_SAMPLES.value} samples from {policy.description}", file=sys.stderr)
     result = rollouts.generate_rollouts(
         sampler, prompts, _OUTPUT.value, num_samples=_NUM_SAMPLES.value, generator=generator, settings=settings,
-        shard_size=_SHARD.value, eval_fraction=_EVAL_FRACTION.value, tokenizer=tokenizer, on_progress=ProgressLine())
-  except (ValueError, OSError, RecordError) as e:
-    fail(e)
+        shard_size=_SHARD.value, eval_fraction=_EVAL_FRACTION.value, tokenizer=tokenizer, on_progress=ProgressLine(),
+        overwrite=_OVERWRITE.value)
   records, shards = result["records"], result["shards"]
   print(", ".join(f"{split}: {records[split]} records in {shards[split]} shards" for split in records))
   for split, split_stats in result["splits"].items():
     overall = split_stats["overall"]
     print(f"{split}: completion length p50 {overall.get('p50', 0):.0f}, p99 {overall.get('p99', 0):.0f}, "
           f"unfinished {overall['unfinished_fraction']:.1%}")
+  for split, scored in result.get("answers", {}).items():
+    print(f"{split}: {scored['correct']}/{scored['scored']} completions correct ({scored['accuracy']:.1%})")
   print(f"wrote {os.path.join(_OUTPUT.value, 'stats.json')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

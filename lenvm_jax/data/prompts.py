@@ -7,8 +7,12 @@ Prompt JSONL, one object a line, with exactly one of
               template and its generation prompt (lenvm_jax/data/tokenizer.py);
   prompt      str: one user message, rendered the same way;
 and optionally `prompt_id` (str or int; default: the line number), `split` ("train" | "eval"; default: a hash
-of the prompt id, so all samples of a prompt share a split) and `generator` (str: whose completion a prediction is
-for; rollouts name the policy that samples instead). Errors name file, line and field.
+of the prompt id, so all samples of a prompt share a split), `generator` (str: whose completion a prediction is
+for; rollouts name the policy that samples instead) and `answer` (str or number: the reference answer; rollouts then
+score each completion, lenvm_jax/data/answers.py). Errors name file, line and field.
+
+`reasoning_gym:TASK[:N[:SEED]]` gives N seeded problems of a reasoning-gym task (default 100, seed 0), each question
+as one user message through the chat template, with the task's checker as its answer.
 
 `champ` gives CHAMP's distinct solution prompts (without a generator tag), split by problem as in
 lenvm_jax/data/champ.py; `arrayrecord:PATH` the distinct prompts (by prompt_id, else by tokens) of the trajectories
@@ -19,13 +23,13 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.data import arrayrecord, champ, jsonl
+from lenvm_jax.data import answers, arrayrecord, champ, jsonl
 from lenvm_jax.data.prompt_groups import SPLITS, prompt_key
 from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids
 from lenvm_jax.data.tokenizer import Tokenizer
 
 PROMPT_FIELDS = ("prompt_ids", "messages", "prompt")
-_OPTIONAL_FIELDS = ("prompt_id", "split", "generator")
+_OPTIONAL_FIELDS = ("prompt_id", "split", "generator", "answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Prompt:
   prompt_id: str | None  # None only from read_prompt_jsonl(name_by_line=False).
   split: str | None = None  # None: the caller draws one from the prompt id.
   generator: str | None = None
+  answer: answers.Answer | None = None  # What a completion is scored against; None: nothing to check.
 
   def as_trajectory(self) -> Trajectory:
     """The prompt with no completion yet: what prompt-boundary prediction scores."""
@@ -75,7 +80,11 @@ def _prompt_from_json(obj, tokenizer: Tokenizer | None, vocab_size: int, path: s
   generator = obj.get("generator")
   if generator is not None and not isinstance(generator, str):
     raise RecordError(path, line, "generator", f"must be a string, got {generator!r:.40}")
-  return Prompt(prompt_ids, None if prompt_id is None else str(prompt_id), split, generator)
+  answer = obj.get("answer")
+  if answer is not None and (not isinstance(answer, (str, int, float)) or isinstance(answer, bool)):
+    raise RecordError(path, line, "answer", f"must be a string or number, got {answer!r:.40}")
+  return Prompt(prompt_ids, None if prompt_id is None else str(prompt_id), split, generator,
+                None if answer is None else answers.Answer(str(answer)))
 
 
 def read_prompt_jsonl(path: str, vocab_size: int, tokenizer: Tokenizer | None = None, *,
@@ -123,13 +132,24 @@ def arrayrecord_prompts(path: str) -> list[Prompt]:
   return list(prompts.values())
 
 
+def reasoning_gym_prompts(spec: str, tokenizer: Tokenizer) -> list[Prompt]:
+  """The problems of `reasoning_gym:TASK[:N[:SEED]]`, each question one user message; the split is left to the
+  caller (by problem id)."""
+  problems = answers.reasoning_gym_problems(*answers.parse_reasoning_gym_spec(spec))
+  return [Prompt(np.asarray(tokenizer.prompt_ids([{"role": "user", "content": p.question}]), np.int32),
+                 p.problem_id, answer=p.answer) for p in problems]
+
+
 def load_prompts(spec: str, vocab_size: int, tokenizer: Tokenizer | None = None, eval_fraction: float = 0.1
                  ) -> list[Prompt]:
-  """`champ`, `arrayrecord:PATH`, or a prompt JSONL path."""
-  if spec == "champ":
+  """`champ`, `reasoning_gym:TASK[:N[:SEED]]`, `arrayrecord:PATH`, or a prompt JSONL path."""
+  if spec in ("champ",) or spec.startswith(answers.REASONING_GYM_PREFIX):
     if tokenizer is None:
-      raise ValueError("--prompts=champ needs a tokenizer (--tokenizer)")
+      raise ValueError(f"--prompts={spec} needs a tokenizer (--tokenizer)")
+  if spec == "champ":
     prompts = champ_prompts(tokenizer, eval_fraction)
+  elif spec.startswith(answers.REASONING_GYM_PREFIX):
+    prompts = reasoning_gym_prompts(spec, tokenizer)
   elif spec.startswith("arrayrecord:"):
     prompts = arrayrecord_prompts(spec[len("arrayrecord:"):])
   else:
