@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import base
+from experiments import cli
 from lenvm_jax import config as config_lib, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
@@ -328,4 +329,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

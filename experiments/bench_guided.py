@@ -18,9 +18,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from experiments import cli
 from lenvm_jax import sharding
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
@@ -105,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

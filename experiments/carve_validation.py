@@ -7,8 +7,9 @@ Writes <output_dir>/train-* (the rest of the training records) and <output_dir>/
 the name a config's data.eval_path reads), copied byte for byte; see lenvm_jax/data/validation_split.py.
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from lenvm_jax.data import prompt_groups, validation_split
 
 _INPUT = flags.DEFINE_string("input_dir", None, "A prepare_data output directory (its train split is carved).")
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,9 +26,10 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
 from lenvm_jax import sharding  # noqa: E402
 from lenvm_jax.data import rows  # noqa: E402
 from lenvm_jax.value.objective import Objective  # noqa: E402
@@ -90,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

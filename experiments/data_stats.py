@@ -14,12 +14,12 @@ DIR/data_stats.json and a histogram PNG of completion lengths per generator.
 
 import collections
 import os
-import sys
 from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
 from lenvm_jax.data import arrayrecord, packing_stats, prompt_groups, rows, stats
 from lenvm_jax.value import gamma as gamma_lib
 from lenvm_jax.data.prompt_groups import SPLITS
@@ -172,17 +172,14 @@ def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m experiments.data_stats DIR [--max_len=...] [--packing=...]")
   directory = argv[1]
-  try:
+  with cli.user_errors(OSError, ValueError):  # No shards in DIR, a bin count that is not a number.
     result = data_stats(directory, max_len=_MAX_LEN.value, policy=_PACKING.value, open_bins=_OPEN_BINS.value,
                         unfinished=_UNFINISHED.value, seed=_SEED.value,
                         sweep_bins=[int(b) for b in _SWEEP_BINS.value], output_png=_OUTPUT_PNG.value)
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(format_table(result))
   print(f"wrote {os.path.join(directory, 'data_stats.json')} and "
         f"{_OUTPUT_PNG.value or os.path.join(directory, 'lengths.png')}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

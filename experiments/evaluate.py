@@ -22,20 +22,21 @@ trade-off is then how much length a tilt must give up to bring the completion ra
 
 import json
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from lenvm_jax import sharding
-from lenvm_jax.config import ConfigError, RunConfig
+from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_scores, length_tokens
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding.eos import generator_eos_ids
 from lenvm_jax.decoding.guided import CONVENTIONS, GuidedSampler, LengthRequest
-from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerScorer
+from lenvm_jax.decoding import candidate_scoring
+from lenvm_jax.decoding.guided_models import Pair
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator
@@ -64,12 +65,16 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (HF dir, tokenize
 _LENGTH_RULES = flags.DEFINE_enum("length_rules", "paper", list(CONVENTIONS),
                                   "How Equal To / At Most / At Least choose (docs/inference.md): paper (At Least "
                                   "then runs to the sampler's limit), reference, or sample_fitting.")
+_STEP = cli.define_step_flag()
+_SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS),
+                             "How the LenVM values the candidates: next_state (run through its trunk) or "
+                             "candidate_head (read off the state's hidden vector; a run with loss.candidate_weight > 0). "
+                             "Reports of other scorers than next_state go to <workdir>/evaluate_<scorer>/.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def _models(predictor: Predictor, config: RunConfig, kind: str):
-  scorer = TransformerScorer(predictor.graphdef, predictor.kind)
-  vocab_size = config.model.vocab_size
+  scorer = candidate_scoring.lenvm_scorer(_SCORER.value, predictor.graphdef, predictor.kind, predictor.config.model)
   if kind == "auto":
     kind = "synthetic" if config.data.source == "synthetic" else "shared"
   if kind == "synthetic":
@@ -79,7 +84,8 @@ def _models(predictor: Predictor, config: RunConfig, kind: str):
     return "synthetic policy", Pair(generator, scorer), (None, predictor.params)
   if config.loss.lm_weight <= 0:
     raise ValueError("--generator=shared needs a run trained with loss.lm_weight > 0 (its LM head is untrained)")
-  return "shared trunk", SharedTrunk(predictor.graphdef, predictor.kind, vocab_size), predictor.params
+  return "shared trunk", candidate_scoring.shared_trunk(_SCORER.value, predictor.graphdef, predictor.kind,
+                                                        predictor.config.model), predictor.params
 
 
 def eos_ids_for(models, trajectories) -> tuple[int, ...]:
@@ -180,22 +186,15 @@ def _plots(out_dir, report, trajectories, predictions, gamma):
 
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value)
+  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   gamma = predictor.kind.gamma  # The trained value's discount ("auto" resolved at training).
-  try:
-    config = predictor.config if _CONFIG.value is None else RunConfig.from_dict(_CONFIG.value).with_gamma(gamma)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config = predictor.config if _CONFIG.value is None else RunConfig.from_dict(_CONFIG.value).with_gamma(gamma)
   targets = [int(t) for t in _TARGETS.value]
   betas = [float(b) for b in _BETAS.value]
-  try:
+  with cli.user_errors(ValueError, FileNotFoundError):  # A generator the run cannot drive, a missing eval split.
     name, models, params = _models(predictor, config, _GENERATOR.value)
     source = pipeline.load_source(config, "eval")
     eos_ids = eos_ids_for(models, [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))])
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   count = min(_PROMPTS.value, len(source))
   trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
@@ -215,7 +214,8 @@ def main(argv):
   report["length_tokens"] = length_tokens.length_tokens(
       ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,
       _THRESHOLD.value or max(0.01, 2 * (1 - gamma)))
-  out_dir = os.path.join(_WORKDIR.value, "evaluate")
+  report["scorer"] = _SCORER.value
+  out_dir = os.path.join(_WORKDIR.value, "evaluate" if _SCORER.value == "next_state" else f"evaluate_{_SCORER.value}")
   os.makedirs(out_dir, exist_ok=True)
   report["plots"] = _plots(out_dir, report, trajectories, predictions, gamma)
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
@@ -226,6 +226,7 @@ def main(argv):
 
 def format_report(report: dict) -> str:
   lines = [f"checkpoint {report['checkpoint_step']}, generator: {report['generator']}, "
+           f"scorer: {report.get('scorer', 'next_state')}, "
            f"k = {report['num_candidates']}, {report['prompts']} prompts"]
   for rule, by_target in report["length_instruction"].items():
     cells = "  ".join(f"{t}: {v['unguided']['score']:5.1f} -> {v['guided']['score']:5.1f}"
@@ -244,4 +245,4 @@ def format_report(report: dict) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,6 @@
 """Held-out length evaluation of a trained run: per-token MAE and prompt-boundary MRE next to two baselines.
 
-  python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000]
+  python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000] [--step=latest|best|N]
 
 Baselines are fit on the run's training split (config data.*), the evaluation uses its eval split; the report is
 printed and written to <workdir>/length_eval.json. See lenvm_jax/evaluation/length_eval.py for the definitions.
@@ -10,8 +10,9 @@ import functools
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from lenvm_jax.data import pipeline, prompt_groups
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.evaluation import length_eval
@@ -20,6 +21,7 @@ from lenvm_jax.decoding.predict import Predictor
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _MAX_EVAL = flags.DEFINE_integer("max_eval_records", 0, "Evaluate on the first N eval records (0 = all).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+_STEP = cli.define_step_flag()
 _CELLS = flags.DEFINE_string(
     "cell_separator", "", "prompt_id = <problem><separator><cell> (CHAMP: |): also print the MRE of the model's "
     "L_hat averaged within each (generator, cell), which shows whether its prompt-specific part helps.")
@@ -52,7 +54,7 @@ def format_report(report: dict) -> str:
 
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value)
+  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   config = predictor.config
   train = pipeline.load_source(config, "train")
   evaluation = pipeline.load_source(config, "eval")
@@ -70,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,43 +1,70 @@
 """Export a trained run as a LenVM directory in the reference layout (Hugging Face causal LM + value head).
 
-  python -m experiments.export_hf --workdir runs/synthetic --output exports/synthetic [--tokenizer HF_DIR]
+  python -m experiments.export_hf --workdir runs/synthetic --output exports/synthetic [--tokenizer HF_DIR] \
+      [--step=latest|best|N] [--overwrite]
 
-The latest checkpoint becomes config.json + model.safetensors (float32; sharded with an index above
---max_shard_size_gb, 5 by default) + value_head.safetensors. Tokenizer and
+The checkpoint (--step; default the newest that restores intact) becomes config.json + model.safetensors (float32;
+sharded with an index above --max_shard_size_gb, 5 by default) + value_head.safetensors. Tokenizer and
 generation_config files are copied from --tokenizer, else from the run's model.init_from directory; a run with
-neither (e.g. synthetic data) gets none.
+neither (e.g. synthetic data) gets none. A non-empty --output is refused (its other files would sit beside the new
+weights) unless --overwrite, which empties it first.
 """
 
-import sys
+import os
+import shutil
 
 from absl import app, flags
 
+from experiments import cli
+from lenvm_jax import rundir
 from lenvm_jax.decoding.predict import Predictor
+from lenvm_jax.errors import UserError
 from lenvm_jax.model import hf_export
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the LenVM into.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the LenVM into (new or empty).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF directory whose tokenizer files to include "
                                  "(default: the run's model.init_from).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
                                    "Split the weights into safetensors shards of at most this size (+ index).")
+_STEP = cli.define_step_flag()
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Empty a non-empty --output before writing.")
 flags.mark_flags_as_required(["workdir", "output"])
+
+
+def check_output_dir(output: str, overwrite: bool) -> list[str]:
+  """The entries a non-empty output holds (to remove once the model has loaded); refuses a file, a run directory,
+  or, without --overwrite, any non-empty directory."""
+  where = f"--output={output}"
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UserError.at("the output is a file", where, "give a directory")
+  entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+  if not entries:
+    return []
+  if os.path.isdir(os.path.join(output, "checkpoints")) or rundir.LOCK_FILE in entries:
+    raise UserError.at("the output is a training run directory", where, "export into another directory")
+  if not overwrite:
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise UserError.at(f"the output directory is not empty ({shown})", where,
+                       "choose a new or empty directory, or pass --overwrite to replace its contents")
+  return entries
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    predictor = Predictor(_WORKDIR.value)
-    model_config = predictor.config.model
-    tokenizer_dir = _TOKENIZER.value or model_config.init_from
-    written = hf_export.export(predictor.params, model_config, _OUTPUT.value, tokenizer_dir=tokenizer_dir,
+  replaced = check_output_dir(_OUTPUT.value, _OVERWRITE.value)
+  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+  model_config = predictor.config.model
+  for name in replaced:  # Only now: a failed load leaves the previous export as it was.
+    path = os.path.join(_OUTPUT.value, name)
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+  with cli.user_errors(ValueError):  # A model that no HF class can hold.
+    written = hf_export.export(predictor.params, model_config, _OUTPUT.value,
+                               tokenizer_dir=_TOKENIZER.value or model_config.init_from,
                                max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
-  except (ValueError, OSError) as e:  # No checkpoint, or a model no HF class can hold: one clear line.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"exported checkpoint step {predictor.step} of {_WORKDIR.value} to {_OUTPUT.value}: {', '.join(written)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

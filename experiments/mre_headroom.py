@@ -11,8 +11,9 @@ constant; see lenvm_jax/evaluation/headroom.py.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.evaluation import headroom
 
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,17 +15,18 @@ generator, with every group's L_GT and L_hat.
 """
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
+from lenvm_jax.errors import UserError
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import jsonl, prompts
-from lenvm_jax.data.records import RecordError
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config.json and latest checkpoint are used).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
+_STEP = cli.define_step_flag()
 _INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README), or prompts for --mode=prompts.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions (JSONL) or report (JSON).")
 _MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval"], "What to predict (see above).")
@@ -41,19 +42,16 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value)
+  cli.check_output_file(_OUTPUT.value, "--output")
+  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   config = predictor.config
   max_prompt_len = config.data.max_prompt_len
-  try:
-    if _MODE.value == "prompts":
-      records = [p.as_trajectory()
-                 for p in prompts.read_prompt_jsonl(_INPUT.value, config.model.vocab_size, name_by_line=False)]
-    else:
-      # Prediction is not bound to the training row length: allow any prompt the model can take.
-      records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
-  except RecordError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if _MODE.value == "prompts":
+    records = [p.as_trajectory()
+               for p in prompts.read_prompt_jsonl(_INPUT.value, config.model.vocab_size, name_by_line=False)]
+  else:
+    # Prediction is not bound to the training row length: allow any prompt the model can take.
+    records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
   with open(_OUTPUT.value, "w", encoding="utf-8") as f:
     if _MODE.value == "tokens":
       for values, remaining in predictor.predict(records, _BATCH.value):
@@ -70,13 +68,12 @@ def main(argv):
       try:
         report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,
                                                     max_prompt_len, _GROUPING.value, _SAMPLES.value)
-      except ValueError as e:
-        print(f"error: {_INPUT.value}: {e}", file=sys.stderr)
-        sys.exit(2)
+      except ValueError as e:  # Too few samples per prompt group to measure an MRE.
+        raise UserError(f"{_INPUT.value}: {e}") from None
       json.dump({"checkpoint_step": predictor.step, **report}, f, indent=1)
       mre = ", ".join(f"{prompt_boundary.scope_label(k)}: {v:.2%}" for k, v in report["mre"].items())
       print(f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

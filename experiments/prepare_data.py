@@ -10,8 +10,9 @@ if given); its tokenizer defaults to the Mistral v1 SentencePiece model shipped 
 
 Writes <output_dir>/{train,eval}-*.array_record and stats.json (lengths per generator), and prints the suggested
 gamma (the p99 rule, lenvm_jax/value/gamma.py). A bad record stops the run with one line "error: <file>:<line>:
-field ...: ..." and exit code 2, or, with --on_bad_record=skip, is skipped and counted in stats.json. Rerunning keeps
-the shards that already exist.
+field ...: ..." and exit code 2, or, with --on_bad_record=skip, is skipped and counted in stats.json. The settings
+go to import.json: rerunning the same command keeps the shards that already exist, while a directory that holds
+another import (other inputs or flags, or a generate run) is refused unless --overwrite replaces it.
 
 To add a format: a function(FLAGS) -> iterable of ImportedRecord | RecordError (see lenvm_jax/data/prepare.py),
 registered in FORMATS.
@@ -20,13 +21,13 @@ registered in FORMATS.
 import functools
 import itertools
 import os
-import sys
 
 from absl import app, flags
 
-from lenvm_jax.data import champ, prepare as prepare_lib, reference_jsonl
-from lenvm_jax.data.records import RecordError
+from experiments import cli
+from lenvm_jax.data import champ, output_dir as output_dir_lib, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from lenvm_jax.errors import UserError
 from lenvm_jax.value import gamma as gamma_lib
 
 FLAGS = flags.FLAGS
@@ -103,6 +104,7 @@ flags.DEFINE_integer("vocab_size", None, "Token ids must be below this; default:
 flags.DEFINE_integer("shard_size", 4096, "Records per ArrayRecord shard.")
 flags.DEFINE_enum("on_bad_record", "error", prepare_lib.BAD_RECORD_POLICIES,
                   "error: stop at the first bad record; skip: skip and count it.")
+flags.DEFINE_bool("overwrite", False, "Replace another import in --output_dir instead of refusing.")
 flags.mark_flags_as_required(["format", "output_dir"])
 flags.register_multi_flags_validator(["format", "input"], lambda f: f["format"] == "champ" or bool(f["input"]),
                                      "--input is required (except for --format=champ)")
@@ -123,30 +125,30 @@ def summary(result: dict) -> str:
   return "\n".join(lines)
 
 
-def fail(error: Exception):
-  """Bad input or data: one clear line on stderr, exit code 2, no traceback."""
-  print(f"error: {error}", file=sys.stderr)
-  sys.exit(2)
+def import_settings(flag_values) -> dict:
+  """What makes an import: a rerun with the same settings resumes it, other settings are another import."""
+  inputs = [{"path": os.path.abspath(path), "bytes": os.path.getsize(path), "mtime_ns": os.stat(path).st_mtime_ns}
+            for path in (flag_values.input or []) if os.path.isfile(path)]
+  return {"format": flag_values.format, "input": inputs, "tokenizer": tokenizer_path(),
+          "generator": flag_values.generator, "eval_fraction": flag_values.eval_fraction,
+          "max_len": flag_values.max_len, "vocab_size": flag_values.vocab_size, "shard_size": flag_values.shard_size,
+          "on_bad_record": flag_values.on_bad_record, "champ_tag_generator": flag_values.champ_tag_generator}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  with cli.user_errors(ValueError, OSError):  # A missing input file, tokenizer or vocabulary size.
     records = FORMATS[FLAGS.format](FLAGS)
     vocab = vocab_size()
-  except (ValueError, OSError) as e:
-    fail(e)
-  try:
-    result = prepare_lib.prepare(records, FLAGS.output_dir, vocab_size=vocab, max_len=FLAGS.max_len,
-                                 shard_size=FLAGS.shard_size, on_bad_record=FLAGS.on_bad_record)
-  except RecordError as e:
-    fail(e)
+  output_dir_lib.claim(FLAGS.output_dir, "import.json", import_settings(FLAGS), overwrite=FLAGS.overwrite)
+  result = prepare_lib.prepare(records, FLAGS.output_dir, vocab_size=vocab, max_len=FLAGS.max_len,
+                               shard_size=FLAGS.shard_size, on_bad_record=FLAGS.on_bad_record)
   print(summary(result))
   print(f"wrote {os.path.join(FLAGS.output_dir, 'stats.json')}")
   if not sum(result["records"].values()):
-    fail(ValueError(f"no records imported from {', '.join(FLAGS.input or [FLAGS.format])}"))
+    raise UserError(f"no records imported from {', '.join(FLAGS.input or [FLAGS.format])}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

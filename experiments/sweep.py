@@ -19,6 +19,7 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
 from lenvm_jax import sweep_spec
 from lenvm_jax.config import is_url
 
@@ -172,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

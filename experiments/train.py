@@ -11,14 +11,13 @@ other processes itself (--distributed=auto); elsewhere pass --coordinator_addres
 """
 
 import logging as std_logging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from lenvm_jax import distributed
-from lenvm_jax.config import ConfigError, RunConfig
-from lenvm_jax.data.records import RecordError
+from lenvm_jax.config import RunConfig
 from lenvm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
@@ -48,13 +47,8 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  try:
-    trainer.train_and_evaluate(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)
-  except (ConfigError, RecordError) as e:  # Bad config or data: one clear line, no traceback.
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  trainer.train_and_evaluate(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)  # User errors: cli.run's line.
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import re
 import types
 import typing
 
+from lenvm_jax.errors import UserError
 from lenvm_jax.model.config import ModelConfig, preset_fields
 
 AUTO_GAMMA = ("auto", "auto_mre")  # loss.gamma values resolved from the training split (value/gamma.py).
@@ -27,9 +28,12 @@ PACKING = ("none", "first_fit", "best_fit")
 UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
 BATCHING = ("shuffled", "grouped")
 NONFINITE_POLICIES = ("skip", "stop")
+# The eval metrics a run logs that rank checkpoints (all lower-is-better; value/metrics.py computes them).
+EVAL_METRICS = ("loss", "value_mse", "length_mae", "length_mre") + tuple(
+    f"length_{kind}_at_{fraction}" for kind in ("mae", "mre") for fraction in (0, 25, 50, 75))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A user's config mistake: the message starts with the field, `config.<section>.<field>: ...`."""
 
 
@@ -183,6 +187,9 @@ class TrainConfig:
   eval_every: int = 500  # 0 = evaluate only at the end.
   log_every: int = 50
   freeze_trunk: bool = False  # Train only the value head.
+  # > 0: train only the top K decoder layers, the final norm and the heads (embeddings and lower layers frozen, with
+  # no optimizer state); 0 trains everything. For a pretrained trunk (model.init_from) on a small machine.
+  trainable_layers: int = 0
   # > 0: keep an exponential moving average of the weights (decay per step, ramped up over the first steps); eval,
   # prediction, export and rollouts then use it. It averages out the step-to-step noise of the final weights.
   ema_decay: float = 0.0
@@ -196,6 +203,10 @@ class TrainConfig:
     _require(self.eval_batch_size > 0, "train.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
     _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = only at the end), got {self.eval_every}")
     _require(self.log_every > 0, "train.log_every", f"must be positive, got {self.log_every}")
+    _require(self.trainable_layers >= 0, "train.trainable_layers",
+             f"must be >= 0 (0 = all layers), got {self.trainable_layers}")
+    _require(not (self.trainable_layers and self.freeze_trunk), "train.trainable_layers",
+             "and train.freeze_trunk both freeze the trunk: set one (freeze_trunk trains the heads only)")
     _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
     _require(self.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
@@ -231,10 +242,15 @@ class CheckpointConfig:
   every_steps: int = 500
   keep: int = 3
   async_save: bool = True
+  # An eval metric (lower is better): besides the last `keep`, keep the checkpoint with its least value; eval steps
+  # are then checkpointed too, and predict / export_hf / evaluate take --step=best. "" = off.
+  keep_best: str = ""
 
   def __post_init__(self):
     _require(self.every_steps > 0, "checkpoint.every_steps", f"must be positive, got {self.every_steps}")
     _require(self.keep > 0, "checkpoint.keep", f"must be positive, got {self.keep}")
+    _require(self.keep_best in ("",) + EVAL_METRICS, "checkpoint.keep_best",
+             f"must be '' (off) or an eval metric ({', '.join(EVAL_METRICS)}), got {self.keep_best!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +274,10 @@ class RunConfig:
   def __post_init__(self):
     _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
              "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
+    _require(not self.checkpoint.keep_best or self.data.has_eval, "checkpoint.keep_best",
+             "ranks checkpoints by an eval metric, but the run has no eval split (set data.eval_path)")
+    _require(self.train.trainable_layers <= self.model.num_layers, "train.trainable_layers",
+             f"must be at most model.num_layers ({self.model.num_layers}), got {self.train.trainable_layers}")
     has_head = self.model.candidate_head != "none"
     _require(has_head or self.loss.candidate_weight == 0.0, "model.candidate_head",
              f"is 'none' but loss.candidate_weight is {self.loss.candidate_weight}: set model.candidate_head to "

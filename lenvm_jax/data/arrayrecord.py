@@ -53,9 +53,14 @@ def split_paths(path: str) -> list[str]:
   """The shard files a config path names: a file, a glob, or a `<dir>/<split>` prefix."""
   if os.path.isfile(path):
     return [path]
-  found = sorted(glob.glob(path)) or sorted(glob.glob(path + "-*-of-*.array_record"))
+  found = [p for p in sorted(glob.glob(path)) if os.path.isfile(p)] or sorted(glob.glob(path + "-*-of-*.array_record"))
   if not found:
-    raise FileNotFoundError(f"no ArrayRecord shards at {path!r} (a file, a glob, or <dir>/<split>)")
+    hint = ""
+    if os.path.isdir(path):  # A prepare_data directory holds one prefix per split.
+      splits = sorted({os.path.basename(p).split("-")[0] for p in glob.glob(os.path.join(path, "*-of-*.array_record"))})
+      hint = (f"; it is a directory: name a split in it, e.g. {os.path.join(path, splits[0])!r}" if splits
+              else "; it is a directory without shards")
+    raise FileNotFoundError(f"no ArrayRecord shards at {path!r} (a file, a glob, or <dir>/<split>){hint}")
   return found
 
 

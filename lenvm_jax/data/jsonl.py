@@ -25,9 +25,9 @@ def parse_record(obj: dict, vocab_size: int, max_len: int, source: str, line: in
   for field in ("prompt_id", "generator"):
     if obj.get(field) is not None and not isinstance(obj[field], (str, int)):
       raise RecordError(source, line, field, f"must be a string or integer, got {obj[field]!r:.40}")
-  prompt_id = obj.get("prompt_id")
+  prompt_id, generator = obj.get("prompt_id"), obj.get("generator")
   return Trajectory(prompt, completion, finished, None if prompt_id is None else str(prompt_id),
-                    obj.get("generator"))
+                    None if generator is None else str(generator))  # 3 and "3" name one generator.
 
 
 def json_lines(path: str) -> Iterator[tuple[int, dict | RecordError]]:
@@ -37,8 +37,16 @@ def json_lines(path: str) -> Iterator[tuple[int, dict | RecordError]]:
   Yields errors instead of raising them, so importers can skip bad lines (prepare_data --on_bad_record=skip).
   """
   found = False
-  with open(path, encoding="utf-8") as f:
-    for line_number, text in enumerate(f, start=1):
+  with open(path, "rb") as f:  # Decoded line by line: a byte that is not UTF-8 is an error of its line.
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # A leading byte-order mark is no data.
+      except UnicodeDecodeError as e:
+        found = True
+        yield line_number, RecordError(path, line_number, "<encoding>",
+                                       f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8 text "
+                                       "(re-encode the file as UTF-8)")
+        continue
       if not text.strip():
         continue
       found = True

@@ -17,6 +17,7 @@ from lenvm_jax.data.prompt_groups import SPLITS
 from lenvm_jax.data.records import RecordError, Trajectory, check_token_ids, prompt_too_long
 
 BAD_RECORD_POLICIES = ("error", "skip")
+FILE_FIELD = "<file>"  # RecordError.field of an error about a whole input file.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +57,16 @@ def prepare(records: Iterable[ImportedRecord | RecordError], output_dir: str, *,
         raise item
       validate(item, vocab_size, max_len)
     except RecordError as error:
-      if on_bad_record == "error":
+      if on_bad_record == "error" or error.field == FILE_FIELD:  # A whole file (empty, unreadable) is no record.
         raise
       skipped[error.field] += 1
       logging.warning("skipped bad record (on_bad_record=skip): %s", error)
       continue
-    encoded[item.split].append(arrayrecord.encode(item.trajectory, item.text, item.meta))
-    kept[item.split].append(item.trajectory)
+    trajectory = item.trajectory
+    if trajectory.generator is not None and not isinstance(trajectory.generator, str):  # 3 and "3": one generator.
+      trajectory = dataclasses.replace(trajectory, generator=str(trajectory.generator))
+    encoded[item.split].append(arrayrecord.encode(trajectory, item.text, item.meta))
+    kept[item.split].append(trajectory)
     if seen % log_every == 0:
       logging.info("imported %d records (%d skipped)", seen, sum(skipped.values()))
 

@@ -12,8 +12,10 @@ import dataclasses
 
 import numpy as np
 
+from lenvm_jax.errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError, ValueError):
   """A malformed record, located by source, line (1-based) and field."""
 
   def __init__(self, source: str, line: int, field: str, problem: str):
@@ -39,12 +41,15 @@ def check_token_ids(ids, vocab_size: int, source: str, line: int, field: str) ->
   if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
     bad = next(i for i in ids if not isinstance(i, int) or isinstance(i, bool))
     raise RecordError(source, line, field, f"token ids must be integers, found {bad!r:.40}")
-  array = np.asarray(ids, dtype=np.int64)
-  out_of_range = (array < 0) | (array >= vocab_size)
+  try:
+    array = np.asarray(ids, dtype=np.int64)
+    out_of_range = (array < 0) | (array >= vocab_size)
+  except OverflowError:  # An id beyond int64 (e.g. 2**70): the same check in Python.
+    array, out_of_range = None, np.asarray([not 0 <= i < vocab_size for i in ids])
   if out_of_range.any():
     position = int(np.argmax(out_of_range))
     raise RecordError(source, line, field,
-                      f"token id {int(array[position])} at position {position} is outside the vocabulary "
+                      f"token id {ids[position]} at position {position} is outside the vocabulary "
                       f"[0, {vocab_size}) (model.vocab_size)")
   return array.astype(np.int32)
 

@@ -15,16 +15,20 @@ from lenvm_jax.value.objective import Objective
 
 
 class Predictor:
-  """Loads a workdir's weights (its EMA when the run keeps one; the latest checkpoint unless `step` is given) on one
-  device, with the config it trained with, and scores trajectories."""
+  """Loads a workdir's weights (its EMA when the run keeps one) on one device, with the config that trained them,
+  and scores trajectories. `step`: None or "latest" (the newest checkpoint that restores intact), "best" (by the
+  run's checkpoint.keep_best) or a step number."""
 
-  def __init__(self, workdir: str, step: int | None = None):
-    self.config = rundir.read_config(workdir)
-    self.kind = Objective.from_config(self.config.loss).kind
+  def __init__(self, workdir: str, step: int | str | None = None):
+    current = rundir.read_config(workdir)
     mesh = sharding.make_mesh(1, 1, 1)
     with jax.set_mesh(mesh):
-      self.graphdef, abstract = abstract_model(self.config.model)
-      self.params, self.step = rundir.restore_params(workdir, rundir.abstract_params_on(abstract, mesh), step)
+      _, abstract = abstract_model(current.model)
+      self.params, self.step = rundir.restore_params(workdir, rundir.abstract_params_on(abstract, mesh), step,
+                                                     keep_best=current.checkpoint.keep_best)
+    self.config = rundir.read_config(workdir, self.step)  # A resumed run may have trained this step with another.
+    self.graphdef, _ = abstract_model(self.config.model)
+    self.kind = Objective.from_config(self.config.loss).kind
     self._forward = jax.jit(self._values)
 
   def _values(self, params, tokens, positions, segment_ids):

@@ -1,11 +1,16 @@
 """The training loop: config -> mesh -> state (fresh or resumed) -> compiled step -> log / eval / checkpoint.
 
 Resume is exact: the checkpoint holds params, optimizer state, step, RNG and the grain iterator position, so a
-rerun of the same command continues the same sequence of batches and updates.
+rerun of the same command continues the same sequence of batches and updates, from the newest checkpoint that
+restores intact (train/checkpointing.py).
+
+Fail safe: the workdir is locked first (a second trainer refuses); then data, mesh and state are set up, and any
+user mistake among them (config, data, paths, devices, a checkpoint of another model) raises a UserError before the
+workdir changes; config.json is written only once all of that has worked (rundir.write_config keeps a config that a
+resume replaced).
 """
 
-import json
-import os
+import contextlib
 import signal
 import time
 
@@ -14,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lenvm_jax import config as config_lib, distributed, rundir, sharding
-from lenvm_jax.config import RunConfig
-from lenvm_jax.data import pipeline
+from lenvm_jax import config as config_lib, distributed, errors, rundir, sharding
+from lenvm_jax.config import ConfigError, RunConfig
+from lenvm_jax.data import pipeline, records
 from lenvm_jax.model import hf_config, hf_import, transformer
 from lenvm_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train.metrics_log import MetricsLog
@@ -107,118 +112,218 @@ def _params_from_hf(directory: str, model_config, mesh, seed: int) -> dict:
   return hf_import.load_params(directory, model_config, mesh, seed)
 
 
+def _data_field(run: RunConfig, split: str) -> str:
+  if run.data.source == "synthetic":
+    return "data.synthetic"
+  if run.data.source == "tfds":
+    return "data.tfds_data_dir"
+  return "data.train_path" if split == "train" else "data.eval_path"
+
+
+def load_split(run: RunConfig, split: str):
+  """pipeline.load_source, with a path that cannot be read as a ConfigError naming its field."""
+  try:
+    return pipeline.load_source(run, split)
+  except OSError as e:
+    path = run.data.train_path if split == "train" else run.data.eval_path
+    reason = f"{e.strerror.lower()}: {path!r}" if e.strerror else str(e)
+    raise ConfigError(f"config.{_data_field(run, split)}: cannot read it ({reason}); check the path") from None
+
+
+# Records read before training to check that rows can be built from them (the rest fail inside the pipeline).
+_CHECKED_RECORDS = 256
+
+
+def check_trainable(run: RunConfig, source, split: str):
+  """Refuses a split from which no row can be built, before the grain pipeline would wait for one forever: no
+  records, only unfinished ones under data.unfinished='drop' (in this host's share for training), or prompts that
+  leave data.max_len no room."""
+  field = _data_field(run, split)
+  data = run.data
+  count = len(source)
+  indices = range(jax.process_index(), count, jax.process_count()) if split == "train" else range(count)
+  if not len(indices):
+    raise ConfigError(f"config.{field}: the {split} split holds {count} records"
+                      + (f", none for process {jax.process_index()} of {jax.process_count()}" if count else ""))
+  if data.source == "synthetic" and not data.max_prompt_len:
+    longest = pipeline.synthetic_policy(run).max_prompt_len
+    if problem := records.prompt_too_long(longest, data.max_len):
+      raise ConfigError(f"config.data.max_len: synthetic prompts have up to {longest} tokens: {problem}")
+  found_finished = data.unfinished != "drop"
+  for checked, index in enumerate(indices):
+    trajectory = source[index]
+    if checked < _CHECKED_RECORDS and not data.max_prompt_len:
+      if problem := records.prompt_too_long(len(trajectory.prompt_ids), data.max_len):
+        raise ConfigError(f"config.data.max_len: {split} record {index}: {problem}")
+    found_finished = found_finished or trajectory.finished
+    if found_finished and checked >= _CHECKED_RECORDS:
+      break
+  if not found_finished:
+    raise ConfigError(f"config.data.unfinished: all {len(indices)} {split} records"
+                      f"{' of this process' if split == 'train' and jax.process_count() > 1 else ''} are unfinished "
+                      f"(no EOS) and data.unfinished='drop' leaves none to {'train' if split == 'train' else 'eval'} "
+                      "on; set data.unfinished='as_finished' or 'infinite', or use finished completions")
+
+
 def resolve_gamma(run: RunConfig):
   """(run with loss.gamma a number, its training source): "auto" / "auto_mre" are resolved from the training split's
   lengths (value/gamma.py), read once, before anything else is built."""
-  source = pipeline.load_source(run, "train")
+  source = load_split(run, "train")
   if run.loss.resolved:
     return run, source
   run = gamma_lib.resolve(run, pipeline.length_sample(source))
   if run.data.source == "synthetic":  # Synthetic records carry their exact values under gamma: draw them again.
-    source = pipeline.load_source(run, "train")
+    source = load_split(run, "train")
   return run, source
 
 
+def make_mesh(run: RunConfig):
+  try:
+    return sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+  except ValueError as e:  # More devices than there are, or sizes that do not divide them.
+    raise ConfigError(f"config.mesh: {e}") from None
+
+
+def _disk_failure(error: BaseException, workdir: str, ckpt) -> errors.UserError | None:
+  """A write that failed for the disk (full, read-only, permissions) as one line that says where to resume."""
+  if isinstance(error, errors.UserError):
+    return None
+  reason = errors.os_error_reason(error)
+  if reason is None:
+    return None
+  done = ckpt.steps()
+  resume = f"it resumes from step {done[-1]}" if done else "it starts afresh (no complete checkpoint yet)"
+  return errors.UserError.at(f"cannot write the run: {reason}", getattr(error, "filename", None) or workdir,
+                             f"free space or fix the location, then rerun the same command: {resume}")
+
+
 def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
-  """Trains to run.train.steps (resuming from the latest checkpoint in workdir); returns the last eval metrics."""
+  """Trains to run.train.steps (resuming from the newest intact checkpoint in workdir); returns the last eval
+  metrics."""
   config_lib.check_workdir(workdir)
-  run, train_source = resolve_gamma(run)
-  model_config = run.model
-  mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
-  config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  if distributed.is_leader():
-    rundir.write_config(workdir, run)
-  logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
-
-  objective = Objective.from_config(run.loss)
-  train_iter = iter(pipeline.train_dataset(run, train_source))
-  has_eval = run.data.has_eval
-  eval_source = pipeline.load_source(run, "eval") if has_eval else None
-  ckpt = checkpointing.Checkpointer(workdir, run.checkpoint.every_steps, run.checkpoint.keep,
-                                    run.checkpoint.async_save)
-  log = MetricsLog(workdir)
-
-  with jax.set_mesh(mesh):
-    graphdef, abstract = transformer.abstract_model(model_config)
-    tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
-    resume_step = ckpt.latest_step()
-    initial_params = None
-    if resume_step is None and model_config.init_from:  # A resumed run takes its weights from the checkpoint.
-      initial_params = _params_from_hf(model_config.init_from, model_config, mesh, run.seed)
-    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed,
-                                                   initialize=resume_step is None, initial_params=initial_params,
-                                                   ema=run.train.keeps_ema)
-    if resume_step is not None:
-      logging.info("resuming from %s/%d", ckpt.directory, resume_step)
-      state = ckpt.restore_train_state(resume_step, state, train_iter)
-
-    accum = run.train.accum_steps
-    first = next(train_iter)
-    to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
-    train_sh = sharding.batch_shardings(mesh, to_micro(first), leading=1)
-    eval_rows = run.train.eval_batch_size // jax.process_count()
-    eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()}  # Also the pad.
-    eval_sh = sharding.batch_shardings(mesh, eval_example, leading=0)
-    compiled_train, compiled_eval = step_lib.compile_steps(
-        graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
-        train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
-        eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
-    flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
-    evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, run, eval_source,
-                                        eval_sh, eval_example)
-
-    step = int(state.step)
-    reported_skips = int(state.nonfinite_skips)
-    stop = _StopRequest()
-    last_eval: dict = {}
-    stopped = False
-    window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
-    batch = first
+  rundir.make_workdir(workdir)
+  with rundir.WorkdirLock(workdir) if distributed.is_leader() else contextlib.nullcontext():
+    run, train_source = resolve_gamma(run)
+    mesh = make_mesh(run)
+    config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
+    check_trainable(run, train_source, "train")
+    eval_source = load_split(run, "eval") if run.data.has_eval else None
+    if eval_source is not None:
+      check_trainable(run, eval_source, "eval")
+    logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
+    train_iter = iter(pipeline.train_dataset(run, train_source))
+    ckpt = checkpointing.Checkpointer(workdir, run.checkpoint.every_steps, run.checkpoint.keep,
+                                      run.checkpoint.async_save, run.checkpoint.keep_best)
+    failed = True
     try:
-      while step < run.train.steps:
-        state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
-        window = _add_to_window(window, step_metrics)
-        step += 1
-        window_steps += 1
-        window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
-        if step % run.train.log_every == 0 or step == run.train.steps:
-          train_metrics = _window_metrics(window)
-          elapsed = time.perf_counter() - window_start
-          finite = bool(jax.device_get(step_metrics["finite"]))
-          skips = int(state.nonfinite_skips)
-          train_metrics.update(tokens_per_s=window_tokens / elapsed,
-                               flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
-          log.write(step, "train", train_metrics)
-          window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
-          if skips > reported_skips:
-            _on_nonfinite(run, step, skips - reported_skips, finite)
-            reported_skips = skips
-        ckpt.save(step, state, train_iter)
-        if has_eval and run.train.eval_every and step % run.train.eval_every == 0 and step < run.train.steps:
-          eval_start = time.perf_counter()
-          last_eval = evaluate_state(state)
-          log.write(step, "eval", last_eval)
-          window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
-        # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
-        # dispatch if done every step, so several hosts agree only at log steps (where they sync anyway).
-        at_log_step = step % run.train.log_every == 0 or step == run.train.steps
-        if (jax.process_count() == 1 or at_log_step) and distributed.any_host(stop.signal is not None):
-          logging.warning("%s received: checkpointing step %d and exiting", stop.signal or "stop on another host",
-                          step)
-          stopped = True
-          break
-        if step < run.train.steps:
-          batch = next(train_iter)
-      if not stopped and has_eval:
-        last_eval = evaluate_state(state)
-        log.write(step, "eval", last_eval)
-      ckpt.save(step, state, train_iter, force=True)
-      ckpt.wait()
+      with jax.set_mesh(mesh):
+        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt)
+      failed = False
+      return last_eval
+    except Exception as e:  # pylint: disable=broad-except
+      if (failure := _disk_failure(e, workdir, ckpt)) is not None:
+        raise failure from None
+      raise
     finally:
-      stop.restore()
       if hasattr(train_iter, "close"):
         train_iter.close()  # Stops grain worker processes.
-      ckpt.close()
-      log.close()
+      try:
+        ckpt.close()
+      except Exception:  # pylint: disable=broad-except
+        if not failed:
+          raise
+        logging.warning("the last checkpoint save did not complete either")  # The first failure is the one raised.
+
+
+def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) -> dict:
+  """State (restored or fresh) -> compiled steps -> config.json and the metrics log -> the loop."""
+  model_config = run.model
+  objective = Objective.from_config(run.loss)
+  graphdef, abstract = transformer.abstract_model(model_config)
+  tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
+  state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initialize=False,
+                                                 ema=run.train.keeps_ema)
+  resume_step, restored = ckpt.restore_newest(state, train_iter, run)
+  if resume_step is None:
+    initial_params = None
+    if model_config.init_from:  # A resumed run takes its weights from the checkpoint.
+      initial_params = _params_from_hf(model_config.init_from, model_config, mesh, run.seed)
+    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initial_params=initial_params,
+                                                   ema=run.train.keeps_ema)
+  else:
+    state = restored
+
+  accum = run.train.accum_steps
+  first = next(train_iter)
+  to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
+  train_sh = sharding.batch_shardings(mesh, to_micro(first), leading=1)
+  eval_rows = run.train.eval_batch_size // jax.process_count()
+  eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()}  # Also the pad.
+  eval_sh = sharding.batch_shardings(mesh, eval_example, leading=0)
+  compiled_train, compiled_eval = step_lib.compile_steps(
+      graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
+      train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
+      eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
+  flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
+  has_eval = eval_source is not None
+  evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, run, eval_source,
+                                      eval_sh, eval_example)
+
+  # The run has started cleanly: from here on the workdir records it.
+  if distributed.is_leader():
+    rundir.write_config(workdir, run, resume_step)
+  log = MetricsLog(workdir)
+  step = int(state.step)
+  reported_skips = int(state.nonfinite_skips)
+  stop = _StopRequest()
+  last_eval: dict = {}
+  stopped = False
+  window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
+  batch = first
+  try:
+    while step < run.train.steps:
+      state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
+      window = _add_to_window(window, step_metrics)
+      step += 1
+      window_steps += 1
+      window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
+      if step % run.train.log_every == 0 or step == run.train.steps:
+        train_metrics = _window_metrics(window)
+        elapsed = time.perf_counter() - window_start
+        finite = bool(jax.device_get(step_metrics["finite"]))
+        skips = int(state.nonfinite_skips)
+        train_metrics.update(tokens_per_s=window_tokens / elapsed,
+                             flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
+        log.write(step, "train", train_metrics)
+        window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
+        if skips > reported_skips:
+          _on_nonfinite(run, step, skips - reported_skips, finite)
+          reported_skips = skips
+      step_eval = None
+      if has_eval and run.train.eval_every and step % run.train.eval_every == 0 and step < run.train.steps:
+        eval_start = time.perf_counter()
+        last_eval = step_eval = evaluate_state(state)
+        log.write(step, "eval", last_eval)
+        window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
+      if step < run.train.steps:  # The last step is saved below, after the final eval.
+        ckpt.save(step, state, train_iter, metrics=step_eval)  # After the eval: checkpoint.keep_best ranks by it.
+        ckpt.poll()
+      # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
+      # dispatch if done every step, so several hosts agree only at log steps (where they sync anyway).
+      at_log_step = step % run.train.log_every == 0 or step == run.train.steps
+      if (jax.process_count() == 1 or at_log_step) and distributed.any_host(stop.signal is not None):
+        logging.warning("%s received: checkpointing step %d and exiting", stop.signal or "stop on another host", step)
+        stopped = True
+        break
+      if step < run.train.steps:
+        batch = next(train_iter)
+    step_eval = None
+    if not stopped and has_eval:
+      last_eval = step_eval = evaluate_state(state)
+      log.write(step, "eval", last_eval)
+    ckpt.save(step, state, train_iter, force=True, metrics=step_eval)
+    ckpt.wait()
+  finally:
+    stop.restore()
+    log.close()
   return last_eval

@@ -1,0 +1,120 @@
+"""The error boundary that every command-line tool in experiments/ runs under: `cli.run(main)` instead of app.run.
+
+What a user can cause (a flag, a config field, a path, a permission, a full or read-only disk, bad data, a checkpoint
+that is missing, corrupt or of another model, a busy workdir) ends as one line on stderr, `error: <message>`, and
+exit status 2. Any other exception is a bug and keeps its traceback (exit status 1).
+"""
+
+import contextlib
+import functools
+import os
+import re
+import sys
+import threading
+from typing import NoReturn
+
+from absl import app, flags
+
+from lenvm_jax import errors
+
+USER_ERROR_EXIT = 2
+STEP_CHOICES = ("latest", "best")
+
+
+def fail(message) -> NoReturn:
+  """Prints `error: <message>` as one line and exits with status 2."""
+  print(f"error: {' '.join(str(message).splitlines())}", file=sys.stderr, flush=True)
+  # Background writers (an async checkpoint save cut short) may still report at interpreter exit: the line above
+  # says what happened, their echoes would bury it.
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  sys.exit(USER_ERROR_EXIT)
+
+
+def guard(main):
+  """`main` with user errors turned into `fail`; bugs propagate."""
+
+  @functools.wraps(main)
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (errors.UserError, app.UsageError) as e:
+      fail(e)
+    except OSError as e:
+      user_error = errors.from_os_error(e)
+      if user_error is None:
+        raise
+      fail(user_error)
+
+  return guarded
+
+
+@contextlib.contextmanager
+def user_errors(*types):
+  """Inside, exceptions of `types` count as the user's (a tool whose every such error comes from its input, e.g. a
+  model directory no HF class can hold): they end as one line too."""
+  try:
+    yield
+  except types as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.UserError(str(e)) from None
+
+
+def _unknown_config_field(argv, error) -> str | None:
+  """The message for an ml_collections override of a field the config lacks (it raises a bare AttributeError or
+  KeyError while flags are parsed), or None when no `--<config>.<path>` argument names the missing key."""
+  text = str(error).encode().decode("unicode_escape", errors="ignore")
+  key = re.search(r"'(\w+)'", text)
+  if key is None:
+    return None
+  for arg in argv[1:]:
+    match = re.match(r"--?(\w+(?:\.\w+)+)(=|$)", arg)
+    if match and key.group(1) in match.group(1).split(".")[1:]:
+      suggestion = re.search(r'Did you mean "(\w+)"', text)
+      hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
+      return f"unknown config field ({match.group(1)}): {hint}the fields are listed in docs/configs.md"
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing with one-line errors and exit status 2 (absl exits 1 and ml_collections raises a traceback
+  for an unknown field)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f"{e} (see --helpfull)")
+  except (AttributeError, KeyError) as e:
+    message = _unknown_config_field(argv, e)
+    if message is None:
+      raise
+    fail(message)
+
+
+def run(main):
+  app.run(guard(main), flags_parser=parse_flags)
+
+
+def define_step_flag():
+  """--step: which checkpoint of a run to use (latest, best by checkpoint.keep_best, or a step number)."""
+  return flags.DEFINE_string("step", "latest", "Checkpoint to use: latest (the newest that restores intact), best "
+                             "(the run's best by checkpoint.keep_best) or a step number.")
+
+
+def step_value(value: str) -> str | int:
+  """The --step flag as restore_params takes it: "latest", "best" or an int."""
+  if value in STEP_CHOICES:
+    return value
+  if value.isdigit():
+    return int(value)
+  raise errors.UserError.at(f"bad --step {value!r}", "--step", "give latest, best or a step number")
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """Before any work: the directory an output file goes into must exist (a typo should not cost a model load)."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise errors.UserError.at("the output is a directory", f"{flag}={path}", "give a file path")
+  if not os.path.isdir(parent):
+    raise errors.UserError.at("the output's directory does not exist", f"{flag}={path}",
+                              f"create {parent} first or choose another path")

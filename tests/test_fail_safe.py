@@ -1,0 +1,385 @@
+"""Fail safe (issue 19): every user error is one line `error: ...` naming the culprit with exit status 2, nothing a
+user did is lost, and no run clobbers another. In-process checks first; the CLI probes run subprocesses (slow)."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import cli
+from lenvm_jax import errors, rundir
+from lenvm_jax.config import ConfigError, RunConfig
+from lenvm_jax.data import arrayrecord, jsonl, output_dir, prepare as prepare_lib, reference_jsonl
+from lenvm_jax.data.records import RecordError, Trajectory
+from lenvm_jax.train import trainer
+from tests.conftest import REPO, run_config
+
+
+def _lines(path, lines, mode="w"):
+  with open(path, "wb" if isinstance(lines, bytes) else mode, **({} if isinstance(lines, bytes) else
+                                                                 {"encoding": "utf-8"})) as f:
+    f.write(lines if isinstance(lines, bytes) else "".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def _record(**fields):
+  return json.dumps({"prompt_ids": [3, 4], "completion_ids": [5, 1], **fields})
+
+
+# ------------------------------------------------------------------------------------------- the error boundary
+
+
+def test_user_errors_share_one_base():
+  for cls in (ConfigError, RecordError, errors.CheckpointError, errors.WorkdirBusy, output_dir.OutputDirError):
+    assert issubclass(cls, errors.UserError), cls
+
+
+def test_boundary_prints_one_line_and_exits_2_but_keeps_bugs(capsys):
+  def user(argv):
+    raise errors.UserError.at("bad thing\nover two lines", "where.txt:3", "do this")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.guard(user)(["prog"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: bad thing over two lines (where.txt:3): do this\n"
+
+  def full_disk(argv):
+    raise OSError(errno.ENOSPC, "No space left on device", "/data/run/metrics.jsonl")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.guard(full_disk)(["prog"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.startswith("error: no space left on device (/data/run/metrics.jsonl): free space")
+
+  def bug(argv):
+    raise KeyError("a real bug")
+
+  with pytest.raises(KeyError):  # A bug keeps its traceback.
+    cli.guard(bug)(["prog"])
+  with pytest.raises(OSError):  # So does an OSError that is not about the user's files.
+    cli.guard(lambda argv: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))(["prog"])
+
+
+def test_storage_library_errors_are_read_for_their_os_error():
+  # What tensorstore (under orbax) raises on a full disk.
+  text = ("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/15.orbax-checkpoint-tmp/state/x\": "
+          "Failed to write 440 bytes to file 8: No space left on device [os_error_code='28']")
+  assert errors.os_error_reason(ValueError(text)) == "no space left on device"
+  assert errors.os_error_reason(ValueError("shapes do not match")) is None
+
+
+def test_step_flag_values():
+  assert cli.step_value("latest") == "latest" and cli.step_value("best") == "best" and cli.step_value("30") == 30
+  with pytest.raises(errors.UserError, match=r"--step"):
+    cli.step_value("newest")
+
+
+# ------------------------------------------------------------------------------------------------- bad data
+
+
+def test_an_id_beyond_int64_is_a_record_error(tmp_path):
+  path = _lines(tmp_path / "big.jsonl", [_record(), json.dumps({"prompt_ids": [3, 2**70], "completion_ids": [1]})])
+  with pytest.raises(RecordError, match=r"big\.jsonl:2: field 'prompt_ids': token id 1180591620717411303424 at "
+                     r"position 1 is outside the vocabulary"):
+    jsonl.read_trajectories(path, vocab_size=64, max_len=48)
+
+
+def test_bytes_that_are_not_utf8_are_an_error_of_their_line(tmp_path):
+  path = _lines(tmp_path / "latin1.jsonl", _record().encode() + b"\n" + b'{"prompt_ids": [3], "generator": "caf\xe9"}\n'
+                + _record().encode() + b"\n")
+  with pytest.raises(RecordError, match=r"latin1\.jsonl:2: field '<encoding>': byte 0xe9 at column 38 is not UTF-8"):
+    jsonl.read_trajectories(path, vocab_size=64, max_len=48)
+  # Skippable like any bad line: the other records are kept.
+  result = prepare_lib.prepare(reference_jsonl.iter_tokenized_jsonl(path, 64, 48, eval_fraction=0.0),
+                               str(tmp_path / "out"), vocab_size=64, max_len=48, on_bad_record="skip")
+  assert result["records"] == {"train": 2, "eval": 0} and result["skipped"]["by_field"] == {"<encoding>": 1}
+  binary = _lines(tmp_path / "binary.jsonl", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+  with pytest.raises(RecordError, match=r"binary\.jsonl:1: field '<encoding>'"):
+    jsonl.read_trajectories(binary, vocab_size=64, max_len=48)
+
+
+def test_a_byte_order_mark_keeps_the_first_record(tmp_path):
+  path = _lines(tmp_path / "bom.jsonl", b"\xef\xbb\xbf" + _record(prompt_id="first").encode() + b"\n"
+                + _record(prompt_id="second").encode() + b"\n")
+  assert [t.prompt_id for t in jsonl.read_trajectories(path, 64, 48)] == ["first", "second"]
+
+
+def test_an_empty_file_is_an_error_even_when_skipping_bad_records(tmp_path):
+  empty = _lines(tmp_path / "empty.jsonl", [""])
+  with pytest.raises(RecordError, match=r"empty\.jsonl:0: field '<file>': holds no records"):
+    prepare_lib.prepare(reference_jsonl.iter_tokenized_jsonl(empty, 64, 48), str(tmp_path / "out"), vocab_size=64,
+                        max_len=48, on_bad_record="skip")
+  assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_generators_given_as_numbers_and_strings_import(tmp_path):
+  path = _lines(tmp_path / "mixed.jsonl", [_record(generator=3), _record(generator="a"), _record(generator="3")])
+  result = prepare_lib.prepare(reference_jsonl.iter_tokenized_jsonl(path, 64, 48, eval_fraction=0.0),
+                               str(tmp_path / "out"), vocab_size=64, max_len=48)
+  assert sorted(result["splits"]["train"]["generators"]) == ["3", "a"]
+  assert (tmp_path / "out" / "stats.json").exists()
+  assert [t.generator for t in jsonl.read_trajectories(path, 64, 48)] == ["3", "a", "3"]
+
+
+def test_an_arrayrecord_directory_without_shards_names_itself(tmp_path):
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(FileNotFoundError, match="it is a directory without shards"):
+    arrayrecord.split_paths(str(tmp_path / "empty_dir"))
+  prepared = tmp_path / "prepared"
+  prepared.mkdir()
+  arrayrecord.write_shard(arrayrecord.shard_path(str(prepared), "train", 0, 1),
+                          [arrayrecord.encode(Trajectory(np.asarray([3]), np.asarray([1])))])
+  with pytest.raises(FileNotFoundError, match=r"name a split in it, e\.g\. '.*prepared/train'"):
+    arrayrecord.split_paths(str(prepared))
+
+
+# --------------------------------------------------------------------- trainer start-up: errors before any write
+
+
+def _start(tiny_config, tmp_path, **fields):
+  """A trainer start that must fail: returns the ConfigError; the workdir gets no config.json, checkpoint or
+  metrics (and its lock is released)."""
+  for dotted, value in fields.items():
+    section, name = dotted.split("__")
+    with tiny_config.unlocked():
+      setattr(tiny_config[section], name, value)
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError) as error:
+    trainer.train_and_evaluate(run_config(tiny_config), str(workdir))
+  assert sorted(os.listdir(workdir)) == [], os.listdir(workdir)
+  return str(error.value)
+
+
+def test_data_with_no_trainable_record_fails_at_start_not_in_a_spin(tiny_config, tmp_path):
+  path = _lines(tmp_path / "unfinished.jsonl", [_record(finished=False)] * 20)
+  message = _start(tiny_config, tmp_path, data__source="jsonl", data__train_path=path, mesh__data=1)
+  assert message.startswith("config.data.unfinished: all 20 train records are unfinished")
+  assert "data.unfinished='as_finished'" in message
+
+
+@pytest.mark.parametrize("fields, culprit", [
+    ({"data__source": "jsonl", "data__train_path": "/no/such/file.jsonl"}, "config.data.train_path: cannot read it "
+                                                                           "(no such file or directory"),
+    ({"data__source": "jsonl", "data__train_path": "/"}, "config.data.train_path: cannot read it (is a directory"),
+    ({"data__source": "arrayrecord", "data__train_path": "/"}, "config.data.train_path: cannot read it (no "
+                                                               "ArrayRecord shards"),
+    ({"data__max_len": 3}, "config.data.max_len: synthetic prompts have up to 12 tokens"),
+    ({"mesh__data": 16}, "config.mesh: mesh {'mesh.data': 16"),
+])
+def test_start_up_mistakes_name_their_config_field(tiny_config, tmp_path, fields, culprit):
+  fields.setdefault("mesh__data", 1)
+  assert _start(tiny_config, tmp_path, **fields).startswith(culprit)
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+  (tmp_path / "file").write_text("not a directory")
+  with pytest.raises(errors.UserError, match=r"the workdir is a file \(.*/file\): choose a directory path"):
+    rundir.make_workdir(str(tmp_path / "file"))
+
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  monkeypatch.setattr(os, "makedirs", read_only)
+  with pytest.raises(errors.UserError, match=r"cannot write the workdir: read-only file system \(.*/ro\): choose a "
+                     "writable location"):
+    rundir.make_workdir(str(tmp_path / "ro"))
+
+
+def test_keep_best_names_a_metric_and_needs_an_eval_split(tiny_config):
+  tiny_config.checkpoint.keep_best = "accuracy"
+  with pytest.raises(ConfigError, match=r"config\.checkpoint\.keep_best: must be '' \(off\) or an eval metric"):
+    run_config(tiny_config)
+  tiny_config.checkpoint.keep_best = "length_mae"
+  tiny_config.data.source, tiny_config.data.train_path = "jsonl", "t.jsonl"
+  with pytest.raises(ConfigError, match=r"config\.checkpoint\.keep_best: .*no eval split"):
+    run_config(tiny_config)
+
+
+# ---------------------------------------------------------------------------------------------- the workdir lock
+
+
+def _dead_pid() -> int:
+  process = subprocess.Popen([sys.executable, "-c", "pass"])
+  process.wait()
+  return process.pid
+
+
+@pytest.mark.slow
+def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
+  with rundir.WorkdirLock(str(tmp_path)):
+    holder = json.loads((tmp_path / rundir.LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid()
+    probe = subprocess.run([sys.executable, "-c", "import sys; from lenvm_jax import rundir; "
+                            f"rundir.WorkdirLock({str(tmp_path)!r}).acquire()"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert probe.returncode != 0
+    assert f"the workdir is in use by another trainer (host {holder['host']}, pid {os.getpid()}" in probe.stderr
+  assert not (tmp_path / rundir.LOCK_FILE).exists()  # Released.
+
+
+def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path, caplog):
+  lock = tmp_path / rundir.LOCK_FILE
+  lock.write_text(json.dumps({"host": os.uname().nodename, "pid": _dead_pid(), "since": "yesterday"}))
+  with rundir.WorkdirLock(str(tmp_path)):
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+  assert "taking over the stale workdir lock" in caplog.text
+  lock.write_text(json.dumps({"host": "another-host", "pid": 1, "since": "today"}))
+  with pytest.raises(errors.WorkdirBusy, match=r"host another-host, pid 1, since today.*delete the lock file"):
+    rundir.WorkdirLock(str(tmp_path)).acquire()
+  assert json.loads(lock.read_text())["host"] == "another-host"  # Left alone.
+
+
+# ------------------------------------------------------------------------------- configs a run trained with
+
+
+def test_a_resumed_run_keeps_the_config_it_replaced(tiny_config, tmp_path):
+  first = run_config(tiny_config)
+  rundir.write_config(str(tmp_path), first)
+  rundir.write_config(str(tmp_path), first, resumed_from=10)  # Unchanged: nothing kept.
+  assert rundir.replaced_config_steps(str(tmp_path)) == []
+  tiny_config.loss.gamma = 0.9
+  second = run_config(tiny_config)
+  rundir.write_config(str(tmp_path), second, resumed_from=10)
+  assert rundir.read_config(str(tmp_path), 10).loss.gamma == 0.98  # Steps up to 10 were trained with the first.
+  assert rundir.read_config(str(tmp_path), 11).loss.gamma == 0.9
+  assert rundir.read_config(str(tmp_path)).loss.gamma == 0.9
+  assert rundir.differing_fields(first, second) == ["loss.gamma: 0.98 -> 0.9"]
+
+
+def test_reading_a_directory_that_is_no_run_is_one_line(tmp_path):
+  with pytest.raises(errors.UserError, match=r"not a run directory: it has no config\.json"):
+    rundir.read_config(str(tmp_path))
+  with pytest.raises(errors.UserError, match=r"no such run directory"):
+    rundir.read_config(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------- one import per directory
+
+
+def test_output_directories_hold_one_import(tmp_path):
+  out = tmp_path / "out"
+  output_dir.claim(str(out), "import.json", {"input": "a.jsonl", "max_len": 8})
+  (out / "train-00000-of-00001.array_record").write_text("shard")
+  (out / "stats.json").write_text("{}")
+  output_dir.claim(str(out), "import.json", {"input": "a.jsonl", "max_len": 8})  # The same import resumes.
+  with pytest.raises(output_dir.OutputDirError, match=r"other settings \(input: 'a\.jsonl' -> 'b\.jsonl'\).*"
+                     "--overwrite"):
+    output_dir.claim(str(out), "import.json", {"input": "b.jsonl", "max_len": 8})
+  with pytest.raises(output_dir.OutputDirError, match=r"holds another import \(import\.json, stats\.json, train-"):
+    output_dir.claim(str(out), "generation.json", {"policy": "p"})  # generate into prepare_data's directory.
+  assert (out / "train-00000-of-00001.array_record").read_text() == "shard"  # Nothing lost by a refusal.
+  (out / "notes.txt").write_text("mine")
+  output_dir.claim(str(out), "import.json", {"input": "b.jsonl", "max_len": 8}, overwrite=True)
+  assert sorted(os.listdir(out)) == ["import.json", "notes.txt"]  # The old import went whole; other files stay.
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(output_dir.OutputDirError, match="the output directory is a file"):
+    output_dir.claim(str(tmp_path / "file"), "import.json", {})
+
+
+def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
+  from experiments import export_hf
+  out = tmp_path / "export"
+  assert export_hf.check_output_dir(str(out), overwrite=False) == []
+  out.mkdir()
+  (out / "tokenizer.json").write_text("{}")
+  (out / "pytorch_model.bin").write_text("foreign")
+  with pytest.raises(errors.UserError, match=r"not empty \(pytorch_model\.bin, tokenizer\.json\).*--overwrite"):
+    export_hf.check_output_dir(str(out), overwrite=False)
+  assert export_hf.check_output_dir(str(out), overwrite=True) == ["pytorch_model.bin", "tokenizer.json"]
+  (out / "checkpoints").mkdir()
+  with pytest.raises(errors.UserError, match="is a training run directory"):
+    export_hf.check_output_dir(str(out), overwrite=True)
+
+
+# --------------------------------------------------------------------------------------- the CLIs (subprocesses)
+
+
+def _cli(module, *args, timeout=300):
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _one_line_error(result, *needles):
+  """Exit 2, stderr ends with one `error:` line holding every needle, no traceback."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), last
+  for needle in needles:
+    assert needle in last, (needle, last)
+  return last
+
+
+@pytest.mark.slow
+def test_cli_flag_mistakes_exit_2_naming_the_field(tmp_path):
+  train = ("train", "--config", "experiments/configs/tiny.py", f"--workdir={tmp_path / 'w'}")
+  _one_line_error(_cli(*train, "--config.train.stepz=5"), "unknown config field (config.train.stepz)",
+                  "did you mean 'steps'")
+  _one_line_error(_cli(*train, "--config.train.steps=abc"), "--config.train.steps=abc")
+  _one_line_error(_cli(*train, "--config.checkpoint.keep_best=accuracy"), "config.checkpoint.keep_best")
+  _one_line_error(_cli("predict", "--workdir=x", "--input=y"), "--output")  # A missing required flag.
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_cli_trainer_start_up_mistakes_leave_the_workdir_as_it_was(tmp_path):
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"earlier": "config"}')
+  unfinished = _lines(tmp_path / "unfinished.jsonl", [_record(finished=False)] * 10)
+  base = ("train", "--config", "experiments/configs/tiny.py", f"--workdir={workdir}", "--config.mesh.data=1")
+  for args, culprit in [
+      (("--config.data.source=jsonl", f"--config.data.train_path={tmp_path / 'missing.jsonl'}"),
+       "config.data.train_path"),
+      (("--config.data.source=jsonl", f"--config.data.train_path={unfinished}"), "config.data.unfinished"),
+      (("--config.data.source=jsonl", f"--config.data.train_path={unfinished}", "--config.loss.gamma=auto"),
+       "config.loss.gamma"),
+      (("--config.mesh.data=16",), "config.mesh"),
+      (("--config.data.max_len=3",), "config.data.max_len")]:
+    _one_line_error(_cli(*base, *args, timeout=600), culprit)
+  assert (workdir / "config.json").read_text() == '{"earlier": "config"}'  # A failed start rewrites nothing.
+  assert sorted(os.listdir(workdir)) == ["config.json"]
+  (tmp_path / "a_file").write_text("x")
+  _one_line_error(_cli("train", "--config", "experiments/configs/tiny.py", f"--workdir={tmp_path / 'a_file'}"),
+                  "the workdir is a file")
+
+
+@pytest.mark.slow
+def test_cli_data_tools_refuse_to_mix_or_misread(tmp_path):
+  data = _lines(tmp_path / "a.jsonl", [_record(prompt_id=str(i)) for i in range(8)])
+  other = _lines(tmp_path / "b.jsonl", [_record(prompt_id=f"b{i}") for i in range(4)])
+  out = tmp_path / "out"
+  prepare = ("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--output_dir={out}")
+  assert _cli(*prepare, f"--input={data}").returncode == 0
+  stats = (out / "stats.json").read_text()
+  _one_line_error(_cli(*prepare, f"--input={other}"), "holds an import made with other settings", "--overwrite")
+  assert (out / "stats.json").read_text() == stats  # The first import is intact.
+  assert _cli(*prepare, f"--input={other}", "--overwrite").returncode == 0
+  assert sum(json.loads((out / "stats.json").read_text())["records"].values()) == 4
+  (tmp_path / "file").write_text("x")
+  _one_line_error(_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={data}",
+                       f"--output_dir={tmp_path / 'file'}"), "the output directory is a file")
+  empty = _lines(tmp_path / "empty.jsonl", [""])
+  _one_line_error(_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={empty}",
+                       "--on_bad_record=skip", f"--output_dir={tmp_path / 'e'}"), "holds no records")
+  latin = _lines(tmp_path / "latin.jsonl", b'{"prompt_ids": [3], "completion_ids": [1], "generator": "caf\xe9"}\n')
+  _one_line_error(_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={latin}",
+                       f"--output_dir={tmp_path / 'l'}"), f"{latin}:1: field '<encoding>'")
+
+
+@pytest.mark.slow
+def test_cli_readers_of_a_run_without_checkpoints_or_config(tmp_path):
+  (tmp_path / "empty_run").mkdir()
+  _one_line_error(_cli("predict", f"--workdir={tmp_path / 'empty_run'}", "--input=x.jsonl",
+                       f"--output={tmp_path / 'p.jsonl'}"), "not a run directory")
+  _one_line_error(_cli("predict", f"--workdir={tmp_path}", "--input=x.jsonl",
+                       f"--output={tmp_path / 'missing_dir' / 'p.jsonl'}"), "the output's directory does not exist")
+  run = tmp_path / "started"
+  run.mkdir()
+  (run / "config.json").write_text(RunConfig.default("tiny").to_json())
+  (run / "checkpoints" / "999").mkdir(parents=True)  # An empty step directory is no checkpoint.
+  _one_line_error(_cli("export_hf", f"--workdir={run}", f"--output={tmp_path / 'hf'}"), "no complete checkpoint")
