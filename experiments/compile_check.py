@@ -63,7 +63,8 @@ def main(argv):
   del argv
   run = RunConfig.from_dict(_CONFIG.value)
   model_config = run.model
-  mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+  with cli.user_errors(ValueError):  # A mesh that the (fake) devices cannot hold.
+    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
   config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
   accum = run.train.accum_steps
   with jax.set_mesh(mesh):

@@ -12,11 +12,11 @@ when a run is started many times or the files go to another tool. Bad input: one
 
 import json
 import os
-import sys
 
 import jax
 from absl import app, flags
 
+from experiments import cli
 from lenvm_jax import sharding
 from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
@@ -57,13 +57,10 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
+  with cli.user_errors(ValueError, OSError):  # Missing file, not a GGUF, unsupported architecture / quantization.
     written = convert(_INPUT.value, _OUTPUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
-  except (ValueError, OSError) as e:  # Missing file, not a GGUF, unsupported architecture / quantization.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"converted {_INPUT.value} to {_OUTPUT.value}: {', '.join(written)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
