@@ -1,6 +1,15 @@
-"""optax AdamW with linear warmup + cosine decay and global-norm clipping; a frozen trunk trains only the head."""
+"""optax AdamW with linear warmup + cosine decay and global-norm clipping; a frozen trunk trains only the head, and
+train.trainable_layers = K only the top K decoder layers, the final norm and the heads.
+
+Frozen parameters get zero updates and no optimizer state (no Adam moments): each parameter leaf is labelled
+"train", "frozen", or, for the stacked decoder layers (one array per weight with a leading `layers` axis), "top":
+AdamW on the top K entries of that axis only (its moments are [K, ...]). A per-layer tree (`layers` = {index:
+layer}) is labelled layer by layer instead. Frozen gradients are zeroed before the global-norm clip, so the clip
+sees the trainable parameters only.
+"""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lenvm_jax.config import OptimConfig, RunConfig
@@ -22,19 +31,70 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _trainable_labels(params, freeze_trunk: bool):
-  labels = {k: jax.tree.map(lambda _: "frozen" if freeze_trunk and k not in HEADS else "train", v)
-            for k, v in params.items()}
-  return labels
+# What trainable_layers = K trains besides the top K layers: the heads and the final norm under them.
+TOP_OF_TRUNK = HEADS + ("final_norm",)
+LAYERS = "layers"  # The decoder layers' key in the params: one stacked layer, or {index: layer}.
+
+
+def _is_per_layer(layers) -> bool:
+  """A per-layer tree ({0: layer, 1: layer, ...}), as opposed to one stacked layer with a leading `layers` axis."""
+  return isinstance(layers, dict) and bool(layers) and all(str(k).isdigit() for k in layers)
+
+
+def _layer_labels(layers, num_layers: int, trainable_layers: int):
+  if _is_per_layer(layers):
+    return {k: jax.tree.map(lambda _, k=k: "train" if int(k) >= num_layers - trainable_layers else "frozen", layer)
+            for k, layer in layers.items()}
+  return jax.tree.map(lambda _: "top", layers)
+
+
+def _trainable_labels(params, freeze_trunk: bool, trainable_layers: int = 0, num_layers: int = 0):
+  """A label per parameter leaf: "train", "frozen" or "top" (the top trainable_layers entries of a stacked leaf)."""
+  def label(name, subtree):
+    if freeze_trunk and name not in HEADS:
+      return jax.tree.map(lambda _: "frozen", subtree)
+    if trainable_layers and name == LAYERS and trainable_layers < num_layers:
+      return _layer_labels(subtree, num_layers, trainable_layers)
+    if trainable_layers and name not in TOP_OF_TRUNK and name != LAYERS:
+      return jax.tree.map(lambda _: "frozen", subtree)  # Embeddings (and an untied LM head).
+    return jax.tree.map(lambda _: "train", subtree)
+  return {name: label(name, subtree) for name, subtree in params.items()}
+
+
+def on_top_of_stack(inner: optax.GradientTransformation, keep: int) -> optax.GradientTransformation:
+  """`inner` applied to the top `keep` entries of each leaf's leading axis; the entries below get zero updates and
+  no state (init sees only the top slices)."""
+  top = lambda tree: jax.tree.map(lambda x: x[-keep:], tree)
+
+  def init(params):
+    return inner.init(top(params))
+
+  def update(updates, state, params=None):
+    new, state = inner.update(top(updates), state, None if params is None else top(params))
+    below = lambda u, n: jnp.concatenate([jnp.zeros_like(u[:-keep]), n.astype(u.dtype)])
+    return jax.tree.map(below, updates, new), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _zero_frozen(labels, keep: int) -> optax.GradientTransformation:
+  """Stateless: frozen gradients (and the frozen bottom of stacked ones) set to zero."""
+  keep_top = optax.stateless(lambda updates, params=None: jax.tree.map(
+      lambda u: jnp.concatenate([jnp.zeros_like(u[:-keep]), u[-keep:]]), updates))
+  return optax.multi_transform({"train": optax.identity(), "frozen": optax.set_to_zero(), "top": keep_top}, labels)
 
 
 def make_optimizer(run: RunConfig, params_shape) -> optax.GradientTransformation:
   optim = run.optim
-  adamw = optax.chain(
-      optax.clip_by_global_norm(optim.clip_norm),
-      optax.adamw(learning_rate_schedule(optim, run.train.steps), b1=optim.b1, b2=optim.b2,
-                  eps=optim.eps, weight_decay=optim.weight_decay, mask=_decay_mask),
-  )
+  clip = optax.clip_by_global_norm(optim.clip_norm)
+  adamw = optax.adamw(learning_rate_schedule(optim, run.train.steps), b1=optim.b1, b2=optim.b2,
+                      eps=optim.eps, weight_decay=optim.weight_decay, mask=_decay_mask)
+  keep = run.train.trainable_layers
+  if keep and keep < run.model.num_layers and not run.train.freeze_trunk:
+    labels = _trainable_labels(params_shape, False, keep, run.model.num_layers)
+    return optax.chain(_zero_frozen(labels, keep), clip, optax.multi_transform(
+        {"train": adamw, "frozen": optax.set_to_zero(), "top": on_top_of_stack(adamw, keep)}, labels))
+  adamw = optax.chain(clip, adamw)
   if not run.train.freeze_trunk:
     return adamw
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
