@@ -366,3 +366,42 @@ def test_hf_export_writes_the_head_beside_an_unchanged_reference_layout(tmp_path
   # A re-export without the head removes the old file, so it is never read back by mistake.
   hf_export.export({k: v for k, v in params.items() if k != "candidate_head"}, plain_config, str(with_head))
   assert not (with_head / hf_layout.CANDIDATE_HEAD_FILE).exists()
+
+
+# --- Quality against the synthetic policy's exact values ------------------------------------------------------------
+
+
+def test_exact_next_state_values_agree_with_the_exact_values_and_the_jax_scorer():
+  from lenvm_jax.data.synthetic import SyntheticPolicy
+  from lenvm_jax.decoding.synthetic_models import SyntheticScorer
+  policy = SyntheticPolicy()
+  scorer = SyntheticScorer(policy, GAMMA)
+  for i in range(20):
+    t = policy.sample(np.random.default_rng([3, i]))
+    table = policy.next_state_values(t, GAMMA)
+    exact = policy.exact_values(t, GAMMA)
+    assert table.shape == (len(t.completion_ids) + 1, policy.vocab_size)
+    np.testing.assert_allclose(table[np.arange(len(t.completion_ids)), t.completion_ids], exact[1:], atol=1e-6)
+    modes = scorer.start(None, jnp.asarray(t.prompt_ids[None]), None, None)
+    values, _ = scorer.score(None, modes, jnp.arange(policy.vocab_size)[None], None)
+    np.testing.assert_allclose(table[0], np.asarray(values[0]), atol=1e-6)
+
+
+def test_scorer_errors_count_non_terminal_states_per_token_class():
+  from lenvm_jax.data.synthetic import SyntheticPolicy
+  from lenvm_jax.evaluation import candidate_quality
+  policy = SyntheticPolicy(vocab_size=16)
+  classes = candidate_quality.token_classes(policy)
+  assert sum(classes[c].sum() for c in ("eos", "switch", "filler", "never_emitted")) == 16
+  exact = [np.zeros((4, 16)), np.zeros((3, 16))]
+  values = [np.zeros((4, 16)), np.zeros((3, 16))]
+  values[0][:, 1] = 0.5  # EOS column off by 0.5 at every state of trajectory 0 (3 non-terminal states).
+  values[0][3] = 9.0  # The terminal state s_3: never counted.
+  values[1][2] = 1.0  # Trajectory 1 was cut: all 3 states are non-terminal (its full length is 5).
+  out = candidate_quality.scorer_errors(values, exact, [3, 5], [np.asarray([10, 11, 1]), np.asarray([1, 12])],
+                                        classes)
+  assert out["eos"] == pytest.approx((3 * 0.25 + 1.0) / 6)
+  assert out["all"] == pytest.approx((3 * 0.25 + 16.0) / (6 * 16))
+  assert out["filler"] == pytest.approx(classes["filler"].sum() / (6 * classes["filler"].sum()))
+  # Realised next tokens: 10, 11, 1 (EOS: 0.25) in trajectory 0; 1, 12 in trajectory 1 (states 0, 1).
+  assert out["realised"] == pytest.approx(0.25 / 5)

@@ -102,6 +102,23 @@ class SyntheticPolicy:
       values.append(per_mode[mode])
     return np.asarray(values, np.float32)
 
+  def next_state_values(self, trajectory: Trajectory, gamma: float) -> np.ndarray:
+    """[L + 1, vocab_size] E[G | s_t + x] for t = 0 .. L and every token x: 0 for EOS, the new mode's value after a
+    switch token, else the mode's value at s_t (tokens the policy never emits, such as padding and mode tokens,
+    change nothing); what a scorer of candidate next tokens should return (decoding/synthetic_models.py)."""
+    per_mode = self.mode_values(gamma)
+    mode_tokens = {self.mode_token(k): k for k in range(self.num_modes)}
+    mode = next(mode_tokens[t] for t in trajectory.prompt_ids.tolist() if t in mode_tokens)
+    modes = [mode]
+    for token in trajectory.completion_ids.tolist():
+      if self.switch_token(0) <= token < self.first_filler:
+        mode = token - self.switch_token(0)
+      modes.append(mode)
+    values = np.repeat(per_mode[np.asarray(modes)][:, None], self.vocab_size, axis=1)
+    values[:, self.switch_token(0):self.first_filler] = per_mode[None, :]
+    values[:, EOS_ID] = 0.0
+    return values.astype(np.float32)
+
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSource:
