@@ -3,6 +3,8 @@
   python -m experiments.predict --workdir runs/synthetic --input trajectories.jsonl --output predictions.jsonl
   python -m experiments.predict --mode=prompts --workdir ... --input prompts.jsonl --output boundary.jsonl
   python -m experiments.predict --mode=prompt_eval --workdir ... --input samples.jsonl --output report.json
+  python -m experiments.predict --mode=next_values --token_ids=all --scorer=candidate_head --workdir ... \
+      --input trajectories.jsonl --output next_values.jsonl
 
 --mode=tokens (default): each output line {"values": [...], "remaining": [...]}: V and the predicted remaining
 length at every position from the prompt's last token through the last completion token (len(completion_ids) + 1
@@ -12,6 +14,11 @@ entries).
 --mode=prompt_eval: input trajectories with several sampled completions per prompt (grouped by prompt_id, else by
 prompt tokens, and generator); writes a JSON report of spec section 4's prompt-boundary MRE, overall ("*") and per
 generator, with every group's L_GT and L_hat.
+--mode=next_values: each output line {"token_ids": [...], "values": [[...], ...]}: for every position from the
+prompt's last token through the last completion token (s_0 .. s_L), the values V(s_t + x) of the listed next tokens
+x (--token_ids: ID,ID,... or all, for vocabularies up to 4,096 tokens), by --scorer: next_state (x run through the
+trunk after the prefix; any run) or candidate_head (read off s_t's hidden state; a run with a candidate head).
+Raw model values: guided decoding sets an EOS candidate to 0 itself.
 """
 
 import json
@@ -23,13 +30,15 @@ from lenvm_jax.errors import UserError
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import jsonl, prompts
 from lenvm_jax.evaluation import length_eval
+from lenvm_jax.decoding import candidate_scoring, next_values
 from lenvm_jax.decoding.predict import Predictor
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
 _STEP = cli.define_step_flag()
 _INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README), or prompts for --mode=prompts.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions (JSONL) or report (JSON).")
-_MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval"], "What to predict (see above).")
+_MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval", "next_values"],
+                          "What to predict (see above).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
 _GROUPING = flags.DEFINE_enum("grouping", "finished", ["finished", "reference"],
                               "--mode=prompt_eval groups: finished completions per prompt, or the reference's rule "
@@ -37,6 +46,10 @@ _GROUPING = flags.DEFINE_enum("grouping", "finished", ["finished", "reference"],
                               "--samples_per_prompt samples; lenvm_jax/data/prompt_groups.py).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
                                 "most common count).")
+_TOKEN_IDS = flags.DEFINE_string("token_ids", "all", "--mode=next_values: the next tokens x to value, 'all' "
+                                 f"(vocabularies up to {next_values.MAX_ALL_TOKENS}) or ID,ID,...")
+_SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS),
+                            "--mode=next_values: how V(s_t + x) is computed (see above).")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -46,6 +59,10 @@ def main(argv):
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   config = predictor.config
   max_prompt_len = config.data.max_prompt_len
+  if _MODE.value == "next_values":
+    with cli.user_errors(ValueError):  # Token ids outside the vocabulary; a candidate scorer without a head.
+      token_ids = next_values.parse_token_ids(_TOKEN_IDS.value, config.model.vocab_size)
+      candidate_scoring.check_scorer(_SCORER.value, config.model)
   if _MODE.value == "prompts":
     records = [p.as_trajectory()
                for p in prompts.read_prompt_jsonl(_INPUT.value, config.model.vocab_size, name_by_line=False)]
@@ -64,6 +81,13 @@ def main(argv):
         f.write(json.dumps({"prompt_id": record.prompt_id, "generator": record.generator,
                             "value": round(float(value), 7), "predicted_length": round(float(length), 3)}) + "\n")
       print(f"wrote {len(records)} prompt-boundary predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
+    elif _MODE.value == "next_values":
+      ids = list(range(config.model.vocab_size)) if token_ids is None else token_ids
+      for values in next_values.next_values(predictor, records, ids, _SCORER.value, _BATCH.value):
+        f.write(json.dumps({"token_ids": ids, "values": [[round(float(v), 7) for v in row] for row in values]})
+                + "\n")
+      print(f"wrote V(s_t + x) of {len(ids)} tokens by the {_SCORER.value} scorer for {len(records)} trajectories "
+            f"(checkpoint step {predictor.step}) to {_OUTPUT.value}")
     else:
       try:
         report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,

@@ -405,3 +405,65 @@ def test_scorer_errors_count_non_terminal_states_per_token_class():
   assert out["filler"] == pytest.approx(classes["filler"].sum() / (6 * classes["filler"].sum()))
   # Realised next tokens: 10, 11, 1 (EOS: 0.25) in trajectory 0; 1, 12 in trajectory 1 (states 0, 1).
   assert out["realised"] == pytest.approx(0.25 / 5)
+
+
+def test_token_ids_flag_is_parsed_and_checked():
+  from lenvm_jax.decoding import next_values
+  assert next_values.parse_token_ids("all", 64) is None
+  assert next_values.parse_token_ids("1, 6,9", 64) == [1, 6, 9]
+  for bad, message in (("1,x", "comma-separated"), ("1,64", r"\[0, 64\)"), ("", r"\[0, 64\)")):
+    with pytest.raises(ValueError, match=message):
+      next_values.parse_token_ids(bad, 64)
+  with pytest.raises(ValueError, match="more than 4096"):
+    next_values.parse_token_ids("all", 151936)
+
+
+# --- A run: training, checkpoints, prediction CLI ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_with_the_head_checkpoints_resumes_and_predicts_next_values(tiny_config, tmp_path):
+  """The head trains, is checkpointed and restored with the rest (a resumed run continues from it; the Predictor
+  serves it), and `predict --mode=next_values` writes V(s_t + x) for every state with both scorers."""
+  import json
+  import subprocess
+  import sys
+  from lenvm_jax.decoding.predict import Predictor
+  from lenvm_jax.train import trainer
+  from tests.conftest import REPO
+
+  tiny_config.model.candidate_head = "table"
+  tiny_config.loss.candidate_weight = 1.0
+  tiny_config.mesh.data = 1
+  tiny_config.train.steps = 10
+  workdir = tmp_path / "run"
+  first = trainer.train_and_evaluate(run_config(tiny_config), str(workdir))
+  assert "candidate_value_mse" in first and "candidate_exact_mse" in first
+  at_10 = Predictor(str(workdir)).params["candidate_head"]
+  assert float(jnp.abs(at_10["table"]).max()) > 0  # Trained away from its zero init.
+  tiny_config.train.steps = 15  # Resumes from step 10, head included.
+  trainer.train_and_evaluate(run_config(tiny_config), str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"][-6:] == [10, 11, 12, 13, 14, 15]
+  resumed = Predictor(str(workdir))
+  assert resumed.step == 15
+  assert not np.allclose(resumed.params["candidate_head"]["table"], at_10["table"])
+
+  inputs = tmp_path / "in.jsonl"
+  trajectories = [Trajectory(np.asarray([7, 2, 9], np.int32), np.asarray([12, 13, 1], np.int32), True),
+                  Trajectory(np.asarray([3, 8], np.int32), np.asarray([20], np.int32), False)]
+  inputs.write_text("".join(json.dumps({"prompt_ids": t.prompt_ids.tolist(), "completion_ids":
+                                        t.completion_ids.tolist(), "finished": t.finished}) + "\n"
+                            for t in trajectories))
+  out = {}
+  for scorer in ("next_state", "candidate_head"):
+    path = tmp_path / f"{scorer}.jsonl"
+    subprocess.run([sys.executable, "-m", "experiments.predict", "--mode=next_values", f"--scorer={scorer}",
+                    "--token_ids=all", "--workdir", str(workdir), "--input", str(inputs), "--output", str(path)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    out[scorer] = [json.loads(line) for line in path.read_text().splitlines()]
+  for scorer, lines in out.items():
+    for t, line in zip(trajectories, lines):
+      values = np.asarray(line["values"])
+      assert line["token_ids"] == list(range(64)) and values.shape == (len(t.completion_ids) + 1, 64), scorer
+      assert ((values > -1) & (values <= 0)).all()

@@ -51,6 +51,23 @@ _SCORE = {"candidate_head": _candidate_head_values, "next_state": _next_state_va
 _jitted = {name: jax.jit(fn, static_argnums=(0, 1)) for name, fn in _SCORE.items()}
 
 
+def parse_token_ids(text: str, vocab_size: int) -> list[int] | None:
+  """'all' -> None (every token; vocabularies up to MAX_ALL_TOKENS), or comma-separated ids -> [ids]."""
+  if text.strip() == "all":
+    if vocab_size > MAX_ALL_TOKENS:
+      raise ValueError(f"--token_ids=all: the vocabulary has {vocab_size} rows, more than {MAX_ALL_TOKENS}; "
+                       "list the token ids instead (--token_ids=ID,ID,...)")
+    return None
+  try:
+    ids = [int(part) for part in text.split(",") if part.strip()]
+  except ValueError:
+    raise ValueError(f"--token_ids must be 'all' or comma-separated token ids, got {text!r}") from None
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if not ids or bad:
+    raise ValueError(f"--token_ids: ids must lie in [0, {vocab_size}), got {bad or text!r}")
+  return ids
+
+
 def next_values(predictor, trajectories, token_ids=None, scorer: str = "candidate_head", batch_size: int = 16,
                 chunk: int = 256) -> list[np.ndarray]:
   """For each trajectory, [L + 1, n] float32: V(s_t + x) for t = 0 .. L (L = completion tokens) and the n tokens of
