@@ -1,9 +1,13 @@
 """Held-out length evaluation of a trained run: per-token MAE and prompt-boundary MRE next to two baselines.
 
   python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000] [--step=latest|best|N]
+  python -m experiments.evaluate_lengths --workdir runs/a --compare=runs/b,runs/c   # + one summary table
 
 Baselines are fit on the run's training split (config data.*), the evaluation uses its eval split; the report is
 printed and written to <workdir>/length_eval.json. See lenvm_jax/evaluation/length_eval.py for the definitions.
+--compare evaluates more runs the same way (each writes its own length_eval.json) and ends with one table of every
+run's all-generator numbers: prompt-boundary MRE against the least-MRE constant, per-token MAE against the position
+baseline, and whether the model beats each.
 """
 
 import functools
@@ -31,6 +35,7 @@ _GROUPING = flags.DEFINE_enum(
     "with exactly --samples_per_prompt samples).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
                                 "most common count).")
+_COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the same way; a summary table follows.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -52,9 +57,33 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
+def format_summary(reports: dict) -> str:
+  """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat."""
+  lines = [f"{'run':<36} {'MRE':>8} {'const':>8} {'beats':>6}   {'MAE':>8} {'position':>8} {'beats':>6}"]
+  for workdir, report in reports.items():
+    scope = prompt_boundary.ALL_GENERATORS
+    mre, mae = report["prompt_mre"][scope], report["token_mae"][scope]
+    lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
+                 f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+  reports = {}
+  for workdir in [_WORKDIR.value, *_COMPARE.value]:
+    if _COMPARE.value:
+      print(f"== {workdir}")
+    reports[workdir] = evaluate_run(workdir)
+    print(format_report(reports[workdir]))
+  if _COMPARE.value:
+    print("summary (all generators, held-out):")
+    print(format_summary(reports))
+
+
+def evaluate_run(workdir: str) -> dict:
+  """A run's held-out report, also written to <workdir>/length_eval.json."""
+  predictor = Predictor(workdir, cli.step_value(_STEP.value))
   config = predictor.config
   train = pipeline.load_source(config, "train")
   evaluation = pipeline.load_source(config, "eval")
@@ -66,9 +95,9 @@ def main(argv):
                                 if _CELLS.value else None, grouping=_GROUPING.value,
                                 samples_per_prompt=_SAMPLES.value)
   report["checkpoint_step"] = predictor.step
-  with open(os.path.join(_WORKDIR.value, "length_eval.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(workdir, "length_eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
-  print(format_report(report))
+  return report
 
 
 if __name__ == "__main__":

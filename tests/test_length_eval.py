@@ -190,6 +190,15 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
         [source["prompt_mre"]["a"][c] for c in columns], rel=1e-3)
 
 
+def test_evaluate_lengths_summary_says_which_baselines_each_run_beats():
+  from experiments.evaluate_lengths import format_summary
+  report = lambda mre, mae: {"prompt_mre": {"*": {"model": mre, "constant": 0.2}},
+                             "token_mae": {"*": {"model": mae, "position": 30.0}}}
+  lines = format_summary({"runs/pretrained": report(0.1, 25.0), "runs/random": report(0.3, 35.0)}).splitlines()
+  assert lines[1].split() == ["runs/pretrained", "0.1000", "0.2000", "True", "25.000", "30.000", "True"]
+  assert lines[2].split() == ["runs/random", "0.3000", "0.2000", "False", "35.000", "30.000", "False"]
+
+
 def test_prompt_boundary_mre_by_hand():
   gamma = 0.5
   # Group p/a: lengths 1 and 3: mean return ((1 - 0.5) + (1 - 0.125)) / 2 = 0.6875, L_GT = log2(1 / 0.3125).
