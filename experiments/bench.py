@@ -25,7 +25,6 @@
     against what the step consumes.
 """
 
-import functools
 import json
 import os
 import tempfile
@@ -141,17 +140,16 @@ def ours_runner(config, model_config, data: list[dict]):
 
   first_loss = float(step(0)["loss"])
   with jax.set_mesh(mesh):
-    xla_flops = xla_step_flops(graphdef, objective, tx, config, state, data[0])
+    xla_flops = xla_step_flops(model_config, objective, tx, config, state, data[0])
   return initial_params, first_loss, xla_flops, step
 
 
-def xla_step_flops(graphdef, objective, tx, config, state, batch) -> float:
-  """XLA's FLOP count of the timed train step on `batch`. Lowered with the whole batch as one micro-batch: XLA's cost
-  analysis counts a loop body once, so the compiled step's own count misses all but one micro-batch."""
-  train = functools.partial(step_lib.train_step, graphdef=graphdef, objective=objective, tx=tx,
-                            freeze_trunk=config.train.freeze_trunk)
+def xla_step_flops(model_config, objective, tx, config, state, batch) -> float:
+  """XLA's FLOP count of the timed train step on `batch` (step.train_step_flops: layers and micro-batches multiplied
+  out; a compiled step's own count has each loop body once)."""
   one_micro = {k: jax.ShapeDtypeStruct((1,) + v.shape, v.dtype) for k, v in batch.items()}
-  return float(jax.jit(train).lower(state_lib.shape_structs(state), one_micro).cost_analysis().get("flops", 0.0))
+  return step_lib.train_step_flops(model_config, objective, tx, config.train, state_lib.shape_structs(state),
+                                   one_micro)
 
 
 def torch_device(backend: str) -> tuple[str, str]:

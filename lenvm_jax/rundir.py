@@ -29,6 +29,7 @@ from absl import logging
 from lenvm_jax import sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.errors import CheckpointError, UserError, WorkdirBusy
+from lenvm_jax.model import legacy_layers
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -504,9 +505,11 @@ def restore_params(workdir: str, abstract_params, step: int | str | None = None,
                                f"the run's {os.path.basename(config_path(workdir, candidate))} must describe its "
                                "checkpoints")
     target = {name: abstract_params}
+    if legacy_layers.stored_per_layer(stored[name]):  # Written before the decoder layers were stacked.
+      target = legacy_layers.per_layer_target(target)
     restored = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    return restored.state[name]
+    return legacy_layers.stack_layers(restored.state[name])
 
   try:
     params, restored_step, skipped = first_restorable(workdir, steps_to_try(workdir, step, keep_best), restore)

@@ -21,6 +21,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", ()),
+    # The stacked decoder layers' leading axis (and the KV cache's): every device holds its shard of every layer.
+    ("layers", ()),
     ("embed", ("fsdp",)),
     # The embedding table's embed dim while rows are looked up: gathered, as FSDP gathers every weight it uses. Left
     # on fsdp (the tokens' batch axis too), XLA replicates the lookup's output ("involuntary full rematerialization").

@@ -114,11 +114,11 @@ def test_config_and_weights_of_each_architecture(tmp_path, arch, tie):
   mesh = sharding.make_mesh(2, 2, 2)  # Each tensor lands on its sharding, as hf_import places it.
   placed = hf_import.load_params(path, model_config, mesh, seed=0)
   _, shardings = hf_import.abstract_params(model_config, mesh)
-  assert placed["layers"][0]["attention"]["q"].sharding == shardings["layers"][0]["attention"]["q"]
-  assert len(placed["layers"][0]["attention"]["q"].sharding.device_set) == 8
+  assert placed["layers"]["attention"]["q"].sharding == shardings["layers"]["attention"]["q"]
+  assert len(placed["layers"]["attention"]["q"].sharding.device_set) == 8
   params = _host(placed)
   for m in hf_layout.trunk_mappings(model_config):  # F32: exactly the HF tensors, q/k rows back in HF order.
-    ours = hf_layout.get_path(params, m.path)
+    ours = hf_layout.get_param(params, m)
     np.testing.assert_array_equal(ours, m.to_ours(hf[m.hf_name], ours.shape), err_msg=m.hf_name)
   assert set(params["value_head"]) == {"fc", "fc_bias", "summary", "summary_bias"}  # A fresh value head.
 
@@ -162,7 +162,7 @@ def test_quantized_weights_dequantize_exactly(tmp_path):
   model_config = gguf_import.load_model_config(path, dtype="float32")
   params = _host(gguf_import.load_params(path, model_config, sharding.make_mesh(1, 1, 1)))
   for m in hf_layout.trunk_mappings(model_config):
-    ours = hf_layout.get_path(params, m.path)
+    ours = hf_layout.get_param(params, m)
     expected = hf[m.hf_name]
     if expected.ndim == 2:  # What the file holds, dequantized: q/k rows go through llama.cpp's order and back.
       heads = {"q_proj": model_config.num_heads, "k_proj": model_config.num_kv_heads}.get(m.hf_name.split(".")[-2])

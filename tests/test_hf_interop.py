@@ -99,9 +99,9 @@ def test_sharded_checkpoint_on_2x2x2_mesh_matches_one_device(tmp_path):
   expected = sharding.param_shardings(abstract, mesh)
   jax.tree.map(lambda leaf, want: np.testing.assert_equal(leaf.sharding.is_equivalent_to(want, leaf.ndim), True),
                params, expected)
-  attention = params["layers"][1]["attention"]
-  assert attention["q"].sharding.spec == P("fsdp", "tensor", None)  # [embed, heads, head_dim]
-  assert attention["o"].sharding.spec == P("tensor", None, "fsdp")  # [heads, head_dim, embed]
+  attention = params["layers"]["attention"]
+  assert attention["q"].sharding.spec == P(None, "fsdp", "tensor", None)  # [layers, embed, heads, head_dim]
+  assert attention["o"].sharding.spec == P(None, "tensor", None, "fsdp")  # [layers, heads, head_dim, embed]
   assert params["embedding"].sharding.spec == P("tensor", "fsdp")  # [vocab, embed]
 
   with jax.set_mesh(mesh):

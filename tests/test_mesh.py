@@ -50,12 +50,12 @@ def test_parameters_are_sharded_as_the_rules_say(tiny_config):
     tx = optimizer.make_optimizer(run_config(tiny_config), abstract.to_pure_dict())
     state, _ = state_lib.create_train_state(model_config, tx, mesh, seed=0)
   params = state.params
-  attention = params["layers"][0]["attention"]
+  attention = params["layers"]["attention"]  # Stacked decoder layers: a leading, replicated `layers` axis.
   expected = {
       "embedding": (params["embedding"], P("tensor", "fsdp")),
-      "q": (attention["q"], P("fsdp", "tensor", None)),
-      "o": (attention["o"], P("tensor", None, "fsdp")),
-      "mlp.down": (params["layers"][1]["mlp"]["down"], P("tensor", "fsdp")),
+      "q": (attention["q"], P(None, "fsdp", "tensor", None)),
+      "o": (attention["o"], P(None, "tensor", None, "fsdp")),
+      "mlp.down": (params["layers"]["mlp"]["down"], P(None, "tensor", "fsdp")),
       "value_head.fc": (params["value_head"]["fc"], P("fsdp", "tensor")),
       "norm": (params["final_norm"]["scale"], P(None)),
   }
@@ -66,4 +66,4 @@ def test_parameters_are_sharded_as_the_rules_say(tiny_config):
     assert shard == tuple(d // k for d, k in zip(array.shape, divisors)), name
   # Adam moments shard like their parameters.
   mu = state.opt_state[1][0].mu
-  assert mu["layers"][0]["attention"]["q"].sharding.spec == P("fsdp", "tensor", None)
+  assert mu["layers"]["attention"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lenvm_jax import sharding
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
                                          attention_mask, dense)
@@ -119,6 +120,26 @@ def test_remat_gives_the_same_gradients():
 
   for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
     np.testing.assert_allclose(a, b, atol=1e-6)
+  for policy in ("dots", "offload"):  # offload: layer inputs in host memory ("pinned_host"; CPU has it too).
+    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads(policy))):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_decoder_layers_are_stacked_on_a_replicated_layers_axis():
+  """One scanned DecoderLayer with [layers, ...] parameters; a seed draws the weights a list of layers drew."""
+  from lenvm_jax.model.transformer import DecoderLayer, _param
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50})
+  _, state = abstract_model(config)
+  q = state["layers"]["attention"]["q"]
+  assert q.shape == (config.num_layers, config.hidden_size, config.num_heads, config.head_dim)
+  assert q.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+  assert dict(sharding.RULES)["layers"] == ()
+  rngs = nnx.Rngs(0)
+  _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"))  # The embedding draws first.
+  first_layers = [nnx.split(DecoderLayer(config, rngs))[1].to_pure_dict() for _ in range(config.num_layers)]
+  stacked = nnx.split(LengthValueModel(config, nnx.Rngs(0)))[1].to_pure_dict()["layers"]
+  for i, layer in enumerate(first_layers):
+    jax.tree.map(lambda s, one: np.testing.assert_array_equal(s[i], one), stacked, layer)
 
 
 def test_residual_dropout_drops_and_rescales_sublayer_outputs_in_training_only():

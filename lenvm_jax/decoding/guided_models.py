@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lenvm_jax.decoding.sampler import prefill
+from lenvm_jax.model.kv_cache import take_alternative
 from lenvm_jax.value.targets import TargetKind
 
 
@@ -26,7 +27,8 @@ def _start(model, prompt_tokens, prompt_lengths, cache_len):
 
 
 def _score_alternatives(model, kind: TargetKind, cache, candidates, positions):
-  """Hidden states [B, k, H], values [B, k] and per-layer (k, v) of candidates as alternative next tokens."""
+  """Hidden states [B, k, H], values [B, k] and (keys, values) [layers, B, k, ...] of candidates as alternative next
+  tokens."""
   fed = jnp.ones(candidates.shape, bool)
   hidden, new_kv = model.cached_hidden_states(candidates, jnp.broadcast_to(positions[:, None], candidates.shape),
                                               cache.mask(fed, alternatives=True), cache)
@@ -36,9 +38,7 @@ def _score_alternatives(model, kind: TargetKind, cache, candidates, positions):
 
 def _commit_choice(cache, new_kv, choice):
   """Appends the chosen candidate's keys and values (already computed while scoring) to the cache."""
-  pick = lambda x: jnp.take_along_axis(x, choice[:, None, None, None], axis=1)
-  chosen = tuple((pick(k), pick(v)) for k, v in new_kv)
-  return cache.append(chosen, jnp.ones((choice.shape[0], 1), bool))
+  return cache.append(take_alternative(new_kv, choice), jnp.ones((choice.shape[0], 1), bool))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ that a config file copies in (`base.get_config(preset)`, via `preset_fields(name
 import dataclasses
 
 DTYPES = ("float32", "bfloat16", "auto")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 # The candidate-value head Q(s_t, x) ~ V(s_t + x) (model/candidate_head.py): none, its own per-token table, or the
 # input embedding as the per-token vectors.
 CANDIDATE_HEADS = ("none", "table", "tied")
@@ -30,7 +30,9 @@ class ModelConfig:
   # Compute dtype; parameters, value head and loss stay float32. "auto": float32 on CPU (bf16 matmuls are slower
   # there), bfloat16 on accelerators.
   dtype: str = "auto"
-  remat: str = "none"  # Recompute each decoder layer in the backward pass: none | full | dots.
+  # Recompute each decoder layer in the backward pass: none | full | dots (keep matmul outputs) | offload (as full,
+  # with each layer's input kept in host memory; transformer.remat_policy).
+  remat: str = "none"
   # Residual dropout on every attention and MLP output, in training only (evaluation, prediction and decoding never
   # drop): against a small trunk memorising the few hundred prompts of a real-data job.
   dropout_rate: float = 0.0

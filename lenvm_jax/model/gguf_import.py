@@ -186,9 +186,7 @@ def load_params(path: str, model_config: ModelConfig, mesh, seed: int = 0) -> di
   abstract, shardings = hf_import.abstract_params(model_config, mesh)
   params: dict = {}
   for m in mappings:
-    target = hf_layout.get_path(abstract, m.path)
-    ours = m.to_ours(hf_layout_tensor(reader, path, m, model_config).astype(target.dtype), target.shape)
-    hf_layout.set_path(params, m.path, hf_import.place(ours, hf_layout.get_path(shardings, m.path)))
+    hf_import.put_mapped(params, m, hf_layout_tensor(reader, path, m, model_config), abstract, shardings)
   params["value_head"] = hf_import.fresh_value_head(model_config, shardings, seed)
   if model_config.candidate_head != "none":
     params["candidate_head"] = hf_import.fresh_candidate_head(model_config, shardings, seed)

@@ -32,7 +32,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5
 
 
 def _host_tensors(mappings, params: dict) -> dict[str, np.ndarray]:
-  return {m.hf_name: m.to_hf(np.asarray(jax.device_get(hf_layout.get_path(params, m.path)), np.float32))
+  return {m.hf_name: m.to_hf(np.asarray(jax.device_get(hf_layout.get_param(params, m)), np.float32))
           for m in mappings}
 
 

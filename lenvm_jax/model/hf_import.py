@@ -1,19 +1,23 @@
 """Load a Hugging Face causal-LM directory (Llama / Qwen2 / Qwen3) into LengthValueModel params on a mesh.
 
-Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding, so
-the host holds at most one full tensor, never a second copy of the model. A `value_head.safetensors` (a LenVM in
+Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding (a
+decoder layer's into its slice of the stacked array, on the devices), so the host holds at most one full tensor,
+never a second copy of the model. A `value_head.safetensors` (a LenVM in
 the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every function
 that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py).
 """
 
 import contextlib
+import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so bf16 checkpoints read through safetensors.numpy.
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from lenvm_jax import sharding
@@ -49,6 +53,31 @@ def place(array: np.ndarray, target) -> jax.Array:
   return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, axis=0)
+
+
+def put_mapped(params: dict, mapping: hf_layout.TensorMapping, hf_tensor: np.ndarray, abstract: dict,
+               shardings: dict):
+  """Places one HF-layout host tensor into `params` (a pure dict being filled) at its mapping's place.
+
+  A decoder layer's tensor goes into its slice of the stacked array, written on the devices (the stacked array is
+  created there, zeros, at the layer's first tensor), so the host still holds one layer's tensor at a time.
+  """
+  target, target_sharding = hf_layout.get_path(abstract, mapping.path), hf_layout.get_path(shardings, mapping.path)
+  ours = mapping.to_ours(np.asarray(hf_tensor, dtype=target.dtype), hf_layout.param_shape(abstract, mapping))
+  if mapping.layer is None:
+    hf_layout.set_path(params, mapping.path, place(ours, target_sharding))
+    return
+  try:
+    stacked = hf_layout.get_path(params, mapping.path)
+  except KeyError:
+    stacked = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target_sharding)()
+  layer_sharding = NamedSharding(target_sharding.mesh, P(*target_sharding.spec[1:]))
+  hf_layout.set_path(params, mapping.path, _write_layer(stacked, place(ours, layer_sharding), mapping.layer))
+
+
 def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dict) -> dict:
   params: dict = {}
   with contextlib.ExitStack() as stack:
@@ -62,10 +91,8 @@ def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dic
       tensor = handles[path].get_tensor(m.hf_name)
       if tuple(tensor.shape) != m.hf_shape:
         raise ValueError(f"{path}: tensor {m.hf_name} has shape {tuple(tensor.shape)}, expected {m.hf_shape}")
-      target = hf_layout.get_path(abstract, m.path)
-      ours = m.to_ours(np.asarray(tensor, dtype=target.dtype), target.shape)
+      put_mapped(params, m, tensor, abstract, shardings)
       del tensor
-      hf_layout.set_path(params, m.path, place(ours, hf_layout.get_path(shardings, m.path)))
   return params
 
 

@@ -4,9 +4,11 @@ PyTorch Linear weights are [out, in]; ours are [in, out] with the head dims spli
 [hidden, heads, head_dim] and o is [heads, head_dim, hidden], where the HF row (or column) index is
 head * head_dim + d (head-major), so a transpose followed by a reshape converts exactly. Biases and norm scales only
 reshape. The value head follows the LenVM reference (spec section 6): `value_head.safetensors` with `v_head.*`.
+Our decoder layers are stacked (model/transformer.py): HF's `model.layers.{i}.*` is slice i of our `layers` arrays.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -17,10 +19,11 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 @dataclasses.dataclass(frozen=True)
 class TensorMapping:
-  path: tuple  # Key path in our params pure dict, e.g. ("layers", 0, "attention", "q").
+  path: tuple  # Key path in our params pure dict, e.g. ("layers", "attention", "q").
   hf_name: str  # Tensor name in the HF safetensors files.
   hf_shape: tuple
   transpose: bool  # A Linear weight: HF [out, in] vs our [in, ...out dims...].
+  layer: int | None = None  # Decoder layer i: the tensor is slice i of our stacked array at `path`.
 
   def to_ours(self, tensor: np.ndarray, shape) -> np.ndarray:
     return (tensor.T if self.transpose else tensor).reshape(shape)
@@ -31,33 +34,36 @@ class TensorMapping:
     return param.reshape(self.hf_shape)
 
 
+def _layer_mapping(index: int, ours: tuple, name: str, hf_shape: tuple, transpose: bool) -> TensorMapping:
+  """model.layers.{index}.{name} <-> slice `index` of our stacked layers array at ("layers",) + ours."""
+  return TensorMapping(("layers",) + ours, f"model.layers.{index}.{name}", hf_shape, transpose, layer=index)
+
+
 def trunk_mappings(config: ModelConfig) -> list[TensorMapping]:
   """Embedding, decoder layers, final norm and (untied) LM head, in HF file order."""
   c = config
   q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   maps = [TensorMapping(("embedding",), "model.embed_tokens.weight", (c.vocab_size, c.hidden_size), False)]
   for i in range(c.num_layers):
-    hf, ours = f"model.layers.{i}.", ("layers", i)
-    attn = ours + ("attention",)
+    layer = functools.partial(_layer_mapping, i)
     maps += [
-        TensorMapping(ours + ("input_norm", "scale"), hf + "input_layernorm.weight", (c.hidden_size,), False),
-        TensorMapping(attn + ("q",), hf + "self_attn.q_proj.weight", (q_out, c.hidden_size), True),
-        TensorMapping(attn + ("k",), hf + "self_attn.k_proj.weight", (kv_out, c.hidden_size), True),
-        TensorMapping(attn + ("v",), hf + "self_attn.v_proj.weight", (kv_out, c.hidden_size), True),
-        TensorMapping(attn + ("o",), hf + "self_attn.o_proj.weight", (c.hidden_size, q_out), True),
+        layer(("input_norm", "scale"), "input_layernorm.weight", (c.hidden_size,), False),
+        layer(("attention", "q"), "self_attn.q_proj.weight", (q_out, c.hidden_size), True),
+        layer(("attention", "k"), "self_attn.k_proj.weight", (kv_out, c.hidden_size), True),
+        layer(("attention", "v"), "self_attn.v_proj.weight", (kv_out, c.hidden_size), True),
+        layer(("attention", "o"), "self_attn.o_proj.weight", (c.hidden_size, q_out), True),
     ]
     if c.qkv_bias:
-      maps += [TensorMapping(attn + (f"{n}_bias",), hf + f"self_attn.{n}_proj.bias", (size,), False)
+      maps += [layer(("attention", f"{n}_bias"), f"self_attn.{n}_proj.bias", (size,), False)
                for n, size in (("q", q_out), ("k", kv_out), ("v", kv_out))]
     if c.qk_norm:
-      maps += [TensorMapping(attn + (f"{n}_norm", "scale"), hf + f"self_attn.{n}_norm.weight", (c.head_dim,), False)
+      maps += [layer(("attention", f"{n}_norm", "scale"), f"self_attn.{n}_norm.weight", (c.head_dim,), False)
                for n in ("q", "k")]
     maps += [
-        TensorMapping(ours + ("post_attention_norm", "scale"), hf + "post_attention_layernorm.weight",
-                      (c.hidden_size,), False),
-        TensorMapping(ours + ("mlp", "gate"), hf + "mlp.gate_proj.weight", (c.mlp_dim, c.hidden_size), True),
-        TensorMapping(ours + ("mlp", "up"), hf + "mlp.up_proj.weight", (c.mlp_dim, c.hidden_size), True),
-        TensorMapping(ours + ("mlp", "down"), hf + "mlp.down_proj.weight", (c.hidden_size, c.mlp_dim), True),
+        layer(("post_attention_norm", "scale"), "post_attention_layernorm.weight", (c.hidden_size,), False),
+        layer(("mlp", "gate"), "mlp.gate_proj.weight", (c.mlp_dim, c.hidden_size), True),
+        layer(("mlp", "up"), "mlp.up_proj.weight", (c.mlp_dim, c.hidden_size), True),
+        layer(("mlp", "down"), "mlp.down_proj.weight", (c.hidden_size, c.mlp_dim), True),
     ]
   maps.append(TensorMapping(("final_norm", "scale"), "model.norm.weight", (c.hidden_size,), False))
   if not c.tie_embeddings:
@@ -95,6 +101,18 @@ def candidate_head_mappings(config: ModelConfig) -> list[TensorMapping]:
   if config.candidate_head == "table":
     maps.append(TensorMapping(("candidate_head", "table"), "c_head.table.weight", (v, h), False))
   return maps
+
+
+def get_param(params: dict, mapping: TensorMapping):
+  """Our array for one HF tensor: the param at `mapping.path`, or its layer's slice of a stacked one."""
+  param = get_path(params, mapping.path)
+  return param if mapping.layer is None else param[mapping.layer]
+
+
+def param_shape(abstract: dict, mapping: TensorMapping) -> tuple:
+  """The shape of our array for one HF tensor (a stacked param's shape without its layers axis)."""
+  shape = tuple(get_path(abstract, mapping.path).shape)
+  return shape if mapping.layer is None else shape[1:]
 
 
 def get_path(tree: dict, path: tuple):

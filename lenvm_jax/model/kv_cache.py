@@ -1,4 +1,4 @@
-"""Per-layer key/value cache for autoregressive decoding: a pytree passed into and out of pure functions.
+"""Key/value cache for autoregressive decoding: a pytree passed into and out of pure functions.
 
 Slots are shared by all rows: slot `index` is the next one written, for every row at once. Rows of different
 prompt lengths are left-padded, so their prompts end at the same slot and every decode step writes one slot for the
@@ -10,6 +10,9 @@ New tokens meet the cache through `mask`: either as a continuation (each new tok
 the earlier valid new tokens: prefill, decode steps) or as alternatives (each sees the cache and only itself: k
 candidate next tokens per row scored against one shared prefix, without committing any; see
 LengthValueModel.cached_hidden_states). `append` commits new tokens' keys and values.
+
+Keys and values are stacked over layers ([layers, B, S, kv_heads, head_dim]), as the model's parameters are, so the
+model's scan over layers reads each layer's cache as its slice.
 """
 
 import flax.struct
@@ -19,23 +22,22 @@ import jax.numpy as jnp
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.sharding import constrain
 
-_KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-  keys: tuple  # Per layer [B, S, kv_heads, head_dim], compute dtype.
-  values: tuple
+  keys: jax.Array  # [layers, B, S, kv_heads, head_dim], compute dtype.
+  values: jax.Array
   valid: jax.Array  # [B, S] bool: the slot holds a real token.
   index: jax.Array  # int32 scalar: the next slot to write.
 
   @classmethod
   def create(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-    shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
     empty = lambda: constrain(jnp.zeros(shape, config.compute_dtype), _KV_AXES)
-    return cls(keys=tuple(empty() for _ in range(config.num_layers)),
-               values=tuple(empty() for _ in range(config.num_layers)),
-               valid=jnp.zeros((batch_size, max_len), bool), index=jnp.zeros((), jnp.int32))
+    return cls(keys=empty(), values=empty(), valid=jnp.zeros((batch_size, max_len), bool),
+               index=jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:
@@ -50,10 +52,18 @@ class KVCache:
     return jnp.concatenate([to_cache, to_new], axis=-1)[:, None, None]
 
   def append(self, new_kv, new_valid) -> "KVCache":
-    """Writes T new tokens' per-layer (k, v) [B, T, ...] at slots index .. index + T - 1 (caller keeps it in range)."""
+    """Writes T new tokens' (keys, values), each [layers, B, T, ...], at slots index .. index + T - 1 (caller keeps
+    it in range)."""
     write = lambda cache, new: constrain(
-        jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=1), _KV_AXES)
-    return KVCache(keys=tuple(write(c, k) for c, (k, _) in zip(self.keys, new_kv)),
-                   values=tuple(write(c, v) for c, (_, v) in zip(self.values, new_kv)),
+        jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=2), _KV_AXES)
+    new_keys, new_values = new_kv
+    return KVCache(keys=write(self.keys, new_keys), values=write(self.values, new_values),
                    valid=jax.lax.dynamic_update_slice_in_dim(self.valid, new_valid, self.index, axis=1),
                    index=self.index + new_valid.shape[1])
+
+
+def take_alternative(new_kv, choice):
+  """The (keys, values) [layers, B, 1, ...] of one alternative per row (choice [B] int) out of new tokens' (keys,
+  values) [layers, B, T, ...]: what a guided decoder commits after scoring T candidates."""
+  pick = lambda x: jnp.take_along_axis(x, choice[None, :, None, None, None], axis=2)
+  return tuple(pick(x) for x in new_kv)

@@ -5,6 +5,11 @@ in float32. Every parameter carries `logical_axes` metadata that lenvm_jax.shard
 
 Packing: `segment_ids` (0 = padding) keep several sequences in one row from attending to each other, and `positions`
 restart per sequence, so RoPE sees each sequence as if it were alone.
+
+Layers: the decoder layers are one DecoderLayer whose parameters carry a leading `layers` axis, run by a
+jax.lax.scan. The compiler sees one layer body whatever the depth (compile time stays flat), and with remat the
+backward pass recomputes one layer at a time: a Python loop of layers let XLA's scheduler hoist every layer's
+recompute, so remat saved no peak memory on TPU (docs/scaling.md).
 """
 
 import math
@@ -12,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lenvm_jax.model.candidate_head import CandidateValueHead
 from lenvm_jax.model.config import ModelConfig
@@ -23,6 +29,10 @@ _init = nnx.initializers.normal(stddev=0.02)
 # 4 x MIN_QUERY_BLOCK run in one block: attention is cheap there and each block adds compile time.
 CAUSAL_QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 64
+# The logical axis of the stacked decoder layers (replicated: every device scans over all layers).
+LAYERS_AXIS = "layers"
+# The name of each layer's input inside the scan, which `remat="offload"` moves to host memory.
+LAYER_INPUT = "decoder_layer_input"
 
 
 def _param(rngs: nnx.Rngs, shape, logical_axes, init=_init) -> nnx.Param:
@@ -219,6 +229,37 @@ class DecoderLayer(nnx.Module):
     return constrain(x, ("batch", "length", "embed")), new_kv
 
 
+def stacked_decoder_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """All decoder layers as one DecoderLayer whose parameters have a leading `layers` axis (scanned over).
+
+  The layers are drawn one after another from `rngs`, as a Python list of layers drew them, so a seed gives the
+  same weights as it did before the layers were stacked.
+  """
+  layers = [DecoderLayer(config, rngs) for _ in range(config.num_layers)]
+  graphdef, first = nnx.split(layers[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *(nnx.state(layer) for layer in layers[1:]))
+  for variable in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    variable.set_metadata(logical_axes=(LAYERS_AXIS,) + tuple(variable.get_metadata()["logical_axes"]))
+  return nnx.merge(graphdef, stacked)
+
+
+def remat_policy(name: str):
+  """jax.checkpoint policy of model.remat (not "none"): what one layer keeps from its forward for its backward.
+
+  full: nothing (the scan keeps each layer's input, the carry); dots: matmul outputs without batch dims;
+  offload: like full, but the layer inputs go to host memory ("pinned_host") until the backward pass needs them.
+  """
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == "offload":
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host")
+  raise ValueError(f"no remat policy {name!r}")
+
+
 class ValueHead(nnx.Module):
   """Spec section 2: z = W2 . SiLU(W1 . h + b1) + b2, in float32. The caller turns z into a prediction."""
 
@@ -237,11 +278,14 @@ class ValueHead(nnx.Module):
 class LengthValueModel(nnx.Module):
   """Shared trunk + LM head + length-value head."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, unroll_layers: bool = False):
+    """unroll_layers: lower the layer scan fully unrolled (same parameters and results), for FLOP counting: XLA's
+    cost analysis counts a loop body once (train/step.py train_step_flops)."""
     c = config
     self.config = c
+    self.unroll_layers = unroll_layers
     self.embedding = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-    self.layers = nnx.List([DecoderLayer(c, rngs) for _ in range(c.num_layers)])
+    self.layers = stacked_decoder_layers(c, rngs)
     self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
     if not c.tie_embeddings:
       self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -265,28 +309,36 @@ class LengthValueModel(nnx.Module):
     x, rope = self.embed(tokens, positions)
     mask = attention_mask(segment_ids)
     use_dropout = dropout_key is not None and c.dropout_rate > 0
-    layer_keys = jax.random.split(dropout_key, len(self.layers)) if use_dropout else [None] * len(self.layers)
-    for layer, key in zip(self.layers, layer_keys):
-      if c.remat == "none":
-        x = layer(x, rope, mask, key)
-      else:
-        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots" else None)
-        x = nnx.remat(lambda mdl, *a: mdl(*a), policy=policy)(layer, x, rope, mask, key)
+    layer_keys = jax.random.split(dropout_key, c.num_layers) if use_dropout else None
+    graphdef, stacked = nnx.split(self.layers)
+
+    def one_layer(layer_params, x, key):
+      x = checkpoint_name(x, LAYER_INPUT)
+      return nnx.merge(graphdef, layer_params)(x, rope, mask, key)
+
+    if c.remat != "none":
+      one_layer = jax.checkpoint(one_layer, policy=remat_policy(c.remat), prevent_cse=False)
+    scan_body = lambda x, per_layer: (one_layer(per_layer[0], x, per_layer[1]), None)
+    x, _ = jax.lax.scan(scan_body, x, (stacked, layer_keys), unroll=self.unroll_layers)
     return self.final_norm(x)
 
   def cached_hidden_states(self, tokens, positions, mask, cache):
     """Final hidden states [B, T, H] of new tokens that attend to a KV cache (lenvm_jax/model/kv_cache.py).
 
     mask [B, 1, 1, T, S + T] says what each new token sees among the S cache slots and the T new tokens (built by
-    KVCache.mask). Returns the hidden states and the new tokens' per-layer (k, v), which the caller may commit
-    with KVCache.append (decoding) or drop (scoring alternative next tokens against a shared prefix).
+    KVCache.mask). Returns the hidden states and the new tokens' (keys, values), each [layers, B, T, kv_heads, D],
+    which the caller may commit with KVCache.append (decoding) or drop (scoring alternative next tokens against a
+    shared prefix).
     """
     x, rope = self.embed(tokens, positions)
-    new_kv = []
-    for layer, cached_k, cached_v in zip(self.layers, cache.keys, cache.values):
-      x, kv = layer.with_cache(x, rope, mask, cached_k, cached_v)
-      new_kv.append(kv)
-    return self.final_norm(x), tuple(new_kv)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def one_layer(x, per_layer):
+      layer_params, cached_k, cached_v = per_layer
+      return nnx.merge(graphdef, layer_params).with_cache(x, rope, mask, cached_k, cached_v)
+
+    x, new_kv = jax.lax.scan(one_layer, x, (stacked, cache.keys, cache.values))
+    return self.final_norm(x), new_kv
 
   def lm_logits(self, hidden):
     """[B, T, vocab] float32 next-token logits."""
@@ -308,9 +360,9 @@ class LengthValueModel(nnx.Module):
     return self.value_logits(self.hidden_states(tokens, positions, segment_ids))
 
 
-def abstract_model(model_config: ModelConfig):
+def abstract_model(model_config: ModelConfig, unroll_layers: bool = False):
   """(graphdef, abstract nnx.State with logical_axes metadata) without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0), unroll_layers)))
 
 
 def init_params(model_config: ModelConfig, seed: int) -> dict:

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 import jax
 
 from lenvm_jax import distributed, errors, rundir
+from lenvm_jax.model import legacy_layers
 from lenvm_jax.config import RunConfig
 from lenvm_jax.errors import CheckpointError
 from lenvm_jax.train import state as state_lib
@@ -134,9 +135,14 @@ class Checkpointer:
 
   def restore_train_state(self, step: int, abstract_state, data_iter=None):
     """A TrainState through the tree the checkpoint holds (state.checkpoint_target / from_checkpoint), so checkpoints
-    written with or without a weight EMA, or before TrainState had one, restore into either kind of run."""
-    target = state_lib.checkpoint_target(abstract_state, self.manager.item_metadata(step).state)
-    return state_lib.from_checkpoint(abstract_state, self.restore(step, target, data_iter))
+    written with or without a weight EMA, or before TrainState had one, restore into either kind of run; one written
+    before the decoder layers were stacked is restored per layer and stacked (model/legacy_layers.py)."""
+    stored = self.manager.item_metadata(step).state
+    target = state_lib.checkpoint_target(abstract_state, stored)
+    if legacy_layers.stored_per_layer(stored["params"]):
+      target = legacy_layers.per_layer_target(target)
+    restored = legacy_layers.stack_layers(self.restore(step, target, data_iter))
+    return state_lib.from_checkpoint(abstract_state, restored)
 
   def restore_newest(self, abstract_state, data_iter, run: RunConfig):
     """(step, TrainState) of the newest step that restores intact, or (None, None) when there is none yet. Steps

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from lenvm_jax.config import OptimConfig, RunConfig
+from lenvm_jax.model.transformer import LAYERS_AXIS
 
 
 def learning_rate_schedule(optim_config: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -27,8 +28,12 @@ HEADS = ("value_head", "candidate_head")
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: norms' scales and biases are not decayed."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: norms' scales and biases are not decayed. The stacked decoder layers' leading
+  `layers` axis does not count (a stack of norm scales is still no matrix)."""
+  def per_layer_rank(path, p):
+    stacked = bool(path) and getattr(path[0], "key", None) == LAYERS_AXIS
+    return p.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(per_layer_rank, params)
 
 
 # What trainable_layers = K trains besides the top K layers: the heads and the final norm under them.

@@ -9,10 +9,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from lenvm_jax.config import TrainConfig
+from lenvm_jax.model import transformer
 from lenvm_jax.value import candidate, metrics
 from lenvm_jax.value.objective import Objective
 from lenvm_jax.train.state import TrainState
@@ -121,3 +123,41 @@ def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shar
                      in_shardings=(state_shardings.params, eval_batch_shardings))
   return (train.lower(state_shape, train_batch_shape).compile(),
           evaluate.lower(state_shape.params, eval_batch_shape).compile())
+
+
+def _lowered_flops(fn, *structs) -> float:
+  """XLA's FLOP count of `fn` lowered (not compiled) for one CPU device, without a mesh: the whole step's FLOPs
+  before partitioning. Lowered for CPU because accelerator plugins do not analyse uncompiled HLO. 0.0 if the CPU
+  backend is not loaded (JAX_PLATFORMS without cpu)."""
+  try:
+    cpu = jax.devices("cpu")[:1]
+  except RuntimeError:
+    return 0.0
+  plain = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  one_device = jax.sharding.Mesh(np.asarray(cpu).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  with jax.set_mesh(one_device), jax.default_device(cpu[0]):
+    cost = jax.jit(fn).lower(*map(plain, structs)).cost_analysis() or {}
+  return float(cost.get("flops", 0.0))
+
+
+def train_step_flops(model_config, objective, tx, train_config: TrainConfig, state_shape, train_batch_shape) -> float:
+  """The compiler's FLOP count of one train step on the whole global batch, every loop multiplied out.
+
+  XLA's cost analysis counts a while-loop body once, so a compiled step's own count misses all but one layer and
+  one micro-batch. Here the step is lowered with the layer scan unrolled and the batch ([accum, micro, T]) as one
+  micro-batch of accum x micro rows (the same FLOPs), and counted before partitioning: divide by the device count
+  for a per-device figure. It includes what remat recomputes.
+  """
+  graphdef, _ = transformer.abstract_model(model_config, unroll_layers=True)
+  one_micro = {k: jax.ShapeDtypeStruct((1, v.shape[0] * v.shape[1]) + tuple(v.shape[2:]), v.dtype)
+               for k, v in train_batch_shape.items()}
+  step = functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
+                           freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay)
+  return _lowered_flops(step, state_shape, one_micro)
+
+
+def eval_step_flops(model_config, objective, params_shape, eval_batch_shape) -> float:
+  """The compiler's FLOP count of one eval step, layers multiplied out (as train_step_flops)."""
+  graphdef, _ = transformer.abstract_model(model_config, unroll_layers=True)
+  return _lowered_flops(functools.partial(eval_step, graphdef=graphdef, objective=objective), params_shape,
+                        eval_batch_shape)

@@ -264,7 +264,9 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
       graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
       train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
       eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
-  flops_per_step = float(compiled_train.cost_analysis().get("flops", 0.0))
+  # Per device, every scan (layers, micro-batches) multiplied out: the compiled step's own count has each once.
+  flops_per_step = step_lib.train_step_flops(model_config, objective, tx, run.train, state_lib.shape_structs(state),
+                                             _global_shapes(to_micro(first), train_sh, leading=1)) / mesh.size
   has_eval = eval_source is not None
   evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, run, eval_source,
                                       eval_sh, eval_example)
