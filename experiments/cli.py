@@ -91,7 +91,21 @@ def parse_flags(argv):
     fail(message)
 
 
+def _thread_excepthook(default):
+  """A background writer (TensorBoard events, ...) that dies for the disk says so in one line; the main thread then
+  reports the same fault as the error. Other thread exceptions are bugs: the default hook prints them."""
+  def hook(args):
+    reason = errors.os_error_reason(args.exc_value)
+    if reason is None:
+      default(args)
+    else:
+      print(f"warning: {args.thread.name if args.thread else 'a thread'} stopped: {reason} ({args.exc_value})",
+            file=sys.stderr, flush=True)
+  return hook
+
+
 def run(main):
+  threading.excepthook = _thread_excepthook(threading.excepthook)
   app.run(guard(main), flags_parser=parse_flags)
 
 

@@ -151,7 +151,7 @@ def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, ca
   (workdir / "checkpoints" / "10" / "state" / "_METADATA").write_bytes(os.urandom(256))
   assert Predictor(str(workdir)).step == 5
   for step in (5, 10):  # Nothing of them restores: one line that names each step's problem.
-    os.remove(workdir / "checkpoints" / str(step) / rundir.CHECKSUM_FILE)
+    (workdir / "checkpoints" / str(step) / rundir.CHECKSUM_FILE).unlink(missing_ok=True)
     (workdir / "checkpoints" / str(step) / "state" / "_METADATA").write_bytes(b"garbage")
   with pytest.raises(errors.CheckpointError, match=r"no checkpoint restores \(step 10: .*; step 5: "):
     Predictor(str(workdir))

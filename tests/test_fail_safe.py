@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -62,6 +63,18 @@ def test_boundary_prints_one_line_and_exits_2_but_keeps_bugs(capsys):
     cli.guard(bug)(["prog"])
   with pytest.raises(OSError):  # So does an OSError that is not about the user's files.
     cli.guard(lambda argv: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))(["prog"])
+
+
+def test_a_writer_thread_that_dies_for_the_disk_is_one_warning_and_other_thread_errors_are_bugs(capsys):
+  default_calls = []
+  hook = cli._thread_excepthook(lambda args: default_calls.append(args.exc_type))
+  thread = threading.Thread(name="tensorboard-writer")
+  full = OSError(errno.ENOSPC, "No space left on device")
+  hook(threading.ExceptHookArgs([OSError, full, None, thread]))
+  assert capsys.readouterr().err == ("warning: tensorboard-writer stopped: no space left on device ([Errno 28] No "
+                                     "space left on device)\n")
+  hook(threading.ExceptHookArgs([KeyError, KeyError("bug"), None, thread]))
+  assert default_calls == [KeyError]
 
 
 def test_storage_library_errors_are_read_for_their_os_error():
