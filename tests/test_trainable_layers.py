@@ -2,6 +2,8 @@
 lower layers stay bit-identical and have no optimizer state, with stacked layers (a leading `layers` axis) and with
 a per-layer tree alike."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,7 +121,8 @@ def test_train_step_with_trainable_layers_moves_only_the_top(tiny_config):
   batch = next(iter(pipeline.train_dataset(run, pipeline.load_source(run, "train"))))
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
   new_state, _ = step_lib.train_step(state, micro, graphdef=graphdef, objective=Objective.from_config(run.loss),
-                                     tx=tx, freeze_trunk=False)
+                                     tx=tx, freeze_trunk=False,
+                                     frozen_layers=step_lib.frozen_layers(run.train, state.params))
   bottom = run.model.num_layers - 1
   old_layers = layer_slices(state.params["layers"], run.model.num_layers)
   new_layers = layer_slices(new_state.params["layers"], run.model.num_layers)
@@ -128,3 +131,32 @@ def test_train_step_with_trainable_layers_moves_only_the_top(tiny_config):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
   assert any(_moved(x, y) for x, y in zip(old_layers[bottom], new_layers[bottom]))
   np.testing.assert_array_equal(np.asarray(new_state.params["embedding"]), np.asarray(state.params["embedding"]))
+
+
+@pytest.mark.slow
+def test_frozen_layers_skip_the_backward_pass_but_keep_the_top_gradients():
+  """model.hidden_states(frozen_layers=N): the same forward, the same gradients of the top layers and heads, and
+  no gradient (no backward pass) for the embeddings and the bottom N layers."""
+  from flax import nnx
+  run = _config(num_layers=3, trainable_layers=1)
+  graphdef, _ = transformer.abstract_model(run.model)
+  params = jax.jit(lambda: transformer.init_params(run.model, seed=0))()
+  tokens = jnp.asarray(np.arange(1, 9, dtype=np.int32)[None] % run.model.vocab_size)
+  positions, segments = jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def loss_and_grads(params, frozen):
+    def loss(p):
+      model = nnx.merge(graphdef, p)
+      return jnp.sum(model.value_logits(model.hidden_states(tokens, positions, segments, frozen_layers=frozen)))
+    return jax.value_and_grad(loss)(params)
+
+  (full_loss, full), (split_loss, split) = loss_and_grads(params, 0), loss_and_grads(params, 2)
+  assert float(split_loss) == pytest.approx(float(full_loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(full["layers"]), jax.tree.leaves(split["layers"])):
+    np.testing.assert_allclose(np.asarray(b[2]), np.asarray(a[2]), rtol=1e-4, atol=1e-7)
+    assert not np.any(np.asarray(b[:2]))
+  assert not np.any(np.asarray(split["embedding"]))
+  for name in ("final_norm", "value_head"):
+    for a, b in zip(jax.tree.leaves(full[name]), jax.tree.leaves(split[name])):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)

@@ -302,9 +302,10 @@ class LengthValueModel(nnx.Module):
     x = constrain(table[tokens], ("batch", "length", "embed"))
     return x, rotary_tables(positions, c.head_dim, c.rope_theta)
 
-  def hidden_states(self, tokens, positions, segment_ids, dropout_key=None):
+  def hidden_states(self, tokens, positions, segment_ids, dropout_key=None, frozen_layers: int = 0):
     """Final hidden states after the final norm: [B, T, H] in the compute dtype. dropout_key (training only)
-    turns on model.dropout_rate."""
+    turns on model.dropout_rate. frozen_layers (train.trainable_layers): the embeddings and the bottom
+    frozen_layers layers run as a separate scan outside the gradient, so the backward pass skips them."""
     c = self.config
     x, rope = self.embed(tokens, positions)
     mask = attention_mask(segment_ids)
@@ -319,7 +320,12 @@ class LengthValueModel(nnx.Module):
     if c.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=remat_policy(c.remat), prevent_cse=False)
     scan_body = lambda x, per_layer: (one_layer(per_layer[0], x, per_layer[1]), None)
-    x, _ = jax.lax.scan(scan_body, x, (stacked, layer_keys), unroll=self.unroll_layers)
+    per_layer = (stacked, layer_keys)
+    if frozen_layers:
+      bottom = jax.lax.stop_gradient(jax.tree.map(lambda a: a[:frozen_layers], per_layer))
+      x, _ = jax.lax.scan(scan_body, jax.lax.stop_gradient(x), bottom, unroll=self.unroll_layers)
+      x, per_layer = jax.lax.stop_gradient(x), jax.tree.map(lambda a: a[frozen_layers:], per_layer)
+    x, _ = jax.lax.scan(scan_body, x, per_layer, unroll=self.unroll_layers)
     return self.final_norm(x)
 
   def cached_hidden_states(self, tokens, positions, mask, cache):

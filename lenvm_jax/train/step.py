@@ -20,11 +20,14 @@ from lenvm_jax.value.objective import Objective
 from lenvm_jax.train.state import TrainState
 
 
-def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
+def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None,
+                  frozen_layers: int = 0):
   """forward()'s value and LM logits, and, when the candidate loss is on, the candidate head's logit of each
-  position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None."""
+  position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None.
+  frozen_layers: the bottom layers (and embeddings) get no backward pass (train.trainable_layers)."""
   model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key)
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key,
+                               frozen_layers=frozen_layers)
   if freeze_trunk:
     hidden = jax.lax.stop_gradient(hidden)
   with_lm = objective.lm_weight > 0
@@ -56,14 +59,15 @@ def ema_update(ema_params, params, step, decay: float):
 
 
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
-               freeze_trunk: bool, ema_decay: float = 0.0):
+               freeze_trunk: bool, ema_decay: float = 0.0, frozen_layers: int = 0):
   value_count, lm_count = objective.token_counts(batch)
   candidate_count = candidate.count(batch) if objective.candidate_weight > 0 else None
   next_rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
   def micro_loss(params, micro, dropout_key):
     z, lm_logits, candidate_z = forward_heads(graphdef, params, micro, freeze_trunk=freeze_trunk,
-                                              objective=objective, dropout_key=dropout_key)
+                                              objective=objective, dropout_key=dropout_key,
+                                              frozen_layers=frozen_layers)
     sums = objective.sums(z, lm_logits, micro, candidate_z)
     return (objective.loss(sums, value_count, lm_count, candidate_count),
             (sums, _metric_sums(z, candidate_z, micro, objective)))
@@ -111,12 +115,21 @@ def eval_step(params, batch, *, graphdef, objective: Objective):
   return sums
 
 
+def frozen_layers(train_config: TrainConfig, params) -> int:
+  """How many bottom decoder layers train.trainable_layers leaves out of the backward pass (0: none)."""
+  if not train_config.trainable_layers:
+    return 0
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]  # The stacked layers' leading axis.
+  return max(num_layers - train_config.trainable_layers, 0)
+
+
 def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shardings, train_batch_shardings,
                   eval_batch_shardings, state_shape, train_batch_shape, eval_batch_shape):
   """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
   train = jax.jit(
       functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
-                        freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay),
+                        freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay,
+                        frozen_layers=frozen_layers(train_config, state_shape.params)),
       in_shardings=(state_shardings, train_batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, objective=objective),
@@ -152,7 +165,8 @@ def train_step_flops(model_config, objective, tx, train_config: TrainConfig, sta
   one_micro = {k: jax.ShapeDtypeStruct((1, v.shape[0] * v.shape[1]) + tuple(v.shape[2:]), v.dtype)
                for k, v in train_batch_shape.items()}
   step = functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
-                           freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay)
+                           freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay,
+                           frozen_layers=frozen_layers(train_config, state_shape.params))
   return _lowered_flops(step, state_shape, one_micro)
 
 
