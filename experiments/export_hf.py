@@ -18,7 +18,6 @@ from absl import app, flags
 from experiments import cli
 from lenvm_jax import rundir
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.errors import UserError
 from lenvm_jax.model import hf_export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
@@ -32,28 +31,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Empty a non-empty --output b
 flags.mark_flags_as_required(["workdir", "output"])
 
 
-def check_output_dir(output: str, overwrite: bool) -> list[str]:
-  """The entries a non-empty output holds (to remove once the model has loaded); refuses a file, a run directory,
-  or, without --overwrite, any non-empty directory."""
-  where = f"--output={output}"
-  if os.path.exists(output) and not os.path.isdir(output):
-    raise UserError.at("the output is a file", where, "give a directory")
-  entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
-  if not entries:
-    return []
-  if os.path.isdir(os.path.join(output, "checkpoints")) or rundir.LOCK_FILE in entries:
-    raise UserError.at("the output is a training run directory", where, "export into another directory")
-  if not overwrite:
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    raise UserError.at(f"the output directory is not empty ({shown})", where,
-                       "choose a new or empty directory, or pass --overwrite to replace its contents")
-  return entries
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  replaced = check_output_dir(_OUTPUT.value, _OVERWRITE.value)
+  replaced = rundir.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   model_config = predictor.config.model
   for name in replaced:  # Only now: a failed load leaves the previous export as it was.

@@ -526,3 +526,21 @@ def abstract_params_on(abstract_state, mesh) -> dict:
   shardings = sharding.param_shardings(abstract_state, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract_state.to_pure_dict(), shardings)
+
+
+def check_export_dir(output: str, overwrite: bool) -> list[str]:
+  """For an export of a run (experiments/export_hf.py): the entries a non-empty output holds (to remove once the
+  model has loaded); refuses a file, a run directory, or, without `overwrite`, any non-empty directory."""
+  where = f"--output={output}"
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UserError.at("the output is a file", where, "give a directory")
+  entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+  if not entries:
+    return []
+  if os.path.isdir(os.path.join(output, "checkpoints")) or LOCK_FILE in entries:
+    raise UserError.at("the output is a training run directory", where, "export into another directory")
+  if not overwrite:
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise UserError.at(f"the output directory is not empty ({shown})", where,
+                       "choose a new or empty directory, or pass --overwrite to replace its contents")
+  return entries

@@ -294,18 +294,17 @@ def test_output_directories_hold_one_import(tmp_path):
 
 
 def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
-  from experiments import export_hf
   out = tmp_path / "export"
-  assert export_hf.check_output_dir(str(out), overwrite=False) == []
+  assert rundir.check_export_dir(str(out), overwrite=False) == []
   out.mkdir()
   (out / "tokenizer.json").write_text("{}")
   (out / "pytorch_model.bin").write_text("foreign")
   with pytest.raises(errors.UserError, match=r"not empty \(pytorch_model\.bin, tokenizer\.json\).*--overwrite"):
-    export_hf.check_output_dir(str(out), overwrite=False)
-  assert export_hf.check_output_dir(str(out), overwrite=True) == ["pytorch_model.bin", "tokenizer.json"]
+    rundir.check_export_dir(str(out), overwrite=False)
+  assert rundir.check_export_dir(str(out), overwrite=True) == ["pytorch_model.bin", "tokenizer.json"]
   (out / "checkpoints").mkdir()
   with pytest.raises(errors.UserError, match="is a training run directory"):
-    export_hf.check_output_dir(str(out), overwrite=True)
+    rundir.check_export_dir(str(out), overwrite=True)
 
 
 # --------------------------------------------------------------------------------------- the CLIs (subprocesses)
