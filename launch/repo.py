@@ -1,4 +1,7 @@
-"""What the launchers ship from this checkout: its root, config paths relative to it, its jax pin; workdir checks."""
+"""What the launchers ship from this checkout: its root, config paths relative to it, its jax pin.
+
+(Whether a workdir is a URL: lenvm_jax.config.is_url, which imports no jax, as the launcher venv has none.)
+"""
 
 import os
 import re
@@ -24,8 +27,3 @@ def jax_version() -> str:
   if not match:
     raise ValueError("requirements.txt: no exact jax==<version> pin")
   return match.group(1)
-
-
-def is_url(path: str) -> bool:
-  """gs://, s3://, ...: the trainer writes its workdir with local file I/O and refuses these (mount the bucket)."""
-  return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None

@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
 from launch import repo  # noqa: E402  pylint: disable=g-import-not-at-top
+from lenvm_jax.config import is_url  # noqa: E402  pylint: disable=g-import-not-at-top
 
 REPO = repo.REPO
 REMOTE_DIR = "lenvm"  # Under the remote user's home.
@@ -58,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.error(f"--accelerator_type {args.accelerator_type!r}: expected e.g. v4-8, v5litepod-16, v6e-8")
   if args.valid_until and not args.queued:
     parser.error("--valid_until needs --queued")
-  if repo.is_url(args.workdir):
+  if is_url(args.workdir):
     parser.error(f"--workdir {args.workdir!r} is a URL: the trainer writes to local paths; mount the bucket on every "
                  "worker (Cloud Storage FUSE) and pass the mount path")
   try:

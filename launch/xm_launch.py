@@ -21,6 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
 
 from launch import repo  # noqa: E402  pylint: disable=g-import-not-at-top
+from lenvm_jax.config import is_url  # noqa: E402  pylint: disable=g-import-not-at-top
 from lenvm_jax import sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
 
 REPO = repo.REPO
@@ -82,7 +83,7 @@ def workdir_root() -> str:
   """The jobs' workdir parent as the trainer sees it. The trainer writes local paths only; Vertex AI mounts the
   buckets a job can reach at /gcs/<bucket> (Cloud Storage FUSE), so gs://B/p becomes /gcs/B/p there."""
   root = _WORKDIR_ROOT.value.rstrip("/")
-  if not repo.is_url(root):
+  if not is_url(root):
     return root
   if _EXECUTOR.value == "vertex" and root.startswith("gs://"):
     return "/gcs/" + root[len("gs://"):]
