@@ -126,3 +126,17 @@ def test_rollout_records_keep_the_answer_and_whether_the_completion_is_correct(t
   assert result["answers"] == {"train": {"scored": 4, "correct": expected, "accuracy": expected / 4}}
   with pytest.raises(ValueError, match="tokenizer"):
     rollouts.generate_rollouts(sampler, prompts, str(tmp_path / "x"), num_samples=1, generator="g", settings={})
+
+
+def test_budget_evaluation_counts_an_answer_only_when_it_ends_within_the_budget():
+  from experiments import evaluate_budget
+  from lenvm_jax.decoding.guided import GuidedSample
+  sample = lambda n, finished: GuidedSample(np.arange(n), np.zeros(n), finished)
+  prompts = [Prompt(np.asarray([1]), str(i), answer=answers.Answer("7")) for i in range(3)]
+  samples = [sample(5, True), sample(12, True), sample(20, False)]
+  texts = ["so 7", "so 7", "so 7"]  # All correct text; only the first ends within 10 tokens.
+  assert evaluate_budget.score(samples, texts, prompts, budget=10) == {
+      "accuracy": 1 / 3, "correct": 1, "ended": 1 / 3, "mean_length": (5 + 10 + 10) / 3}
+  assert evaluate_budget.score(samples, ["so 6", "so 7", "so 7"], prompts, budget=16)["correct"] == 1
+  split = evaluate_budget.held_out(prompts + [Prompt(np.asarray([1]), "x", "eval")], "eval", 0.5)
+  assert split[-1].prompt_id == "x" and all(p in prompts for p in split[:-1])

@@ -1,0 +1,164 @@
+"""Length-guided decoding on problems with checkable answers under a hard token budget (the paper's Fig. 2).
+
+  python -m experiments.evaluate_budget --workdir runs/smollm2_gsm/pretrained_s0 --policy=$GGUF --tokenizer=$GGUF \
+      --prompts=reasoning_gym:gsm_symbolic:48 --eval_fraction=0.25 --budgets=64,96 --betas=-4,-16
+
+The generator is --policy (a .gguf, a Hugging Face directory or a run), the LenVM the run at --workdir; the problems
+are the held-out ones: those of --prompts that `experiments.generate` with the same --eval_fraction put in the eval
+split (the split is by prompt id). For every budget B the same problems are answered by
+  * the base model cut off at B tokens: one unguided run to the largest budget, cut at each B (a row's random stream
+    depends only on its row id and step, so the cut run is exactly the run with max_new_tokens = B);
+  * the tilt sweep: p'(x) ~ p(x) exp(beta u(x)) for each --betas (beta < 0: shorter), hard-cut at B;
+  * At Most B: the paper's rule (the candidate the LenVM expects to end soonest), hard-cut at B.
+All runs sample among the --candidates most likely tokens at --temperature. An answer counts as correct when the
+completion ends (EOS) within the budget and the problem's checker accepts it (lenvm_jax/data/answers.py). Writes
+<workdir>/evaluate_budget/{report.json,budget.png} and prints a table.
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+from lenvm_jax import sharding
+from lenvm_jax.data import prompts as prompts_lib
+from lenvm_jax.data.prompt_groups import split_groups
+from lenvm_jax.data.tokenizer import load_tokenizer
+from lenvm_jax.decoding import policy as policy_lib
+from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
+from lenvm_jax.decoding.predict import Predictor
+from lenvm_jax.decoding.sampler import SamplingConfig
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The LenVM's training workdir.")
+_POLICY = flags.DEFINE_string("policy", None, "The generator: a .gguf file, Hugging Face directory or run workdir.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (default: --policy), for prompts and the checker.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Problems with answers, e.g. reasoning_gym:gsm_symbolic:48.")
+_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", 0.1, "generate's --eval_fraction: which problems are held out.")
+_SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "Which split's problems to answer.")
+_MAX_PROBLEMS = flags.DEFINE_integer("max_problems", 0, "Use the first N problems of the split (0 = all).")
+_BUDGETS = flags.DEFINE_list("budgets", ["64", "128"], "Hard token budgets (EOS included).")
+_BETAS = flags.DEFINE_list("betas", ["-4", "-16"], "Tilt strengths (beta < 0: shorter).")
+_BASE_TOKENS = flags.DEFINE_integer("base_tokens", 256, "The unguided run's own limit (at least the largest budget): "
+                                    "its accuracy without a budget is reported as unbounded_base.")
+_CANDIDATES = flags.DEFINE_integer("candidates", 4, "Candidates per step (top-k of the filtered distribution).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.3, "Sampling temperature of every run (> 0).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = cli.define_step_flag()
+flags.mark_flags_as_required(["workdir", "policy", "prompts"])
+
+
+def held_out(prompts, split: str, eval_fraction: float):
+  """The prompts generate put in `split`: its rule (prompt_groups.split_groups, by prompt id) unless a prompt names
+  its split."""
+  drawn = split_groups({p.prompt_id for p in prompts if not p.split}, eval_fraction)
+  return [p for p in prompts if (p.split or drawn[p.prompt_id]) == split]
+
+
+def score(samples, texts, prompts, budget: int) -> dict:
+  """Accuracy (ended within the budget and correct), share ended, and mean length (tokens, cut at the budget)."""
+  lengths = np.asarray([min(len(s.completion_ids), budget) for s in samples])
+  ended = np.asarray([s.finished and len(s.completion_ids) <= budget for s in samples])
+  correct = np.asarray([bool(e) and p.answer.is_correct(t) for e, t, p in zip(ended, texts, prompts)])
+  return {"accuracy": float(correct.mean()), "correct": int(correct.sum()), "ended": float(ended.mean()),
+          "mean_length": float(lengths.mean())}
+
+
+def format_table(report: dict) -> str:
+  lines = [f"{report['problems']} held-out problems, k = {report['candidates']}, temperature {report['temperature']}",
+           f"{'budget':>6}  {'decoding':<22} {'accuracy':>8} {'correct':>7} {'ended':>6} {'mean len':>8}"]
+  for budget, runs in report["budgets"].items():
+    for name, r in runs.items():
+      lines.append(f"{budget:>6}  {name:<22} {r['accuracy']:8.3f} {r['correct']:7d} {r['ended']:6.2f} "
+                   f"{r['mean_length']:8.1f}")
+  return "\n".join(lines)
+
+
+def plot(path: str, report: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for budget, runs in report["budgets"].items():
+    base = runs["base (truncated)"]
+    line, = ax.plot([base["mean_length"]], [base["accuracy"]], marker="s", ls="none",
+                    label=f"B={budget}: base cut at B")
+    tilt = [(name, r) for name, r in runs.items() if name.startswith("tilt")]
+    ax.plot([r["mean_length"] for _, r in tilt], [r["accuracy"] for _, r in tilt], marker="o",
+            color=line.get_color(), label=f"B={budget}: tilt sweep")
+    for name, r in tilt:
+      ax.annotate(name.split()[-1], (r["mean_length"], r["accuracy"]), fontsize=7)
+    at_most = runs[f"at_most {budget}"]
+    ax.plot([at_most["mean_length"]], [at_most["accuracy"]], marker="^", ls="none", color=line.get_color(),
+            label=f"B={budget}: At Most B")
+  ax.set(xlabel="mean length (tokens, cut at the budget)", ylabel="accuracy (correct, ended within budget)",
+         title="hard budget: truncation vs length-guided decoding")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  budgets = sorted(int(b) for b in _BUDGETS.value)
+  betas = [float(b) for b in _BETAS.value]
+  mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
+  with cli.user_errors(ValueError, OSError):
+    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+    tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)
+    policy = policy_lib.load_policy(_POLICY.value, mesh)
+    problems = held_out(prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer),
+                        _SPLIT.value, _EVAL_FRACTION.value)
+    if _MAX_PROBLEMS.value:
+      problems = problems[:_MAX_PROBLEMS.value]
+    if not problems or any(p.answer is None for p in problems):
+      raise ValueError(f"--prompts={_PROMPTS.value}: needs problems with answers in the {_SPLIT.value} split")
+    eos_ids = policy.eos_ids or (tokenizer.eos_id,)
+  models = Pair(TransformerGenerator(policy.graphdef, policy.model_config.vocab_size),
+                TransformerScorer(predictor.graphdef, predictor.kind))
+  params = (policy.params, predictor.params)
+  prompt_ids = [p.prompt_ids.tolist() for p in problems]
+
+  def run(max_new_tokens: int, request: LengthRequest):
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=eos_ids, temperature=_TEMPERATURE.value,
+                              seed=_SEED.value)
+    sampler = GuidedSampler(models, params, sampling, mesh, num_candidates=_CANDIDATES.value,
+                            batch_size=_BATCH.value)
+    samples = sampler.generate(prompt_ids, [request] * len(prompt_ids))
+    return samples, [tokenizer.decode(s.completion_ids.tolist()) for s in samples]
+
+  report = {"checkpoint_step": predictor.step, "policy": policy.description, "prompts": _PROMPTS.value,
+            "problems": len(problems), "candidates": _CANDIDATES.value, "temperature": _TEMPERATURE.value,
+            "budgets": {}}
+  base_tokens = max(budgets[-1], _BASE_TOKENS.value)
+  base, base_texts = run(base_tokens, LengthRequest())
+  for budget in budgets:
+    # The base run cut at this budget: its first `budget` tokens, finished only if EOS came within them.
+    cut = [type(s)(s.completion_ids[:budget], s.values[:budget], s.finished and len(s.completion_ids) <= budget)
+           for s in base]
+    cut_texts = [tokenizer.decode(s.completion_ids.tolist()) for s in cut]
+    runs = {"base (truncated)": score(cut, cut_texts, problems, budget)}
+    for beta in betas:
+      runs[f"tilt beta {beta:g}"] = score(*run(budget, LengthRequest("tilt", beta=beta)), problems, budget)
+    runs[f"at_most {budget}"] = score(*run(budget, LengthRequest("at_most", budget)), problems, budget)
+    report["budgets"][str(budget)] = runs
+    print(format_table({**report, "budgets": {str(budget): runs}}), flush=True)
+  report["unbounded_base"] = {"max_new_tokens": base_tokens, **score(base, base_texts, problems, base_tokens)}
+  out_dir = os.path.join(_WORKDIR.value, "evaluate_budget")
+  os.makedirs(out_dir, exist_ok=True)
+  plot(os.path.join(out_dir, "budget.png"), report)
+  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  print(format_table(report))
+  unbounded = report["unbounded_base"]
+  print(f"base model up to {base_tokens} tokens: accuracy {unbounded['accuracy']:.3f} ({unbounded['correct']} "
+        f"correct), ended {unbounded['ended']:.2f}, mean length {unbounded['mean_length']:.1f}")
+  print(f"report and plot in {out_dir}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
