@@ -40,7 +40,7 @@ from experiments import cli
 from lenvm_jax import config as config_lib, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
-from lenvm_jax.model import transformer
+from lenvm_jax.model import flops, transformer
 from lenvm_jax.train import optimizer, state as state_lib, step as step_lib
 from lenvm_jax.value.objective import Objective
 
@@ -96,15 +96,7 @@ def matmul_peak(n: int, dtype) -> float:
   return 2.0 * n ** 3 / best
 
 
-def model_flops_per_token(c, seq_len: int) -> float:
-  """Training FLOPs per token: 3 x forward (forward + 2 x backward); forward = 2 x matmul params + attention
-  scores and mixing (2 x 2 x T x heads x head_dim per layer). The embedding gather is free; no LM head (lm_weight=0)."""
-  attn_proj = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = 3 * c.hidden_size * c.mlp_dim
-  value_head = c.hidden_size * c.hidden_size + c.hidden_size
-  forward = 2 * (c.num_layers * (attn_proj + mlp) + value_head)
-  forward += c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
-  return 3.0 * forward
+model_flops_per_token = flops.train_flops_per_token  # Analytic: 6N + attention.
 
 
 def batches(config, count: int) -> list[dict]:

@@ -1,7 +1,10 @@
-import pytest
+import importlib.util
+import json
 import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -19,3 +22,53 @@ def test_real_shape_config_compiles_ahead_of_time_on_eight_fake_devices():
   assert re.search(r"model: 0\.3[0-9]{2}B parameters", out), out
   train = re.search(r"train step: per device: arguments ([0-9.]+) GiB.*temporaries ([0-9.]+) GiB", out)
   assert train and float(train.group(1)) > 0.1, out
+
+
+# TPU compiles from this (CPU-only) host: libtpu's compiler behind --topology. They run where libtpu is installed
+# (requirements-tpu.txt, e.g. `.venv-tpu/bin/python -m pytest tests/test_compile_check.py`) and skip elsewhere.
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
+
+
+def _compile_check(tmp_path, *flags):
+  out = tmp_path / "report.json"
+  result = subprocess.run([sys.executable, "-m", "experiments.compile_check", "--config",
+                           "experiments/configs/tiny.py", "--topology=v5e:2x4", f"--json={out}", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+  return result, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_tpu_topology_compile_reports_memory_flops_and_time(tmp_path):
+  result, report = _compile_check(tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert report["platform"] == "tpu" and report["device_kind"] == "TPU v5 lite" and report["devices"] == 8
+  assert report["hbm_per_device"] == int(15.75 * 2**30) and report["fits"]
+  for name in ("train", "eval"):
+    step = report["steps"][name]
+    assert step["fits"] and step["compile_seconds"] > 0
+    assert 0 < step["memory"]["total"] <= step["memory"]["capacity"]
+    # Layers and micro-batches multiplied out: the compiler's count is the model's plus remat and small ops.
+    assert step["model_flops_per_device"] > 0
+    assert 0.8 < step["compiler_flops_per_device"] / step["model_flops_per_device"] < 2.0, step
+  assert "of 15.75 GiB: fits" in result.stdout
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_tpu_topology_compile_exits_3_when_a_step_does_not_fit(tmp_path):
+  # A 4M x 1024 embedding, replicated on a data-parallel mesh: 16 GiB of weights and twice that of Adam moments.
+  result, report = _compile_check(tmp_path, "--steps=train", "--config.model.vocab_size=4194304",
+                                  "--config.model.hidden_size=1024")
+  assert result.returncode == 3, result.stderr[-3000:]
+  assert not report["fits"] and not report["steps"]["train"]["fits"]
+  assert "DOES NOT FIT" in result.stdout
+
+
+def test_topology_without_libtpu_is_one_error_line(tmp_path):
+  if importlib.util.find_spec("libtpu") is not None:
+    pytest.skip("libtpu is installed here")
+  result, _ = _compile_check(tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:2x4 needs libtpu")

@@ -123,9 +123,9 @@ def frozen_layers(train_config: TrainConfig, params) -> int:
   return max(num_layers - train_config.trainable_layers, 0)
 
 
-def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shardings, train_batch_shardings,
-                  eval_batch_shardings, state_shape, train_batch_shape, eval_batch_shape):
-  """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
+def jit_steps(graphdef, objective, tx, train_config: TrainConfig, state_shardings, train_batch_shardings,
+              eval_batch_shardings, state_shape):
+  """(train, evaluate): both steps jitted with explicit shardings (the train state donated), not yet lowered."""
   train = jax.jit(
       functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
                         freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay,
@@ -134,6 +134,14 @@ def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shar
       donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, objective=objective),
                      in_shardings=(state_shardings.params, eval_batch_shardings))
+  return train, evaluate
+
+
+def compile_steps(graphdef, objective, tx, train_config: TrainConfig, state_shardings, train_batch_shardings,
+                  eval_batch_shardings, state_shape, train_batch_shape, eval_batch_shape):
+  """AOT-compiles both steps for the given shapes and shardings; the trainer and compile_check share this."""
+  train, evaluate = jit_steps(graphdef, objective, tx, train_config, state_shardings, train_batch_shardings,
+                              eval_batch_shardings, state_shape)
   return (train.lower(state_shape, train_batch_shape).compile(),
           evaluate.lower(state_shape.params, eval_batch_shape).compile())
 

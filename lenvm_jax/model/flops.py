@@ -1,0 +1,19 @@
+"""Model FLOPs: the analytic count that MFU is quoted against (experiments/bench.py, compile_check, device_check).
+
+The compiler's own count of a step (train/step.py train_step_flops) is larger by what remat recomputes and by the
+small ops this formula leaves out.
+"""
+
+from lenvm_jax.model.config import ModelConfig
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 3 x forward (forward + 2 x backward); forward = 2 x matmul params + attention scores
+  and mixing (2 x 2 x T x heads x head_dim per layer, the whole T x T square). The embedding gather is free; no LM
+  head (loss.lm_weight = 0)."""
+  attn_proj = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = 3 * c.hidden_size * c.mlp_dim
+  value_head = c.hidden_size * c.hidden_size + c.hidden_size
+  forward = 2 * (c.num_layers * (attn_proj + mlp) + value_head)
+  forward += c.num_layers * 4 * seq_len * c.num_heads * c.head_dim
+  return 3.0 * forward
