@@ -105,6 +105,15 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh):
   return nnx.State(shardings).to_pure_dict() if not isinstance(shardings, dict) else shardings
 
 
+def target_platform() -> str:
+  """The platform being compiled for: that of the current mesh's devices (a TPU topology's even on a CPU host, see
+  experiments/compile_check.py), else JAX's default backend. "cpu", "gpu" or "tpu"."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = device.platform if device is not None else jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names under the current mesh (`jax.set_mesh`); a no-op without one."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -75,7 +75,8 @@ def test_value_head_is_float32_in_bf16_compute_and_close_to_fp32():
 
 # Trunk + LM head parameter counts of the public checkpoints (tied embeddings). Qwen2.5: the exact totals of the
 # released safetensors. Qwen3-1.7B: its card says 1.7B total, 1.4B non-embedding (checked to 0.05B below).
-PUBLIC_PARAM_COUNTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
+PUBLIC_PARAM_COUNTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+                       "qwen3-8b": 8_190_735_360, "qwen3-32b": 32_762_123_264}
 
 
 def test_qwen3_preset_matches_its_card():

@@ -8,6 +8,8 @@ import dataclasses
 
 DTYPES = ("float32", "bfloat16", "auto")
 REMAT_POLICIES = ("none", "full", "dots", "offload")
+# Self-attention kernels (model/attention.py): auto = splash on TPU, pallas_gpu on GPU, xla on CPU.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_gpu")
 # The candidate-value head Q(s_t, x) ~ V(s_t + x) (model/candidate_head.py): none, its own per-token table, or the
 # input embedding as the per-token vectors.
 CANDIDATE_HEADS = ("none", "table", "tied")
@@ -33,6 +35,11 @@ class ModelConfig:
   # Recompute each decoder layer in the backward pass: none | full | dots (keep matmul outputs) | offload (as full,
   # with each layer's input kept in host memory; transformer.remat_policy).
   remat: str = "none"
+  # Self-attention kernel (model/attention.py): auto | xla | splash | pallas_gpu. A Pallas kernel on a platform it
+  # was not written for runs in interpret mode (slow; for tests). Splash's query / key block sizes (tokens):
+  attention: str = "auto"
+  attention_block_q: int = 512
+  attention_block_kv: int = 512
   # Residual dropout on every attention and MLP output, in training only (evaluation, prediction and decoding never
   # drop): against a small trunk memorising the few hundred prompts of a real-data job.
   dropout_rate: float = 0.0
@@ -49,6 +56,11 @@ class ModelConfig:
       raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    for name in ("attention_block_q", "attention_block_kv"):
+      if getattr(self, name) <= 0 or getattr(self, name) % 128:
+        raise ValueError(f"model.{name} must be a positive multiple of 128 (TPU lanes), got {getattr(self, name)}")
     if self.candidate_head not in CANDIDATE_HEADS:
       raise ValueError(f"model.candidate_head must be one of {CANDIDATE_HEADS}, got {self.candidate_head!r}")
     if not 0.0 <= self.dropout_rate < 1.0:
@@ -64,10 +76,11 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
-    import jax  # pylint: disable=g-import-not-at-top  (config objects are built without the accelerator stack)
+    # Imported here: config objects are built without the accelerator stack.
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    if self.dtype == "auto":
-      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    from lenvm_jax import sharding  # pylint: disable=g-import-not-at-top
+    if self.dtype == "auto":  # By the platform compiled for (a TPU topology's on a CPU host too).
+      return jnp.float32 if sharding.target_platform() == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[self.dtype]
 
 
@@ -84,6 +97,13 @@ PRESETS = {
                          head_dim=128, mlp_dim=8960, rope_theta=1e6, tie_embeddings=True, qkv_bias=True),
     "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8,
                        head_dim=128, mlp_dim=6144, rope_theta=1e6, tie_embeddings=True, qk_norm=True),
+    # The paper's larger LenVMs (experiments/configs/paper_shapes.py compiles them for TPU slices).
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                       head_dim=128, mlp_dim=18944, rope_theta=1e6, qkv_bias=True),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, mlp_dim=12288, rope_theta=1e6, qk_norm=True),
+    "qwen3-32b": dict(vocab_size=151936, hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                      head_dim=128, mlp_dim=25600, rope_theta=1e6, qk_norm=True),
 }
 
 

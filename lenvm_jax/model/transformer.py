@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lenvm_jax.model import attention as attention_kernels
 from lenvm_jax.model.candidate_head import CandidateValueHead
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.sharding import constrain
@@ -167,9 +168,14 @@ class Attention(nnx.Module):
     out = (probs @ v).reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, c.num_heads, d)
 
-  def __call__(self, x, rope, mask):
+  def __call__(self, x, rope, mask, segment_ids=None, impl: str = "xla"):
+    """Self-attention of x [B, T, H]: by `mask` (Attention.attend, impl "xla") or by a kernel over `segment_ids`
+    (model/attention.py; no [T, T] array)."""
     q, k, v = self.project(x, rope)
-    return self.attend(q, k, v, mask)
+    if impl == "xla":
+      return self.attend(q, k, v, mask)
+    out = attention_kernels.self_attention(q, k, v, segment_ids, self.config, impl)
+    return dense(out, self.o[...].astype(self.config.compute_dtype), contract=2)
 
   def with_cache(self, x, rope, mask, cached_k, cached_v):
     """New tokens attend to cached keys [B, S, ...] followed by their own; mask [B, 1, 1, T, S + T].
@@ -215,10 +221,12 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, rngs)
     self.dropout_rate = config.dropout_rate
 
-  def __call__(self, x, rope, mask, dropout_key=None):
-    """dropout_key (training only) drops each sublayer's output before it joins the residual stream."""
+  def __call__(self, x, rope, mask, dropout_key=None, segment_ids=None, attention_impl: str = "xla"):
+    """dropout_key (training only) drops each sublayer's output before it joins the residual stream; attention by
+    `mask` or, with a kernel attention_impl, by `segment_ids` (Attention.__call__)."""
     attn_key, mlp_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    x = x + _dropout(self.attention(self.input_norm(x), rope, mask), self.dropout_rate, attn_key)
+    attended = self.attention(self.input_norm(x), rope, mask, segment_ids, attention_impl)
+    x = x + _dropout(attended, self.dropout_rate, attn_key)
     x = x + _dropout(self.mlp(self.post_attention_norm(x)), self.dropout_rate, mlp_key)
     return constrain(x, ("batch", "length", "embed"))
 
@@ -308,14 +316,15 @@ class LengthValueModel(nnx.Module):
     frozen_layers layers run as a separate scan outside the gradient, so the backward pass skips them."""
     c = self.config
     x, rope = self.embed(tokens, positions)
-    mask = attention_mask(segment_ids)
+    impl = attention_kernels.implementation(c, tokens.shape[1])
+    mask = attention_mask(segment_ids) if impl == "xla" else None  # Kernels take the segment ids instead.
     use_dropout = dropout_key is not None and c.dropout_rate > 0
     layer_keys = jax.random.split(dropout_key, c.num_layers) if use_dropout else None
     graphdef, stacked = nnx.split(self.layers)
 
     def one_layer(layer_params, x, key):
       x = checkpoint_name(x, LAYER_INPUT)
-      return nnx.merge(graphdef, layer_params)(x, rope, mask, key)
+      return nnx.merge(graphdef, layer_params)(x, rope, mask, key, segment_ids, impl)
 
     if c.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=remat_policy(c.remat), prevent_cse=False)
