@@ -63,23 +63,32 @@ _JSON = flags.DEFINE_string("json", "", "Also write the results to this JSON fil
 WARMUP = 2
 
 
-def bench_config():
-  """The run config benchmarked: synthetic data whose completions mostly fill the row (little padding)."""
-  config = base.get_config(_PRESET.value)
-  for field, flag in (("hidden_size", _HIDDEN), ("num_layers", _LAYERS), ("head_dim", _HEAD_DIM), ("mlp_dim", _MLP)):
-    if flag.value:
-      config.model[field] = flag.value
-  config.model.dtype = _DTYPE.value
-  config.data.max_len = _SEQ.value
+def make_bench_config(preset: str, shape: dict, seq_len: int, batch: int, accum_steps: int,
+                      dtype: str) -> RunConfig:
+  """The run config benchmarked: synthetic data whose completions mostly fill the row (little padding). `shape`
+  overrides the preset's model fields (a value of 0 keeps the preset's)."""
+  config = base.get_config(preset)
+  for field, value in shape.items():
+    if value:
+      config.model[field] = value
+  config.model.dtype = dtype
+  config.data.max_len = seq_len
   config.data.packing = "none"  # One trajectory per row: the PyTorch baseline needs no segment-aware attention.
-  config.data.synthetic.hazards = (1.0 / _SEQ.value,)  # Mean completion = one row: rows are mostly full.
+  config.data.synthetic.hazards = (1.0 / seq_len,)  # Mean completion = one row: rows are mostly full.
   config.data.synthetic.train_records = 4096
   config.data.unfinished = "infinite"  # Keep long (cut) completions: target -1 (spec section 1).
-  config.train.batch_size = _BATCH.value
-  config.train.accum_steps = _ACCUM.value
+  config.train.batch_size = batch
+  config.train.accum_steps = accum_steps
   config.optim.warmup_steps = 0
   config.mesh.data = 1  # One device, like the PyTorch baseline and the matmul peak (a); MFU is per chip.
   return RunConfig.from_dict(config)
+
+
+def bench_config():
+  """make_bench_config from the flags."""
+  shape = {"hidden_size": _HIDDEN.value, "num_layers": _LAYERS.value, "head_dim": _HEAD_DIM.value,
+           "mlp_dim": _MLP.value}
+  return make_bench_config(_PRESET.value, shape, _SEQ.value, _BATCH.value, _ACCUM.value, _DTYPE.value)
 
 
 def matmul_peak(n: int, dtype) -> float:
