@@ -18,19 +18,18 @@ completion ends (EOS) within the budget and the problem's checker accepts it (le
 import json
 import os
 
-import numpy as np
 from absl import flags
 
 from experiments import cli
 from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
-from lenvm_jax.data.prompt_groups import split_groups
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import SamplingConfig
+from lenvm_jax.evaluation.budget import held_out, score
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LenVM's training workdir.")
 _POLICY = flags.DEFINE_string("policy", None, "The generator: a .gguf file, Hugging Face directory or run workdir.")
@@ -49,22 +48,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = cli.define_step_flag()
 flags.mark_flags_as_required(["workdir", "policy", "prompts"])
-
-
-def held_out(prompts, split: str, eval_fraction: float):
-  """The prompts generate put in `split`: its rule (prompt_groups.split_groups, by prompt id) unless a prompt names
-  its split."""
-  drawn = split_groups({p.prompt_id for p in prompts if not p.split}, eval_fraction)
-  return [p for p in prompts if (p.split or drawn[p.prompt_id]) == split]
-
-
-def score(samples, texts, prompts, budget: int) -> dict:
-  """Accuracy (ended within the budget and correct), share ended, and mean length (tokens, cut at the budget)."""
-  lengths = np.asarray([min(len(s.completion_ids), budget) for s in samples])
-  ended = np.asarray([s.finished and len(s.completion_ids) <= budget for s in samples])
-  correct = np.asarray([bool(e) and p.answer.is_correct(t) for e, t, p in zip(ended, texts, prompts)])
-  return {"accuracy": float(correct.mean()), "correct": int(correct.sum()), "ended": float(ended.mean()),
-          "mean_length": float(lengths.mean())}
 
 
 def format_table(report: dict) -> str:

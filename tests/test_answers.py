@@ -129,7 +129,7 @@ def test_rollout_records_keep_the_answer_and_whether_the_completion_is_correct(t
 
 
 def test_budget_evaluation_counts_an_answer_only_when_it_ends_within_the_budget():
-  from experiments import evaluate_budget
+  from lenvm_jax.evaluation import budget as evaluate_budget
   from lenvm_jax.decoding.guided import GuidedSample
   sample = lambda n, finished: GuidedSample(np.arange(n), np.zeros(n), finished)
   prompts = [Prompt(np.asarray([1]), str(i), answer=answers.Answer("7")) for i in range(3)]
