@@ -72,3 +72,16 @@ def test_topology_without_libtpu_is_one_error_line(tmp_path):
   result, _ = _compile_check(tmp_path)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:2x4 needs libtpu")
+
+
+def test_paper_shapes_build_and_fill_the_slices_they_are_sized_for():
+  import math
+  from experiments.configs import paper_shapes
+  from lenvm_jax.config import RunConfig
+  for name, (preset, mesh, max_len, batch, accum, topology) in paper_shapes.SHAPES.items():
+    run = RunConfig.from_dict(paper_shapes.get_config(name))
+    chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
+    assert (run.mesh.data, run.mesh.fsdp, run.mesh.tensor) == mesh and math.prod(mesh) == chips, name
+    assert (batch // accum) % (mesh[0] * mesh[1]) == 0 and run.data.max_len == max_len, name
+    assert run.model.vocab_size > 150_000 and run.model.dtype == "bfloat16" and run.model.remat == "full", name
+    assert run.model.num_layers == {"qwen2.5-1.5b": 28, "qwen2.5-7b": 28, "qwen3-8b": 36, "qwen3-32b": 64}[preset]
