@@ -1,7 +1,7 @@
 """The accelerator check, ready to run: one command on whatever accelerator JAX finds, under 8 minutes, one JSON out.
 
   python -m experiments.device_check --output=device_check.json       # On the TPU / GPU host.
-  python -m experiments.device_check --tiny --output=/tmp/check.json  # Tiny shapes: seconds on CPU (the test).
+  python -m experiments.device_check --tiny --output=check.json  # Tiny shapes: seconds on CPU (the test).
 
 (1) bench: the matmul peak, our compiled train step's tokens/s and MFU against that peak, and, where PyTorch runs
     on this device (CPU, or CUDA with a CUDA build of torch), the same model, batches and loss in eager PyTorch
