@@ -97,3 +97,16 @@ def test_model_with_splash_matches_xla_through_the_layer_scan_and_remat():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   _assert_close(loss_and_grads("xla"), loss_and_grads("splash"))
+
+
+def test_a_splash_kernel_first_built_inside_a_trace_serves_later_traces():
+  """The kernel is cached across calls; built inside a jit it must hold concrete arrays, not that trace's tracers
+  (in a full test run another test's jit built it first and a later one failed with UnexpectedTracerError)."""
+  attention._splash_kernel.cache_clear()
+  q = jax.random.normal(jax.random.key(0), (1, 128, 2, 8))
+  segments = jnp.ones((1, 128), jnp.int32)
+  loss = lambda q: attention.splash_attention(q, q, q, segments, block_q=128, block_kv=128, interpret=True).sum()
+  first = jax.jit(loss)(q)
+  grad = jax.jit(jax.grad(loss))(q)  # A new trace reusing the cached kernel.
+  np.testing.assert_allclose(float(first), float(loss(q)), rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(grad)))

@@ -65,7 +65,10 @@ def _splash_kernel(seq_len: int, heads: int, block_q: int, block_kv: int, interp
                                  block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                  block_q_dq=block_q, block_kv_dq=block_kv)
   mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len)) for _ in range(heads)])
-  kernel = kernel_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel holds arrays of its mask's block layout and is cached across traces: build them as concrete values
+  # even when the first call comes from inside a jit, or a later trace would see this trace's tracers (a leak).
+  with jax.ensure_compile_time_eval():
+    kernel = kernel_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
   return kernel, kernel_lib.SegmentIds
 
 
