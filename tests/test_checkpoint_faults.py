@@ -63,7 +63,8 @@ def test_only_committed_steps_count(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3, False)  # A resuming trainer moves them aside.
   assert ckpt.latest_step() == 2 and ckpt.manager.latest_step() == 2
   ckpt.close()
-  assert sorted(os.listdir(checkpoints)) == ["1", "2"]
+  # orbax removes a killed save's temporary directory itself, in the background: whether it is gone yet is timing.
+  assert sorted(n for n in os.listdir(checkpoints) if not n.endswith(".orbax-checkpoint-tmp")) == ["1", "2"]
   rejected = sorted(os.listdir(tmp_path / rundir.REJECTED_DIR))
   assert [name.split("-")[0] for name in rejected] == ["50", "999"]
   assert "no commit marker" in (tmp_path / rundir.REJECTED_DIR / rejected[1] / "REJECTED.txt").read_text()
