@@ -17,17 +17,14 @@ from lenvm_jax.decoding import rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from tests.test_import import CHATML, build_tokenizer_json
+from tests.test_import import CHATML, build_tokenizer_json, chatml_tokenizer_dir
 
 reasoning_gym = pytest.importorskip("reasoning_gym")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("tok")
-  build_tokenizer_json(directory / "tokenizer.json")
-  (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
-  return load_tokenizer(str(directory))
+  return load_tokenizer(chatml_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.mark.parametrize("completion, expected", [

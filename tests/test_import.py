@@ -348,3 +348,10 @@ def test_cli_rerun_keeps_shards_and_stats(tmp_path, hf_dir):
   result = json.loads(stats)
   assert sum(result["records"].values()) == 60
   assert result["splits"]["train"]["generators"]["tiny"]["unfinished_fraction"] == pytest.approx(1 / 3)
+
+
+def chatml_tokenizer_dir(directory):
+  """A tokenizer directory (the test BPE + the ChatML template, EOS <|im_end|>) for prompt and rollout tests."""
+  build_tokenizer_json(directory / "tokenizer.json")
+  (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+  return str(directory)

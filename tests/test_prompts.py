@@ -12,7 +12,7 @@ from lenvm_jax.data.prompts import load_prompts, read_prompt_jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import load_tokenizer
 from tests.conftest import REPO
-from tests.test_import import CHATML, build_tokenizer_json
+from tests.test_import import CHATML, build_tokenizer_json, chatml_tokenizer_dir
 
 
 def write_lines(path, objects):
@@ -22,10 +22,7 @@ def write_lines(path, objects):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("tok")
-  build_tokenizer_json(directory / "tokenizer.json")
-  (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
-  return load_tokenizer(str(directory))
+  return load_tokenizer(chatml_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 
 
 def test_ids_messages_and_text_prompts(tmp_path, tokenizer):
