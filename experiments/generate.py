@@ -8,8 +8,9 @@
 
 --policy: a lenvm_jax run workdir (latest checkpoint) or a Hugging Face causal-LM directory (lenvm_jax/decoding/
 policy.py). --prompts: a prompt JSONL (lenvm_jax/data/prompts.py: prompt_ids, messages or prompt per line), `champ`,
-`reasoning_gym:TASK[:N[:SEED]]` (seeded problems with answers), or `arrayrecord:PATH`. Prompts with answers add
-"answer" and "correct" (the checker on the decoded completion) to each record's meta and the accuracy to stats.json.
+`reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]` (seeded problems with answers; KEY=VALUE are the task's config
+fields; "+" mixes tasks), or `arrayrecord:PATH`. Prompts with answers add "answer" and "correct" (the checker on
+the decoded completion) to each record's meta and the accuracy to stats.json.
 EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
 Writes <output_dir>/{train,eval}-*.array_record, stats.json and generation.json; rerunning the same command skips
 finished shards (lenvm_jax/decoding/rollouts.py). A directory that holds another import or rollouts with other
@@ -30,7 +31,7 @@ from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', 'reasoning_gym:TASK[:N[:SEED]]', or "
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', 'reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]', or "
                                "'arrayrecord:PATH'.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the shards, stats.json and generation.json go.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, tokenizer.json or SentencePiece model: for "

@@ -59,16 +59,47 @@ def test_reasoning_gym_problems_are_seeded_and_checked_by_the_task_scorer():
   assert not problem.answer.is_correct("I do not know.")
 
 
-@pytest.mark.parametrize("spec, parsed", [("reasoning_gym:gsm_symbolic", ("gsm_symbolic", 100, 0)),
-                                          ("reasoning_gym:chain_sum:7", ("chain_sum", 7, 0)),
-                                          ("reasoning_gym:chain_sum:7:3", ("chain_sum", 7, 3))])
+@pytest.mark.parametrize("spec, parsed", [
+    ("reasoning_gym:gsm_symbolic", ("gsm_symbolic", 100, 0, {})),
+    ("reasoning_gym:chain_sum:7", ("chain_sum", 7, 0, {})),
+    ("reasoning_gym:chain_sum:7:3", ("chain_sum", 7, 3, {})),
+    ("reasoning_gym:chain_sum:7:3:max_digits=1; max_terms=2", ("chain_sum", 7, 3, {"max_digits": 1, "max_terms": 2})),
+    ("reasoning_gym:basic_arithmetic:2:0:operators=('+', '-');allow_negation=False;format_style=simple",
+     ("basic_arithmetic", 2, 0, {"operators": ("+", "-"), "allow_negation": False, "format_style": "simple"}))])
 def test_reasoning_gym_spec(spec, parsed):
   assert answers.parse_reasoning_gym_spec(spec) == parsed
 
 
+def test_reasoning_gym_task_options_reach_the_task_and_name_the_problems():
+  small = answers.reasoning_gym_problems("chain_sum", 20, 0, {"max_terms": 2, "max_digits": 1})
+  assert all(len(p.question.split("=")[0].split()[-3:]) == 3 for p in small)  # "a op b", one-digit terms.
+  assert max(abs(int(p.answer.answer)) for p in small) <= 18
+  assert small[0].problem_id == "chain_sum{max_digits=1;max_terms=2}/0/0"
+  assert small[0].problem_id != answers.reasoning_gym_problems("chain_sum", 1, 0)[0].problem_id
+
+
+def test_mixed_tasks_and_repeated_questions(tokenizer):
+  mixed = load_prompts("reasoning_gym:chain_sum:3+leg_counting:2:5", tokenizer.vocab_size, tokenizer)
+  assert [p.prompt_id for p in mixed] == ["chain_sum/0/0", "chain_sum/0/1", "chain_sum/0/2", "leg_counting/5/0",
+                                          "leg_counting/5/1"]
+  # "a +- b" with one-digit terms: 200 questions at most, so 150 draws repeat some; each is kept once, first id.
+  spec = "reasoning_gym:chain_sum:150:0:max_terms=2;max_digits=1"
+  prompts = load_prompts(spec, tokenizer.vocab_size, tokenizer)
+  problems = answers.reasoning_gym_problems(*answers.parse_reasoning_gym_spec(spec))
+  first_ids = {}
+  for problem in problems:
+    first_ids.setdefault(problem.question, problem.problem_id)
+  assert len(prompts) == len(first_ids) < len(problems)
+  assert [p.prompt_id for p in prompts] == list(first_ids.values())
+  with pytest.raises(ValueError, match="repeat problem ids"):
+    load_prompts("reasoning_gym:chain_sum:3+chain_sum:2", tokenizer.vocab_size, tokenizer)
+
+
 @pytest.mark.parametrize("spec, message", [("reasoning_gym:", "TASK"), ("reasoning_gym:gsm_symbolic:x", "integers"),
                                            ("reasoning_gym:gsm_symbolic:0", "positive"),
-                                           ("reasoning_gym:no_such_task:2", "no_such_task")])
+                                           ("reasoning_gym:no_such_task:2", "no_such_task"),
+                                           ("reasoning_gym:chain_sum:2:0:max_digits", "KEY=VALUE"),
+                                           ("reasoning_gym:chain_sum:2:0:no_such_option=1", "no_such_option")])
 def test_bad_reasoning_gym_specs_are_value_errors(spec, message, tokenizer):
   with pytest.raises(ValueError, match=message):
     load_prompts(spec, tokenizer.vocab_size, tokenizer)

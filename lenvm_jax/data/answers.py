@@ -7,6 +7,7 @@ prompt is then scored by the task's own checker (`dataset.score_answer` on that 
 1); a prompt JSONL `answer` by exact match, numerically when both sides are numbers.
 """
 
+import ast
 import dataclasses
 import re
 from typing import Callable
@@ -63,11 +64,21 @@ class GymProblem:
   answer: Answer
 
 
-def parse_reasoning_gym_spec(spec: str, default_count: int = 100) -> tuple[str, int, int]:
-  """`reasoning_gym:TASK[:N[:SEED]]` -> (task, N, seed); N defaults to 100, the seed to 0."""
-  parts = spec[len(REASONING_GYM_PREFIX):].split(":")
-  if not parts[0] or len(parts) > 3:
-    raise ValueError(f"{spec!r}: expected reasoning_gym:TASK[:N[:SEED]], e.g. reasoning_gym:gsm_symbolic:200")
+def _option_value(text: str):
+  """A task option's value: a Python literal (int, float, bool, tuple, ...) when it parses as one, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_reasoning_gym_spec(spec: str, default_count: int = 100) -> tuple[str, int, int, dict]:
+  """`reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;KEY=VALUE...]]]` -> (task, N, seed, options); N defaults to 100, the
+  seed to 0. The options are the task's own config fields (e.g. chain_sum's max_digits=2), values Python literals."""
+  parts = spec[len(REASONING_GYM_PREFIX):].split(":", 3)
+  if not parts[0]:
+    raise ValueError(f"{spec!r}: expected reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]], "
+                     "e.g. reasoning_gym:gsm_symbolic:200")
   try:
     count = int(parts[1]) if len(parts) > 1 else default_count
     seed = int(parts[2]) if len(parts) > 2 else 0
@@ -75,20 +86,34 @@ def parse_reasoning_gym_spec(spec: str, default_count: int = 100) -> tuple[str, 
     raise ValueError(f"{spec!r}: N and SEED must be integers") from None
   if count <= 0:
     raise ValueError(f"{spec!r}: N must be positive, got {count}")
-  return parts[0], count, seed
+  options = {}
+  for item in (parts[3].split(";") if len(parts) > 3 and parts[3] else []):
+    key, equals, value = item.partition("=")
+    if not equals or not key.strip().isidentifier():
+      raise ValueError(f"{spec!r}: task option {item!r} is not KEY=VALUE")
+    options[key.strip()] = _option_value(value.strip())
+  return parts[0], count, seed, options
 
 
-def reasoning_gym_problems(task: str, count: int, seed: int) -> list[GymProblem]:
-  """`count` seeded problems of a reasoning-gym task (problem i is the same for any count), each checked by the
-  task's scorer on the completion's final answer."""
+def split_reasoning_gym_specs(spec: str) -> list[str]:
+  """`reasoning_gym:A...+B...+...` (a mix of tasks; the prefix may be left off after the first) -> one spec each."""
+  return [part if part.startswith(REASONING_GYM_PREFIX) else REASONING_GYM_PREFIX + part
+          for part in spec.split("+")]
+
+
+def reasoning_gym_problems(task: str, count: int, seed: int, options: dict | None = None) -> list[GymProblem]:
+  """`count` seeded problems of a reasoning-gym task built with its config `options` (problem i is the same for any
+  count), each checked by the task's scorer on the completion's final answer. Problem ids name the options, so two
+  settings of one task never share an id."""
   try:
     import reasoning_gym  # Imported here: only this prompt source needs it.
   except ImportError as e:
     raise ValueError(f"reasoning_gym:{task} needs the reasoning-gym package (requirements.txt): {e}") from None
   try:
-    dataset = reasoning_gym.create_dataset(task, size=count, seed=seed)
-  except Exception as e:  # The registry raises a bare error for an unknown task name.
-    raise ValueError(f"reasoning_gym: cannot create task {task!r}: {e}") from None
+    dataset = reasoning_gym.create_dataset(task, size=count, seed=seed, **(options or {}))
+  except Exception as e:  # The registry raises bare errors for an unknown task name or option.
+    raise ValueError(f"reasoning_gym: cannot create task {task!r} with options {options or {}}: {e}") from None
+  name = task + ("{" + ";".join(f"{k}={v!r}" for k, v in sorted(options.items())) + "}" if options else "")
   problems = []
   for index in range(count):
     entry = dataset[index]
@@ -96,5 +121,5 @@ def reasoning_gym_problems(task: str, count: int, seed: int) -> list[GymProblem]
     def check(completion: str, entry=entry) -> bool:
       return dataset.score_answer(answer=final_answer(completion), entry=entry) == 1.0
 
-    problems.append(GymProblem(f"{task}/{seed}/{index}", entry["question"], Answer(str(entry["answer"]), check)))
+    problems.append(GymProblem(f"{name}/{seed}/{index}", entry["question"], Answer(str(entry["answer"]), check)))
   return problems

@@ -11,8 +11,10 @@ of the prompt id, so all samples of a prompt share a split), `generator` (str: w
 for; rollouts name the policy that samples instead) and `answer` (str or number: the reference answer; rollouts then
 score each completion, lenvm_jax/data/answers.py). Errors name file, line and field.
 
-`reasoning_gym:TASK[:N[:SEED]]` gives N seeded problems of a reasoning-gym task (default 100, seed 0), each question
-as one user message through the chat template, with the task's checker as its answer.
+`reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]` gives N seeded problems of a reasoning-gym task (default 100, seed 0;
+the options are the task's config fields, e.g. max_digits=1), each question as one user message through the chat
+template, with the task's checker as its answer; a repeated question is kept once. Several specs joined by "+" mix
+tasks (e.g. reasoning_gym:chain_sum:100+leg_counting:100).
 
 `champ` gives CHAMP's distinct solution prompts (without a generator tag), split by problem as in
 lenvm_jax/data/champ.py; `arrayrecord:PATH` the distinct prompts (by prompt_id, else by tokens) of the trajectories
@@ -133,16 +135,23 @@ def arrayrecord_prompts(path: str) -> list[Prompt]:
 
 
 def reasoning_gym_prompts(spec: str, tokenizer: Tokenizer) -> list[Prompt]:
-  """The problems of `reasoning_gym:TASK[:N[:SEED]]`, each question one user message; the split is left to the
-  caller (by problem id)."""
-  problems = answers.reasoning_gym_problems(*answers.parse_reasoning_gym_spec(spec))
+  """The problems of `reasoning_gym:TASK[:N[:SEED[:OPTIONS]]]` (several joined by "+"), each question one user
+  message; the split is left to the caller (by problem id). A question asked again (small tasks repeat themselves)
+  is kept once, under its first id, so that no question lands on both sides of the split."""
+  problems = [problem for one in answers.split_reasoning_gym_specs(spec)
+              for problem in answers.reasoning_gym_problems(*answers.parse_reasoning_gym_spec(one))]
+  ids = [p.problem_id for p in problems]
+  if len(set(ids)) < len(ids):
+    raise ValueError(f"{spec!r}: the mixed tasks repeat problem ids (give each part of one task its own seed)")
+  seen = set()
+  distinct = [p for p in problems if not (p.question in seen or seen.add(p.question))]
   return [Prompt(np.asarray(tokenizer.prompt_ids([{"role": "user", "content": p.question}]), np.int32),
-                 p.problem_id, answer=p.answer) for p in problems]
+                 p.problem_id, answer=p.answer) for p in distinct]
 
 
 def load_prompts(spec: str, vocab_size: int, tokenizer: Tokenizer | None = None, eval_fraction: float = 0.1
                  ) -> list[Prompt]:
-  """`champ`, `reasoning_gym:TASK[:N[:SEED]]`, `arrayrecord:PATH`, or a prompt JSONL path."""
+  """`champ`, `reasoning_gym:TASK[:N[:SEED[:OPTIONS]]]` (+ more), `arrayrecord:PATH`, or a prompt JSONL path."""
   if spec in ("champ",) or spec.startswith(answers.REASONING_GYM_PREFIX):
     if tokenizer is None:
       raise ValueError(f"--prompts={spec} needs a tokenizer (--tokenizer)")
