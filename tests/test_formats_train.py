@@ -32,12 +32,9 @@ def _train_on(config, data_dir, vocab_size, workdir, max_len=128, max_prompt_len
 
 @pytest.mark.slow
 def test_reference_jsonl_trains(tiny_config, tmp_path):
-  from tests.test_import import build_tokenizer_json, CHATML
-  directory = tmp_path / "tok"
-  directory.mkdir()
-  build_tokenizer_json(directory / "tokenizer.json")
-  (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
-  tok = load_tokenizer(str(directory))
+  from tests.test_import import chatml_tokenizer_dir
+  (tmp_path / "tok").mkdir()
+  tok = load_tokenizer(chatml_tokenizer_dir(tmp_path / "tok"))
   lines = [reference_line(i, completion="The answer is 42. " * (1 + i % 5), generator="g") for i in range(40)]
   path = write_lines(tmp_path / "gen.jsonl", lines)
   prepare(reference_jsonl.iter_reference_jsonl(path, tok, eval_fraction=0.25), str(tmp_path / "data"),

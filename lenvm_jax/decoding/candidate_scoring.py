@@ -16,8 +16,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
-from lenvm_jax.decoding.sampler import prefill
+from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer, ValueScorer
+from lenvm_jax.decoding.sampler import advance, prefill
 from lenvm_jax.model.config import ModelConfig
 from lenvm_jax.value.targets import TargetKind
 
@@ -29,13 +29,6 @@ def candidate_values(model, kind: TargetKind, hidden, candidates):
   return kind.value_estimate(kind.predict(model.candidate_logits(hidden, candidates)))
 
 
-def _advance(model, cache, tokens, positions):
-  """One token per row through the trunk, committed: (cache, hidden [B, H])."""
-  fed = jnp.ones((tokens.shape[0], 1), bool)
-  hidden, new_kv = model.cached_hidden_states(tokens[:, None], positions[:, None], cache.mask(fed), cache)
-  return cache.append(new_kv, fed), hidden[:, 0]
-
-
 def _prefill_last(model, prompt_tokens, prompt_lengths, cache_len):
   """(cache, hidden [B, H] of every prompt's last token) after the prefill (left padding: the last column)."""
   hidden, cache = prefill(model, prompt_tokens, prompt_lengths, cache_len)
@@ -43,16 +36,9 @@ def _prefill_last(model, prompt_tokens, prompt_lengths, cache_len):
 
 
 @dataclasses.dataclass(frozen=True)
-class CandidateHeadScorer:
-  """A LengthValueModel with a candidate head used as the LenVM of a Pair (a separate generator); kind: its run's
-  target kind. Pending between score and commit: the candidates and their position, so commit can run the chosen
-  one."""
-  graphdef: nnx.GraphDef
-  kind: TargetKind
-
-  @property
-  def gamma(self) -> float:
-    return self.kind.gamma
+class CandidateHeadScorer(ValueScorer):
+  """A LengthValueModel with a candidate head used as the LenVM of a Pair (a separate generator). Pending between
+  score and commit: the candidates and their position, so commit can run the chosen one."""
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
     return _prefill_last(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)
@@ -64,19 +50,13 @@ class CandidateHeadScorer:
   def commit(self, params, state, pending, choice):
     candidates, positions = pending
     chosen = jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0]
-    return _advance(nnx.merge(self.graphdef, params), state[0], chosen, positions)
+    return advance(nnx.merge(self.graphdef, params), state[0], chosen, positions)
 
 
 @dataclasses.dataclass(frozen=True)
-class CandidateHeadSharedTrunk:
+class CandidateHeadSharedTrunk(ValueScorer):
   """One LengthValueModel that generates (LM head) and scores (candidate head) on one trunk and one KV cache."""
-  graphdef: nnx.GraphDef
-  kind: TargetKind
   vocab_size: int
-
-  @property
-  def gamma(self) -> float:
-    return self.kind.gamma
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
     model = nnx.merge(self.graphdef, params)
@@ -90,7 +70,7 @@ class CandidateHeadSharedTrunk:
   def commit(self, params, state, pending, choice, tokens, positions):
     del pending, choice
     model = nnx.merge(self.graphdef, params)
-    cache, hidden = _advance(model, state[0], tokens, positions)
+    cache, hidden = advance(model, state[0], tokens, positions)
     return (cache, hidden), model.lm_logits(hidden)
 
 

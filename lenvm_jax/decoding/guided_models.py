@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lenvm_jax.decoding.sampler import prefill
+from lenvm_jax.decoding.sampler import advance, prefill
 from lenvm_jax.model.kv_cache import take_alternative
 from lenvm_jax.value.targets import TargetKind
 
@@ -52,20 +52,25 @@ class TransformerGenerator:
 
   def advance(self, params, cache, tokens, positions):
     model = nnx.merge(self.graphdef, params)
-    fed = jnp.ones((tokens.shape[0], 1), bool)
-    hidden, new_kv = model.cached_hidden_states(tokens[:, None], positions[:, None], cache.mask(fed), cache)
-    return cache.append(new_kv, fed), model.lm_logits(hidden)[:, 0]
+    cache, hidden = advance(model, cache, tokens, positions)
+    return cache, model.lm_logits(hidden)
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerScorer:
-  """A LengthValueModel used for its value head; kind turns the head's z into V (its run's loss.target_type)."""
+class ValueScorer:
+  """What every LenVM scorer holds: its model's graphdef and the target kind that turns the value head's z into V
+  (its run's loss.target_type, with gamma)."""
   graphdef: nnx.GraphDef
   kind: TargetKind
 
   @property
   def gamma(self) -> float:
     return self.kind.gamma
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerScorer(ValueScorer):
+  """A LengthValueModel used for its value head."""
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
     return prefill(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)[1]
@@ -81,15 +86,9 @@ class TransformerScorer:
 
 
 @dataclasses.dataclass(frozen=True)
-class SharedTrunk:
+class SharedTrunk(ValueScorer):
   """One LengthValueModel that generates (LM head) and scores (value head) on one trunk and one KV cache."""
-  graphdef: nnx.GraphDef
-  kind: TargetKind
   vocab_size: int
-
-  @property
-  def gamma(self) -> float:
-    return self.kind.gamma
 
   def start(self, params, prompt_tokens, prompt_lengths, cache_len):
     return _start(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)

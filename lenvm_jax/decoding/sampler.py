@@ -184,6 +184,14 @@ def prefill(model, prompt_tokens, prompt_lengths, cache_len):
   return hidden, cache.append(new_kv, valid)
 
 
+def advance(model, cache, tokens, positions):
+  """One token per row (tokens [B] at positions [B]) through the trunk and committed to the cache: (cache, final
+  hidden states [B, H]). The step every decode loop shares."""
+  fed = jnp.ones((tokens.shape[0], 1), bool)
+  hidden, new_kv = model.cached_hidden_states(tokens[:, None], positions[:, None], cache.mask(fed), cache)
+  return cache.append(new_kv, fed), hidden[:, 0]
+
+
 def row_keys(seed: int, row_ids):
   """[B] PRNG keys, one per row id: a row's samples do not depend on its batch."""
   return jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(row_ids)
@@ -218,10 +226,8 @@ def decode(graphdef, params, prompt_tokens, prompt_lengths, row_ids, *, sampling
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos_ids)
-    fed = jnp.ones((batch, 1), bool)
-    hidden, new_kv = model.cached_hidden_states(token[:, None], (prompt_lengths + step)[:, None],
-                                                cache.mask(fed), cache)
-    return step + 1, cache.append(new_kv, fed), model.lm_logits(hidden)[:, 0], out, done, lengths
+    cache, hidden = advance(model, cache, token, prompt_lengths + step)
+    return step + 1, cache, model.lm_logits(hidden), out, done, lengths
 
   carry = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((batch, steps), PAD_ID, jnp.int32),
            jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
