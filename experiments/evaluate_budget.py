@@ -9,12 +9,15 @@ split (the split is by prompt id). For every budget B the same problems are answ
   * the base model cut off at B tokens: one unguided run to the largest budget, cut at each B (a row's random stream
     depends only on its row id and step, so the cut run is exactly the run with max_new_tokens = B);
   * the tilt sweep: p'(x) ~ p(x) exp(beta u(x)) for each --betas (beta < 0: shorter), hard-cut at B;
-  * At Most B: the paper's rule (the candidate the LenVM expects to end soonest), hard-cut at B.
+  * At Most B under each --at_most convention (lenvm_jax/decoding/guided.py): "paper" (the candidate the LenVM
+    expects to end soonest, always), "reference", or "sample_fitting" (sample among the candidates expected to fit
+    in what is left of B, else the soonest), hard-cut at B.
 All runs sample among the --candidates most likely tokens at --temperature. An answer counts as correct when the
 completion ends (EOS) within the budget and the problem's checker accepts it (lenvm_jax/data/answers.py). Writes
 <workdir>/evaluate_budget/{report.json,budget.png} and prints a table.
 """
 
+import dataclasses
 import json
 import os
 
@@ -40,6 +43,8 @@ _SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "Which split's pr
 _MAX_PROBLEMS = flags.DEFINE_integer("max_problems", 0, "Use the first N problems of the split (0 = all).")
 _BUDGETS = flags.DEFINE_list("budgets", ["64", "128"], "Hard token budgets (EOS included).")
 _BETAS = flags.DEFINE_list("betas", ["-4", "-16"], "Tilt strengths (beta < 0: shorter).")
+_AT_MOST = flags.DEFINE_list("at_most", ["paper"], "At Most B rule conventions to run: paper, reference, "
+                             "sample_fitting.")
 _BASE_TOKENS = flags.DEFINE_integer("base_tokens", 256, "The unguided run's own limit (at least the largest budget): "
                                     "its accuracy without a budget is reported as unbounded_base.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 4, "Candidates per step (top-k of the filtered distribution).")
@@ -74,9 +79,9 @@ def plot(path: str, report: dict) -> None:
             color=line.get_color(), label=f"B={budget}: tilt sweep")
     for name, r in tilt:
       ax.annotate(name.split()[-1], (r["mean_length"], r["accuracy"]), fontsize=7)
-    at_most = runs[f"at_most {budget}"]
-    ax.plot([at_most["mean_length"]], [at_most["accuracy"]], marker="^", ls="none", color=line.get_color(),
-            label=f"B={budget}: At Most B")
+    for (name, at_most), marker in zip([(n, r) for n, r in runs.items() if n.startswith("at_most")], "^v<>"):
+      ax.plot([at_most["mean_length"]], [at_most["accuracy"]], marker=marker, ls="none", color=line.get_color(),
+              label=f"B={budget}: {name.replace(str(budget), 'B')}")
   ax.set(xlabel="mean length (tokens, cut at the budget)", ylabel="accuracy (correct, ended within budget)",
          title="hard budget: truncation vs length-guided decoding")
   ax.legend(fontsize=7)
@@ -85,12 +90,20 @@ def plot(path: str, report: dict) -> None:
   plt.close(fig)
 
 
+def _numbers(flag: str, values: list[str], kind) -> list:
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag}: expected comma-separated {kind.__name__}s, got {','.join(values)!r}") from None
+
+
 def main(argv):
   del argv
-  budgets = sorted(int(b) for b in _BUDGETS.value)
-  betas = [float(b) for b in _BETAS.value]
   mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
   with cli.user_errors(ValueError, OSError):
+    budgets = sorted(_numbers("budgets", _BUDGETS.value, int))
+    betas = _numbers("betas", _BETAS.value, float)
+    at_most_rules = [LengthRequest.following(convention, "at_most", 1) for convention in _AT_MOST.value]
     predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
     tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)
     policy = policy_lib.load_policy(_POLICY.value, mesh)
@@ -127,7 +140,9 @@ def main(argv):
     runs = {"base (truncated)": score(cut, cut_texts, problems, budget)}
     for beta in betas:
       runs[f"tilt beta {beta:g}"] = score(*run(budget, LengthRequest("tilt", beta=beta)), problems, budget)
-    runs[f"at_most {budget}"] = score(*run(budget, LengthRequest("at_most", budget)), problems, budget)
+    for convention, rule in zip(_AT_MOST.value, at_most_rules):
+      name = f"at_most {budget}" + (f" ({convention})" if len(at_most_rules) > 1 else "")
+      runs[name] = score(*run(budget, dataclasses.replace(rule, target=budget)), problems, budget)
     report["budgets"][str(budget)] = runs
     print(format_table({**report, "budgets": {str(budget): runs}}), flush=True)
   report["unbounded_base"] = {"max_new_tokens": base_tokens, **score(base, base_texts, problems, base_tokens)}
