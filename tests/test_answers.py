@@ -168,3 +168,41 @@ def test_budget_evaluation_counts_an_answer_only_when_it_ends_within_the_budget(
   assert evaluate_budget.score(samples, ["so 6", "so 7", "so 7"], prompts, budget=16)["correct"] == 1
   split = evaluate_budget.held_out(prompts + [Prompt(np.asarray([1]), "x", "eval")], "eval", 0.5)
   assert split[-1].prompt_id == "x" and all(p in prompts for p in split[:-1])
+
+
+@pytest.mark.slow
+def test_evaluate_budget_command_end_to_end(tiny_config, tmp_path, tokenizer):
+  """The budget command on a tiny run that is both generator and LenVM: one table row per budget and decoding
+  (every At Most convention asked for), lengths cut at each budget, and the same numbers in report.json."""
+  import os
+  import subprocess
+  import sys
+  from lenvm_jax.train import trainer
+  from tests.conftest import REPO, run_config
+
+  tiny_config.model.vocab_size = tokenizer.vocab_size
+  tiny_config.mesh.data = 1
+  tiny_config.train.steps = 2
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(run_config(tiny_config), str(workdir))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"hello {i}", "answer": "20", "split": "eval"}) + "\n"
+                             for i in range(3)))
+  args = [sys.executable, "-m", "experiments.evaluate_budget", f"--workdir={workdir}", f"--policy={workdir}",
+          f"--tokenizer={os.path.dirname(tokenizer.path)}", f"--prompts={prompts}", "--budgets=6,3", "--betas=-4", "--base_tokens=8",
+          "--at_most=paper,sample_fitting", "--batch_size=4", "--temperature=1.0"]
+  result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((workdir / "evaluate_budget" / "report.json").read_text())
+  assert report["problems"] == 3 and (workdir / "evaluate_budget" / "budget.png").stat().st_size > 0
+  for budget in (3, 6):
+    runs = report["budgets"][str(budget)]
+    assert list(runs) == ["base (truncated)", "tilt beta -4", f"at_most {budget} (paper)",
+                          f"at_most {budget} (sample_fitting)"]
+    for run in runs.values():
+      assert 0 < run["mean_length"] <= budget and 0 <= run["accuracy"] <= run["ended"] <= 1
+  # The base run cut at 3 tokens is a prefix of the one cut at 6: it cannot end more often.
+  assert report["budgets"]["3"]["base (truncated)"]["ended"] <= report["budgets"]["6"]["base (truncated)"]["ended"]
+  assert report["unbounded_base"]["max_new_tokens"] == 8
+  bad = subprocess.run(args[:-1] + ["--at_most=soonest"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: length rule convention")
