@@ -2,6 +2,7 @@
 `answer` field, and rollout records that keep the answer and a `correct` flag scored on the decoded completion."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -72,7 +73,7 @@ def test_reasoning_gym_spec(spec, parsed):
 
 def test_reasoning_gym_task_options_reach_the_task_and_name_the_problems():
   small = answers.reasoning_gym_problems("chain_sum", 20, 0, {"max_terms": 2, "max_digits": 1})
-  assert all(len(p.question.split("=")[0].split()[-3:]) == 3 for p in small)  # "a op b", one-digit terms.
+  assert all(re.search(r": \d [-+] \d =$", p.question) for p in small)  # "a op b =", one-digit terms.
   assert max(abs(int(p.answer.answer)) for p in small) <= 18
   assert small[0].problem_id == "chain_sum{max_digits=1;max_terms=2}/0/0"
   assert small[0].problem_id != answers.reasoning_gym_problems("chain_sum", 1, 0)[0].problem_id

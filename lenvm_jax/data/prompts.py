@@ -143,8 +143,10 @@ def reasoning_gym_prompts(spec: str, tokenizer: Tokenizer) -> list[Prompt]:
   ids = [p.problem_id for p in problems]
   if len(set(ids)) < len(ids):
     raise ValueError(f"{spec!r}: the mixed tasks repeat problem ids (give each part of one task its own seed)")
-  seen = set()
-  distinct = [p for p in problems if not (p.question in seen or seen.add(p.question))]
+  first_of_question = {}
+  for problem in problems:
+    first_of_question.setdefault(problem.question, problem)
+  distinct = list(first_of_question.values())  # Dicts keep insertion order: the problems' own order.
   return [Prompt(np.asarray(tokenizer.prompt_ids([{"role": "user", "content": p.question}]), np.int32),
                  p.problem_id, answer=p.answer) for p in distinct]
 
