@@ -31,7 +31,8 @@ from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', 'reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]', or "
+_PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', "
+                               "'reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]' ('+' mixes tasks), or "
                                "'arrayrecord:PATH'.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the shards, stats.json and generation.json go.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, tokenizer.json or SentencePiece model: for "
