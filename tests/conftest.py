@@ -4,6 +4,15 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most tests (and the CLIs they start as subprocesses, which inherit this) compile the same tiny model's steps: a
+# persistent compilation cache shared by the xdist workers compiles each program once per checkout, which made a
+# trainer test 4x faster (38 s -> 9 s) and keeps .ci/run within its time. A size limit turns on jax's LRU eviction,
+# whose file lock keeps one worker from reading an entry the other is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), ".jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pathlib  # noqa: E402
 import sys  # noqa: E402
@@ -28,3 +37,15 @@ def run_config(config):
   """The typed RunConfig of an ml_collections config, as the entry points build it (lenvm_jax/config.py)."""
   from lenvm_jax.config import RunConfig
   return RunConfig.from_dict(config)
+
+
+@pytest.fixture
+def fresh_compiles():
+  """This test's compiles bypass the persistent compilation cache: for tests that read what the compiler logs."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()

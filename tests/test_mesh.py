@@ -21,7 +21,7 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd):
+def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd, fresh_compiles):
   assert jax.device_count() == 8
   losses = {}
   for shape in MESHES:
