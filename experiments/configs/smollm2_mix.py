@@ -1,10 +1,10 @@
 """A LenVM initialised from SmolLM2-135M-Instruct on its own answers to a mix of four short tasks, 2 CPU cores.
 
-The smollm2_arith config (same model, recipe and sampling) on a mix of reasoning-gym tasks whose answers differ in
-length more than one task's samples do (paper section 4.4 pools math, code and instruction prompts): two-term one-digit
-`chain_sum` and `spell_backward` (SmolLM2 answers in ~13 tokens), `letter_counting` (~26) and two-term one-digit
-`basic_arithmetic` (~70; median lengths of a 16-sample probe at temperature 0.5). Here the prompt tells the length, so
-prompt-boundary MRE can show whether the LenVM reads it (experiments/smollm2_gsm/README.md, section 1b).
+The smollm2_arith config (same model, recipe and sampling) on a mix of reasoning-gym tasks whose typical answer length
+differs by task: two-term one-digit `chain_sum` and `spell_backward` (SmolLM2 answers in ~13 - 14 tokens),
+`letter_counting` (~26) and two-term one-digit `basic_arithmetic` (~70; median lengths of a 16-sample probe at
+temperature 0.5). Here the prompt tells something about the length, so prompt-boundary MRE can show whether the LenVM
+reads it (experiments/smollm2_gsm/README.md, section 1b).
 
   python -m experiments.generate --policy=$GGUF --tokenizer=$GGUF --prompts="$PROMPTS" --num_samples=6 \
       --max_new_tokens=160 --temperature=0.5 --batch_size=64 --shard_size=192 --eval_fraction=0.25 \

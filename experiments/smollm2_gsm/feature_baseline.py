@@ -7,8 +7,8 @@
 
 Fits the least-MRE length per value of one feature, the operator (+, -, *, /) of a two-term `basic_arithmetic`
 question or the reasoning-gym task of a mixed prompt source, on the training groups, and scores it on the held-out
-groups next to the least-MRE constant fitted on the held-out groups themselves (the baseline evaluate_lengths
-prints). It uses evaluate_lengths' own groups (prompt_groups.boundary_groups) and metric
+groups next to the least-MRE constant fitted on the held-out groups themselves (an oracle; evaluate_lengths fits
+its constant on the training groups). It uses evaluate_lengths' own groups (prompt_groups.boundary_groups) and metric
 (prompt_boundary.prompt_boundary_mre); questions come back from the prompt spec (prompt ids are problem ids). A
 predictor that knows the feature and nothing else: a LenVM that beats it reads more of the prompt than the feature. A
 one-off check for that README, not part of the library.
