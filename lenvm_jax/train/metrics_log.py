@@ -1,12 +1,16 @@
 """One place that writes metrics: stdout (absl logging), `<workdir>/metrics.jsonl` and TensorBoard events.
 
 In a multi-host run every host logs to its own stdout, but only process 0 writes the files (values are global).
+TensorBoard files are written here, not by tensorboardX: its import loads torch whenever torch is installed (1.5 s
+on every trainer start), for a format that is a few lines for scalars.
 """
 
 import json
 import os
+import socket
+import struct
+import time
 
-import tensorboardX
 from absl import logging
 
 from lenvm_jax import distributed
@@ -31,6 +35,73 @@ def _drop_torn_line(path: str):
       f.truncate(size - len(tail) + cut + 1)
 
 
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli polynomial, reflected.
+    table.append(crc)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """TFRecord's checksum: CRC-32C, rotated and offset so that a CRC of CRCs does not look valid."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    low, value = value & 0x7F, value >> 7
+    out.append(low | (0x80 if value else 0))
+    if not value:
+      return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  """A length-delimited protobuf field (wire type 2)."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def scalar_event(wall_time: float, step: int, tag: str, value: float) -> bytes:
+  """The bytes of a tensorflow.Event holding Summary{value: [{tag, simple_value}]}."""
+  summary_value = _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value)
+  return b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step) + _field(5, _field(1, summary_value))
+
+
+class ScalarEventFile:
+  """A TensorBoard event file of scalars: TFRecords (length, masked CRCs) of serialized tensorflow.Event protos."""
+
+  def __init__(self, logdir: str):
+    os.makedirs(logdir, exist_ok=True)
+    now = time.time()
+    self.path = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}")
+    self._file = open(self.path, "ab")
+    self._record(b"\x09" + struct.pack("<d", now) + _field(3, b"brain.Event:2"))  # The file-version header.
+
+  def _record(self, event: bytes):
+    length = struct.pack("<Q", len(event))
+    self._file.write(length + struct.pack("<I", _masked_crc32c(length)) + event +
+                     struct.pack("<I", _masked_crc32c(event)))
+
+  def add_scalar(self, tag: str, value: float, step: int):
+    self._record(scalar_event(time.time(), step, tag, value))
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
 class MetricsLog:
 
   def __init__(self, workdir: str):
@@ -40,7 +111,7 @@ class MetricsLog:
       path = os.path.join(workdir, "metrics.jsonl")
       _drop_torn_line(path)
       self._jsonl = open(path, "a", encoding="utf-8")
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = ScalarEventFile(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: dict):
     if self._jsonl is not None:
@@ -49,6 +120,7 @@ class MetricsLog:
       self._jsonl.flush()
       for name, value in values.items():
         self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+      self._tb.flush()
     shown = " ".join(f"{k}={float(v):.5g}" for k, v in values.items())
     logging.info("[%s] step %d %s", split, step, shown)
 
