@@ -92,8 +92,8 @@ def parse_flags(argv):
 
 
 def _thread_excepthook(default):
-  """A background writer (TensorBoard events, ...) that dies for the disk says so in one line; the main thread then
-  reports the same fault as the error. Other thread exceptions are bugs: the default hook prints them."""
+  """A background writer (an async checkpoint save, ...) that dies for the disk says so in one line; the main thread
+  then reports the same fault as the error. Other thread exceptions are bugs: the default hook prints them."""
   def hook(args):
     reason = errors.os_error_reason(args.exc_value)
     if reason is None:

@@ -68,10 +68,10 @@ def test_boundary_prints_one_line_and_exits_2_but_keeps_bugs(capsys):
 def test_a_writer_thread_that_dies_for_the_disk_is_one_warning_and_other_thread_errors_are_bugs(capsys):
   default_calls = []
   hook = cli._thread_excepthook(lambda args: default_calls.append(args.exc_type))
-  thread = threading.Thread(name="tensorboard-writer")
+  thread = threading.Thread(name="checkpoint-writer")
   full = OSError(errno.ENOSPC, "No space left on device")
   hook(threading.ExceptHookArgs([OSError, full, None, thread]))
-  assert capsys.readouterr().err == ("warning: tensorboard-writer stopped: no space left on device ([Errno 28] No "
+  assert capsys.readouterr().err == ("warning: checkpoint-writer stopped: no space left on device ([Errno 28] No "
                                      "space left on device)\n")
   hook(threading.ExceptHookArgs([KeyError, KeyError("bug"), None, thread]))
   assert default_calls == [KeyError]
