@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
 
 @pytest.mark.slow
 def test_device_check_runs_every_part_and_writes_one_json(tmp_path):
   out = tmp_path / "device_check.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, as on a one-chip host.
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS, JAX_PLATFORMS="cpu")  # One CPU device: a one-chip host.
   result = subprocess.run([sys.executable, "-m", "experiments.device_check", "--tiny", f"--output={out}"], cwd=REPO,
-                          env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["device"]["platform"] == "cpu" and report["mode"] == "tiny"

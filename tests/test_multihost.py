@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO
 
 # Unpacked rows: the two hosts' slices then form exactly the rows of the single-process global batch (in another
 # order, which sums do not see). 65 eval records: hosts hold 33 and 32, i.e. 5 and 4 eval batches of 8 rows, so the
@@ -20,7 +20,8 @@ DEVICES_PER_PROCESS = 2
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_XLA_FLAGS}")
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 
