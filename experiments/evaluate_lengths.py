@@ -18,7 +18,6 @@ from absl import flags
 
 from experiments import cli
 from lenvm_jax.data import pipeline, prompt_groups
-from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
 
@@ -39,35 +38,6 @@ _COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the sa
 flags.mark_flags_as_required(["workdir"])
 
 
-def format_report(report: dict) -> str:
-  mre_title, mre_columns = "prompt-boundary MRE: model / best constant / generator baseline", ("model", "constant",
-                                                                                                 "generator")
-  if "cell_mean" in report["prompt_mre"][prompt_boundary.ALL_GENERATORS]:  # evaluate_lengths --cell_separator.
-    mre_title, mre_columns = mre_title + " / model's cell mean", mre_columns + ("cell_mean",)
-  tables = (("per-token length MAE (tokens): model / best constant / position baseline", "token_mae",
-             ("model", "constant", "position")),
-            (mre_title, "prompt_mre", mre_columns),
-            ("prompt-boundary calibration (length of the mean return at s_0): model / true", "prompt_calibration",
-             ("model", "true")))
-  lines = [f"held-out: {report['counts']}"]
-  for title, key, columns in tables:
-    lines.append(title)
-    for scope, values in sorted(report[key].items()):
-      lines.append(f"  {prompt_boundary.scope_label(scope):<24} " + " ".join(f"{values[c]:10.4g}" for c in columns))
-  return "\n".join(lines)
-
-
-def format_summary(reports: dict) -> str:
-  """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat."""
-  lines = [f"{'run':<36} {'MRE':>8} {'const':>8} {'beats':>6}   {'MAE':>8} {'position':>8} {'beats':>6}"]
-  for workdir, report in reports.items():
-    scope = prompt_boundary.ALL_GENERATORS
-    mre, mae = report["prompt_mre"][scope], report["token_mae"][scope]
-    lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
-                 f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
-  return "\n".join(lines)
-
-
 def main(argv):
   del argv
   reports = {}
@@ -75,10 +45,10 @@ def main(argv):
     if _COMPARE.value:
       print(f"== {workdir}")
     reports[workdir] = evaluate_run(workdir)
-    print(format_report(reports[workdir]))
+    print(length_eval.format_report(reports[workdir]))
   if _COMPARE.value:
     print("summary (all generators, held-out):")
-    print(format_summary(reports))
+    print(length_eval.format_summary(reports))
 
 
 def evaluate_run(workdir: str) -> dict:

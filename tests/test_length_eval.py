@@ -178,9 +178,8 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
   assert "cell_mean" not in plain["prompt_mre"]["*"]
 
   # evaluate_lengths prints the cell-mean column only when the report has it.
-  from experiments.evaluate_lengths import format_report
-  for printed, columns in ((format_report(report), ("model", "constant", "generator", "cell_mean")),
-                           (format_report(plain), ("model", "constant", "generator"))):
+  for printed, columns in ((length_eval.format_report(report), ("model", "constant", "generator", "cell_mean")),
+                           (length_eval.format_report(plain), ("model", "constant", "generator"))):
     lines = printed.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("prompt-boundary MRE")))
     assert lines[header].endswith(" / model's cell mean") == (len(columns) == 4)
@@ -191,10 +190,9 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
 
 
 def test_evaluate_lengths_summary_says_which_baselines_each_run_beats():
-  from experiments.evaluate_lengths import format_summary
   report = lambda mre, mae: {"prompt_mre": {"*": {"model": mre, "constant": 0.2}},
                              "token_mae": {"*": {"model": mae, "position": 30.0}}}
-  lines = format_summary({"runs/pretrained": report(0.1, 25.0), "runs/random": report(0.3, 35.0)}).splitlines()
+  lines = length_eval.format_summary({"runs/pretrained": report(0.1, 25.0), "runs/random": report(0.3, 35.0)}).splitlines()
   assert lines[1].split() == ["runs/pretrained", "0.1000", "0.2000", "True", "25.000", "30.000", "True"]
   assert lines[2].split() == ["runs/random", "0.3000", "0.2000", "False", "35.000", "30.000", "False"]
 

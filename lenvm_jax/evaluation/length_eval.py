@@ -18,7 +18,7 @@ import numpy as np
 
 from lenvm_jax.data.prompt_groups import boundary_groups, generator_of, group_by_prompt, group_key
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
-                                                  least_mre_length, prompt_boundary_mre)
+                                                  least_mre_length, prompt_boundary_mre, scope_label)
 from lenvm_jax.value.targets import prompt_boundary_length
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
@@ -136,3 +136,33 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions))}
   return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts}
+
+
+def format_report(report: dict) -> str:
+  """The tables experiments.evaluate_lengths prints for one report of `evaluate`."""
+  mre_title, mre_columns = "prompt-boundary MRE: model / best constant / generator baseline", ("model", "constant",
+                                                                                                 "generator")
+  if "cell_mean" in report["prompt_mre"][ALL_GENERATORS]:  # evaluate_lengths --cell_separator.
+    mre_title, mre_columns = mre_title + " / model's cell mean", mre_columns + ("cell_mean",)
+  tables = (("per-token length MAE (tokens): model / best constant / position baseline", "token_mae",
+             ("model", "constant", "position")),
+            (mre_title, "prompt_mre", mre_columns),
+            ("prompt-boundary calibration (length of the mean return at s_0): model / true", "prompt_calibration",
+             ("model", "true")))
+  lines = [f"held-out: {report['counts']}"]
+  for title, key, columns in tables:
+    lines.append(title)
+    for scope, values in sorted(report[key].items()):
+      lines.append(f"  {scope_label(scope):<24} " + " ".join(f"{values[c]:10.4g}" for c in columns))
+  return "\n".join(lines)
+
+
+def format_summary(reports: dict) -> str:
+  """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat."""
+  lines = [f"{'run':<36} {'MRE':>8} {'const':>8} {'beats':>6}   {'MAE':>8} {'position':>8} {'beats':>6}"]
+  for workdir, report in reports.items():
+    scope = ALL_GENERATORS
+    mre, mae = report["prompt_mre"][scope], report["token_mae"][scope]
+    lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
+                 f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
+  return "\n".join(lines)
