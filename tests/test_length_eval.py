@@ -192,7 +192,8 @@ def test_cell_mean_mre_removes_the_prompt_specific_part_of_the_boundary_predicti
 def test_evaluate_lengths_summary_says_which_baselines_each_run_beats():
   report = lambda mre, mae: {"prompt_mre": {"*": {"model": mre, "constant": 0.2}},
                              "token_mae": {"*": {"model": mae, "position": 30.0}}}
-  lines = length_eval.format_summary({"runs/pretrained": report(0.1, 25.0), "runs/random": report(0.3, 35.0)}).splitlines()
+  reports = {"runs/pretrained": report(0.1, 25.0), "runs/random": report(0.3, 35.0)}
+  lines = length_eval.format_summary(reports).splitlines()
   assert lines[1].split() == ["runs/pretrained", "0.1000", "0.2000", "True", "25.000", "30.000", "True"]
   assert lines[2].split() == ["runs/random", "0.3000", "0.2000", "False", "35.000", "30.000", "False"]
 
