@@ -14,8 +14,8 @@ if FAST_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # Once, thoug
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most tests (and the CLIs they start as subprocesses, which inherit this) compile the same tiny model's steps: a
 # persistent compilation cache shared by the xdist workers compiles each program once per checkout, which made a
-# trainer test 4x faster warm (38 s -> 9 s); a cold full run still took 30.5 min here (README, Tests). A size limit
-# turns on jax's LRU eviction, whose file lock keeps one worker from reading an entry the other is still writing.
+# trainer test 4x faster warm (38 s -> 9 s). A size limit turns on jax's LRU eviction, whose file lock keeps one
+# worker from reading an entry the other is still writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), ".jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
