@@ -26,7 +26,7 @@ def test_scalar_events_match_tensorboardx(tmp_path):
   scalars = [("train/loss", 0.123456789, 1), ("eval/length_mae", 1e6 + 0.5, 20), ("train/grad_norm", -3.0, 2**40)]
   ours = metrics_log.ScalarEventFile(str(tmp_path / "ours"))
   for tag, value, step in scalars:
-    ours._record(metrics_log.scalar_event(1700000000.25, step, tag, value))  # pylint: disable=protected-access
+    ours.add_scalar(tag, value, step, wall_time=1700000000.25)
   ours.add_scalar("train/loss", 2.5, 3)
   ours.close()
   writer = tensorboardX.SummaryWriter(str(tmp_path / "theirs"))

@@ -161,8 +161,7 @@ def format_summary(reports: dict) -> str:
   """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat."""
   lines = [f"{'run':<36} {'MRE':>8} {'const':>8} {'beats':>6}   {'MAE':>8} {'position':>8} {'beats':>6}"]
   for workdir, report in reports.items():
-    scope = ALL_GENERATORS
-    mre, mae = report["prompt_mre"][scope], report["token_mae"][scope]
+    mre, mae = report["prompt_mre"][ALL_GENERATORS], report["token_mae"][ALL_GENERATORS]
     lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
                  f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
   return "\n".join(lines)

@@ -71,7 +71,7 @@ def _field(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def scalar_event(wall_time: float, step: int, tag: str, value: float) -> bytes:
+def _scalar_event(wall_time: float, step: int, tag: str, value: float) -> bytes:
   """The bytes of a tensorflow.Event holding Summary{value: [{tag, simple_value}]}."""
   summary_value = _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value)
   return b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step) + _field(5, _field(1, summary_value))
@@ -92,8 +92,8 @@ class ScalarEventFile:
     self._file.write(length + struct.pack("<I", _masked_crc32c(length)) + event +
                      struct.pack("<I", _masked_crc32c(event)))
 
-  def add_scalar(self, tag: str, value: float, step: int):
-    self._record(scalar_event(time.time(), step, tag, value))
+  def add_scalar(self, tag: str, value: float, step: int, wall_time: float | None = None):
+    self._record(_scalar_event(time.time() if wall_time is None else wall_time, step, tag, value))
 
   def flush(self):
     self._file.flush()
