@@ -56,19 +56,29 @@ def _scaled(q):
 
 
 @functools.lru_cache(maxsize=32)
+def _splash_mask(seq_len: int, heads: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+  return mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len)) for _ in range(heads)])
+
+
 def _splash_kernel(seq_len: int, heads: int, block_q: int, block_kv: int, interpret: bool):
+  """A splash kernel for this row length and head count, built inside the caller's trace.
+
+  The kernel holds its mask's block layout as arrays (jnp.array of numpy tables), so it is built per trace and never
+  cached: built once under jax.ensure_compile_time_eval and reused, its arrays were placed on the default backend,
+  which an ahead-of-time compile for a TPU topology does not have ('Executable' object has no attribute
+  'local_devices'); cached without it, a later trace would see this trace's tracers. Staged here, they are constants
+  of the program being compiled, whatever its devices. The costly part, the mask's block tables, is cached by the
+  kernel library itself (splash_attention_mask_info._process_mask), keyed by the mask built once in _splash_mask.
+  """
   # Imported here: the TPU kernel modules are only needed where they run.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
   block_q, block_kv = min(block_q, seq_len), min(block_kv, seq_len)
   blocks = kernel_lib.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                  block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                  block_q_dq=block_q, block_kv_dq=block_kv)
-  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((seq_len, seq_len)) for _ in range(heads)])
-  # The kernel holds arrays of its mask's block layout and is cached across traces: build them as concrete values
-  # even when the first call comes from inside a jit, or a later trace would see this trace's tracers (a leak).
-  with jax.ensure_compile_time_eval():
-    kernel = kernel_lib.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+  kernel = kernel_lib.make_splash_mha(_splash_mask(seq_len, heads), block_sizes=blocks, head_shards=1,
+                                      q_seq_shards=1, interpret=interpret)
   return kernel, kernel_lib.SegmentIds
 
 
