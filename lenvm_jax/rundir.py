@@ -6,9 +6,12 @@
   <workdir>/checkpoints/<step>/       orbax: state (TrainState), data_iter (grain position), metrics (eval metrics,
                                       with checkpoint.keep_best) and orbax's commit marker (commit_success.txt)
   <workdir>/checkpoints/<step>/lenvm_checksums.json   size + CRC32 of each file of the step, once it is committed
+  <workdir>/checkpoint_checksums.json   written before a run's first save: steps after `required_after_step` count
+                                      only once their checksums are written too
   <workdir>/rejected_checkpoints/<step>-<time>/       steps a resuming trainer found incomplete or corrupt, moved aside
 
-Only committed steps count. Readers (prediction, decoding, export, evaluation) take the parameters alone through
+Only complete steps count: committed by orbax and, in a run that writes checksums, checksummed (a process killed
+between orbax's commit and the checksum file leaves a step that would otherwise restore unverified). Readers (prediction, decoding, export, evaluation) take the parameters alone through
 `restore_params` (no optimizer, no train state), from the newest step that restores intact unless told a step.
 """
 
@@ -26,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from lenvm_jax import sharding
+from lenvm_jax import files, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.errors import CheckpointError, UserError, WorkdirBusy
 from lenvm_jax.model import legacy_layers
@@ -34,6 +37,7 @@ from lenvm_jax.model import legacy_layers
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 CHECKSUM_FILE = "lenvm_checksums.json"
+CHECKSUM_POLICY_FILE = "checkpoint_checksums.json"
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step before the step's final rename.
 REJECTED_DIR = "rejected_checkpoints"
 METRICS_ITEM = "metrics"  # orbax's item of the metrics a step was saved with.
@@ -107,16 +111,7 @@ def write_config(workdir: str, run: RunConfig, resumed_from: int | None = None):
       os.replace(path, kept)
       logging.info("the config changed at resume: the one that trained steps up to %d is kept in %s", resumed_from,
                    kept)
-  _write_atomically(path, run.to_json())
-
-
-def _write_atomically(path: str, text: str):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files.write_atomic(path, run.to_json())
 
 
 def differing_fields(saved: RunConfig, run: RunConfig, limit: int = 4) -> list[str]:
@@ -301,13 +296,59 @@ def _numeric_steps(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
-def complete_steps(workdir: str) -> list[int]:
-  """The committed checkpoint steps, ascending (temporary and uncommitted directories do not count)."""
+def committed_steps(workdir: str) -> list[int]:
+  """The steps orbax has committed, ascending (with or without their checksums)."""
   return [s for s in _numeric_steps(workdir) if _step_is_committed(step_dir(workdir, s))]
 
 
+def _checksums_required_after(workdir: str) -> int | None:
+  """Steps after this one count only with their checksums; None: a run from before checksums (none required)."""
+  path = os.path.join(os.path.abspath(workdir), CHECKSUM_POLICY_FILE)
+  if not os.path.lexists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return int(json.load(f)["required_after_step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return -1  # Damaged: require them of every step (a step set aside is kept, not deleted).
+
+
+def _sealed(workdir: str, step: int) -> bool:
+  return os.path.isfile(os.path.join(step_dir(workdir, step), CHECKSUM_FILE))
+
+
+def require_checksums(workdir: str) -> None:
+  """Before a run's first save: from now on a step counts only once its checksums are written. Steps already there
+  without checksums are a run's from before them (kept, restored unverified) unless a step older than them has
+  checksums (then they were cut off between commit and checksums, and do not count)."""
+  if _checksums_required_after(workdir) is not None:
+    return
+  committed = committed_steps(workdir)
+  sealed = [s for s in committed if _sealed(workdir, s)]
+  after = (sealed[0] - 1) if sealed else (committed[-1] if committed else -1)
+  files.write_atomic(os.path.join(os.path.abspath(workdir), CHECKSUM_POLICY_FILE),
+                     json.dumps({"required_after_step": after}))
+
+
+def why_incomplete(workdir: str, step: int) -> str | None:
+  """Why a numeric step directory does not count (None: it does)."""
+  if not _step_is_committed(step_dir(workdir, step)):
+    return f"no commit marker ({COMMIT_MARKER}): the save never completed"
+  after = _checksums_required_after(workdir)
+  if after is not None and step > after and not _sealed(workdir, step):
+    return (f"committed but without its checksums ({CHECKSUM_FILE}): the trainer stopped before writing them, so its "
+            "files cannot be verified")
+  return None
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """The steps that count, ascending: committed and, in a run that writes checksums, checksummed (temporary,
+  uncommitted and unverifiable directories do not count)."""
+  return [s for s in _numeric_steps(workdir) if why_incomplete(workdir, s) is None]
+
+
 def incomplete_steps(workdir: str) -> list[int]:
-  return [s for s in _numeric_steps(workdir) if not _step_is_committed(step_dir(workdir, s))]
+  return [s for s in _numeric_steps(workdir) if why_incomplete(workdir, s) is not None]
 
 
 def latest_step(workdir: str) -> int | None:
@@ -334,24 +375,26 @@ def write_checksums(workdir: str, step: int):
   """<step>/lenvm_checksums.json: size and CRC32 of each file of a committed step (orbax keeps none of its arrays'
   bytes, so flipped bits would restore silently)."""
   path = step_dir(workdir, step)
-  files = {name: [os.path.getsize(os.path.join(path, name)), _crc32(os.path.join(path, name))]
-           for name in _step_files(path)}
-  _write_atomically(os.path.join(path, CHECKSUM_FILE), json.dumps({"files": files}, sort_keys=True))
+  manifest = {name: [os.path.getsize(os.path.join(path, name)), _crc32(os.path.join(path, name))]
+              for name in _step_files(path)}
+  files.write_atomic(os.path.join(path, CHECKSUM_FILE), json.dumps({"files": manifest}, sort_keys=True))
 
 
 def verify_checksums(workdir: str, step: int) -> str | None:
-  """What is wrong with a step's files, or None (also for a step without checksums: written before they existed,
-  or by a process killed between commit and checksums)."""
+  """What is wrong with a step's files, or None (also for a step without checksums: one of a run from before them;
+  in a run that writes them such a step is not complete and never gets here)."""
   path = step_dir(workdir, step)
   manifest = os.path.join(path, CHECKSUM_FILE)
   if not os.path.isfile(manifest):
     return None
   try:
     with open(manifest, encoding="utf-8") as f:
-      files = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError):
+      listed = sorted(json.load(f)["files"].items())
+    for name, (size, crc) in listed:
+      files.inside(path, name, CHECKSUM_FILE)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
     return f"its {CHECKSUM_FILE} is unreadable"
-  for name, (size, crc) in sorted(files.items()):
+  for name, (size, crc) in listed:
     file = os.path.join(path, name)
     if not os.path.isfile(file):
       return f"{name} is missing"
@@ -368,8 +411,7 @@ def reject_step(workdir: str, step: int, reason: str) -> str:
   target = os.path.join(os.path.abspath(workdir), REJECTED_DIR, f"{step}-{time.time_ns()}")
   os.makedirs(os.path.dirname(target), exist_ok=True)
   shutil.move(step_dir(workdir, step), target)
-  with open(os.path.join(target, "REJECTED.txt"), "w", encoding="utf-8") as f:
-    f.write(reason + "\n")
+  files.write_atomic(os.path.join(target, "REJECTED.txt"), reason + "\n")
   return target
 
 

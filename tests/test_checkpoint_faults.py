@@ -86,6 +86,61 @@ def test_checksums_catch_flipped_truncated_and_deleted_files(tmp_path):
   assert rundir.verify_checksums(str(tmp_path), 1) == f"{name} is missing"
 
 
+class _Killed(BaseException):
+  """Stands for the process dying at the injected point: nothing after it runs (not an Exception, so no handler of
+  the library catches it)."""
+
+
+def _kill_before_checksums_of(step, monkeypatch):
+  """Injects the fault of the window between orbax's commit and the checksum file: the process dies there."""
+  original = rundir.write_checksums
+
+  def write_checksums(workdir, at):
+    if at == step:
+      raise _Killed()
+    return original(workdir, at)
+  monkeypatch.setattr(rundir, "write_checksums", write_checksums)
+
+
+def test_a_step_killed_between_commit_and_checksums_does_not_count(tmp_path, monkeypatch, caplog):
+  _kill_before_checksums_of(2, monkeypatch)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3, False)
+  for step in (1, 2):
+    state = {"params": {"w": jnp.full((64,), float(step))}, "step": jnp.asarray(step)}
+    try:
+      ckpt.save(step, state, _data_iter())
+    except _Killed:
+      break
+  monkeypatch.undo()
+  workdir = str(tmp_path)
+  assert rundir.committed_steps(workdir) == [1, 2]  # orbax committed both ...
+  assert not (tmp_path / "checkpoints" / "2" / rundir.CHECKSUM_FILE).exists()
+  assert rundir.complete_steps(workdir) == [1] and rundir.latest_step(workdir) == 1  # ... only 1 counts.
+  assert "without its checksums" in rundir.why_incomplete(workdir, 2)
+  assert rundir.steps_to_try(workdir) == [1]
+  # The next trainer moves it aside (kept, not deleted) and saves step 2 afresh, checksummed.
+  ckpt = checkpointing.Checkpointer(workdir, 1, 3, False)
+  assert "checkpoint step 2 is incomplete (committed but without its checksums" in caplog.text
+  (rejected,) = os.listdir(tmp_path / rundir.REJECTED_DIR)
+  assert rejected.startswith("2-") and "without its checksums" in (
+      tmp_path / rundir.REJECTED_DIR / rejected / "REJECTED.txt").read_text()
+  ckpt.save(2, {"params": {"w": jnp.full((64,), 2.0)}, "step": jnp.asarray(2)}, _data_iter())
+  ckpt.close()
+  assert rundir.complete_steps(workdir) == [1, 2] and rundir.verify_checksums(workdir, 2) is None
+
+
+def test_steps_of_a_run_from_before_checksums_still_count(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  for step in (1, 2):  # A run written before checksums existed: no checksum files, no policy file.
+    os.remove(tmp_path / "checkpoints" / str(step) / rundir.CHECKSUM_FILE)
+  os.remove(tmp_path / rundir.CHECKSUM_POLICY_FILE)
+  assert rundir.complete_steps(str(tmp_path)) == [1, 2]
+  _save_steps(tmp_path, [3])  # Resumed by today's trainer: its old steps stay, new ones need their checksums.
+  assert rundir.complete_steps(str(tmp_path)) == [1, 2, 3]
+  os.remove(tmp_path / "checkpoints" / "3" / rundir.CHECKSUM_FILE)
+  assert rundir.complete_steps(str(tmp_path)) == [1, 2]
+
+
 def test_keep_best_keeps_the_best_step_beside_the_last(tmp_path):
   _save_steps(tmp_path, [1, 2, 3, 4], keep=1, keep_best="loss", metrics={1: 3.0, 2: 1.0, 3: 2.0, 4: float("nan")})
   assert rundir.complete_steps(str(tmp_path)) == [2, 4]
@@ -267,7 +322,37 @@ def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(
     f.write('{"step": 17, "split": "tr')  # A record cut by the kill.
   result = _run(workdir)
   assert "taking over the stale workdir lock" in result.stderr
-  assert f"checkpoint step {newest} cannot be restored" in result.stderr or newest == 10
+  # Only checksummed steps count, so the truncated newest one is always caught by its checksums.
+  assert f"checkpoint step {newest} cannot be restored" in result.stderr, result.stderr[-3000:]
+  _assert_exact(workdir, straight)
+
+
+# The trainer, killed by SIGKILL at the injected point: after orbax committed step 10, before its checksums.
+_KILLED_IN_THE_WINDOW = """
+import os, signal, sys
+from lenvm_jax import rundir
+original = rundir.write_checksums
+def write_checksums(workdir, step):
+  if step == 10:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return original(workdir, step)
+rundir.write_checksums = write_checksums
+from experiments import cli, train
+sys.argv = ["train"] + sys.argv[1:]
+cli.run(train.main)
+"""
+
+
+@pytest.mark.slow
+def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_path):
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-c", _KILLED_IN_THE_WINDOW] + _command(workdir)[3:]
+  killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert 10 in rundir.committed_steps(str(workdir)) and rundir.latest_step(str(workdir)) == 5
+  result = _run(workdir)
+  assert "checkpoint step 10 is incomplete (committed but without its checksums" in result.stderr
+  assert "resuming from checkpoint step 5" in result.stderr
   _assert_exact(workdir, straight)
 
 

@@ -3,6 +3,8 @@
 Faults a run survives:
   * a process killed mid-save (even kill -9) leaves a temporary directory, removed at the next start; resume takes
     the newest committed step (orbax's commit marker; a bare numeric directory is moved aside);
+  * a process killed between orbax's commit and the checksum file leaves a step that cannot be verified: it does not
+    count (rundir.why_incomplete), is moved aside at the next start and the step before it restored;
   * a committed step whose files were changed afterwards (flipped bytes, a truncated or deleted file) fails the
     checksums written beside it once it was committed; it is moved aside and the step before it restored;
   * a save that fails for the disk (full, read-only, permissions) stops the run with one line that names the step
@@ -55,10 +57,11 @@ class Checkpointer:
     self.every_steps = every_steps
     self.keep_best = keep_best
     if distributed.is_leader():
+      rundir.require_checksums(workdir)  # Before the first save: from here on a step counts with its checksums.
       for step in rundir.incomplete_steps(workdir):
-        moved = rundir.reject_step(workdir, step, "no commit marker: the save never completed")
-        logging.warning("checkpoint step %d was never completed (no %s): moved to %s", step, rundir.COMMIT_MARKER,
-                        moved)
+        why = rundir.why_incomplete(workdir, step)
+        moved = rundir.reject_step(workdir, step, why)
+        logging.warning("checkpoint step %d is incomplete (%s): moved to %s", step, why, moved)
     _sync("lenvm_checkpoints_scanned")
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -84,17 +87,24 @@ class Checkpointer:
                               f"free space or fix the location, then rerun the same command: {resume}")
 
   def _seal(self):
-    """Checksums for the saved steps that orbax has committed since (the leader writes them)."""
+    """Checksums for the saved steps that orbax has committed since (the leader writes them): only then does a step
+    count (rundir.complete_steps)."""
     pending = []
+    committed = rundir.committed_steps(self.workdir)
     for step in self._unsealed:
-      if step in self.steps():
+      if step in committed:
         if distributed.is_leader():
           try:
             rundir.write_checksums(self.workdir, step)
           except FileNotFoundError:  # Removed meanwhile (keep): nothing to seal.
             pass
-          except OSError as e:  # The step is complete all the same; it restores unverified.
-            logging.warning("could not write the checksums of checkpoint step %d: %s", step, e)
+          except OSError as e:  # Without checksums the step does not count: the disk's fault stops the run.
+            failure = self._failed(step, e)
+            if failure is e:
+              logging.warning("could not write the checksums of checkpoint step %d (it will not count): %s", step, e)
+            else:
+              self._unsealed = pending
+              raise failure from None
       elif not self.manager.is_saving_in_progress():
         continue  # Never committed (a failed save): nothing to seal.
       else:

@@ -1,0 +1,77 @@
+"""Writes that cannot escape their directory, and names read from files that must stay inside theirs.
+
+`write_atomic` is the one way the project writes a small file (markers, configs, checksums, reports): the bytes go to
+a temporary name created exclusively (O_EXCL | O_NOFOLLOW) inside the target's own directory, are fsynced, and are
+renamed over the target. So a symlink planted at the target or at a temporary name is never followed (rename replaces
+the link itself), a reader never sees half a file, and a crash leaves either the old file or the new one.
+
+`inside` checks a relative name read from data (a safetensors index's weight_map, a shard list) before it is joined
+to its directory: absolute names and `..` components are refused, so an index cannot make us read elsewhere.
+
+This module imports nothing heavy (stdlib + errors), so every layer can use it.
+"""
+
+import os
+import secrets
+
+from lenvm_jax.errors import UserError
+
+
+def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
+  """`path` := `data` (str is written as UTF-8), atomically and without following a symlink anywhere in the final
+  component or the temporary one."""
+  if isinstance(data, str):
+    data = data.encode("utf-8")
+  directory, name = os.path.split(os.path.abspath(path))
+  dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  try:
+    for _ in range(100):
+      tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+      try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        break
+      except FileExistsError:
+        continue
+    else:
+      raise FileExistsError(f"no free temporary name for {path}")
+    try:
+      try:
+        view = memoryview(data)
+        while view:
+          view = view[os.write(fd, view):]
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+      os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+      try:
+        os.unlink(tmp, dir_fd=dir_fd)
+      except FileNotFoundError:
+        pass
+      raise
+    try:
+      os.fsync(dir_fd)  # The rename itself is durable too (some file systems refuse to sync a directory).
+    except OSError:
+      pass
+  finally:
+    os.close(dir_fd)
+
+
+def write_report(path: str, data: str | bytes, *, items: int, what: str, where: str) -> None:
+  """A report (an evaluation's table, a stats file) built from `items` inputs: with none, it is refused before
+  anything is written, so an earlier report at `path` is never replaced by an empty one."""
+  if items <= 0:
+    kept = " (the existing report is kept)" if os.path.exists(path) else ""
+    raise UserError.at(f"no {what} to report{kept}", where, f"give input that has {what}")
+  write_atomic(path, data)
+
+
+def inside(directory: str, name: str, what: str) -> str:
+  """`directory`/`name` for a relative `name` read from a file (`what` says which, for the error), refusing absolute
+  names and `..` components: a name read from data must not reach outside its directory. Symlinks inside the
+  directory are the directory owner's choice (the Hugging Face cache links its snapshots to blobs) and are kept."""
+  if (not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name or "\0" in name
+      or ".." in name.split("/")):
+    raise UserError.at(f"{what} names {name!r}, a path outside its directory", directory,
+                       "the file is damaged or was not made for this directory; entries must be plain relative names")
+  return os.path.join(directory, os.path.normpath(name))
