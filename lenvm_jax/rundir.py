@@ -11,8 +11,10 @@
   <workdir>/rejected_checkpoints/<step>-<time>/       steps a resuming trainer found incomplete or corrupt, moved aside
 
 Only complete steps count: committed by orbax and, in a run that writes checksums, checksummed (a process killed
-between orbax's commit and the checksum file leaves a step that would otherwise restore unverified). Readers (prediction, decoding, export, evaluation) take the parameters alone through
-`restore_params` (no optimizer, no train state), from the newest step that restores intact unless told a step.
+between orbax's commit and the checksum file leaves a step that would otherwise restore unverified).
+
+Readers (prediction, decoding, export, evaluation) take the parameters alone through `restore_params` (no optimizer,
+no train state), from the newest step that restores intact unless told a step.
 """
 
 import errno

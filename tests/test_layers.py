@@ -10,8 +10,8 @@ import pathlib
 
 LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "lenvm_jax"
 # Rank of each top-level module or package of lenvm_jax: a module may import its own package and lower ranks.
-RANKS = {"errors": 0, "files": 0, "sharding": 0, "distributed": 0, "sweep_spec": 0, "model.config": 1, "config": 2, "data": 3,
-         "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6}
+RANKS = {"errors": 0, "files": 1, "sharding": 0, "distributed": 0, "sweep_spec": 0, "model.config": 1, "config": 2,
+         "data": 3, "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6}
 # Top-layer siblings that may use each other: evaluation scores what decoding produces. Nothing may import train.
 SIBLINGS = {("evaluation", "decoding")}
 
