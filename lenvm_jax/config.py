@@ -61,6 +61,10 @@ class LossConfig:
   gae_lambda: float = 1.0  # 1 = Monte-Carlo return (the paper); < 1 bootstraps from stop-gradient values.
   lm_weight: float = 0.0  # Weight of a joint next-token cross-entropy on completion tokens.
   lm_stride: int = 1  # Take the LM term on every k-th position only (a 32k-vocab head outweighs a small trunk).
+  # The LM term's logits are computed for this many positions of every row at a time, each chunk rematerialised in
+  # the backward pass (value/objective.py lm_cross_entropy_sum), so the [tokens, vocab] logits and their gradient
+  # never exist whole; 0 = the whole row at once. Same loss and gradients either way.
+  lm_chunk: int = 1024
   value_weight: float = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
   boundary_weight: float = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
   # Only for target_type='normalized_length': the target is n / length_normalizer (unclipped, as the reference);
@@ -82,6 +86,8 @@ class LossConfig:
     _require(self.lm_weight >= 0.0, "loss.lm_weight", f"must be >= 0, got {self.lm_weight}")
     _require(isinstance(self.lm_stride, int) and self.lm_stride >= 1, "loss.lm_stride",
              f"must be an integer >= 1, got {self.lm_stride!r}")
+    _require(isinstance(self.lm_chunk, int) and self.lm_chunk >= 0, "loss.lm_chunk",
+             f"must be an integer >= 0 (0 = the whole row), got {self.lm_chunk!r}")
     _require(self.boundary_weight > 0.0, "loss.boundary_weight", f"must be > 0, got {self.boundary_weight}")
     _require(self.value_weight >= 0.0, "loss.value_weight", f"must be >= 0, got {self.value_weight}")
     _require(self.value_weight > 0.0 or self.lm_weight > 0.0, "loss.value_weight",

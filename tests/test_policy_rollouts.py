@@ -181,9 +181,10 @@ def test_lm_only_loss_is_the_token_mean_cross_entropy_and_leaves_the_value_head(
   @jax.jit
   def loss_and_grads(params):
     def loss(params):
-      z, lm_logits = step_lib.forward(graphdef, params, batch, freeze_trunk=False, objective=objective)
+      z, lm_head, _ = step_lib.forward_heads(graphdef, params, batch, freeze_trunk=False, objective=objective)
       value_count, lm_count = objective.token_counts(batch)
-      return objective.loss(objective.sums(z, lm_logits, batch), value_count, lm_count), lm_logits
+      lm_logits = transformer.lm_logits(lm_head.hidden, lm_head.weight)
+      return objective.loss(objective.sums(z, lm_head, batch), value_count, lm_count), lm_logits
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   (loss, logits), grads = loss_and_grads(jax.jit(lambda: transformer.init_params(model_config, 0))())

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from lenvm_jax.model import transformer
 from lenvm_jax import sharding
 from lenvm_jax.data import pipeline
+from lenvm_jax.value import objective as objective_lib
 from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import state as state_lib, step as step_lib
 from tests.conftest import run_config
@@ -82,12 +84,12 @@ def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_conf
   graphdef, state, batch = _setup(tiny_config, optax.sgd(1.0))
   objective = Objective.from_config(run_config(tiny_config).loss)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  z, lm_logits = step_lib.forward(graphdef, state.params, batch, freeze_trunk=False, objective=objective)
-  loss = objective.loss(objective.sums(z, lm_logits, batch), *objective.token_counts(batch))
+  z, lm_head, _ = step_lib.forward_heads(graphdef, state.params, batch, freeze_trunk=False, objective=objective)
+  loss = objective.loss(objective.sums(z, lm_head, batch), *objective.token_counts(batch))
 
-  _, full_logits = step_lib.forward(graphdef, state.params, batch, freeze_trunk=False,
-                                    objective=dataclasses.replace(objective, lm_stride=1))
-  logits = np.asarray(full_logits, np.float64)
+  _, full_head, _ = step_lib.forward_heads(graphdef, state.params, batch, freeze_trunk=False,
+                                           objective=dataclasses.replace(objective, lm_stride=1))
+  logits = np.asarray(transformer.lm_logits(full_head.hidden, full_head.weight), np.float64)
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   targets, mask = np.asarray(batch["lm_targets"]), np.asarray(batch["lm_mask"]).astype(bool)
@@ -96,7 +98,52 @@ def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_conf
   ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
   assert (mask & ~picked).any() or stride == 1  # The stride drops some LM positions.
   assert float(loss) == pytest.approx(ce[mask & picked].mean(), rel=1e-5)
-  assert lm_logits.shape[1] == -(-batch["tokens"].shape[1] // stride)
+  assert lm_head.hidden.shape[1] == -(-batch["tokens"].shape[1] // stride)
+
+
+def test_chunked_lm_cross_entropy_equals_the_whole_rows_with_its_gradients():
+  """loss.lm_chunk: every chunk length (dividing the rows or not, one position, longer than the row) gives today's
+  sum and the same gradients in hidden states and head, in float32; only masked positions count."""
+  rng = np.random.default_rng(0)
+  batch, length, width, vocab = 3, 37, 16, 50
+  hidden = jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32)
+  weight = jnp.asarray(rng.normal(size=(width, vocab)) / 4, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+  mask = jnp.asarray(rng.random((batch, length)) < 0.7)
+  value_and_grads = lambda chunk: jax.jit(jax.value_and_grad(
+      lambda h, w: objective_lib.lm_cross_entropy_sum(h, w, labels, mask, chunk), argnums=(0, 1)))(hidden, weight)
+  whole, (d_hidden, d_weight) = value_and_grads(0)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(weight, np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -np.sum(np.asarray(mask) * np.take_along_axis(log_probs, np.asarray(labels)[..., None], -1)[..., 0])
+  assert float(whole) == pytest.approx(expected, rel=1e-5)
+  assert not np.any(np.asarray(d_hidden)[~np.asarray(mask)])  # Masked positions get no gradient.
+  for chunk in (1, 5, 8, 36, 37, 64):
+    loss, (h, w) = value_and_grads(chunk)
+    assert float(loss) == pytest.approx(float(whole), rel=1e-6), chunk
+    np.testing.assert_allclose(h, d_hidden, rtol=1e-5, atol=1e-7, err_msg=f"chunk {chunk}")
+    np.testing.assert_allclose(w, d_weight, rtol=1e-5, atol=1e-6, err_msg=f"chunk {chunk}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_stride", [1, 3])
+def test_train_step_with_a_chunked_lm_term_equals_the_unchunked_one(tiny_config, lm_stride):
+  """The whole train step (value + LM term, two micro-batches): the same loss and SGD update for every loss.lm_chunk."""
+  tiny_config.loss.lm_weight, tiny_config.loss.lm_stride = 0.5, lm_stride
+  tx = optax.sgd(1.0)
+  graphdef, state, batch = _setup(tiny_config, tx)
+  micro = {k: jnp.asarray(v.reshape((2, -1) + v.shape[1:])) for k, v in batch.items()}
+  objective = Objective.from_config(run_config(tiny_config).loss)
+  results = {}
+  for chunk in (0, 1, 7, 16):
+    step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, freeze_trunk=False,
+                                     objective=dataclasses.replace(objective, lm_chunk=chunk)))
+    new_state, out = step(state, micro)
+    results[chunk] = (float(out["loss"]), new_state.params)
+  for chunk, (loss, params) in results.items():
+    assert loss == pytest.approx(results[0][0], rel=1e-6), chunk
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"chunk {chunk}")
 
 
 @pytest.mark.slow

@@ -67,6 +67,11 @@ def dense(x, w, contract: int = 1):
   return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:])
 
 
+def lm_logits(hidden, weight):
+  """Next-token logits [..., vocab] in float32 from hidden states [..., H] and the LM head [H, vocab]."""
+  return dense(hidden, weight).astype(jnp.float32)
+
+
 def rotary_tables(positions, head_dim: int, theta: float):
   """RoPE (sin, cos), each [B, T, 1, head_dim // 2] float32: computed once per forward and shared by all layers.
 
@@ -355,10 +360,14 @@ class LengthValueModel(nnx.Module):
     x, new_kv = jax.lax.scan(one_layer, x, (stacked, cache.keys, cache.values))
     return self.final_norm(x), new_kv
 
+  def lm_head_weight(self):
+    """The LM head [H, vocab] in the compute dtype (the embedding's transpose when tied)."""
+    weight = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
+    return weight.astype(self.config.compute_dtype)
+
   def lm_logits(self, hidden):
     """[B, T, vocab] float32 next-token logits."""
-    weight = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]  # [H, vocab]
-    return dense(hidden, weight.astype(self.config.compute_dtype)).astype(jnp.float32)
+    return lm_logits(hidden, self.lm_head_weight())
 
   def value_logits(self, hidden):
     """[B, T] float32 raw value-head output z (the reference servers return this)."""

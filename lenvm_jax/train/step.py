@@ -16,14 +16,15 @@ from flax import nnx
 from lenvm_jax.config import TrainConfig
 from lenvm_jax.model import transformer
 from lenvm_jax.value import candidate, metrics
-from lenvm_jax.value.objective import Objective
+from lenvm_jax.value.objective import LMHead, Objective
 from lenvm_jax.train.state import TrainState
 
 
 def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None,
                   frozen_layers: int = 0):
-  """forward()'s value and LM logits, and, when the candidate loss is on, the candidate head's logit of each
-  position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None.
+  """The value logits z [B, T] (float32); when the LM term is on, its hidden states and head (objective.LMHead: the
+  loss computes the logits chunk by chunk), else None; when the candidate loss is on, the candidate head's logit of
+  each position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None.
   frozen_layers: the bottom layers (and embeddings) get no backward pass (train.trainable_layers)."""
   model = nnx.merge(graphdef, params)
   hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key,
@@ -34,14 +35,8 @@ def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Obj
   candidate_z = None
   if objective.candidate_weight > 0:
     candidate_z = model.candidate_logits(hidden, candidate.next_tokens(batch)[..., None])[..., 0]
-  return (model.value_logits(hidden), model.lm_logits(objective.lm_positions(hidden, 1)) if with_lm else None,
-          candidate_z)
-
-
-def forward(graphdef, params, batch, *, freeze_trunk: bool, objective: Objective, dropout_key=None):
-  """Value logits z [B, T] (float32) and, when the LM term is on, LM logits [B, T / lm_stride, V]."""
-  return forward_heads(graphdef, params, batch, freeze_trunk=freeze_trunk, objective=objective,
-                       dropout_key=dropout_key)[:2]
+  lm_head = LMHead(objective.lm_positions(hidden, 1), model.lm_head_weight()) if with_lm else None
+  return model.value_logits(hidden), lm_head, candidate_z
 
 
 def _metric_sums(z, candidate_z, batch, objective: Objective):
@@ -65,10 +60,10 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
   next_rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
   def micro_loss(params, micro, dropout_key):
-    z, lm_logits, candidate_z = forward_heads(graphdef, params, micro, freeze_trunk=freeze_trunk,
+    z, lm_head, candidate_z = forward_heads(graphdef, params, micro, freeze_trunk=freeze_trunk,
                                               objective=objective, dropout_key=dropout_key,
                                               frozen_layers=frozen_layers)
-    sums = objective.sums(z, lm_logits, micro, candidate_z)
+    sums = objective.sums(z, lm_head, micro, candidate_z)
     return (objective.loss(sums, value_count, lm_count, candidate_count),
             (sums, _metric_sums(z, candidate_z, micro, objective)))
 
@@ -105,10 +100,10 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
 
 def eval_step(params, batch, *, graphdef, objective: Objective):
   """Sums over one [B, T] eval batch: the metrics, and the objective's pieces with their token counts."""
-  z, lm_logits, candidate_z = forward_heads(graphdef, params, batch, freeze_trunk=False, objective=objective)
+  z, lm_head, candidate_z = forward_heads(graphdef, params, batch, freeze_trunk=False, objective=objective)
   sums = _metric_sums(z, candidate_z, batch, objective)
   value_count, lm_count = objective.token_counts(batch)
-  sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_logits, batch, candidate_z).items()},
+  sums.update({"objective/" + k: v for k, v in objective.sums(z, lm_head, batch, candidate_z).items()},
               **{"objective/value_count": value_count, "objective/lm_count": lm_count})
   if candidate_z is not None:
     sums["objective/candidate_count"] = candidate.count(batch)

@@ -12,6 +12,9 @@ mean). The weight depends only on the state, so the minimiser at every state is 
 toward the states that predict a whole completion's length before decoding (spec section 4), which the token mean
 gives ~1/L of the loss. 1 (the default) is the paper's plain token mean.
 
+The LM term never holds the [tokens, vocab] logits whole (loss.lm_chunk, lm_cross_entropy_sum): at a 150k vocabulary
+they and their gradient outweighed the whole rematerialised trunk of a 1.5B model (docs/scaling.md).
+
 Functions here return *sums* and *counts*, never means: the trainer divides by the valid-token count of the whole
 global batch (all micro-batches, all devices), so the gradient does not depend on how the batch is split, and a long
 sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (the paper's convention).
@@ -25,7 +28,43 @@ import optax
 
 from lenvm_jax.config import LossConfig
 from lenvm_jax.data import rows
+from lenvm_jax.model import transformer
 from lenvm_jax.value import candidate, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class LMHead:
+  """What the LM term needs instead of its logits: the hidden states at the LM positions [B, T', H] and the head."""
+  hidden: jax.Array
+  weight: jax.Array  # [H, vocab], compute dtype.
+
+
+def lm_cross_entropy_sum(hidden, weight, labels, mask, chunk: int = 0):
+  """Sum over mask of the next-token cross-entropy of logits = hidden @ weight (float32), [B, T, H] -> scalar.
+
+  chunk > 0 computes the logits for `chunk` positions of every row at a time (a scan over time chunks, so each chunk
+  keeps the batch's sharding) and rematerialises each chunk in the backward pass: the [B, T, vocab] logits and their
+  gradient are never in memory whole, only one chunk's, for the cost of the head's forward matmul once more (8 N V
+  FLOPs instead of 6). The rows are padded with masked positions to a whole number of chunks. Per position it is
+  the same cross-entropy as chunk = 0 (only the order of the float32 sum differs).
+  """
+  def masked_ce(h, y, m):
+    ce = optax.softmax_cross_entropy_with_integer_labels(transformer.lm_logits(h, weight), y)
+    return jnp.sum(m.astype(jnp.float32) * ce)
+
+  length = hidden.shape[1]
+  if not chunk or chunk >= length:
+    return masked_ce(hidden, labels, mask)
+  chunks = -(-length // chunk)
+
+  def to_chunks(x):  # [B, T, ...] -> [chunks, B, chunk, ...], padded.
+    x = jnp.pad(x, [(0, 0), (0, chunks * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], chunks, chunk, *x.shape[2:]), 1, 0)
+
+  body = jax.checkpoint(lambda total, xs: (total + masked_ce(*xs), None),
+                        policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (to_chunks(hidden), to_chunks(labels), to_chunks(mask)))
+  return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +76,7 @@ class Objective:
   boundary_weight: float = 1.0
   lm_stride: int = 1
   candidate_weight: float = 0.0  # > 0: the model has a candidate-value head, trained as value/candidate.py says.
+  lm_chunk: int = 0  # Positions per row whose LM logits exist at once (lm_cross_entropy_sum); 0 = the whole row.
 
   @classmethod
   def from_config(cls, loss: LossConfig) -> "Objective":
@@ -46,7 +86,7 @@ class Objective:
                        "resolved yet (value/gamma.resolve)")
     kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer, loss.kind, loss.huber_delta)
     return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride,
-               candidate_weight=loss.candidate_weight)
+               candidate_weight=loss.candidate_weight, lm_chunk=loss.lm_chunk)
 
   def lm_positions(self, x, axis: int = -1):
     """The positions (along the time axis) that the LM term is taken on: every lm_stride-th."""
@@ -58,16 +98,17 @@ class Objective:
     return targets.gae_targets(prediction, batch[rows.REMAINING], batch[rows.VALUE_MASK], batch[rows.SEGMENT_IDS],
                                self.kind.gamma, self.gae_lambda)
 
-  def sums(self, z, lm_logits, batch, candidate_z=None):
-    """Un-normalised loss pieces for one (micro-)batch: squared value error and LM cross-entropy, summed; with
-    candidate_z (the candidate head's logit of each realised next token, [B, T]) the candidate squared error."""
+  def sums(self, z, lm_head: LMHead | None, batch, candidate_z=None):
+    """Un-normalised loss pieces for one (micro-)batch: squared value error and (with lm_head) LM cross-entropy,
+    summed; with candidate_z (the candidate head's logit of each realised next token, [B, T]) the candidate squared
+    error."""
     prediction = self.kind.predict(z)
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     # "value_sq_err": the summed per-token loss (squared error, or Huber under loss.kind = "huber").
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * self.kind.regression_loss(prediction, target))}
-    if lm_logits is not None:
-      ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits, self.lm_positions(batch[rows.LM_TARGETS]))
-      out["lm_ce"] = jnp.sum(self.lm_positions(batch[rows.LM_MASK]).astype(jnp.float32) * ce)
+    if lm_head is not None:
+      out["lm_ce"] = lm_cross_entropy_sum(lm_head.hidden, lm_head.weight, self.lm_positions(batch[rows.LM_TARGETS]),
+                                          self.lm_positions(batch[rows.LM_MASK]), self.lm_chunk)
     if candidate_z is not None:
       out.update(candidate.sums(self.kind, candidate_z, target, batch))
     return out
