@@ -7,13 +7,18 @@ exit status 2. Any other exception is a bug and keeps its traceback (exit status
 
 import contextlib
 import functools
+import importlib.machinery
 import os
 import re
 import sys
 import threading
+import traceback
+from collections.abc import Mapping
 from typing import NoReturn
 
 from absl import app, flags
+from ml_collections import config_dict
+from ml_collections.config_flags import config_flags
 
 from lenvm_jax import errors
 
@@ -77,11 +82,64 @@ def _unknown_config_field(argv, error) -> str | None:
   return None
 
 
+def _line_in(error: BaseException, path: str) -> str:
+  """':<line>' of the deepest frame of `error` that runs in the file `path` ('' if none does)."""
+  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
+    return f":{error.lineno}"
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if os.path.abspath(frame.filename) == path]
+  return f":{lines[-1]}" if lines else ""
+
+
+def load_config_file(flag: str, argument: str, lock: bool = True):
+  """What `--<flag>=<file>[:<arg>]` names: the file's get_config(<arg>), loaded here rather than by ml_collections,
+  whose loader defers a missing file to the first access and lets a file that does not parse, raises or has no
+  get_config end in a traceback. Each of those is a UserError naming the file (and its line)."""
+  file = argument.split(":", 1)[0]
+  args = argument.split(":", 1)[1:]
+  where = f"--{flag}={argument}"
+  if not file:
+    raise errors.UserError.at("no config file given", where, "give the path of a config file")
+  if not os.path.exists(file):
+    raise errors.UserError.at("no such config file", where, "check the path (configs are in experiments/configs/)")
+  if not os.path.isfile(file):
+    raise errors.UserError.at("the config file is not a file", where, "give the path of a .py config file")
+  path = os.path.abspath(file)
+  try:
+    module = importlib.machinery.SourceFileLoader(f"{flag}_config", file).load_module()
+  except Exception as e:  # pylint: disable=broad-except  # Anything the user's file raises (SyntaxError included).
+    raise errors.UserError(f"config file {file}{_line_in(e, path)}: {type(e).__name__}: {e}; fix the file") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise errors.UserError.at("the config file has no get_config()", where,
+                              "define get_config() returning the config (see experiments/configs/)")
+  try:
+    config = get_config(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(f"config file {file}{_line_in(e, path)}: get_config({', '.join(map(repr, args))}) "
+                           f"raised {type(e).__name__}: {e}; fix the file") from None
+  if not isinstance(config, (config_dict.ConfigDict, Mapping)):
+    raise errors.UserError.at(f"get_config() returned {type(config).__name__}, not a config", where,
+                              "return an ml_collections.ConfigDict (start from experiments/configs/base.py)")
+  if lock and callable(getattr(config, "lock", None)):
+    config.lock()
+  return config
+
+
+def _parse_config_file(self, argument):
+  return load_config_file(self.name, argument, self._lock_config)  # pylint: disable=protected-access
+
+
+# Every --config file flag (ml_collections' DEFINE_config_file) of every CLI loads through load_config_file.
+config_flags.ConfigFileFlagParser.parse = _parse_config_file
+
+
 def parse_flags(argv):
   """absl's flag parsing with one-line errors and exit status 2 (absl exits 1 and ml_collections raises a traceback
   for an unknown field)."""
   try:
     return flags.FLAGS(argv)
+  except errors.UserError as e:  # A config file that cannot be loaded (load_config_file).
+    fail(e)
   except flags.Error as e:
     fail(f"{e} (see --helpfull)")
   except (AttributeError, KeyError) as e:

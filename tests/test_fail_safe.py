@@ -85,6 +85,30 @@ def test_storage_library_errors_are_read_for_their_os_error():
   assert errors.os_error_reason(ValueError("shapes do not match")) is None
 
 
+@pytest.mark.parametrize("source, culprit", [
+    (None, r"no such config file \(--config=.*missing.py\)"),
+    ("def get_config(:\n", r"config file .*c.py:1: SyntaxError"),
+    ("import os\nraise RuntimeError('boom')\n", r"config file .*c.py:2: RuntimeError: boom"),
+    ("x = 1\n", r"the config file has no get_config\(\) \(--config=.*c.py\)"),
+    ("def get_config():\n  return 1 / 0\n", r"config file .*c.py:2: get_config\(\) raised ZeroDivisionError"),
+    ("def get_config():\n  return 5\n", r"get_config\(\) returned int, not a config \(--config=.*c.py\)"),
+])
+def test_a_config_file_that_cannot_be_loaded_names_itself(tmp_path, source, culprit):
+  path = tmp_path / ("missing.py" if source is None else "c.py")
+  if source is not None:
+    path.write_text(source)
+  with pytest.raises(errors.UserError, match=culprit):
+    cli.load_config_file("config", str(path))
+  with pytest.raises(errors.UserError, match=r"the config file is not a file"):
+    cli.load_config_file("config", str(tmp_path))
+
+
+def test_a_config_file_loads_through_the_flag_and_stays_locked():
+  from experiments.configs import tiny
+  config = cli.load_config_file("config", "experiments/configs/tiny.py")
+  assert config.to_dict() == tiny.get_config().to_dict() and config.is_locked
+
+
 def test_step_flag_values():
   assert cli.step_value("latest") == "latest" and cli.step_value("best") == "best" and cli.step_value("30") == 30
   with pytest.raises(errors.UserError, match=r"--step"):
@@ -324,6 +348,16 @@ def _one_line_error(result, *needles):
   for needle in needles:
     assert needle in last, (needle, last)
   return last
+
+
+@pytest.mark.slow
+def test_cli_config_files_that_cannot_load_are_one_line(tmp_path):
+  (tmp_path / "raises.py").write_text("def get_config():\n  raise KeyError('nope')\n")
+  for module, flag in (("train", f"--workdir={tmp_path / 'w'}"), ("compile_check", None)):
+    for config, needle in ((tmp_path / "missing.py", "no such config file (--config="),
+                           (tmp_path / "raises.py", "raises.py:2: get_config() raised KeyError")):
+      _one_line_error(_cli(module, f"--config={config}", *([flag] if flag else [])), needle)
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
