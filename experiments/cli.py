@@ -86,7 +86,8 @@ def _line_in(error: BaseException, path: str) -> str:
   """':<line>' of the deepest frame of `error` that runs in the file `path` ('' if none does)."""
   if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == path:
     return f":{error.lineno}"
-  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if os.path.abspath(frame.filename) == path]
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(frame.filename) == path]
   return f":{lines[-1]}" if lines else ""
 
 
