@@ -8,6 +8,7 @@ exit status 2. Any other exception is a bug and keeps its traceback (exit status
 import contextlib
 import functools
 import importlib.machinery
+import logging as logging_std
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ import traceback
 from collections.abc import Mapping
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_dict
 from ml_collections.config_flags import config_flags
 
@@ -163,8 +164,20 @@ def _thread_excepthook(default):
   return hook
 
 
+class _NoTracebackForUserFaults(logging_std.Filter):
+  """Libraries that log an exception of their own threads (orbax's futures: a full disk, a checkpoint path that is a
+  file) would print its traceback before our one `error:` line: for a fault the user can fix, keep the log line, drop
+  the traceback."""
+
+  def filter(self, record):
+    if record.exc_info and record.exc_info[1] is not None and errors.os_error_reason(record.exc_info[1]):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
 def run(main):
   threading.excepthook = _thread_excepthook(threading.excepthook)
+  absl_logging.get_absl_handler().addFilter(_NoTracebackForUserFaults())
   app.run(guard(main), flags_parser=parse_flags)
 
 

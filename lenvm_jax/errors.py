@@ -24,6 +24,11 @@ class CheckpointError(UserError):
   """No checkpoint to restore, none that restores intact, one that does not match the model, or a failed save."""
 
 
+class ModelFileError(UserError, ValueError):
+  """A model file (safetensors weights, an index, a value head, a GGUF) that is damaged, truncated or of another
+  shape; the message names the file. A ValueError too, so callers that treat a bad model as a ValueError still do."""
+
+
 class WorkdirBusy(UserError):
   """Another live trainer holds the workdir's lock."""
 
@@ -63,6 +68,12 @@ def os_error_reason(error: BaseException) -> str | None:
   """'no space left on device', 'permission denied', ...: the user-fixable cause of `error`, or None."""
   code = os_error_code(error)
   return None if code is None else _OS_ERRORS[code][0]
+
+
+def os_error_fix(error: BaseException) -> str | None:
+  """What to do about a user-fixable OSError (see os_error_reason), or None."""
+  code = os_error_code(error)
+  return None if code is None else _OS_ERRORS[code][1]
 
 
 def from_os_error(error: BaseException, where: str | None = None) -> UserError | None:

@@ -11,10 +11,50 @@ to its directory: absolute names and `..` components are refused, so an index ca
 This module imports nothing heavy (stdlib + errors), so every layer can use it.
 """
 
+import contextlib
 import os
 import secrets
 
 from lenvm_jax.errors import UserError
+
+
+def _exclusive_temporary(dir_fd: int, name: str, mode: int) -> tuple[str, int]:
+  for _ in range(100):
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+      return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                          dir_fd=dir_fd)
+    except FileExistsError:
+      continue
+  raise FileExistsError(f"no free temporary name for {name} in its directory")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, mode: int = 0o644):
+  """For writers that take a path (safetensors' save_file): yields the path of a new, empty temporary file created
+  exclusively beside `path`; once the block ends without an error it is fsynced and renamed to `path`, else
+  removed."""
+  directory, name = os.path.split(os.path.abspath(path))
+  dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  try:
+    tmp, fd = _exclusive_temporary(dir_fd, name, mode)
+    os.close(fd)
+    try:
+      yield os.path.join(directory, tmp)
+      fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+      os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+      raise
+    with contextlib.suppress(OSError):
+      os.fsync(dir_fd)
+  finally:
+    os.close(dir_fd)
 
 
 def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
@@ -25,15 +65,7 @@ def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
   directory, name = os.path.split(os.path.abspath(path))
   dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
   try:
-    for _ in range(100):
-      tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-      try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-        break
-      except FileExistsError:
-        continue
-    else:
-      raise FileExistsError(f"no free temporary name for {path}")
+    tmp, fd = _exclusive_temporary(dir_fd, name, mode)
     try:
       try:
         view = memoryview(data)
@@ -44,15 +76,11 @@ def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
         os.close(fd)
       os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-      try:
+      with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)
-      except FileNotFoundError:
-        pass
       raise
-    try:
-      os.fsync(dir_fd)  # The rename itself is durable too (some file systems refuse to sync a directory).
-    except OSError:
-      pass
+    with contextlib.suppress(OSError):  # The rename is durable too (some file systems refuse to sync a directory).
+      os.fsync(dir_fd)
   finally:
     os.close(dir_fd)
 

@@ -161,7 +161,7 @@ def test_a_failed_save_names_the_step_to_resume_from(tmp_path, monkeypatch):
                     "[os_error_code='28']")
   monkeypatch.setattr(ckpt.manager, "save", lambda *args, **kwargs: (_ for _ in ()).throw(full))
   with pytest.raises(errors.CheckpointError, match=r"cannot save checkpoint step 10: no space left on device \(.*"
-                     r"checkpoints\): free space .*rerun the same command: it resumes from step 5"):
+                     r"checkpoints\): free space, then rerun the same command: it resumes from step 5"):
     ckpt.save(10, {"params": {"w": jnp.zeros((4,))}}, _data_iter())
   monkeypatch.setattr(ckpt.manager, "save", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("a bug")))
   with pytest.raises(KeyError):  # Not the disk: a bug keeps its own exception.

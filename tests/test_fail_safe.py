@@ -429,3 +429,91 @@ def test_cli_readers_of_a_run_without_checkpoints_or_config(tmp_path):
   (run / "config.json").write_text(RunConfig.default("tiny").to_json())
   (run / "checkpoints" / "999").mkdir(parents=True)  # An empty step directory is no checkpoint.
   _one_line_error(_cli("export_hf", f"--workdir={run}", f"--output={tmp_path / 'hf'}"), "no complete checkpoint")
+
+
+# ------------------------------------------------------------------------------------ model files at the boundary
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory):
+  """A tiny model exported as an HF directory (weights + value head), and its ModelConfig."""
+  import jax
+  from flax import nnx
+  from lenvm_jax.model import hf_export
+  from lenvm_jax.model.config import ModelConfig, preset_fields
+  from lenvm_jax.model.transformer import LengthValueModel
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "dtype": "float32"})
+  params = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1].to_pure_dict())()
+  directory = tmp_path_factory.mktemp("exported") / "hf"
+  hf_export.export(params, config, str(directory))
+  return directory, config
+
+
+def _load_hf(directory, config):
+  from lenvm_jax import sharding
+  from lenvm_jax.model import hf_import
+  return hf_import.load_params(str(directory), config, sharding.make_mesh(1, 1, 1))
+
+
+def test_damaged_or_mis_shaped_model_files_name_the_file(exported_model, tmp_path):
+  import shutil
+  from safetensors.numpy import save_file
+  source, config = exported_model
+  directory = tmp_path / "hf"
+  shutil.copytree(source, directory)
+  weights, head = directory / "model.safetensors", directory / "value_head.safetensors"
+  original = weights.read_bytes()
+  for damaged in (original[:len(original) // 2], original[:5], b""):
+    weights.write_bytes(damaged)
+    with pytest.raises(errors.ModelFileError, match=rf"not a readable safetensors file .*\({weights}\): the file is "
+                       "damaged or incomplete"):
+      _load_hf(directory, config)
+  weights.write_bytes(original)
+  from safetensors.numpy import load_file
+  tensors = load_file(str(head))
+  save_file({**tensors, "v_head.fc.weight": np.zeros((3, 3), np.float32)}, str(head))  # Another model's head.
+  with pytest.raises(errors.ModelFileError, match=rf"tensor v_head.fc.weight has shape \(3, 3\), the model expects .*"
+                     rf"\({head}\)"):
+    _load_hf(directory, config)
+  head.write_bytes(b"\x10\x00")
+  with pytest.raises(errors.ModelFileError, match=rf"\({head}\)"):
+    _load_hf(directory, config)
+
+
+def test_an_index_cannot_point_outside_the_model_directory(exported_model, tmp_path):
+  import shutil
+  source, config = exported_model
+  directory = tmp_path / "hf"
+  shutil.copytree(source, directory)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  os.replace(directory / "model.safetensors", elsewhere / "x.safetensors")
+  from safetensors import safe_open
+  with safe_open(str(elsewhere / "x.safetensors"), framework="numpy") as f:
+    names = list(f.keys())
+  for target in ("../elsewhere/x.safetensors", str(elsewhere / "x.safetensors")):
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
+    with pytest.raises(errors.UserError, match=r"weight_map\[.*\] names .*, a path outside its directory"):
+      _load_hf(directory, config)
+  (directory / "model.safetensors.index.json").write_text("{not json")
+  with pytest.raises(errors.ModelFileError, match=r"not valid JSON .*model.safetensors.index.json"):
+    _load_hf(directory, config)
+
+
+def test_library_logs_of_a_user_fault_carry_no_traceback_but_bugs_keep_theirs():
+  import logging
+  log_filter = cli._NoTracebackForUserFaults()  # pylint: disable=protected-access
+  for error, kept in ((NotADirectoryError(errno.ENOTDIR, "Not a directory", "/w/checkpoints"), False),
+                      (ValueError("Error writing: No space left on device [os_error_code='28']"), False),
+                      (KeyError("a bug"), True)):
+    record = logging.LogRecord("orbax", logging.ERROR, "future.py", 1, "thread raised: %s", (error,),
+                               (type(error), error, None))
+    assert log_filter.filter(record)
+    assert (record.exc_info is not None) == kept, error
+
+
+def test_a_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path):
+  from lenvm_jax.train import checkpointing
+  (tmp_path / "checkpoints").write_text("")
+  with pytest.raises(errors.CheckpointError, match=r"the checkpoint path is not a directory \(.*checkpoints\): move "):
+    checkpointing.Checkpointer(str(tmp_path), 5, 3, True)

@@ -12,12 +12,12 @@ one shard, not the model.
 import json
 import os
 import re
-import shutil
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from lenvm_jax import files
 from lenvm_jax.data import gguf_file
 from lenvm_jax.model import hf_config, hf_import, hf_layout
 from lenvm_jax.model.config import ModelConfig
@@ -44,7 +44,8 @@ def copy_tokenizer_files(source_dir: str, output_dir: str) -> list[str]:
   copied = []
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):
-      shutil.copyfile(os.path.join(source_dir, name), os.path.join(output_dir, name))
+      with open(os.path.join(source_dir, name), "rb") as f:
+        files.write_atomic(os.path.join(output_dir, name), f.read())
       copied.append(name)
   return copied
 
@@ -62,24 +63,31 @@ def _shards(mappings, max_shard_bytes: int) -> list[list]:
   return shards
 
 
+def _save(tensors: dict, path: str, metadata: dict):
+  """A safetensors file written through an exclusive temporary beside it (files.atomic_path): a symlink planted at
+  `path` is replaced, never followed, and a reader never sees half a file."""
+  with files.atomic_path(path) as tmp:
+    save_file(tensors, tmp, metadata=metadata)
+
+
 def save_trunk(params: dict, model_config: ModelConfig, output_dir: str, max_shard_bytes: int) -> list[str]:
   for name in os.listdir(output_dir):  # A re-export must not leave the other layout's weights to be read instead.
     if name in (hf_import.SINGLE_FILE, hf_import.INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
       os.remove(os.path.join(output_dir, name))
   shards = _shards(hf_layout.trunk_mappings(model_config), max_shard_bytes)
   if len(shards) == 1:
-    save_file(_host_tensors(shards[0], params), os.path.join(output_dir, hf_import.SINGLE_FILE), metadata=_METADATA)
+    _save(_host_tensors(shards[0], params), os.path.join(output_dir, hf_import.SINGLE_FILE), _METADATA)
     return [hf_import.SINGLE_FILE]
   names, weight_map, total = [], {}, 0
   for i, shard in enumerate(shards):
     name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
     tensors = _host_tensors(shard, params)
-    save_file(tensors, os.path.join(output_dir, name), metadata=_METADATA)
+    _save(tensors, os.path.join(output_dir, name), _METADATA)
     weight_map.update({hf_name: name for hf_name in tensors})
     total += sum(t.nbytes for t in tensors.values())
     names.append(name)
-  with open(os.path.join(output_dir, hf_import.INDEX_FILE), "w", encoding="utf-8") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  files.write_atomic(os.path.join(output_dir, hf_import.INDEX_FILE),
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
   return names + [hf_import.INDEX_FILE]
 
 
@@ -88,17 +96,17 @@ def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_d
   """Writes the LenVM directory; returns the file names written. float32 weights, whatever the training dtype."""
   os.makedirs(output_dir, exist_ok=True)
   written = []
-  with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config.hf_config_from_model_config(model_config), f, indent=2, sort_keys=True)
+  files.write_atomic(os.path.join(output_dir, "config.json"),
+                     json.dumps(hf_config.hf_config_from_model_config(model_config), indent=2, sort_keys=True))
   written.append("config.json")
   written += save_trunk(params, model_config, output_dir, max_shard_bytes)
-  save_file(_host_tensors(hf_layout.value_head_mappings(model_config), params),
-            os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE), metadata=_METADATA)
+  _save(_host_tensors(hf_layout.value_head_mappings(model_config), params),
+        os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE), _METADATA)
   written.append(hf_layout.VALUE_HEAD_FILE)
   candidate_file = os.path.join(output_dir, hf_layout.CANDIDATE_HEAD_FILE)
   if model_config.candidate_head != "none":
-    save_file(_host_tensors(hf_layout.candidate_head_mappings(model_config), params), candidate_file,
-              metadata={**_METADATA, "candidate_head": model_config.candidate_head})
+    _save(_host_tensors(hf_layout.candidate_head_mappings(model_config), params), candidate_file,
+          {**_METADATA, "candidate_head": model_config.candidate_head})
     written.append(hf_layout.CANDIDATE_HEAD_FILE)
   elif os.path.exists(candidate_file):  # A re-export without the head must not leave the old one to be read.
     os.remove(candidate_file)

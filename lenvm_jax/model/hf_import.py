@@ -2,7 +2,8 @@
 
 Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding (a
 decoder layer's into its slice of the stacked array, on the devices), so the host holds at most one full tensor,
-never a second copy of the model. A `value_head.safetensors` (a LenVM in
+never a second copy of the model. A file that is damaged, truncated, of other shapes, or an index that names files
+outside the directory is a ModelFileError naming the file. A `value_head.safetensors` (a LenVM in
 the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every function
 that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py).
 """
@@ -18,9 +19,10 @@ import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so bf16 checkpoin
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from lenvm_jax import sharding
+from lenvm_jax import files as files_lib, sharding
+from lenvm_jax.errors import ModelFileError, UserError
 from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_layout
 from lenvm_jax.model.candidate_head import CandidateValueHead
@@ -31,19 +33,51 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_FIX = "the file is damaged or incomplete: copy or download it again"
+
+
+@contextlib.contextmanager
+def reading(path: str):
+  """Inside, what a safetensors / JSON reader says about `path` (damaged, truncated, missing) is a ModelFileError
+  that names it."""
+  try:
+    yield
+  except UserError:
+    raise
+  except SafetensorError as e:
+    raise ModelFileError.at(f"not a readable safetensors file ({e})", path, _FIX) from None
+  except json.JSONDecodeError as e:
+    raise ModelFileError.at(f"not valid JSON ({e})", path, _FIX) from None
+  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    raise ModelFileError.at(f"cannot read it ({e.strerror.lower() if e.strerror else e})", path,
+                            "check that the model directory is complete and readable") from None
+
+
+def _safe_open(stack: contextlib.ExitStack, path: str):
+  with reading(path):
+    return stack.enter_context(safe_open(path, framework="numpy"))
+
+
+def _names(path: str) -> set[str]:
+  with contextlib.ExitStack() as stack:
+    return set(_safe_open(stack, path).keys())
+
+
 def tensor_files(directory: str) -> dict[str, str]:
-  """HF tensor name -> the safetensors file that holds it (single file, or sharded files + index)."""
+  """HF tensor name -> the safetensors file that holds it (single file, or sharded files + index). The index's file
+  names must lie inside the directory."""
   index_path = os.path.join(directory, INDEX_FILE)
   if os.path.isfile(index_path):
-    with open(index_path, encoding="utf-8") as f:
-      weight_map = json.load(f).get("weight_map")
+    with reading(index_path), open(index_path, encoding="utf-8") as f:
+      index = json.load(f)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-      raise ValueError(f"{index_path}: no 'weight_map' object")
-    return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+      raise ModelFileError.at("no 'weight_map' object", index_path, _FIX)
+    return {name: files_lib.inside(directory, file, f"{index_path}: weight_map[{name!r}]")
+            for name, file in weight_map.items()}
   single = os.path.join(directory, SINGLE_FILE)
   if os.path.isfile(single):
-    with safe_open(single, framework="numpy") as f:
-      return {name: single for name in f.keys()}
+    return {name: single for name in _names(single)}
   raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors weights "
                           "are supported)")
 
@@ -84,13 +118,18 @@ def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dic
     handles = {}
     for m in mappings:
       if m.hf_name not in files:
-        raise KeyError(f"tensor {m.hf_name!r} not found in {sorted(set(files.values()))}")
+        shown = sorted(set(files.values()))
+        raise ModelFileError.at(f"tensor {m.hf_name!r} is missing", ", ".join(shown[:3]) + (" ..." if len(shown) > 3
+                                                                                             else ""),
+                                "the weights are incomplete or of another architecture than config.json says")
       path = files[m.hf_name]
       if path not in handles:
-        handles[path] = stack.enter_context(safe_open(path, framework="numpy"))
-      tensor = handles[path].get_tensor(m.hf_name)
+        handles[path] = _safe_open(stack, path)
+      with reading(path):
+        tensor = handles[path].get_tensor(m.hf_name)
       if tuple(tensor.shape) != m.hf_shape:
-        raise ValueError(f"{path}: tensor {m.hf_name} has shape {tuple(tensor.shape)}, expected {m.hf_shape}")
+        raise ModelFileError.at(f"tensor {m.hf_name} has shape {tuple(tensor.shape)}, the model expects "
+                                f"{m.hf_shape}", path, "the file does not belong to this model's config.json")
       put_mapped(params, m, tensor, abstract, shardings)
       del tensor
   return params
@@ -124,7 +163,8 @@ def candidate_head_kind(directory: str) -> str:
   path = os.path.join(directory, hf_layout.CANDIDATE_HEAD_FILE)
   if gguf_file.is_gguf_path(directory) or not os.path.isfile(path):
     return "none"
-  with safe_open(path, framework="numpy") as f:
+  with contextlib.ExitStack() as stack:
+    f = _safe_open(stack, path)
     kind = (f.metadata() or {}).get("candidate_head")
     return kind or ("table" if "c_head.table.weight" in f.keys() else "tied")
 
@@ -142,11 +182,11 @@ def load_candidate_head(directory: str, model_config: ModelConfig, abstract: dic
   if candidate_head_kind(directory) == "none":
     return fresh_candidate_head(model_config, shardings, seed)
   mappings = hf_layout.candidate_head_mappings(model_config)
-  with safe_open(path, framework="numpy") as f:
-    names = set(f.keys())
+  names = _names(path)
   if names != {m.hf_name for m in mappings}:
-    raise ValueError(f"{path}: holds {sorted(names)}, expected exactly {sorted(m.hf_name for m in mappings)} for "
-                     f"model.candidate_head={model_config.candidate_head!r}")
+    raise ModelFileError.at(f"holds {sorted(names)}, expected exactly {sorted(m.hf_name for m in mappings)} for "
+                            f"model.candidate_head={model_config.candidate_head!r}", path,
+                            "give the candidate head exported with this model")
   return _load_mapped(mappings, {n: path for n in names}, abstract, shardings)["candidate_head"]
 
 
@@ -165,18 +205,19 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
   mappings = hf_layout.trunk_mappings(model_config)
   unexpected = sorted(set(files) - {m.hf_name for m in mappings} - {n for n in files if _ignorable(n, model_config)})
   if unexpected:
-    raise ValueError(f"{directory}: tensors with no place in the model: {unexpected[:8]}"
-                     f"{' ...' if len(unexpected) > 8 else ''}")
+    raise ModelFileError.at(f"tensors with no place in the model: {unexpected[:8]}"
+                            f"{' ...' if len(unexpected) > 8 else ''}", directory,
+                            "the weights hold a feature this model does not compute, or belong to another config.json")
   params = _load_mapped(mappings, files, abstract, shardings)
 
   if has_value_head(directory):
     value_file = os.path.join(directory, hf_layout.VALUE_HEAD_FILE)
     value_maps = hf_layout.value_head_mappings(model_config)
-    with safe_open(value_file, framework="numpy") as f:
-      names = set(f.keys())
+    names = _names(value_file)
     expected = {m.hf_name for m in value_maps}
     if names != expected:
-      raise ValueError(f"{value_file}: holds {sorted(names)}, expected exactly {sorted(expected)}")
+      raise ModelFileError.at(f"holds {sorted(names)}, expected exactly {sorted(expected)}", value_file,
+                              "give the value head exported with this model, or remove it for a fresh head")
     params.update(_load_mapped(value_maps, {n: value_file for n in names}, abstract, shardings))
   else:
     params["value_head"] = fresh_value_head(model_config, shardings, seed)

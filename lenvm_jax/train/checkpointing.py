@@ -12,6 +12,9 @@ Faults a run survives:
   * a checkpoint of another model (e.g. model.num_layers changed) is refused with the differing config fields.
 """
 
+import errno
+import os
+
 import grain
 import orbax.checkpoint as ocp
 from absl import logging
@@ -56,6 +59,10 @@ class Checkpointer:
     self.directory = rundir.checkpoint_dir(workdir)
     self.every_steps = every_steps
     self.keep_best = keep_best
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):  # Before orbax's threads trip on it.
+      raise CheckpointError.at("the checkpoint path is not a directory", self.directory,
+                               "move that file out of the workdir (a run keeps its checkpoints there) or use another "
+                               "--workdir")
     if distributed.is_leader():
       rundir.require_checksums(workdir)  # Before the first save: from here on a step counts with its checksums.
       for step in rundir.incomplete_steps(workdir):
@@ -83,8 +90,15 @@ class Checkpointer:
       return error
     done = [s for s in self.steps() if s != step]
     resume = f"it resumes from step {done[-1]}" if done else "it starts afresh (no complete checkpoint yet)"
+    code = errors.os_error_code(error)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+      fix = "free space"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+      fix = "make the location writable"
+    else:
+      fix = f"{errors.os_error_fix(error)}"
     return CheckpointError.at(f"cannot save checkpoint step {step}: {reason}", self.directory,
-                              f"free space or fix the location, then rerun the same command: {resume}")
+                              f"{fix}, then rerun the same command: {resume}")
 
   def _seal(self):
     """Checksums for the saved steps that orbax has committed since (the leader writes them): only then does a step
