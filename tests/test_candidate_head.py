@@ -383,8 +383,8 @@ def test_exact_next_state_values_agree_with_the_exact_values_and_the_jax_scorer(
     assert table.shape == (len(t.completion_ids) + 1, policy.vocab_size)
     np.testing.assert_allclose(table[np.arange(len(t.completion_ids)), t.completion_ids], exact[1:], atol=1e-6)
     modes = scorer.start(None, jnp.asarray(t.prompt_ids[None]), None, None)
-    values, _ = scorer.score(None, modes, jnp.arange(policy.vocab_size)[None], None)
-    np.testing.assert_allclose(table[0], np.asarray(values[0]), atol=1e-6)
+    logits, _ = scorer.score(None, modes, jnp.arange(policy.vocab_size)[None], None)  # z of V = -sigmoid(z).
+    np.testing.assert_allclose(table[0], -np.asarray(jax.nn.sigmoid(logits[0])), atol=1e-6)
 
 
 def test_scorer_errors_count_non_terminal_states_per_token_class():

@@ -19,7 +19,7 @@ from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from lenvm_jax.value.targets import TargetKind
+from lenvm_jax.value.targets import TargetKind, logit_from_remaining
 
 GAMMA = 0.98
 POLICY = SyntheticPolicy()
@@ -99,6 +99,23 @@ def test_conventions_on_the_synthetic_policy(synthetic_sampler):
   np.testing.assert_array_equal(reference, targets + 1)
 
 
+def test_default_rules_give_what_is_asked_on_the_synthetic_policy(synthetic_sampler):
+  """The default rules with exact values: Equal To ends on its target (EOS is among the candidates there), At Least
+  at its target, At Most within it and no shorter than the model's own answers need be."""
+  targets = np.asarray([TARGETS[i % len(TARGETS)] for i in range(len(PROMPTS))])
+  rules = ("none", "equal_to", "at_most", "at_least")
+  requests = [LengthRequest(rule, int(t)) for rule in rules for t in targets]
+  samples = synthetic_sampler.generate(PROMPTS * len(rules), requests, row_ids=list(range(len(PROMPTS))) * len(rules))
+  lengths = dict(zip(rules, _lengths(samples).reshape(len(rules), len(PROMPTS))))
+  np.testing.assert_array_equal(lengths["equal_to"], targets)
+  np.testing.assert_array_equal(lengths["at_least"], targets)  # EOS is offered once the budget is met.
+  assert np.all(lengths["at_most"] <= targets)
+  # Never cut short by choice: the empty answers are the model's own (EOS sampled at its base probability).
+  assert np.mean(lengths["at_most"] == 1) <= np.mean(lengths["none"] == 1) + 0.05
+  fits = lengths["none"] <= targets  # Where the unguided answer fits, At Most stays near its length.
+  assert abs(lengths["at_most"][fits].mean() - lengths["none"][fits].mean()) < 0.25 * lengths["none"][fits].mean()
+
+
 def test_negative_tilt_shortens_monotonically(synthetic_sampler):
   betas = (0.0, -3.0, -10.0, -30.0)
   requests = [LengthRequest("tilt", beta=b) for b in betas for _ in PROMPTS]
@@ -110,22 +127,22 @@ def test_negative_tilt_shortens_monotonically(synthetic_sampler):
 
 def test_choose_follows_each_rule_on_hand_built_candidates():
   # Candidates in order of probability: a filler that keeps ~100 tokens, EOS, a switch that leaves ~5 tokens.
-  values = jnp.asarray([[-(1 - GAMMA**100), 0.0, -(1 - GAMMA**5)]] * 5, jnp.float32)
+  z = jnp.asarray([[float(logit_from_remaining(100.0, GAMMA)), -100.0, float(logit_from_remaining(5.0, GAMMA))]] * 5)
+  is_eos = jnp.asarray([[False, True, False]] * 5)
   logits = jnp.log(jnp.asarray([[0.6, 0.1, 0.3]] * 5, jnp.float32))
-  rules = jnp.asarray([guided.RULES.index(r) for r in ("equal_to", "equal_to", "at_most", "at_least", "at_least")])
-  targets = jnp.asarray([7, 200, 8, 50, 10])
+  requests = [LengthRequest.following("sample_fitting", rule, target) for rule, target in
+              (("equal_to", 7), ("equal_to", 200), ("at_most", 8), ("at_least", 50), ("at_least", 10))]
   generated = jnp.asarray([0, 0, 0, 0, 9])
   keys = jax.random.split(jax.random.key(0), 5)
-  choose = jax.jit(guided.choose, static_argnums=7)  # One compile instead of one per eager op.
-  fitting = jnp.full(5, guided.SELECTIONS.index("sample_fitting"))  # The rules these assertions were written for.
-  choose = functools.partial(choose, selections=fitting)
-  choice = choose(logits, values, rules, targets, jnp.zeros(5), generated, keys, GAMMA)
+  choose = jax.jit(guided.choose, static_argnums=6)  # One compile instead of one per eager op.
+  rows = guided.request_arrays(requests)
+  choice = choose(logits, z, is_eos, generated, keys, rows, GAMMA)
   # equal_to 7: 6 tokens after the candidate -> the 5-token switch; 200 -> the long filler; at_most 8: only the
   # switch and EOS fit (both sampled in proportion, so check the set); at_least 50 -> the long filler only;
   # at_least 10 with 9 generated: EOS meets the target.
   assert choice[0] == 2 and choice[1] == 0 and int(choice[2]) in (1, 2) and choice[3] == 0 and choice[4] == 1
   masked = logits.at[:, 0].set(-jnp.inf)  # A filtered-out candidate is never chosen.
-  assert choose(masked, values, rules, targets, jnp.zeros(5), generated, keys, GAMMA)[1] == 2
+  assert choose(masked, z, is_eos, generated, keys, rows, GAMMA)[1] == 2
 
 
 def test_requests_are_checked():

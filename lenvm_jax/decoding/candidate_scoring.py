@@ -25,8 +25,9 @@ SCORERS = ("next_state", "candidate_head")
 
 
 def candidate_values(model, kind: TargetKind, hidden, candidates):
-  """V(s_t + x) estimates [B, k] of candidates [B, k] from the hidden states [B, H] of s_t."""
-  return kind.value_estimate(kind.predict(model.candidate_logits(hidden, candidates)))
+  """Logits z [B, k] of V(s_t + x) = -sigmoid(z) for candidates [B, k] from the hidden states [B, H] of s_t (the
+  discounted convention guided decoding reads exact lengths from)."""
+  return kind.discounted_logit(model.candidate_logits(hidden, candidates))
 
 
 def _prefill_last(model, prompt_tokens, prompt_lengths, cache_len):

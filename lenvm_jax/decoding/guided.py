@@ -2,29 +2,49 @@
 
 Each step, per row: the generator's logits go through the sampling filters (temperature, top-k, top-p, min-p;
 lenvm_jax/decoding/sampler.py), the `num_candidates` most likely surviving tokens are the candidates, and the LenVM
-scores every candidate x as V(s_t + x) in (-1, 0] (more negative = more tokens expected to follow; an EOS
-candidate is 0). All candidates of all rows are scored in one batched forward over the LenVM's prefix cache,
-each candidate seeing the prefix and itself only; the chosen candidate's keys and values are then committed, so
-the prefix is never recomputed (lenvm_jax/decoding/guided_models.py).
+scores every candidate x by its value head's logit z(s_t + x). Guidance keeps z: V = -sigmoid(z), u = -V = sigmoid(z)
+(the reference's sign: larger = longer) and the expected remainder n = log(1 + V) / log(gamma) =
+log_sigmoid(-z) / log(gamma), exact in float32 far past where V rounds to -1 (value/targets.py). An EOS candidate has
+V = 0, n = 0. All candidates of all rows are scored in one batched forward over the LenVM's prefix cache
+(lenvm_jax/decoding/guided_models.py).
 
-Rules (per row, in one batch). Lengths count the EOS token; R = max(target - generated - target_offset, 0) is the
-number of tokens still wanted after the candidate (target_offset 1: the candidate itself is one of the target's
-tokens; 0: the reference's R = max(T - generated, 0)), and v*(R) = -(1 - gamma ** R) is the value of exactly R more
-tokens (targets.discounted_return):
-  none      sample from the base distribution over the candidates;
-  equal_to  the candidate closest to R: in value space |V - v*(R)| (space="value", the paper's), or in length space
-            |n(V) - R| with n(V) = log(1 + V) / log(gamma) (space="length", the reference's); ties: the more likely;
-  at_most   selection="paper" / "reference": the candidate with the largest V (the shortest), always;
-            selection="sample_fitting": sample among candidates expected to fit, V >= v*(R), else the shortest;
-  at_least  selection="paper": the candidate with the smallest V (the longest), always (the row then ends at
-            max_new_tokens unless EOS is the only candidate); "reference": the longest until the budget is met
-            (R = 0), then the shortest (EOS if offered); "sample_fitting": until R = 0, sample among candidates
-            expected to reach the target, V <= v*(R), else the longest; then the shortest;
-  tilt      sample from p'(x) ~ p(x) exp(beta * u(x)) with u = -V = sigmoid(z) in [0, 1) (the reference's sign):
-            beta < 0 favours short continuations, beta > 0 long ones, beta = 0 is the base model.
+Targets (per row; lengths count the EOS token): with target_mode "total", R = max(target - generated -
+target_offset, 0) tokens are still wanted after the candidate (offset 1: the candidate is one of the target's tokens;
+0: the reference's R = max(T - generated, 0); -1: the reference's LIFEBench client, which asks for T + 1); with
+"remaining", R = max(target - target_offset, 0), fixed while decoding. u* = 1 - gamma ** R is its value (or `target_value` when set, the reference's direct
+target in u). The budget is met when u* = 0 (R = 0).
+
+Rules:
+  none        sample from the base distribution over the candidates;
+  equal_to    the candidate closest to the target: in length space |n - R| (space "length") or value space |u - u*|
+              ("value", the paper's); ties: the more likely. Under selection "default" EOS is not taken while R > 0
+              (unless it is the only candidate): ending early is a certain miss, while any other token keeps the
+              chance to end exactly on target, so the answer ends on its target whenever EOS is offered there;
+  at_most     "default": EOS keeps its base probability (the model ends when it would) and the candidates whose
+              expected remainder fits (n <= R) share the rest in their base proportions; when no other candidate
+              fits, EOS if offered, else the shortest: the answer the model would give, ended by the model or at the
+              budget, never cut at once by choice. "sample_fitting": a base sample among the fitting candidates, EOS
+              included (it gains the mass of those that do not fit), else the shortest. "paper" / "reference": the
+              shortest (largest V), always;
+  at_least    "default": a base sample among the non-EOS candidates until the budget is met, then EOS if offered,
+              else the shortest. "paper": the longest, always. "reference": the longest until the budget is met, then
+              the shortest. "sample_fitting": until the budget is met, a base sample among candidates expected to
+              reach it (n >= R), else the longest; then the shortest;
+  tilt        sample from p'(x) ~ p(x) exp(beta * u(x)): beta < 0 shorter, beta > 0 longer (= the reference's
+              value mode centered_exp with scale beta);
+  eq_soft     the reference's soft Equal To: if u* lies outside the candidates' [min u, max u], the shortest or
+              longest; else sample from the exponential tilt p(x) exp(lam * u(x)) whose mean u is u*;
+  expectation the reference's expectation guidance (value_mode, scale): a target mean u from the base mean E_p[u]
+              (mul: scale * E; linear: toward max (scale >= 1) or min u; exp: 1 - (1 - E') ** scale on the
+              normalised range; length_mul: the length of E scaled by `scale`), then sample from the tilt that has
+              that mean; centered_exp (p exp(scale u)) and value_bias (p exp(scale z)) tilt directly. With
+              value_min, a row whose E_p[u] is below it samples unguided.
+value_entropy_threshold (nats): a row whose candidate distribution has at most that entropy samples unguided (the
+reference skips the LenVM there). gamma (per request) replaces the LenVM's gamma in every length <-> value
+conversion, as the reference does (its Qwen3 LIFEBench runs decode at 0.9998 with a LenVM trained at 0.999).
 Deterministic choices break ties toward the more likely candidate (candidates come sorted by probability), as the
 reference does. `LengthRequest.following(convention, ...)` sets selection, space and target_offset together:
-"paper" (the default), "reference", or "sample_fitting" (this framework's earlier rules).
+"default", "paper", "reference", "reference_lifebench" or "sample_fitting" (CONVENTIONS).
 """
 
 import dataclasses
@@ -36,57 +56,104 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenvm_jax import sharding
-from lenvm_jax.value.targets import discounted_return, remaining_from_value
+from lenvm_jax.value.targets import log1p_value_from_logit, remaining_from_logit
 from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
                                         row_keys, step_keys)
 
-RULES = ("none", "equal_to", "at_most", "at_least", "tilt")
-_NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT = range(len(RULES))
-SELECTIONS = ("paper", "reference", "sample_fitting")  # How at_most / at_least pick among the candidates.
-_PAPER, _REFERENCE, _SAMPLE_FITTING = range(len(SELECTIONS))
+RULES = ("none", "equal_to", "at_most", "at_least", "tilt", "eq_soft", "expectation")
+_NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT, _EQ_SOFT, _EXPECTATION = range(len(RULES))
+SELECTIONS = ("default", "paper", "reference", "sample_fitting")  # How the hard rules pick among the candidates.
+_DEFAULT, _PAPER, _REFERENCE, _SAMPLE_FITTING = range(len(SELECTIONS))
 SPACES = ("value", "length")  # Where equal_to measures the distance to the target.
-# Named sets of (selection, space, target_offset): the paper's rules, the reference code's, and the sampling rules
-# this framework used before (at_most / at_least sample among the candidates that fit).
+TARGET_MODES = ("total", "remaining")  # target counts the whole answer, or the tokens still wanted (fixed).
+VALUE_MODES = ("mul", "linear", "exp", "length_mul", "centered_exp", "value_bias")  # The reference's expectation modes.
+_MUL, _LINEAR, _EXP, _LENGTH_MUL, _CENTERED_EXP, _VALUE_BIAS = range(len(VALUE_MODES))
+# Named sets of (selection, space, target_offset): rules that do what a user asks (the default), the paper's literal
+# rules, the reference code's, the reference's LIFEBench client (it asks for T + 1 tokens), and this framework's
+# earlier sampling rules.
 CONVENTIONS = {
+    "default": dict(selection="default", space="length", target_offset=1),
     "paper": dict(selection="paper", space="value", target_offset=1),
     "reference": dict(selection="reference", space="length", target_offset=0),
+    "reference_lifebench": dict(selection="reference", space="length", target_offset=-1),
     "sample_fitting": dict(selection="sample_fitting", space="value", target_offset=1),
 }
+_UNSET = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
 class LengthRequest:
   """One row's length instruction: a rule, its target length in tokens (EOS included), beta for `tilt`, and how the
-  rule is applied (module docstring): selection for at_most / at_least, space for equal_to, and target_offset
-  (R = max(target - generated - target_offset, 0)) for all three. The defaults are the paper's rules."""
+  rule is applied (module docstring). The defaults are the "default" convention's rules; the reference's options
+  (target_mode, value_mode, scale, value_min, value_entropy_threshold, target_value, gamma) are off or at the
+  reference's defaults. NaN = unset for the optional floats."""
   rule: str = "none"
   target: int = 0
   beta: float = 0.0
-  selection: str = "paper"
-  space: str = "value"
+  selection: str = "default"
+  space: str = "length"
   target_offset: int = 1
+  target_mode: str = "total"
+  value_mode: str = "mul"
+  scale: float = 1.0
+  value_min: float = _UNSET
+  value_entropy_threshold: float = _UNSET
+  target_value: float = _UNSET
+  gamma: float = _UNSET
 
   def __post_init__(self):
     if self.rule not in RULES:
       raise ValueError(f"length rule must be one of {RULES}, got {self.rule!r}")
-    if self.rule in ("equal_to", "at_most", "at_least") and self.target <= 0:
+    has_target_value = np.isfinite(self.target_value)
+    if self.rule in ("equal_to", "at_most", "at_least", "eq_soft") and self.target <= 0 and not has_target_value:
       raise ValueError(f"length rule {self.rule!r} needs a positive target, got {self.target}")
+    if has_target_value and not 0.0 <= self.target_value < 1.0:
+      raise ValueError(f"target_value is the reference's u = 1 - gamma ** n in [0, 1), got {self.target_value}")
     if not np.isfinite(self.beta):
       raise ValueError(f"tilt beta must be finite, got {self.beta}")
+    if not np.isfinite(self.scale):
+      raise ValueError(f"value scale must be finite, got {self.scale}")
     if self.selection not in SELECTIONS:
       raise ValueError(f"length selection must be one of {SELECTIONS}, got {self.selection!r}")
     if self.space not in SPACES:
       raise ValueError(f"equal_to space must be one of {SPACES}, got {self.space!r}")
-    if self.target_offset not in (0, 1):
-      raise ValueError(f"target_offset must be 1 (the target counts the candidate) or 0 (the reference's), "
-                       f"got {self.target_offset!r}")
+    if self.target_offset not in (-1, 0, 1):
+      raise ValueError(f"target_offset must be 1 (the target counts the candidate), 0 (the reference's) or -1 (the "
+                       f"reference's LIFEBench client: T + 1), got {self.target_offset!r}")
+    if self.target_mode not in TARGET_MODES:
+      raise ValueError(f"target_mode must be one of {TARGET_MODES}, got {self.target_mode!r}")
+    if self.value_mode not in VALUE_MODES:
+      raise ValueError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+    if np.isfinite(self.gamma) and not 0.0 < self.gamma < 1.0:
+      raise ValueError(f"gamma must lie in (0, 1), got {self.gamma}")
 
   @classmethod
-  def following(cls, convention: str, rule: str = "none", target: int = 0, beta: float = 0.0) -> "LengthRequest":
-    """A request under a named set of rules: "paper", "reference" or "sample_fitting" (CONVENTIONS)."""
+  def following(cls, convention: str, rule: str = "none", target: int = 0, beta: float = 0.0,
+                **fields) -> "LengthRequest":
+    """A request under a named set of rules (CONVENTIONS); `fields` set the reference's options."""
     if convention not in CONVENTIONS:
       raise ValueError(f"length rule convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
-    return cls(rule, target, beta, **CONVENTIONS[convention])
+    return cls(rule, target, beta, **{**CONVENTIONS[convention], **fields})
+
+
+def request_arrays(requests: Sequence[LengthRequest]) -> dict:
+  """The per-row arrays `choose` reads ({field: [B] numpy array}), from one request per row."""
+  column = lambda get, dtype: np.asarray([get(r) for r in requests], dtype)
+  return {
+      "rule": column(lambda r: RULES.index(r.rule), np.int32),
+      "target": column(lambda r: r.target, np.int32),
+      "beta": column(lambda r: r.beta, np.float32),
+      "selection": column(lambda r: SELECTIONS.index(r.selection), np.int32),
+      "space": column(lambda r: SPACES.index(r.space), np.int32),
+      "target_offset": column(lambda r: r.target_offset, np.int32),
+      "target_mode": column(lambda r: TARGET_MODES.index(r.target_mode), np.int32),
+      "value_mode": column(lambda r: VALUE_MODES.index(r.value_mode), np.int32),
+      "scale": column(lambda r: r.scale, np.float32),
+      "value_min": column(lambda r: r.value_min, np.float32),
+      "entropy_threshold": column(lambda r: r.value_entropy_threshold, np.float32),
+      "target_value": column(lambda r: r.target_value, np.float32),
+      "gamma": column(lambda r: r.gamma, np.float32),
+  }
 
 
 class GuidedModels(Protocol):
@@ -98,63 +165,167 @@ class GuidedModels(Protocol):
     """Prefill of left-padded prompts [B, P]: (state, next-token logits [B, V])."""
 
   def score(self, params, state, candidates, positions):
-    """V(s_t + x) [B, k] of candidates [B, k] at positions [B], without committing: (values, pending)."""
+    """The value head's logit z(s_t + x) [B, k] of candidates [B, k] at positions [B] in the discounted convention
+    (V = -sigmoid(z); TargetKind.discounted_logit), without committing: (logits, pending)."""
 
   def commit(self, params, state, pending, choice, tokens, positions):
     """Appends the chosen candidates (index choice [B], ids tokens [B]): (state, next-token logits [B, V])."""
 
 
-def choose(candidate_logits, values, rules, targets, betas, generated, keys, gamma: float, selections=None,
-           spaces=None, target_offsets=None):
-  """Index [B] of the chosen candidate per row (see the module docstring for the rules).
+_TILT_DOUBLINGS, _TILT_STEPS = 17, 40  # Bracket up to |lam| = 2 ** 17 (the reference stops near 1e5); Newton steps.
 
-  candidate_logits [B, k] (filtered; -inf = not allowed, at least one allowed per row, sorted by probability),
-  values [B, k] in (-1, 0], rules / targets / generated [B] int32, betas [B] float32, keys [B] PRNG keys;
-  selections / spaces [B] int32 (indices into SELECTIONS / SPACES) and target_offsets [B] int32 default to the
-  paper's rules (selection "paper", value space, offset 1).
+
+def _tilt_to_mean(log_p, d, allowed, target):
+  """lam [B] such that the tilt p(x) exp(lam d(x)) has mean d equal to target [B] (strictly inside each row's range
+  of d >= 0): the bracket is doubled outward from [-1, 1], then Newton steps kept inside it, else bisection. d is
+  u - min u, so it keeps float32's precision where u itself is close to 1."""
+
+  def mean_var(lam):
+    w = jax.nn.softmax(jnp.where(allowed, log_p + lam[:, None] * d, -jnp.inf), axis=-1)
+    mean = jnp.sum(w * d, axis=-1)
+    return mean, jnp.sum(w * (d - mean[:, None])**2, axis=-1)
+
+  def widen(_, bounds):
+    lo, hi = bounds
+    return jnp.where(mean_var(lo)[0] > target, 2.0 * lo, lo), jnp.where(mean_var(hi)[0] < target, 2.0 * hi, hi)
+
+  ones = jnp.ones_like(target)
+  lo, hi = jax.lax.fori_loop(0, _TILT_DOUBLINGS, widen, (-ones, ones))
+
+  def newton(_, carry):
+    lam, lo, hi = carry
+    mean, var = mean_var(lam)
+    lo, hi = jnp.where(mean < target, lam, lo), jnp.where(mean < target, hi, lam)
+    step = lam - (mean - target) / jnp.maximum(var, 1e-30)
+    ok = (var > 1e-30) & (step > lo) & (step < hi)
+    return jnp.where(ok, step, 0.5 * (lo + hi)), lo, hi
+
+  return jax.lax.fori_loop(0, _TILT_STEPS, newton, (jnp.zeros_like(target), lo, hi))[0]
+
+
+def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma: float):
+  """The distribution each row's rule draws its next token from, as logits [B, k] (-inf = never; a deterministic
+  rule is one-hot: 0 at its choice). See the module docstring for the rules.
+
+  candidate_logits [B, k]: the filtered sampling logits (-inf = not allowed, at least one allowed per row, sorted by
+  probability); logits [B, k]: the value head's z of each candidate (discounted convention); is_eos [B, k];
+  generated [B] tokens so far; rows: the per-row request arrays of `request_arrays` ([B] each); gamma: the LenVM's
+  (a row's own `gamma` replaces it).
   """
-  zeros = jnp.zeros_like(rules)
-  selections = zeros + _PAPER if selections is None else selections
-  spaces = zeros if spaces is None else spaces
-  target_offsets = zeros + 1 if target_offsets is None else target_offsets
   allowed = jnp.isfinite(candidate_logits)
-  length_score = -values  # u in [0, 1): larger = longer.
-  remaining = jnp.maximum(targets - generated - target_offsets, 0)
-  v_star = discounted_return(remaining, gamma)[:, None]
-  budget_met = remaining == 0
-  # One Gumbel draw per row serves every sampling rule (argmax of logits + Gumbel noise is a categorical sample);
-  # a row uses one rule, so sharing the noise across rules changes nothing and saves the random-bit generation.
-  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, candidate_logits.shape[-1:]))(keys)
-  sample = lambda logits: jnp.argmax(logits + gumbel, axis=-1)
-  first_allowed_min = lambda cost: jnp.argmin(jnp.where(allowed, cost, jnp.inf), axis=-1)
-  shortest = first_allowed_min(length_score)
-  longest = first_allowed_min(-length_score)
-  base = sample(candidate_logits)
-  value_distance = jnp.abs(values - v_star)
-  length_distance = jnp.abs(remaining_from_value(values, gamma) - remaining[:, None].astype(jnp.float32))
-  equal_to = first_allowed_min(jnp.where((spaces == 1)[:, None], length_distance, value_distance))
+  log_g = jnp.log(jnp.where(jnp.isnan(rows["gamma"]), jnp.float32(gamma), rows["gamma"]))[:, None]  # [B, 1]
+  log_w = jnp.where(is_eos, 0.0, log1p_value_from_logit(logits))  # log(1 + V) = log(1 - u) <= 0, exact.
+  w = jnp.exp(log_w)  # 1 - u = gamma ** n; EOS: 1.
+  n = log_w / log_g  # Expected remainder after the candidate; EOS: 0.
+  # The target: R tokens still wanted, or the reference's target_value u*; as log w* = log(1 - u*).
+  total = rows["target_mode"] == TARGET_MODES.index("total")
+  remaining = jnp.maximum(rows["target"] - jnp.where(total, generated, 0) - rows["target_offset"], 0)
+  has_target_value = ~jnp.isnan(rows["target_value"])
+  log_w_star = jnp.where(has_target_value[:, None], jnp.log1p(-jnp.nan_to_num(rows["target_value"]))[:, None],
+                         remaining[:, None].astype(jnp.float32) * log_g)  # [B, 1]
+  n_star = log_w_star / log_g
+  w_star = jnp.exp(log_w_star)[:, 0]
+  budget_met = -jnp.expm1(log_w_star[:, 0]) <= 1e-12  # u* = 0: R = 0 (the reference's |v_tgt| <= 1e-12).
 
-  def sample_within(fits, fallback):
-    fits = fits & allowed
-    return jnp.where(jnp.any(fits, axis=-1), sample(jnp.where(fits, candidate_logits, -jnp.inf)), fallback)
+  masked = lambda scores, ok=allowed: jnp.where(ok, scores, -jnp.inf)
+  base = masked(candidate_logits)
+  one_hot = lambda index: jnp.where(jnp.arange(w.shape[-1])[None] == index[:, None], 0.0, -jnp.inf)
+  first_min = lambda cost, ok=allowed: jnp.argmin(jnp.where(ok, cost, jnp.inf), axis=-1)
+  shortest, longest = first_min(-w), first_min(w)  # Largest / smallest V; ties: the more likely.
+  per_row = lambda condition: condition[:, None]
 
-  at_most = jnp.where(selections == _SAMPLE_FITTING, sample_within(values >= v_star, shortest), shortest)
+  def sample_within(ok, fallback):
+    """The base distribution among the allowed candidates with `ok`; none: the one-hot `fallback` [B, k]."""
+    ok = ok & allowed
+    return jnp.where(per_row(jnp.any(ok, axis=-1)), masked(candidate_logits, ok), fallback)
+
+  selection = rows["selection"]
+  default = selection == _DEFAULT
+  other_than_eos = jnp.any(allowed & ~is_eos, axis=-1)
+  # Equal To.
+  cost = jnp.where(per_row(rows["space"] == SPACES.index("length")), jnp.abs(n - n_star), jnp.abs(w - w_star[:, None]))
+  early_eos = per_row(default & ~budget_met & other_than_eos) & is_eos
+  equal_to = one_hot(first_min(jnp.where(early_eos, jnp.inf, cost)))
+  # At Most / At Least.
+  fits = n <= n_star
+  # Default: EOS keeps its base probability (the model ends when it would), the mass of the candidates that do not
+  # fit moves to those that do, in proportion; when no other candidate fits, EOS (or the shortest).
+  log_p = jax.nn.log_softmax(base, axis=-1)
+  p = jnp.exp(log_p)
+  p_eos = jnp.sum(jnp.where(allowed & is_eos, p, 0.0), axis=-1)
+  fitting_others = allowed & fits & ~is_eos
+  p_fit = jnp.sum(jnp.where(fitting_others, p, 0.0), axis=-1)
+  keep_eos = jnp.where(allowed & is_eos, log_p, -jnp.inf)
+  default_at_most = jnp.where(per_row(p_fit > 0),
+                              jnp.where(fitting_others, log_p + per_row(jnp.log1p(-p_eos) - jnp.log(p_fit)), keep_eos),
+                              sample_within(fits, one_hot(shortest)))
+  at_most = jnp.select([per_row(default), per_row(selection == _SAMPLE_FITTING)],
+                       [default_at_most, sample_within(fits, one_hot(shortest))], one_hot(shortest))
+  eos_offered = jnp.any(allowed & is_eos, axis=-1)
+  default_at_least = jnp.where(per_row(budget_met),
+                               jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)),
+                                         one_hot(shortest)),
+                               sample_within(~is_eos, base))
   at_least = jnp.select(
-      [selections == _PAPER, budget_met],
-      [longest, shortest],
-      jnp.where(selections == _REFERENCE, longest, sample_within(values <= v_star, longest)))
-  tilt = sample(jnp.where(allowed, candidate_logits + betas[:, None] * length_score, -jnp.inf))
-  return jnp.select([rules == _EQUAL_TO, rules == _AT_MOST, rules == _AT_LEAST, rules == _TILT],
-                    [equal_to, at_most, at_least, tilt], base).astype(jnp.int32)
+      [per_row(default), per_row(selection == _PAPER), per_row(budget_met), per_row(selection == _REFERENCE)],
+      [default_at_least, one_hot(longest), one_hot(shortest), one_hot(longest)],
+      sample_within(n >= n_star, one_hot(longest)))
+  # Soft rules, in d = u - min u = max w - w >= 0 (exact where u is near 1).
+  w_max = jnp.max(masked(w), axis=-1)
+  w_min = -jnp.max(masked(-w), axis=-1)
+  d = jnp.where(allowed, w_max[:, None] - w, 0.0)
+  span = w_max - w_min  # max u - min u.
+  mean_w = jnp.sum(p * w, axis=-1)
+  mean_d = w_max - mean_w  # E_p[u] - min u.
+  min_u = 1.0 - w_max
+  eps = jnp.maximum(1e-12, span * 1e-6)
+  tilted = lambda target: masked(log_p + _tilt_to_mean(log_p, d, allowed, jnp.clip(target, eps, span - eps))[:, None]
+                                 * d)
+  tilt = masked(candidate_logits + rows["beta"][:, None] * (1.0 - w))
+  # eq_soft: outside the candidates' range, the boundary candidate; inside, the tilt with mean u*.
+  eq_soft = jnp.where(per_row(w_star >= w_max), one_hot(shortest),
+                      jnp.where(per_row(w_star <= w_min), one_hot(longest), tilted(w_max - w_star)))
+  # Expectation guidance: a target mean u from E_p[u], then the tilt that has it.
+  scale, mode = rows["scale"], rows["value_mode"]
+  mean_u = jnp.clip(1.0 - mean_w, 1e-15, 1.0 - 1e-15)
+  length_mul = w_max - jnp.exp(scale * jnp.log1p(-mean_u))  # The length of E_p[u], times scale, as a value.
+  fraction = jnp.clip(mean_d / jnp.maximum(span, 1e-30), 0.0, 1.0)
+  exp_target = jnp.where(span < 1e-8, mean_d, (1.0 - (1.0 - fraction)**jnp.maximum(scale, 0.0)) * span)
+  linear = jnp.where(scale >= 1.0, mean_d + (scale - 1.0) * (span - mean_d), mean_d - (1.0 - scale) * mean_d)
+  mul = scale * (min_u + mean_d) - min_u
+  target_d = jnp.clip(jnp.select([mode == _LENGTH_MUL, mode == _LINEAR, mode == _EXP], [length_mul, linear, exp_target],
+                                 mul), 0.0, span)
+  unguided = (span < 1e-8) | (jnp.abs(target_d - mean_d) < 1e-8) | ((mode == _MUL) & (scale <= 0.0))
+  unguided |= 1.0 - mean_w < jnp.nan_to_num(rows["value_min"], nan=-jnp.inf)  # value_min: E_p[u] below it.
+  expectation = jnp.select(
+      [per_row(mode == _CENTERED_EXP), per_row(mode == _VALUE_BIAS), per_row(unguided)],
+      [masked(log_p + scale[:, None] * (1.0 - w)), masked(log_p + scale[:, None] * logits), base],
+      tilted(target_d))
+  rule = rows["rule"]
+  out = jnp.select([per_row(rule == r) for r in (_EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT, _EQ_SOFT, _EXPECTATION)],
+                   [equal_to, at_most, at_least, tilt, eq_soft, expectation], base)
+  # value_entropy_threshold: a confident row samples unguided (the reference does not ask the LenVM there).
+  entropy = -jnp.sum(p * jnp.log(p + 1e-20), axis=-1)
+  confident = entropy <= jnp.nan_to_num(rows["entropy_threshold"], nan=-jnp.inf)
+  return jnp.where(per_row(confident), base, out)
 
 
-def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rules, targets, betas,
-                  selections, spaces, target_offsets, *, sampling: SamplingConfig, num_candidates: int):
-  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; per-row request fields [B], see
-  `choose`).
+def choose(candidate_logits, logits, is_eos, generated, keys, rows: dict, gamma: float):
+  """Index [B] of the chosen candidate per row: a draw from `guided_logits` (keys: [B] PRNG keys), so a
+  deterministic rule's choice is its one-hot entry."""
+  scores = guided_logits(candidate_logits, logits, is_eos, generated, rows, gamma)
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, scores.shape[-1:]))(keys)
+  return jnp.argmax(scores + gumbel, axis=-1).astype(jnp.int32)
 
-  Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), values [B, max_new_tokens] (V of the state after
-  each chosen token, 0 after the end), lengths [B] (EOS included) and finished [B].
+
+def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rows: dict, *,
+                  sampling: SamplingConfig, num_candidates: int):
+  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; rows: per-row request arrays [B], see
+  `request_arrays`).
+
+  Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), logits [B, max_new_tokens] (the LenVM's z of the
+  state after each chosen token; -inf, i.e. V = 0, for an EOS and after the end), lengths [B] (EOS included) and
+  finished [B].
   """
   batch, width = prompt_tokens.shape
   steps = sampling.max_new_tokens
@@ -167,25 +338,24 @@ def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, r
     return (step < steps) & ~jnp.all(done)
 
   def step_once(carry):
-    step, state, logits, out, out_values, done, lengths = carry
+    step, state, logits, out, out_z, done, lengths = carry
     candidate_logits, candidates = jax.lax.top_k(filter_logits(logits, sampling), num_candidates)
     positions = prompt_lengths + step
-    values, pending = models.score(params, state, candidates, positions)
-    values = jnp.where(jnp.isin(candidates, eos_ids), 0.0, values)
-    choice = choose(candidate_logits, values, rules, targets, betas, lengths, step_keys(keys, step), models.gamma,
-                    selections, spaces, target_offsets)
+    z, pending = models.score(params, state, candidates, positions)
+    is_eos = jnp.isin(candidates, eos_ids)
+    choice = choose(candidate_logits, z, is_eos, lengths, step_keys(keys, step), rows, models.gamma)
     token = jnp.where(done, PAD_ID, jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0])
-    value = jnp.where(done, 0.0, jnp.take_along_axis(values, choice[:, None], axis=1)[:, 0])
-    out, out_values = out.at[:, step].set(token), out_values.at[:, step].set(value)
+    chosen_z = jnp.where(jnp.isin(token, eos_ids), -jnp.inf, jnp.take_along_axis(z, choice[:, None], axis=1)[:, 0])
+    out, out_z = out.at[:, step].set(token), out_z.at[:, step].set(jnp.where(done, -jnp.inf, chosen_z))
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos_ids)
     state, logits = models.commit(params, state, pending, choice, token, positions)
-    return step + 1, state, logits, out, out_values, done, lengths
+    return step + 1, state, logits, out, out_z, done, lengths
 
   carry = (jnp.zeros((), jnp.int32), state, logits, jnp.full((batch, steps), PAD_ID, jnp.int32),
-           jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-  _, _, _, out, out_values, done, lengths = jax.lax.while_loop(keep_going, step_once, carry)
-  return out, out_values, lengths, done
+           jnp.full((batch, steps), -jnp.inf, jnp.float32), jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
+  _, _, _, out, out_z, done, lengths = jax.lax.while_loop(keep_going, step_once, carry)
+  return out, out_z, lengths, done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +363,13 @@ class GuidedSample:
   completion_ids: np.ndarray  # Generated tokens, ending with an EOS id when finished.
   values: np.ndarray  # V after each generated token (the LenVM's view of the remaining length along the way).
   finished: bool
+  logits: np.ndarray | None = None  # The LenVM's z after each token (-inf at EOS): exact lengths where V rounds to -1.
+
+  def remaining(self, gamma: float) -> np.ndarray:
+    """The LenVM's expected remainder after each generated token, from z (exact past float32's V)."""
+    source = self.logits if self.logits is not None else np.log(-np.minimum(self.values, -1e-38)) - np.log1p(
+        self.values)
+    return np.asarray(remaining_from_logit(source, gamma))
 
 
 class GuidedSampler:
@@ -222,19 +399,16 @@ class GuidedSampler:
     filler = LengthRequest()
     for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.models.vocab_size):
       fill = self.batch_size - len(chunk)
-      chunk_requests = [requests[i] for i in chunk] + [filler] * fill
-      per_row = lambda values, dtype: jax.device_put(np.asarray(values, dtype), self._per_row)
+      rows = request_arrays([requests[i] for i in chunk] + [filler] * fill)
+      per_row = lambda values: jax.device_put(values, self._per_row)
+      ids = np.asarray([row_ids[i] for i in chunk] + [0] * fill, np.int32)
       with jax.set_mesh(self.mesh):
-        generated, values, counts, finished = jax.device_get(self._decode(
-            self.params, jax.device_put(tokens, self._rows), per_row(lengths, np.int32),
-            per_row([row_ids[i] for i in chunk] + [0] * fill, np.int32),
-            per_row([RULES.index(r.rule) for r in chunk_requests], np.int32),
-            per_row([r.target for r in chunk_requests], np.int32),
-            per_row([r.beta for r in chunk_requests], np.float32),
-            per_row([SELECTIONS.index(r.selection) for r in chunk_requests], np.int32),
-            per_row([SPACES.index(r.space) for r in chunk_requests], np.int32),
-            per_row([r.target_offset for r in chunk_requests], np.int32)))
+        generated, logits, counts, finished = jax.device_get(self._decode(
+            self.params, jax.device_put(tokens, self._rows), per_row(lengths), per_row(ids),
+            {name: per_row(values) for name, values in rows.items()}))
+      values = -0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # V = -sigmoid(z); EOS, padding: 0.
       for row, i in enumerate(chunk):
         n = counts[row]
-        out[i] = GuidedSample(generated[row, :n].copy(), values[row, :n].copy(), bool(finished[row]))
+        out[i] = GuidedSample(generated[row, :n].copy(), values[row, :n].astype(np.float32), bool(finished[row]),
+                              logits[row, :n].copy())
     return out

@@ -27,13 +27,13 @@ def _start(model, prompt_tokens, prompt_lengths, cache_len):
 
 
 def _score_alternatives(model, kind: TargetKind, cache, candidates, positions):
-  """Hidden states [B, k, H], values [B, k] and (keys, values) [layers, B, k, ...] of candidates as alternative next
+  """Hidden states [B, k, H], value-head logits z [B, k] (discounted convention: V = -sigmoid(z), kept as a logit so
+  lengths stay exact past float32's V) and (keys, values) [layers, B, k, ...] of candidates as alternative next
   tokens."""
   fed = jnp.ones(candidates.shape, bool)
   hidden, new_kv = model.cached_hidden_states(candidates, jnp.broadcast_to(positions[:, None], candidates.shape),
                                               cache.mask(fed, alternatives=True), cache)
-  values = kind.value_estimate(kind.predict(model.value_logits(hidden)))
-  return hidden, values, new_kv
+  return hidden, kind.discounted_logit(model.value_logits(hidden)), new_kv
 
 
 def _commit_choice(cache, new_kv, choice):
@@ -76,9 +76,9 @@ class TransformerScorer(ValueScorer):
     return prefill(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)[1]
 
   def score(self, params, cache, candidates, positions):
-    _, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
+    _, logits, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
                                             positions)
-    return values, new_kv
+    return logits, new_kv
 
   def commit(self, params, cache, new_kv, choice):
     del params
@@ -94,9 +94,9 @@ class SharedTrunk(ValueScorer):
     return _start(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, cache_len)
 
   def score(self, params, cache, candidates, positions):
-    hidden, values, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
+    hidden, logits, new_kv = _score_alternatives(nnx.merge(self.graphdef, params), self.kind, cache, candidates,
                                                  positions)
-    return values, (hidden, new_kv)
+    return logits, (hidden, new_kv)
 
   def commit(self, params, cache, pending, choice, tokens, positions):
     del tokens, positions  # The chosen candidate was already run; its hidden state gives the next logits.
@@ -109,7 +109,7 @@ class SharedTrunk(ValueScorer):
 class Pair:
   """A generator and a separate scorer with the same token ids; params = (generator params, scorer params)."""
   generator: object  # start(params, tokens, lengths, cache_len) -> (state, logits); advance(...) -> same.
-  scorer: object  # start(...) -> state; score(...) -> (values, pending); commit(params, state, pending, choice).
+  scorer: object  # start(...) -> state; score(...) -> (logits z, pending); commit(params, state, pending, choice).
 
   @property
   def vocab_size(self) -> int:

@@ -69,7 +69,7 @@ class SyntheticGenerator:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticScorer:
-  """The exact V(s_t + x) of the synthetic policy (params unused: pass None)."""
+  """The exact V(s_t + x) of the synthetic policy, as the logit z of V = -sigmoid(z) (params unused: pass None)."""
   policy: SyntheticPolicy
   gamma: float
 
@@ -78,10 +78,12 @@ class SyntheticScorer:
     return _mode_of_prompt(self.policy, prompt_tokens)
 
   def score(self, params, modes, candidates, positions):
+    """The exact logit z of V(s_t + x) = -sigmoid(z) (from float64 values; EOS: a z whose V rounds to 0)."""
     del params, positions
     next_modes = _next_mode(self.policy, modes[:, None], candidates)
-    values = jnp.asarray(self.policy.mode_values(self.gamma), jnp.float32)[next_modes]
-    return jnp.where(candidates == EOS_ID, 0.0, values), next_modes
+    values = self.policy.mode_values(self.gamma)
+    logits = jnp.asarray(np.log(-values) - np.log1p(values), jnp.float32)[next_modes]
+    return jnp.where(candidates == EOS_ID, -100.0, logits), next_modes
 
   def commit(self, params, modes, next_modes, choice):
     del params, modes

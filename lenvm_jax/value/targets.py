@@ -28,6 +28,23 @@ def remaining_from_value(value, gamma: float):
   return jnp.log1p(v) / jnp.log(jnp.float32(gamma))
 
 
+def log1p_value_from_logit(z):
+  """log(1 + V) for V = -sigmoid(z), as log_sigmoid(-z): exact in float32 where V itself rounds to -1 (a remainder
+  past ~5,300 tokens at gamma 0.997), so lengths read from the head's logit never saturate."""
+  return jax.nn.log_sigmoid(-jnp.asarray(z).astype(jnp.float32))
+
+
+def remaining_from_logit(z, gamma: float):
+  """n = log(1 + V) / log(gamma) from the value head's logit z (V = -sigmoid(z)), exact far past float32's V."""
+  return log1p_value_from_logit(z) / jnp.log(jnp.asarray(gamma, jnp.float32))
+
+
+def logit_from_remaining(remaining, gamma: float):
+  """The inverse of remaining_from_logit: z with -sigmoid(z) = -(1 - gamma ** n), i.e. logit(1 - gamma ** n)."""
+  log_w = jnp.asarray(remaining).astype(jnp.float32) * jnp.log(jnp.asarray(gamma, jnp.float32))  # log(gamma ** n)
+  return jnp.log(-jnp.expm1(log_w)) - log_w
+
+
 def token_reward(gamma: float) -> float:
   """r = -(1 - gamma): the reward of every generated token, so that the rewards of n tokens sum (discounted) to G."""
   return -(1.0 - gamma)
@@ -122,6 +139,20 @@ class TargetKind:
     if self.name == "normalized_length":
       return prediction * self.length_normalizer
     return jnp.expm1(prediction)
+
+  def discounted_logit(self, z):
+    """The head's logit z as the logit of the discounted value (V = -sigmoid(result)) whatever the target type,
+    so guidance can read lengths from it exactly (remaining_from_logit); the discounted target's is z itself."""
+    if self.name == "discounted":
+      return jnp.asarray(z).astype(jnp.float32)
+    return logit_from_remaining(jnp.maximum(self.remaining_estimate(self.predict(z)), 0.0), self.gamma)
+
+  def remaining_from_logit(self, z):
+    """Predicted remaining length n_hat straight from the head's logit (exact in float32 for the discounted target,
+    where remaining_estimate(predict(z)) saturates once V rounds to -1)."""
+    if self.name == "discounted":
+      return remaining_from_logit(z, self.gamma)
+    return self.remaining_estimate(self.predict(z))
 
   def value_estimate(self, prediction):
     """The prediction expressed as a discounted value V in (-1, 0], so every target type is comparable."""
