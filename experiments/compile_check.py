@@ -57,7 +57,7 @@ from lenvm_jax.data import rows  # noqa: E402
 from lenvm_jax.value.objective import Objective  # noqa: E402
 from lenvm_jax import config as config_lib  # noqa: E402
 from lenvm_jax.config import RunConfig  # noqa: E402
-from lenvm_jax.model import flops as flops_lib, transformer  # noqa: E402
+from lenvm_jax.model import attention, flops as flops_lib, transformer  # noqa: E402
 from lenvm_jax.train import aot, optimizer, state as state_lib, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -121,6 +121,7 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
                                         (run.train.eval_batch_size,), leading=0)
     train, evaluate = step_lib.jit_steps(graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh,
                                          state_shape)
+    kernel = attention.implementation(model_config, t)  # Under the mesh: the platform compiled for.
     reports = {}
     if steps in ("both", "train"):
       reports["train"], _ = _compile(train, (state_shape, train_batch), capacity)
@@ -141,6 +142,8 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
       "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_shape.params)),
       "hbm_per_device": capacity, "max_len": t, "batch_size": run.train.batch_size, "accum_steps": accum,
       "remat": model_config.remat, "dtype": model_config.dtype, "steps": reports,
+      "attention": kernel, "lm_weight": run.loss.lm_weight,
+      "lm_chunk": run.loss.lm_chunk,
       "fits": all(r["fits"] for r in reports.values()),
   }
 
@@ -153,7 +156,8 @@ def format_report(report: dict) -> str:
               f"{gib(hbm) if hbm else 'unknown'} HBM each)")
   lines = [f"model: {report['parameters'] / 1e9:.3f}B parameters, mesh {report['mesh']} on {where}; "
            f"T {report['max_len']} x B {report['batch_size']} (accum {report['accum_steps']}), remat "
-           f"{report['remat']}, dtype {report['dtype']}"]
+           f"{report['remat']}, dtype {report['dtype']}, attention {report['attention']}"
+           + (f", LM term on (chunk {report['lm_chunk'] or 'whole rows'})" if report["lm_weight"] else "")]
   for name, r in report["steps"].items():
     flops = (f"{r['compiler_flops_per_device'] / 1e12:.2f} TFLOP per device by the compiler (scans multiplied out), "
              f"{r['model_flops_per_device'] / 1e12:.2f} by the model (6N + attention)")

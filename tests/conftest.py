@@ -22,8 +22,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
+import fcntl  # noqa: E402
+import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import sysconfig  # noqa: E402
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -62,3 +67,46 @@ def fresh_compiles():
   yield
   jax.config.update("jax_enable_compilation_cache", True)
   compilation_cache.reset_cache()
+
+
+def pinned_venv(name: str, pip_args: list[str], stamp_text: str, inherit_main_venv: bool = False) -> str:
+  """The python of a venv at REPO/<name> (ignored by git), built once with `pip install <pip_args>` and reused while
+  stamp_text (what it was built from) is unchanged. inherit_main_venv: it also sees the test venv's packages (a .pth
+  file), so it only adds what pip_args name.
+
+  pytest-xdist runs fixtures once per worker, so building holds an exclusive lock: without it two workers built the
+  same venv at once and one failed ("Directory not empty: 'site-packages'").
+  """
+  venv = REPO / name
+  python = venv / "bin" / "python"
+  digest = hashlib.sha256(f"{stamp_text}|{inherit_main_venv}|{sys.prefix}".encode()).hexdigest()
+  stamp = venv / "built-from.sha256"
+  with open(REPO / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes; a second worker waits, then finds the stamp.
+    if not (stamp.exists() and stamp.read_text() == digest and python.exists()):
+      subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+      if inherit_main_venv:
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        pathlib.Path(site, "main_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+      # --no-compile: byte-compiling every package took 19 of the launcher venv's 50 s; few modules are imported.
+      subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", *pip_args], check=True, timeout=900)
+      stamp.write_text(digest)
+  return str(python)
+
+
+def libtpu_pin() -> str:
+  """The libtpu requirement of requirements-tpu.txt (the one place it is pinned)."""
+  lines = (REPO / "requirements-tpu.txt").read_text().splitlines()
+  return next(line.split("#")[0].strip() for line in lines if line.startswith("libtpu=="))
+
+
+@pytest.fixture(scope="module")
+def tpu_python() -> str:
+  """A python that can compile for TPU topologies (docs/scaling.md): this one where libtpu is installed (a TPU VM),
+  else .venv-tpu, the test venv plus libtpu only. Only one process may load libtpu at a time: the tests that use it
+  live in one file (tests/test_compile_check.py), which pytest.ini's --dist loadfile keeps on one worker."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return sys.executable
+  pin = libtpu_pin()
+  return pinned_venv(".venv-tpu", ["--no-deps", pin], pin, inherit_main_venv=True)

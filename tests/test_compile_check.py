@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,26 +25,27 @@ def test_real_shape_config_compiles_ahead_of_time_on_eight_fake_devices():
   assert train and float(train.group(1)) > 0.1, out
 
 
-# TPU compiles from this (CPU-only) host: libtpu's compiler behind --topology. They run where libtpu is installed
-# (requirements-tpu.txt, e.g. `.venv-tpu/bin/python -m pytest tests/test_compile_check.py`) and skip elsewhere.
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -r requirements-tpu.txt)")
+# TPU compiles from this (CPU-only) host: libtpu's compiler behind --topology, in the python that conftest.tpu_python
+# gives (CI builds .venv-tpu for it), so a broken TPU path fails CI: the splash kernel's AOT compile broke once
+# (55f2cc5) while these tests were skipped.
 
 
-def _compile_check(tmp_path, *flags):
+def _compile_check(python, tmp_path, *flags, config="experiments/configs/tiny.py"):
   out = tmp_path / "report.json"
-  result = subprocess.run([sys.executable, "-m", "experiments.compile_check", "--config",
-                           "experiments/configs/tiny.py", "--topology=v5e:2x4", f"--json={out}", *flags],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # A libtpu process of another test run may be alive.
+  result = subprocess.run([python, "-m", "experiments.compile_check", "--config", config, "--topology=v5e:2x4",
+                           f"--json={out}", *flags], cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
   return result, (json.loads(out.read_text()) if out.exists() else None)
 
 
 @pytest.mark.slow
-@needs_libtpu
-def test_tpu_topology_compile_reports_memory_flops_and_time(tmp_path):
-  result, report = _compile_check(tmp_path)
+def test_tpu_topology_compile_reports_memory_flops_and_time(tpu_python, tmp_path):
+  """The tiny model on v5e:2x4 with rows the splash kernel takes (256 tokens) and the chunked LM term on."""
+  result, report = _compile_check(tpu_python, tmp_path, "--config.data.max_len=256", "--config.loss.lm_weight=0.5",
+                                  "--config.loss.lm_chunk=64", "--config.model.remat=full")
   assert result.returncode == 0, result.stderr[-3000:]
   assert report["platform"] == "tpu" and report["device_kind"] == "TPU v5 lite" and report["devices"] == 8
+  assert report["attention"] == "splash", report
   assert report["hbm_per_device"] == int(15.75 * 2**30) and report["fits"]
   for name in ("train", "eval"):
     step = report["steps"][name]
@@ -52,14 +54,26 @@ def test_tpu_topology_compile_reports_memory_flops_and_time(tmp_path):
     # Layers and micro-batches multiplied out: the compiler's count is the model's plus remat and small ops.
     assert step["model_flops_per_device"] > 0
     assert 0.8 < step["compiler_flops_per_device"] / step["model_flops_per_device"] < 2.0, step
-  assert "of 15.75 GiB: fits" in result.stdout
+  assert "of 15.75 GiB: fits" in result.stdout and "attention splash" in result.stdout
 
 
 @pytest.mark.slow
-@needs_libtpu
-def test_tpu_topology_compile_exits_3_when_a_step_does_not_fit(tmp_path):
+def test_tpu_compile_of_qwen25_layers_with_the_lm_term_fits_a_v5e_slice(tpu_python, tmp_path):
+  """Qwen2.5-1.5B's shapes (2 of its 28 layers, 2k-token rows), FSDP over v5e:2x4, LM term on: its 151,936-row
+  vocabulary goes through the chunked cross-entropy and the rows through splash, as on a real slice."""
+  result, report = _compile_check(tpu_python, tmp_path, "--config.model.num_layers=2", "--config.data.max_len=2048",
+                                  "--config.loss.lm_weight=1",
+                                  config="experiments/configs/paper_shapes.py:qwen2.5-1.5b")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and report["attention"] == "splash"
+  train = report["steps"]["train"]["memory"]
+  assert report["fits"] and train["temporaries"] < 2 * 2**30, train
+
+
+@pytest.mark.slow
+def test_tpu_topology_compile_exits_3_when_a_step_does_not_fit(tpu_python, tmp_path):
   # A 4M x 1024 embedding, replicated on a data-parallel mesh: 16 GiB of weights and twice that of Adam moments.
-  result, report = _compile_check(tmp_path, "--steps=train", "--config.model.vocab_size=4194304",
+  result, report = _compile_check(tpu_python, tmp_path, "--steps=train", "--config.model.vocab_size=4194304",
                                   "--config.model.hidden_size=1024")
   assert result.returncode == 3, result.stderr[-3000:]
   assert not report["fits"] and not report["steps"]["train"]["fits"]
@@ -69,7 +83,7 @@ def test_tpu_topology_compile_exits_3_when_a_step_does_not_fit(tmp_path):
 def test_topology_without_libtpu_is_one_error_line(tmp_path):
   if importlib.util.find_spec("libtpu") is not None:
     pytest.skip("libtpu is installed here")
-  result, _ = _compile_check(tmp_path)
+  result, _ = _compile_check(sys.executable, tmp_path)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:2x4 needs libtpu")
 

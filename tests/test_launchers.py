@@ -1,7 +1,5 @@
 """Dry runs of the launchers: the gcloud TPU-VM workflow and the XManager job specs (in the launcher's own venv)."""
 
-import fcntl
-import hashlib
 import json
 import re
 import shlex
@@ -11,9 +9,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, pinned_venv
 
-LAUNCH_VENV = REPO / ".venv-launch"  # Ignored by git; reused across runs while launch/requirements.txt is unchanged.
 CONFIG = "experiments/configs/tiny.py"
 
 
@@ -84,24 +81,9 @@ def test_tpu_vm_bad_arguments_are_named(args, message):
 
 @pytest.fixture(scope="module")
 def launch_python():
-  """The launcher venv: created once (~30 s with the pins), reused while launch/requirements.txt is unchanged.
-
-  pytest-xdist runs this fixture once per worker, so creation holds an exclusive lock: without it two workers built
-  the same venv at once and one failed ("Directory not empty: 'site-packages'").
-  """
+  """The launcher venv: created once (~30 s with the pins), reused while launch/requirements.txt is unchanged."""
   requirements = REPO / "launch" / "requirements.txt"
-  digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
-  stamp = LAUNCH_VENV / "requirements.sha256"
-  python = LAUNCH_VENV / "bin" / "python"
-  with open(REPO / ".venv-launch.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes; a second worker waits, then finds the stamp.
-    if not (stamp.exists() and stamp.read_text() == digest and python.exists()):
-      subprocess.run([sys.executable, "-m", "venv", "--clear", str(LAUNCH_VENV)], check=True)
-      # --no-compile: byte-compiling all ~80 packages took 19 of 50 s; the launcher imports a few of them.
-      subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", "-r", str(requirements)], check=True,
-                     timeout=900)
-      stamp.write_text(digest)
-  return str(python)
+  return pinned_venv(".venv-launch", ["-r", str(requirements)], requirements.read_text())
 
 
 def _xm(python, *args) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ loss is divided by the valid-token count of the *whole* batch, so the summed gra
 gradient of the global batch however it is split.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -160,14 +161,15 @@ def train_step_flops(model_config, objective, tx, train_config: TrainConfig, sta
   """The compiler's FLOP count of one train step on the whole global batch, every loop multiplied out.
 
   XLA's cost analysis counts a while-loop body once, so a compiled step's own count misses all but one layer and
-  one micro-batch. Here the step is lowered with the layer scan unrolled and the batch ([accum, micro, T]) as one
-  micro-batch of accum x micro rows (the same FLOPs), and counted before partitioning: divide by the device count
-  for a per-device figure. It includes what remat recomputes.
+  one micro-batch. Here the step is lowered with the layer scan and the LM term's chunk loop unrolled and the batch
+  ([accum, micro, T]) as one micro-batch of accum x micro rows (the same FLOPs), and counted before partitioning:
+  divide by the device count for a per-device figure. It includes what remat recomputes.
   """
   graphdef, _ = transformer.abstract_model(model_config, unroll_layers=True)
   one_micro = {k: jax.ShapeDtypeStruct((1, v.shape[0] * v.shape[1]) + tuple(v.shape[2:]), v.dtype)
                for k, v in train_batch_shape.items()}
-  step = functools.partial(train_step, graphdef=graphdef, objective=objective, tx=tx,
+  unrolled = dataclasses.replace(objective, unroll_lm_chunks=True)
+  step = functools.partial(train_step, graphdef=graphdef, objective=unrolled, tx=tx,
                            freeze_trunk=train_config.freeze_trunk, ema_decay=train_config.ema_decay,
                            frozen_layers=frozen_layers(train_config, state_shape.params))
   return _lowered_flops(step, state_shape, one_micro)
@@ -176,5 +178,6 @@ def train_step_flops(model_config, objective, tx, train_config: TrainConfig, sta
 def eval_step_flops(model_config, objective, params_shape, eval_batch_shape) -> float:
   """The compiler's FLOP count of one eval step, layers multiplied out (as train_step_flops)."""
   graphdef, _ = transformer.abstract_model(model_config, unroll_layers=True)
-  return _lowered_flops(functools.partial(eval_step, graphdef=graphdef, objective=objective), params_shape,
+  unrolled = dataclasses.replace(objective, unroll_lm_chunks=True)
+  return _lowered_flops(functools.partial(eval_step, graphdef=graphdef, objective=unrolled), params_shape,
                         eval_batch_shape)

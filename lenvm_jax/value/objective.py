@@ -39,14 +39,15 @@ class LMHead:
   weight: jax.Array  # [H, vocab], compute dtype.
 
 
-def lm_cross_entropy_sum(hidden, weight, labels, mask, chunk: int = 0):
+def lm_cross_entropy_sum(hidden, weight, labels, mask, chunk: int = 0, unroll: bool = False):
   """Sum over mask of the next-token cross-entropy of logits = hidden @ weight (float32), [B, T, H] -> scalar.
 
   chunk > 0 computes the logits for `chunk` positions of every row at a time (a scan over time chunks, so each chunk
   keeps the batch's sharding) and rematerialises each chunk in the backward pass: the [B, T, vocab] logits and their
   gradient are never in memory whole, only one chunk's, for the cost of the head's forward matmul once more (8 N V
   FLOPs instead of 6). The rows are padded with masked positions to a whole number of chunks. Per position it is
-  the same cross-entropy as chunk = 0 (only the order of the float32 sum differs).
+  the same cross-entropy as chunk = 0 (only the order of the float32 sum differs). unroll: lower the chunk loop
+  unrolled, for FLOP counting (XLA counts a loop body once; train/step.py train_step_flops).
   """
   def masked_ce(h, y, m):
     ce = optax.softmax_cross_entropy_with_integer_labels(transformer.lm_logits(h, weight), y)
@@ -63,7 +64,8 @@ def lm_cross_entropy_sum(hidden, weight, labels, mask, chunk: int = 0):
 
   body = jax.checkpoint(lambda total, xs: (total + masked_ce(*xs), None),
                         policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (to_chunks(hidden), to_chunks(labels), to_chunks(mask)))
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (to_chunks(hidden), to_chunks(labels), to_chunks(mask)),
+                          unroll=unroll)
   return total
 
 
@@ -77,6 +79,7 @@ class Objective:
   lm_stride: int = 1
   candidate_weight: float = 0.0  # > 0: the model has a candidate-value head, trained as value/candidate.py says.
   lm_chunk: int = 0  # Positions per row whose LM logits exist at once (lm_cross_entropy_sum); 0 = the whole row.
+  unroll_lm_chunks: bool = False  # Lower the chunk loop unrolled (FLOP counting only).
 
   @classmethod
   def from_config(cls, loss: LossConfig) -> "Objective":
@@ -108,7 +111,8 @@ class Objective:
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * self.kind.regression_loss(prediction, target))}
     if lm_head is not None:
       out["lm_ce"] = lm_cross_entropy_sum(lm_head.hidden, lm_head.weight, self.lm_positions(batch[rows.LM_TARGETS]),
-                                          self.lm_positions(batch[rows.LM_MASK]), self.lm_chunk)
+                                          self.lm_positions(batch[rows.LM_MASK]), self.lm_chunk,
+                                          self.unroll_lm_chunks)
     if candidate_z is not None:
       out.update(candidate.sums(self.kind, candidate_z, target, batch))
     return out
