@@ -8,6 +8,9 @@ tokenizer_config.json (chat template, special tokens) and generation_config.json
 template's end-of-turn token). No value_head.safetensors: the directory is a plain LM, so model.init_from on it
 starts a fresh value head. The GGUF itself also works directly wherever an HF directory does; converting pays off
 when a run is started many times or the files go to another tool. Bad input: one line "error: ..." and exit 2.
+
+The output follows export_hf's rule: a new or empty directory, else refused unless --overwrite, which replaces its
+contents once the GGUF has loaded (a training run directory is always refused).
 """
 
 import json
@@ -17,7 +20,7 @@ import jax
 from absl import app, flags
 
 from experiments import cli
-from lenvm_jax import sharding
+from lenvm_jax import files, rundir, sharding
 from lenvm_jax.data import gguf_file
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
@@ -25,16 +28,19 @@ _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the Hugging Face model into (created if needed).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
                                    "Split the weights into safetensors shards of at most this size (+ index).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --output.")
 flags.mark_flags_as_required(["input", "output"])
 
 
-def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-  """Writes the HF directory; returns the file names written. Everything is checked before the first write."""
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise ValueError(f"--output {output_dir} is a file, not a directory")
-  if os.path.isfile(os.path.join(output_dir, hf_layout.VALUE_HEAD_FILE)):  # It would pair with the new weights.
-    raise ValueError(f"--output {output_dir} holds a {hf_layout.VALUE_HEAD_FILE} of another model; choose an empty "
+def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.DEFAULT_MAX_SHARD_BYTES,
+            overwrite: bool = False) -> list[str]:
+  """Writes the HF directory; returns the file names written. Everything is checked before the first write; with
+  `overwrite` a non-empty output is emptied once the GGUF has loaded (rundir.check_export_dir)."""
+  if os.path.isfile(input_path) and os.path.isdir(output_dir) and os.path.samefile(os.path.dirname(
+      os.path.abspath(input_path)), output_dir) and overwrite:
+    raise ValueError(f"--output={output_dir} holds the --input file: --overwrite would delete it; choose another "
                      "directory")
+  replaced = rundir.check_export_dir(output_dir, overwrite)
   model_config = gguf_import.load_model_config(input_path, dtype="float32")
   reader = gguf_file.read_gguf(input_path)
   gguf_file.build_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
@@ -43,12 +49,12 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
   with jax.set_mesh(mesh):
     params = gguf_import.load_params(input_path, model_config, mesh)
 
+  rundir.remove_entries(output_dir, replaced)
   os.makedirs(output_dir, exist_ok=True)
   ids = {name: value for name, value in generation.items() if name != "eos_token_id"}
   eos = generation["eos_token_id"]
   config = hf_config.hf_config_from_model_config(model_config, eos_token_id=eos[0] if len(eos) == 1 else eos, **ids)
-  with open(os.path.join(output_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+  files.write_atomic(os.path.join(output_dir, "config.json"), json.dumps(config, indent=2, sort_keys=True))
   written = ["config.json"]
   written += hf_export.save_trunk(params, model_config, output_dir, max_shard_bytes)
   return written + gguf_file.write_tokenizer_files(input_path, output_dir)
@@ -58,7 +64,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors(ValueError, OSError):  # Missing file, not a GGUF, unsupported architecture / quantization.
-    written = convert(_INPUT.value, _OUTPUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
+    written = convert(_INPUT.value, _OUTPUT.value, max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9),
+                      overwrite=_OVERWRITE.value)
   print(f"converted {_INPUT.value} to {_OUTPUT.value}: {', '.join(written)}")
 
 

@@ -10,9 +10,6 @@ neither (e.g. synthetic data) gets none. A non-empty --output is refused (its ot
 weights) unless --overwrite, which empties it first.
 """
 
-import os
-import shutil
-
 from absl import app, flags
 
 from experiments import cli
@@ -37,9 +34,7 @@ def main(argv):
   replaced = rundir.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   model_config = predictor.config.model
-  for name in replaced:  # Only now: a failed load leaves the previous export as it was.
-    path = os.path.join(_OUTPUT.value, name)
-    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+  rundir.remove_entries(_OUTPUT.value, replaced)  # Only now: a failed load leaves the previous export as it was.
   with cli.user_errors(ValueError):  # A model that no HF class can hold.
     written = hf_export.export(predictor.params, model_config, _OUTPUT.value,
                                tokenizer_dir=_TOKENIZER.value or model_config.init_from,

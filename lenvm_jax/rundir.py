@@ -573,7 +573,7 @@ def abstract_params_on(abstract_state, mesh) -> dict:
 
 
 def check_export_dir(output: str, overwrite: bool) -> list[str]:
-  """For an export of a run (experiments/export_hf.py): the entries a non-empty output holds (to remove once the
+  """For an export of a model (experiments/export_hf.py, convert_gguf.py): the entries a non-empty output holds (to remove once the
   model has loaded); refuses a file, a run directory, or, without `overwrite`, any non-empty directory."""
   where = f"--output={output}"
   if os.path.exists(output) and not os.path.isdir(output):
@@ -588,3 +588,14 @@ def check_export_dir(output: str, overwrite: bool) -> list[str]:
     raise UserError.at(f"the output directory is not empty ({shown})", where,
                        "choose a new or empty directory, or pass --overwrite to replace its contents")
   return entries
+
+
+def remove_entries(directory: str, names: list[str]) -> None:
+  """Removes `names` (files, links or directories) from `directory`: what check_export_dir allowed --overwrite to
+  replace, once the new model has loaded. A link is removed, never followed."""
+  for name in names:
+    path = os.path.join(directory, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)

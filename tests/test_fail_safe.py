@@ -517,3 +517,51 @@ def test_a_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path):
   (tmp_path / "checkpoints").write_text("")
   with pytest.raises(errors.CheckpointError, match=r"the checkpoint path is not a directory \(.*checkpoints\): move "):
     checkpointing.Checkpointer(str(tmp_path), 5, 3, True)
+
+
+@pytest.mark.slow
+def test_convert_gguf_claims_its_output_like_export(tmp_path):
+  from tests.test_gguf import write_tiny_gguf
+  source = tmp_path / "tiny.gguf"
+  write_tiny_gguf(str(source))
+  output = tmp_path / "hf"
+  output.mkdir()
+  (output / "notes.txt").write_text("someone else's")
+  outside = tmp_path / "outside.json"
+  outside.write_text("keep me")
+  _one_line_error(_cli("convert_gguf", f"--input={source}", f"--output={output}"),
+                  "the output directory is not empty (notes.txt)", "--overwrite")
+  assert sorted(os.listdir(output)) == ["notes.txt"]
+  os.symlink(outside, output / "config.json")  # A planted link: replaced, never written through.
+  result = _cli("convert_gguf", f"--input={source}", f"--output={output}", "--overwrite")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "notes.txt" not in os.listdir(output) and not os.path.islink(output / "config.json")
+  assert outside.read_text() == "keep me"
+  os.replace(source, output / "tiny.gguf")
+  _one_line_error(_cli("convert_gguf", f"--input={output / 'tiny.gguf'}", f"--output={output}", "--overwrite"),
+                  "holds the --input file")
+
+
+@pytest.mark.slow
+def test_carve_validation_claims_its_output_and_never_rewrites_its_input(tmp_path):
+  records = tmp_path / "r.jsonl"
+  _lines(records, [json.dumps({"prompt_ids": [3, 4, 5 + i % 7], "completion_ids": [5, 1], "prompt_id": f"p{i % 8}"})
+                   for i in range(40)])
+  data = tmp_path / "data"
+  result = _cli("prepare_data", "--format=tokenized_jsonl", f"--input={records}", "--vocab_size=64",
+                f"--output_dir={data}", "--max_len=32")
+  assert result.returncode == 0, result.stderr[-3000:]
+  before = {p.name: p.read_bytes() for p in data.iterdir()}
+  for output in (data, data / "dev"):
+    _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={output}"),
+                    "the output directory is the input directory or inside it")
+  assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+  _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=nan"),
+                  "--fraction")
+  dev = tmp_path / "dev"
+  assert _cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}").returncode == 0
+  _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5"),
+                  "holds an import made with other settings (seed: 1 -> 5)", "--overwrite")
+  assert _cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5", "--overwrite"
+              ).returncode == 0
+  assert json.loads((dev / "carve.json").read_text())["seed"] == 5

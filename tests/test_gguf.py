@@ -297,7 +297,7 @@ def test_convert_cli_bad_input_exits_2(tmp_path):
   cases = [((str(tmp_path / "missing.gguf"), str(tmp_path / "o1")), "missing.gguf: no such GGUF file"),
            ((str(tmp_path / "text.gguf"), str(tmp_path / "o2")), "not a readable GGUF file"),
            ((str(tmp_path / "gemma.gguf"), str(tmp_path / "o3")), "general.architecture is 'gemma2'"),
-           ((good, str(tmp_path / "file")), "is a file, not a directory")]
+           ((good, str(tmp_path / "file")), "the output is a file")]
   for (source, output), message in cases:
     result = _convert("--input", source, "--output", output)
     assert result.returncode == 2, result.stderr

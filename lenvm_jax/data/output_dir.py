@@ -1,6 +1,7 @@
 """One import per output directory: prepare_data and generate write shards + stats.json that describe one import.
 
-`claim` records the import's settings in a marker file (prepare_data: import.json, generate: generation.json) before
+`claim` records the import's settings in a marker file (prepare_data: import.json, generate: generation.json,
+carve_validation: carve.json) before
 any shard is written. A rerun with the same settings resumes (finished shards are kept); other settings, or data
 files without a marker (an older or another tool's import), are refused, so shards of two imports never mix under
 one stats.json. `overwrite=True` removes the previous import's data files first (only those).
@@ -10,10 +11,11 @@ import fnmatch
 import json
 import os
 
+from lenvm_jax import files
 from lenvm_jax.errors import UserError
 
 # What an import writes (arrayrecord shards, their temporaries, stats, markers) and data_stats adds beside it.
-DATA_FILES = ("*.array_record", "*.array_record.tmp", "stats.json", "import.json", "generation.json",
+DATA_FILES = ("*.array_record", "*.array_record.tmp", "stats.json", "import.json", "generation.json", "carve.json",
               "data_stats.json", "lengths.png")
 
 
@@ -64,7 +66,13 @@ def claim(directory: str, marker: str, settings: dict, *, overwrite: bool = Fals
     for name in existing:
       os.remove(os.path.join(directory, name))
   os.makedirs(directory, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))  # A planted symlink is not followed.
+
+
+def refuse_same_directory(input_dir: str, output_dir: str, input_flag: str, output_flag: str) -> None:
+  """An output directory that is the input one (or lies inside it) would rewrite the input in place."""
+  real_in, real_out = os.path.realpath(input_dir), os.path.realpath(output_dir)
+  if real_in == real_out or real_out.startswith(real_in + os.sep):
+    raise OutputDirError.at("the output directory is the input directory or inside it",
+                            f"{output_flag}={output_dir}, {input_flag}={input_dir}",
+                            "choose an output directory outside the input")
