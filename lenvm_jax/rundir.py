@@ -573,8 +573,9 @@ def abstract_params_on(abstract_state, mesh) -> dict:
 
 
 def check_export_dir(output: str, overwrite: bool) -> list[str]:
-  """For an export of a model (experiments/export_hf.py, convert_gguf.py): the entries a non-empty output holds (to remove once the
-  model has loaded); refuses a file, a run directory, or, without `overwrite`, any non-empty directory."""
+  """For an export of a model (experiments/export_hf.py, convert_gguf.py): the entries a non-empty output holds (to
+  remove once the model has loaded); refuses a file, a run directory, or, without `overwrite`, any non-empty
+  directory."""
   where = f"--output={output}"
   if os.path.exists(output) and not os.path.isdir(output):
     raise UserError.at("the output is a file", where, "give a directory")
