@@ -13,6 +13,7 @@ This module imports no jax (launchers and config tooling can use it without the 
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -200,6 +201,9 @@ class TrainConfig:
   # prediction, export and rollouts then use it. It averages out the step-to-step noise of the final weights.
   ema_decay: float = 0.0
   nonfinite: str = "skip"  # A non-finite loss/gradient: skip the update and count it, or stop.
+  # With nonfinite='skip': stop with an error once this many steps in a row were skipped (the run has diverged and
+  # would only spin); 0 = never.
+  max_nonfinite_streak: int = 20
 
   def __post_init__(self):
     _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
@@ -216,6 +220,9 @@ class TrainConfig:
     _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
     _require(self.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+    _require(isinstance(self.max_nonfinite_streak, int) and self.max_nonfinite_streak >= 0,
+             "train.max_nonfinite_streak",
+             f"must be an integer >= 0 (0 = never stop), got {self.max_nonfinite_streak!r}")
 
   @property
   def keeps_ema(self) -> bool:
@@ -241,6 +248,9 @@ class OptimConfig:
              f"must lie in [0, 1], got {self.end_lr_fraction}")
     _require(self.clip_norm > 0.0, "optim.clip_norm", f"must be positive, got {self.clip_norm}")
     _require(self.weight_decay >= 0.0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+    for name in ("b1", "b2"):
+      _require(0.0 <= getattr(self, name) < 1.0, f"optim.{name}", f"must lie in [0, 1), got {getattr(self, name)}")
+    _require(self.eps > 0.0, "optim.eps", f"must be positive, got {self.eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +351,7 @@ def _build(cls, values, prefix: str):
     raise ConfigError(f"config.{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
   kwargs = {}
   for name, value in values.items():
+    _require_finite(value, f"{prefix}{name}")
     field_type = _field_types(cls)[name]
     if dataclasses.is_dataclass(field_type):
       kwargs[name] = _build(field_type, value, f"{prefix}{name}.")
@@ -356,6 +367,16 @@ def _build(cls, values, prefix: str):
     message = str(e)
     raise ConfigError(f"config.{message}" if prefix and message.startswith(prefix)
                       else f"config.{where}: {message}") from None
+
+
+def _require_finite(value, field: str):
+  """No config value is meaningfully infinite or NaN (a learning rate of inf trains NaN weights): refuse them all,
+  in lists too, before any section's own checks."""
+  if isinstance(value, float):
+    _require(math.isfinite(value), field, f"must be a finite number, got {value}")
+  elif isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      _require_finite(item, f"{field}[{i}]")
 
 
 def _field_types(cls) -> dict:

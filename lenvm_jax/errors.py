@@ -29,6 +29,11 @@ class ModelFileError(UserError, ValueError):
   shape; the message names the file. A ValueError too, so callers that treat a bad model as a ValueError still do."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+  """A run that diverged: non-finite losses for too many steps in a row, or weights that would be checkpointed
+  non-finite. The last checkpoint is left intact."""
+
+
 class WorkdirBusy(UserError):
   """Another live trainer holds the workdir's lock."""
 

@@ -565,3 +565,46 @@ def test_carve_validation_claims_its_output_and_never_rewrites_its_input(tmp_pat
   assert _cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5", "--overwrite"
               ).returncode == 0
   assert json.loads((dev / "carve.json").read_text())["seed"] == 5
+
+
+# ---------------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("section, field, value", [("optim", "lr", float("inf")), ("optim", "lr", float("nan")),
+                                                   ("optim", "b2", float("inf")), ("loss", "huber_delta", float("inf")),
+                                                   ("train", "ema_decay", float("nan")),
+                                                   ("model", "rope_theta", float("inf"))])
+def test_non_finite_config_values_are_refused_naming_the_field(tiny_config, section, field, value):
+  with tiny_config.unlocked():
+    setattr(tiny_config[section], field, value)
+  with pytest.raises(ConfigError, match=rf"^config\.{section}\.{field}: must be a finite number, got {value}$"):
+    RunConfig.from_dict(tiny_config)
+
+
+def test_a_non_finite_train_state_is_never_checkpointed(tmp_path):
+  import grain
+  import jax.numpy as jnp
+  from lenvm_jax.train import checkpointing
+  ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3, False)
+  data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+  assert ckpt.save(1, {"params": {"w": jnp.ones((8,))}, "step": jnp.asarray(1)}, data_iter)
+  for bad in (float("inf"), float("nan")):
+    with pytest.raises(errors.NonFiniteError, match=r"step 2 holds inf or NaN .* the last checkpoint, step 1, is "
+                       "intact; resume with a smaller config.optim.lr"):
+      ckpt.save(2, {"params": {"w": jnp.ones((8,)).at[3].set(bad)}, "step": jnp.asarray(2)}, data_iter)
+  ckpt.close()
+  assert rundir.complete_steps(str(tmp_path)) == [1]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_stops_after_the_streak_and_checkpoints_nothing_non_finite(tiny_config, tmp_path):
+  config = tiny_config
+  config.optim.lr, config.optim.warmup_steps = 1e30, 0  # Step 1 throws the weights to ~1e30; every later loss is NaN.
+  config.train.steps, config.train.eval_every, config.train.log_every = 50, 0, 1
+  config.train.max_nonfinite_streak, config.checkpoint.every_steps, config.mesh.data = 3, 2, 1
+  with pytest.raises(errors.NonFiniteError, match=r"3 steps in a row \(config\.train\.max_nonfinite_streak=3\); the "
+                     "run diverged"):
+    trainer.train_and_evaluate(run_config(config), str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # Stopped at the streak, not step 50.
+  assert rundir.complete_steps(str(tmp_path)) == []  # Steps 2 and 4 were due but non-finite.

@@ -218,9 +218,12 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
     with pytest.raises(FloatingPointError, match="train.nonfinite='stop'"):
       trainer.train_and_evaluate(run_config(config), str(tmp_path))
     return
-  with caplog.at_level("WARNING"):
+  from lenvm_jax import errors, rundir
+  with caplog.at_level("WARNING"), pytest.raises(errors.NonFiniteError, match=r"the run ended on 3 non-finite step\(s\) "
+                                                 r"in a row \(step 4\): its state is not checkpointed"):
     trainer.train_and_evaluate(run_config(config), str(tmp_path))
   assert "non-finite loss or gradient" in caplog.text
+  assert rundir.complete_steps(str(tmp_path)) == []  # The diverged weights were never checkpointed.
   import json
   last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
   assert last["split"] == "train" and last["nonfinite_skips"] >= 1

@@ -9,7 +9,8 @@ Faults a run survives:
     checksums written beside it once it was committed; it is moved aside and the step before it restored;
   * a save that fails for the disk (full, read-only, permissions) stops the run with one line that names the step
     to resume from;
-  * a checkpoint of another model (e.g. model.num_layers changed) is refused with the differing config fields.
+  * a checkpoint of another model (e.g. model.num_layers changed) is refused with the differing config fields;
+  * a train state holding inf / NaN (a diverged run) is never saved: the save raises NonFiniteError instead.
 """
 
 import errno
@@ -21,6 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import jax
+import jax.numpy as jnp
 
 from lenvm_jax import distributed, errors, rundir
 from lenvm_jax.model import legacy_layers
@@ -32,6 +34,14 @@ from lenvm_jax.train import state as state_lib
 def _sync(name: str):
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """Whether every float array of `tree` is free of inf and NaN (one scalar, so one small transfer per save)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def _options(keep: int, keep_best: str, async_save: bool) -> ocp.CheckpointManagerOptions:
@@ -130,14 +140,24 @@ class Checkpointer:
     if self._unsealed and not self.manager.is_saving_in_progress():
       self.wait()
 
+  def due(self, step: int, metrics: dict | None = None) -> bool:
+    """Whether `save` would save `step` without force: every `every_steps`, and eval steps with keep_best."""
+    return not step % self.every_steps or bool(self.keep_best and metrics is not None)
+
   def save(self, step: int, state, data_iter, force: bool = False, metrics: dict | None = None) -> bool:
     """Saves when `step` is due (or `force`, or `metrics` come with keep_best); returns whether a save started.
     Async: returns before the write ends."""
-    if not force and step % self.every_steps and not (self.keep_best and metrics is not None):
+    if not force and not self.due(step, metrics):
       return False
     self.wait()
     if step in self.manager.all_steps():
       return False
+    if not bool(all_finite(state)):
+      done = self.steps()
+      kept = f"the last checkpoint, step {done[-1]}, is intact" if done else "no checkpoint was written"
+      raise errors.NonFiniteError(
+          f"the train state at step {step} holds inf or NaN values (the run diverged): it was not checkpointed and "
+          f"{kept}; resume with a smaller config.optim.lr (or a longer config.optim.warmup_steps)")
     try:
       started = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)),

@@ -93,11 +93,23 @@ def _global_shapes(local: dict, shardings: dict, leading: int) -> dict:
   return {k: one(v, shardings[k]) for k, v in local.items()}
 
 
-def _on_nonfinite(run: RunConfig, step: int, new_skips: int, last_step_finite: bool):
+@jax.jit
+def _streak(streak, longest, finite):
+  """Non-finite steps in a row (0 after a finite one) and the longest such run since the last check, on device."""
+  streak = jnp.where(finite, 0, streak + 1)
+  return streak, jnp.maximum(longest, streak)
+
+
+def _on_nonfinite(run: RunConfig, step: int, new_skips: int, last_step_finite: bool, longest_streak: int):
   message = (f"non-finite loss or gradient: {new_skips} update(s) skipped up to step {step} "
              f"(the last step was {'finite' if last_step_finite else 'non-finite'})")
   if run.train.nonfinite == "stop":
-    raise FloatingPointError(message + "; stopping (train.nonfinite='stop'); the last checkpoint is intact")
+    raise errors.NonFiniteError(message + "; stopping (train.nonfinite='stop'); the last checkpoint is intact")
+  limit = run.train.max_nonfinite_streak
+  if limit and longest_streak >= limit:
+    raise errors.NonFiniteError(
+        f"{message}: {longest_streak} steps in a row (config.train.max_nonfinite_streak={limit}); the run diverged "
+        "and stops, the last checkpoint is intact; resume with a smaller config.optim.lr or check the data")
   logging.warning("%s; continuing (train.nonfinite='skip')", message)
 
 
@@ -277,6 +289,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
   log = MetricsLog(workdir)
   step = int(state.step)
   reported_skips = int(state.nonfinite_skips)
+  streak = longest_streak = jnp.zeros((), jnp.int32)
   stop = _StopRequest()
   last_eval: dict = {}
   stopped = False
@@ -286,6 +299,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
     while step < run.train.steps:
       state, step_metrics = compiled_train(state, _global_batch(to_micro(batch), train_sh))
       window = _add_to_window(window, step_metrics)
+      streak, longest_streak = _streak(streak, longest_streak, step_metrics["finite"])
       step += 1
       window_steps += 1
       window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()  # Non-pad tokens.
@@ -299,8 +313,9 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
         log.write(step, "train", train_metrics)
         window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
         if skips > reported_skips:
-          _on_nonfinite(run, step, skips - reported_skips, finite)
+          _on_nonfinite(run, step, skips - reported_skips, finite, int(longest_streak))
           reported_skips = skips
+        longest_streak = streak
       step_eval = None
       if has_eval and run.train.eval_every and step % run.train.eval_every == 0 and step < run.train.steps:
         eval_start = time.perf_counter()
@@ -308,7 +323,11 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
         log.write(step, "eval", last_eval)
         window_start += time.perf_counter() - eval_start  # Eval time is not training throughput.
       if step < run.train.steps:  # The last step is saved below, after the final eval.
-        ckpt.save(step, state, train_iter, metrics=step_eval)  # After the eval: checkpoint.keep_best ranks by it.
+        if ckpt.due(step, step_eval) and int(streak):  # A non-finite step is never what a checkpoint holds.
+          logging.warning("checkpoint step %d not saved: its step was non-finite (%d in a row); the next due step "
+                          "is saved", step, int(streak))
+        else:
+          ckpt.save(step, state, train_iter, metrics=step_eval)  # After the eval: checkpoint.keep_best ranks by it.
         ckpt.poll()
       # Every host must leave the loop at the same step. Agreeing takes a cross-host all-gather, which would stall
       # dispatch if done every step, so several hosts agree only at log steps (where they sync anyway).
@@ -323,6 +342,12 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
     if not stopped and has_eval:
       last_eval = step_eval = evaluate_state(state)
       log.write(step, "eval", last_eval)
+    if int(streak):
+      done = ckpt.steps()
+      raise errors.NonFiniteError(
+          f"the run ended on {int(streak)} non-finite step(s) in a row (step {step}): its state is not checkpointed; "
+          + (f"the last checkpoint, step {done[-1]}, is intact" if done else "no checkpoint was written")
+          + "; resume with a smaller config.optim.lr or check the data")
     ckpt.save(step, state, train_iter, force=True, metrics=step_eval)
     ckpt.wait()
   finally:
