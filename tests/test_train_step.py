@@ -219,8 +219,8 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
       trainer.train_and_evaluate(run_config(config), str(tmp_path))
     return
   from lenvm_jax import errors, rundir
-  with caplog.at_level("WARNING"), pytest.raises(errors.NonFiniteError, match=r"the run ended on 3 non-finite step\(s\) "
-                                                 r"in a row \(step 4\): its state is not checkpointed"):
+  ended = r"the run ended on 3 non-finite step\(s\) in a row \(step 4\): its state is not checkpointed"
+  with caplog.at_level("WARNING"), pytest.raises(errors.NonFiniteError, match=ended):
     trainer.train_and_evaluate(run_config(config), str(tmp_path))
   assert "non-finite loss or gradient" in caplog.text
   assert rundir.complete_steps(str(tmp_path)) == []  # The diverged weights were never checkpointed.
