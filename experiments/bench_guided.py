@@ -21,11 +21,11 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import cli
+from experiments import cli, sampling_flags
 from lenvm_jax import sharding
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.sampler import Sampler
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
@@ -41,6 +41,7 @@ _CANDIDATES = flags.DEFINE_list("candidates", ["5", "15"], "Candidate counts k t
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after one warm-up (compile) run; the best is kept.")
 _SCORERS = flags.DEFINE_list("scorer", list(candidate_scoring.SCORERS),
                              f"Candidate scorers to time: {', '.join(candidate_scoring.SCORERS)}.")
+sampling_flags.define(candidates=False, length_rules=False)  # The filters; --candidates is a list here.
 _CANDIDATE_HEAD = flags.DEFINE_enum("candidate_head", "table", ["table", "tied"],
                                     "Layout of the candidate head when --scorer includes candidate_head.")
 
@@ -78,7 +79,7 @@ def main(argv):
   lenvm_graphdef, lenvm_params = _random_model(lenvm_config, 1)
   mesh = sharding.make_mesh(-1, 1, 1)
   # A never-emitted EOS id would need a vocabulary change; instead count decode steps (see the module docstring).
-  sampling = SamplingConfig(max_new_tokens=_NEW_TOKENS.value, eos_ids=(1,), seed=0)
+  sampling = sampling_flags.resolve().config(_NEW_TOKENS.value, (1,), 0)
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, config.vocab_size, size=(_BATCH.value, _PROMPT_LEN.value)).tolist()
   kind = TargetKind("discounted", 0.997, 1024.0)

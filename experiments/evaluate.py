@@ -27,19 +27,19 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, sampling_flags
 from lenvm_jax import sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_scores, length_tokens
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding.eos import generator_eos_ids
-from lenvm_jax.decoding.guided import CONVENTIONS, GuidedSampler, LengthRequest
+from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided_models import Pair
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.decoding.sampler import SamplingConfig
-from lenvm_jax.decoding.synthetic_models import SyntheticGenerator
+from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
 from lenvm_jax.value.targets import remaining_from_value
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
@@ -48,7 +48,6 @@ _GENERATOR = flags.DEFINE_enum("generator", "auto", ["auto", "synthetic", "share
                                "auto: the synthetic policy for a synthetic run, else the run's own LM head.")
 _TARGETS = flags.DEFINE_list("targets", ["16", "32", "64", "128"], "Length targets in tokens (EOS included).")
 _PROMPTS = flags.DEFINE_integer("prompts", 64, "Eval-split prompts per setting.")
-_CANDIDATES = flags.DEFINE_integer("candidates", 9, "Candidates per step (top-k of the filtered distribution).")
 _FILLER_TOKENS = flags.DEFINE_integer("filler_tokens", 4, "Synthetic generator: filler ids in use (0 = all).")
 _BUDGET = flags.DEFINE_integer("budget", 64, "Hard token budget of the quality-vs-length sweep.")
 _BETAS = flags.DEFINE_list("betas", ["0", "-1", "-2", "-4", "-8", "-16"], "Tilt strengths of the sweep.")
@@ -62,9 +61,7 @@ _EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion; defa
                          "--tokenizer's, else the last tokens of the run's finished eval completions.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (HF dir, tokenizer.json, SentencePiece) whose EOS id "
                                  "ends completions of the shared generator.")
-_LENGTH_RULES = flags.DEFINE_enum("length_rules", "paper", list(CONVENTIONS),
-                                  "How Equal To / At Most / At Least choose (docs/inference.md): paper (At Least "
-                                  "then runs to the sampler's limit), reference, or sample_fitting.")
+sampling_flags.define()
 _STEP = cli.define_step_flag()
 _SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS),
                              "How the LenVM values the candidates: next_state (run through its trunk) or "
@@ -100,21 +97,21 @@ def _lengths(samples):
   return np.asarray([len(s.completion_ids) for s in samples])
 
 
-def length_instruction(sampler, prompts, targets) -> dict:
-  unguided = _lengths(sampler.generate(prompts, [LengthRequest()] * len(prompts)))
+def _side(samples, target: int, rule: str) -> dict:
+  """A LIFEBench score with what the user got beside it: mean length, shares of empty and cut answers."""
+  lengths = _lengths(samples)
+  return {**length_scores.summarize(lengths, [target] * len(lengths), rule),
+          **length_scores.length_summary(lengths, [s.finished for s in samples])}
+
+
+def length_instruction(sampler, unguided, prompts, targets, convention: str) -> dict:
+  """Every rule at every target under `convention`, next to the unguided samples of the same prompts."""
   report = {}
   for rule in length_scores.RULES:
-    requests = [LengthRequest.following(_LENGTH_RULES.value, rule, t) for t in targets for _ in prompts]
-    guided = _lengths(sampler.generate(prompts * len(targets), requests,
-                                       row_ids=list(range(len(prompts))) * len(targets)))
-    report[rule] = {}
-    for i, target in enumerate(targets):
-      lengths = guided[i * len(prompts):(i + 1) * len(prompts)]
-      report[rule][str(target)] = {
-          "guided": {**length_scores.summarize(lengths, [target] * len(lengths), rule),
-                     "mean_length": float(lengths.mean())},
-          "unguided": {**length_scores.summarize(unguided, [target] * len(unguided), rule),
-                       "mean_length": float(unguided.mean())}}
+    requests = [LengthRequest.following(convention, rule, t) for t in targets for _ in prompts]
+    guided = sampler.generate(prompts * len(targets), requests, row_ids=list(range(len(prompts))) * len(targets))
+    report[rule] = {str(target): {"guided": _side(guided[i * len(prompts):(i + 1) * len(prompts)], target, rule),
+                                  "unguided": _side(unguided, target, rule)} for i, target in enumerate(targets)}
     report[rule]["mean_score"] = {
         side: float(np.mean([report[rule][str(t)][side]["score"] for t in targets])) for side in ("guided",
                                                                                                   "unguided")}
@@ -200,14 +197,37 @@ def main(argv):
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
   mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
   batch = _BATCH.value
+  with cli.user_errors(ValueError):
+    options = sampling_flags.resolve()
+    options.config(1, eos_ids, _SEED.value)  # A bad filter value fails here, naming its flag.
 
-  def sampler(max_new_tokens):
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=eos_ids, seed=_SEED.value)
-    return GuidedSampler(models, params, sampling, mesh, num_candidates=_CANDIDATES.value, batch_size=batch)
+  def sampler(max_new_tokens, candidates=None):
+    sampling = options.config(max_new_tokens, eos_ids, _SEED.value)
+    return GuidedSampler(models, params, sampling, mesh, num_candidates=candidates or options.candidates,
+                         batch_size=batch)
 
+  def unguided(max_new_tokens):
+    """The baseline: the whole filtered distribution (--unguided=full), or the guided run's candidates."""
+    if options.unguided == "candidates":
+      return sampler(max_new_tokens).generate(prompts, [LengthRequest()] * len(prompts))
+    if name == "shared trunk":
+      return Sampler(predictor.graphdef, predictor.params, options.config(max_new_tokens, eos_ids, _SEED.value), mesh,
+                     batch_size=batch).generate(prompts)
+    # The synthetic policy as a generator: every token a candidate, scored by the exact table (cheap, and unused).
+    full = Pair(models.generator, SyntheticScorer(models.generator.policy, gamma))
+    return GuidedSampler(full, (None, None), options.config(max_new_tokens, eos_ids, _SEED.value), mesh,
+                         num_candidates=full.vocab_size, batch_size=batch).generate(prompts,
+                                                                                    [LengthRequest()] * len(prompts))
+
+  with cli.user_errors(ValueError):
+    if not 1 <= options.candidates <= models.vocab_size:
+      raise ValueError(f"--candidates must lie in [1, {models.vocab_size}], got {options.candidates}")
   report = {"checkpoint_step": predictor.step, "generator": name, "gamma": gamma, "eos_ids": list(eos_ids),
-            "length_rules": _LENGTH_RULES.value, "num_candidates": _CANDIDATES.value, "prompts": count}
-  report["length_instruction"] = length_instruction(sampler(2 * max(targets)), prompts, targets)
+            "length_rules": options.length_rules, "num_candidates": options.candidates, "prompts": count,
+            "sampling": options.describe()}
+  limit = 2 * max(targets)
+  report["length_instruction"] = length_instruction(sampler(limit), unguided(limit), prompts, targets,
+                                                    options.length_rules)
   report["quality_vs_length"] = {"budget": _BUDGET.value, "accuracy": "emits EOS within the budget",
                                  "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas)}
   predictions = predictor.predict(trajectories, max_len=config.data.max_len)
@@ -225,15 +245,22 @@ def main(argv):
 
 
 def format_report(report: dict) -> str:
+  settings = report.get("sampling", {})
   lines = [f"checkpoint {report['checkpoint_step']}, generator: {report['generator']}, "
-           f"scorer: {report.get('scorer', 'next_state')}, "
-           f"k = {report['num_candidates']}, {report['prompts']} prompts"]
+           f"scorer: {report.get('scorer', 'next_state')}, k = {report['num_candidates']}, {report['prompts']} prompts, "
+           f"length rules: {report.get('length_rules', 'paper')}"
+           + (f", sampling: {settings['settings']} (T {settings['temperature']:g}, top-k {settings['top_k']}, "
+              f"top-p {settings['top_p']:g}, min-p {settings['min_p']:g}, {settings['filter_style']} filter; "
+              f"unguided: {settings['unguided']})" if settings else ""),
+           "LIFEBench score, mean length and shares of empty / cut answers, unguided -> guided:"]
+  side = lambda v: (f"{v['score']:5.1f} len {v['mean_length']:6.1f}" + (
+      f" empty {v['empty']:.2f} cut {v['cut']:.2f}" if "empty" in v else ""))
   for rule, by_target in report["length_instruction"].items():
-    cells = "  ".join(f"{t}: {v['unguided']['score']:5.1f} -> {v['guided']['score']:5.1f}"
-                      for t, v in by_target.items() if t != "mean_score")
+    for t, v in by_target.items():
+      if t != "mean_score":
+        lines.append(f"  {rule:<9} {t:>5}: {side(v['unguided'])}  ->  {side(v['guided'])}")
     mean = by_target["mean_score"]
-    lines.append(f"{rule:<9} LIFEBench unguided -> guided  {cells}  | mean {mean['unguided']:.1f} -> "
-                 f"{mean['guided']:.1f}")
+    lines.append(f"  {rule:<9}  mean score: {mean['unguided']:.1f} -> {mean['guided']:.1f}")
   lines.append(f"tilt sweep (budget {report['quality_vs_length']['budget']}): " + ", ".join(
       f"beta {p['beta']:g}: acc {p['accuracy']:.2f} len {p['mean_length']:.1f}"
       for p in report["quality_vs_length"]["sweep"]))

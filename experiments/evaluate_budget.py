@@ -9,11 +9,14 @@ split (the split is by prompt id). For every budget B the same problems are answ
   * the base model cut off at B tokens: one unguided run to the largest budget, cut at each B (a row's random stream
     depends only on its row id and step, so the cut run is exactly the run with max_new_tokens = B);
   * the tilt sweep: p'(x) ~ p(x) exp(beta u(x)) for each --betas (beta < 0: shorter), hard-cut at B;
-  * At Most B under each --at_most convention (lenvm_jax/decoding/guided.py): "paper" (the candidate the LenVM
-    expects to end soonest, always), "reference", or "sample_fitting" (sample among the candidates expected to fit
-    in what is left of B, else the soonest), hard-cut at B.
-All runs sample among the --candidates most likely tokens at --temperature. An answer counts as correct when the
-completion ends (EOS) within the budget and the problem's checker accepts it (lenvm_jax/data/answers.py). Writes
+  * At Most B under each --at_most convention (lenvm_jax/decoding/guided.py): "default" (the model's own answer
+    among the candidates expected to fit in what is left of B; EOS at its own probability), "paper" (the candidate
+    the LenVM expects to end soonest, always), "reference", "reference_lifebench" or "sample_fitting", hard-cut at B.
+Sampling comes from the shared flags (experiments/sampling_flags.py: --settings=paper_tradeoff is the paper's T 1,
+top-k 5, min-p 0.01); the unguided base samples the whole filtered distribution (--unguided=full) or the guided
+runs' candidates. An answer counts as correct when the completion ends (EOS) within the budget and the problem's
+checker accepts it (lenvm_jax/data/answers.py). Every accuracy carries its 95 % Wilson interval, and every decoding
+an exact paired (McNemar) test against the truncated base on the same problems. Writes
 <workdir>/evaluate_budget/{report.json,budget.png} and prints a table.
 """
 
@@ -23,7 +26,7 @@ import os
 
 from absl import flags
 
-from experiments import cli
+from experiments import cli, sampling_flags
 from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
@@ -31,8 +34,8 @@ from lenvm_jax.decoding import policy as policy_lib
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.decoding.sampler import SamplingConfig
-from lenvm_jax.evaluation.budget import held_out, score
+from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.evaluation.budget import correct_flags, held_out, paired_test, score, wilson_interval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LenVM's training workdir.")
 _POLICY = flags.DEFINE_string("policy", None, "The generator: a .gguf file, Hugging Face directory or run workdir.")
@@ -43,12 +46,11 @@ _SPLIT = flags.DEFINE_enum("split", "eval", ["train", "eval"], "Which split's pr
 _MAX_PROBLEMS = flags.DEFINE_integer("max_problems", 0, "Use the first N problems of the split (0 = all).")
 _BUDGETS = flags.DEFINE_list("budgets", ["64", "128"], "Hard token budgets (EOS included).")
 _BETAS = flags.DEFINE_list("betas", ["-4", "-16"], "Tilt strengths (beta < 0: shorter).")
-_AT_MOST = flags.DEFINE_list("at_most", ["paper"], "At Most B rule conventions to run: paper, reference, "
-                             "sample_fitting.")
+_AT_MOST = flags.DEFINE_list("at_most", ["default"], "At Most B rule conventions to run: default, paper, reference, "
+                             "reference_lifebench, sample_fitting.")
 _BASE_TOKENS = flags.DEFINE_integer("base_tokens", 256, "The unguided run's own limit (at least the largest budget): "
                                     "its accuracy without a budget is reported as unbounded_base.")
-_CANDIDATES = flags.DEFINE_integer("candidates", 4, "Candidates per step (top-k of the filtered distribution).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.3, "Sampling temperature of every run (> 0).")
+sampling_flags.define(length_rules=False)
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = cli.define_step_flag()
@@ -56,12 +58,19 @@ flags.mark_flags_as_required(["workdir", "policy", "prompts"])
 
 
 def format_table(report: dict) -> str:
-  lines = [f"{report['problems']} held-out problems, k = {report['candidates']}, temperature {report['temperature']}",
-           f"{'budget':>6}  {'decoding':<22} {'accuracy':>8} {'correct':>7} {'ended':>6} {'mean len':>8}"]
+  settings = report["sampling"]
+  lines = [f"{report['problems']} held-out problems, k = {report['candidates']}, sampling {settings['settings']}: "
+           f"T {settings['temperature']:g}, top-k {settings['top_k']}, top-p {settings['top_p']:g}, min-p "
+           f"{settings['min_p']:g} ({settings['filter_style']} filter), unguided base: {settings['unguided']}",
+           f"{'budget':>6}  {'decoding':<22} {'accuracy':>8} {'95% interval':>13} {'correct':>7} {'ended':>6} "
+           f"{'mean len':>8}  vs truncation (only this / only base, exact paired p)"]
   for budget, runs in report["budgets"].items():
     for name, r in runs.items():
-      lines.append(f"{budget:>6}  {name:<22} {r['accuracy']:8.3f} {r['correct']:7d} {r['ended']:6.2f} "
-                   f"{r['mean_length']:8.1f}")
+      low, high = r.get("accuracy_95", (float("nan"), float("nan")))
+      versus = r.get("vs_truncation")
+      paired = f"  {versus['only_this']:3d} / {versus['only_other']:3d}, p = {versus['p_value']:.3f}" if versus else ""
+      lines.append(f"{budget:>6}  {name:<22} {r['accuracy']:8.3f} [{low:.2f}, {high:.2f}] {r['correct']:7d} "
+                   f"{r['ended']:6.2f} {r['mean_length']:8.1f}{paired}")
   return "\n".join(lines)
 
 
@@ -119,30 +128,50 @@ def main(argv):
   params = (policy.params, predictor.params)
   prompt_ids = [p.prompt_ids.tolist() for p in problems]
 
+  with cli.user_errors(ValueError):
+    options = sampling_flags.resolve()
+    options.config(1, eos_ids, _SEED.value)  # A bad filter value fails here, naming its flag.
+    if not 1 <= options.candidates <= policy.model_config.vocab_size:
+      raise ValueError(f"--candidates must lie in [1, {policy.model_config.vocab_size}], got {options.candidates}")
+
   def run(max_new_tokens: int, request: LengthRequest):
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=eos_ids, temperature=_TEMPERATURE.value,
-                              seed=_SEED.value)
-    sampler = GuidedSampler(models, params, sampling, mesh, num_candidates=_CANDIDATES.value,
-                            batch_size=_BATCH.value)
-    samples = sampler.generate(prompt_ids, [request] * len(prompt_ids))
+    sampling = options.config(max_new_tokens, eos_ids, _SEED.value)
+    if request.rule == "none" and options.unguided == "full":  # The paper's baseline: the whole distribution.
+      sampler = Sampler(policy.graphdef, policy.params, sampling, mesh, batch_size=_BATCH.value)
+      samples = sampler.generate(prompt_ids)
+    else:
+      sampler = GuidedSampler(models, params, sampling, mesh, num_candidates=options.candidates,
+                              batch_size=_BATCH.value)
+      samples = sampler.generate(prompt_ids, [request] * len(prompt_ids))
     return samples, [tokenizer.decode(s.completion_ids.tolist()) for s in samples]
 
   report = {"checkpoint_step": predictor.step, "policy": policy.description, "prompts": _PROMPTS.value,
-            "problems": len(problems), "candidates": _CANDIDATES.value, "temperature": _TEMPERATURE.value,
+            "problems": len(problems), "candidates": options.candidates, "sampling": options.describe(),
             "budgets": {}}
   base_tokens = max(budgets[-1], _BASE_TOKENS.value)
   base, base_texts = run(base_tokens, LengthRequest())
+
+  def scored(samples, texts, budget, truncated=None):
+    """score() with the accuracy's Wilson interval and, against the truncated base, the exact paired test."""
+    out = score(samples, texts, problems, budget)
+    flags_ = correct_flags(samples, texts, problems, budget)
+    out["accuracy_95"] = list(wilson_interval(int(flags_.sum()), len(flags_)))
+    if truncated is not None:
+      out["vs_truncation"] = paired_test(flags_, truncated)
+    return out, flags_
+
   for budget in budgets:
     # The base run cut at this budget: its first `budget` tokens, finished only if EOS came within them.
-    cut = [type(s)(s.completion_ids[:budget], s.values[:budget], s.finished and len(s.completion_ids) <= budget)
-           for s in base]
+    cut = [dataclasses.replace(s, completion_ids=s.completion_ids[:budget],
+                               finished=s.finished and len(s.completion_ids) <= budget) for s in base]
     cut_texts = [tokenizer.decode(s.completion_ids.tolist()) for s in cut]
-    runs = {"base (truncated)": score(cut, cut_texts, problems, budget)}
+    base_scored, truncated = scored(cut, cut_texts, budget)
+    runs = {"base (truncated)": base_scored}
     for beta in betas:
-      runs[f"tilt beta {beta:g}"] = score(*run(budget, LengthRequest("tilt", beta=beta)), problems, budget)
+      runs[f"tilt beta {beta:g}"] = scored(*run(budget, LengthRequest("tilt", beta=beta)), budget, truncated)[0]
     for convention, rule in zip(_AT_MOST.value, at_most_rules):
       name = f"at_most {budget}" + (f" ({convention})" if len(at_most_rules) > 1 else "")
-      runs[name] = score(*run(budget, dataclasses.replace(rule, target=budget)), problems, budget)
+      runs[name] = scored(*run(budget, dataclasses.replace(rule, target=budget)), budget, truncated)[0]
     report["budgets"][str(budget)] = runs
     print(format_table({**report, "budgets": {str(budget): runs}}), flush=True)
   report["unbounded_base"] = {"max_new_tokens": base_tokens, **score(base, base_texts, problems, base_tokens)}

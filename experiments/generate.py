@@ -2,6 +2,7 @@
 
   python -m experiments.generate --policy=runs/policy --prompts=prompts.jsonl --eos_ids=1 --output_dir=data/rollouts \
       [--num_samples=4] [--max_new_tokens=256] [--temperature=1.0] [--top_k=0] [--top_p=1.0] [--min_p=0.0]
+      [--filter_style=hf|reference] [--settings=paper_lifebench|paper_tradeoff]
   python -m experiments.generate --policy=HF_DIR --tokenizer=HF_DIR --prompts=champ --output_dir=data/champ_rollouts
   python -m experiments.generate --policy=M.gguf --tokenizer=M.gguf --prompts=reasoning_gym:gsm_symbolic:200 \
       --num_samples=4 --output_dir=data/gsm_rollouts
@@ -23,12 +24,12 @@ import time
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, sampling_flags
 from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib, rollouts
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.sampler import Sampler
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', "
@@ -40,10 +41,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer dir, tokenizer
 _GENERATOR = flags.DEFINE_string("generator", None, "Generator name in the records (default: the policy path).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Completions longer than this are cut (finished=false).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "0 = off.")
+sampling_flags.define(candidates=False, length_rules=False)  # --settings, --temperature, --top_k/p, --min_p, ...
 _EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each sample's stream also depends on its prompt and index).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows per decode batch (a multiple of mesh data x fsdp).")
@@ -80,8 +78,7 @@ def main(argv):
         (tokenizer.eos_id,) if tokenizer else ())
     if not eos_ids:
       raise ValueError(f"--eos_ids is needed: {_POLICY.value} names no EOS id and no --tokenizer was given")
-    sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, eos_ids=eos_ids, temperature=_TEMPERATURE.value,
-                              top_k=_TOP_K.value, top_p=_TOP_P.value, min_p=_MIN_P.value, seed=_SEED.value)
+    sampling = sampling_flags.resolve().config(_MAX_NEW.value, eos_ids, _SEED.value)
     prompts = prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer,
                                        _EVAL_FRACTION.value)
     sampler = Sampler(policy.graphdef, policy.params, sampling, mesh, batch_size=_BATCH.value)

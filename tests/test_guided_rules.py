@@ -239,6 +239,10 @@ def test_default_at_most_samples_what_fits_and_never_ends_at_once_by_choice():
   assert choose_one("at_most", 20, 19, [10, 0, 40], convention="default") == 1
   # Nothing fits and no EOS offered: the shortest.
   assert choose_one("at_most", 5, 2, [10, 30, 40], convention="default") == 0
+  # Nothing else fits before the budget: EOS keeps its own probability, the shortest other candidate the rest
+  # (an inaccurate LenVM cannot end the answer at once by choice).
+  np.testing.assert_allclose(distribution("at_most", 8, 0, [40, 0, 30, 60], probs, "default"), [0, 0.05, 0.95, 0],
+                             atol=1e-6)
 
 
 def test_default_at_least_forbids_eos_before_the_budget_and_takes_it_once_met():

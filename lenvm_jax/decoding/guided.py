@@ -20,10 +20,10 @@ Rules:
               ("value", the paper's); ties: the more likely. Under selection "default" EOS is not taken while R > 0
               (unless it is the only candidate): ending early is a certain miss, while any other token keeps the
               chance to end exactly on target, so the answer ends on its target whenever EOS is offered there;
-  at_most     "default": EOS keeps its base probability (the model ends when it would) and the candidates whose
-              expected remainder fits (n <= R) share the rest in their base proportions; when no other candidate
-              fits, EOS if offered, else the shortest: the answer the model would give, ended by the model or at the
-              budget, never cut at once by choice. "sample_fitting": a base sample among the fitting candidates, EOS
+  at_most     "default": until the budget is met, EOS keeps its base probability (the model ends when it would)
+              and the candidates whose expected remainder fits (n <= R) share the rest in their base proportions;
+              when none fits, the shortest other candidate takes it; at the budget, EOS if offered, else the
+              shortest: the answer the model would give, ended by the model or at the budget, never cut by choice. "sample_fitting": a base sample among the fitting candidates, EOS
               included (it gains the mass of those that do not fit), else the shortest. "paper" / "reference": the
               shortest (largest V), always;
   at_least    "default": a base sample among the non-EOS candidates until the budget is met, then EOS if offered,
@@ -248,20 +248,25 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   equal_to = one_hot(first_min(jnp.where(early_eos, jnp.inf, cost)))
   # At Most / At Least.
   fits = n <= n_star
-  # Default: EOS keeps its base probability (the model ends when it would), the mass of the candidates that do not
-  # fit moves to those that do, in proportion; when no other candidate fits, EOS (or the shortest).
+  # Default: until the budget, EOS keeps its base probability (the model ends when it would) and the other
+  # candidates' mass goes to those expected to fit, in proportion, or, when none is, to the shortest of them; at the
+  # budget, EOS if offered, else the shortest.
   log_p = jax.nn.log_softmax(base, axis=-1)
   p = jnp.exp(log_p)
+  eos_offered = jnp.any(allowed & is_eos, axis=-1)
   p_eos = jnp.sum(jnp.where(allowed & is_eos, p, 0.0), axis=-1)
-  fitting_others = allowed & fits & ~is_eos
+  others = allowed & ~is_eos
+  fitting_others = others & fits
   p_fit = jnp.sum(jnp.where(fitting_others, p, 0.0), axis=-1)
-  keep_eos = jnp.where(allowed & is_eos, log_p, -jnp.inf)
-  default_at_most = jnp.where(per_row(p_fit > 0),
-                              jnp.where(fitting_others, log_p + per_row(jnp.log1p(-p_eos) - jnp.log(p_fit)), keep_eos),
-                              sample_within(fits, one_hot(shortest)))
+  shortest_other = one_hot(first_min(-w, others)) == 0.0
+  receivers = jnp.where(per_row(p_fit > 0), fitting_others, shortest_other)
+  log_share = jnp.where(per_row(p_fit > 0), log_p - per_row(jnp.log(jnp.maximum(p_fit, 1e-38))), 0.0)
+  before_budget = jnp.where(receivers, log_share + per_row(jnp.log1p(-p_eos)),
+                            jnp.where(allowed & is_eos, log_p, -jnp.inf))
+  at_budget = jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)), one_hot(shortest))
+  default_at_most = jnp.where(per_row(budget_met | ~jnp.any(others, axis=-1)), at_budget, before_budget)
   at_most = jnp.select([per_row(default), per_row(selection == _SAMPLE_FITTING)],
                        [default_at_most, sample_within(fits, one_hot(shortest))], one_hot(shortest))
-  eos_offered = jnp.any(allowed & is_eos, axis=-1)
   default_at_least = jnp.where(per_row(budget_met),
                                jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)),
                                          one_hot(shortest)),
@@ -388,6 +393,16 @@ class GuidedSampler:
     self._per_row = sharding.batch_sharding(mesh, 1)
     self._decode = jax.jit(functools.partial(guided_decode, models, sampling=sampling,
                                              num_candidates=num_candidates))
+
+  def lower(self, prompt_width: int, request: "LengthRequest | None" = None):
+    """The batch program lowered for prompts of prompt_width tokens, without running it: self.params may be
+    ShapeDtypeStructs. experiments/compile_check.py compiles it for a TPU topology (--steps=decode)."""
+    rows = request_arrays([request or LengthRequest()] * self.batch_size)
+    per_row = lambda dtype: jax.ShapeDtypeStruct((self.batch_size,), dtype, sharding=self._per_row)
+    with jax.set_mesh(self.mesh):
+      return self._decode.lower(
+          self.params, jax.ShapeDtypeStruct((self.batch_size, prompt_width), np.int32, sharding=self._rows),
+          per_row(np.int32), per_row(np.int32), {name: per_row(values.dtype) for name, values in rows.items()})
 
   def generate(self, prompts: Sequence[Sequence[int]], requests: Sequence[LengthRequest],
                row_ids: Sequence[int] | None = None) -> list[GuidedSample]:

@@ -38,3 +38,12 @@ def summarize(output_lengths, target_lengths, rule: str) -> dict:
   d = length_deviation(output_lengths, target_lengths)
   return {"score": float(np.mean(length_score(output_lengths, target_lengths, rule))),
           "deviation": float(np.mean(d)), "abs_deviation": float(np.mean(np.abs(d))), "count": int(d.size)}
+
+
+def length_summary(output_lengths, finished) -> dict:
+  """What a user gets beside a score: mean length, and the shares of empty answers (EOS first: nothing before it)
+  and of answers cut at the sampler's limit (no EOS). A rule that scores 100 by ending at once or never shows here."""
+  lengths = np.asarray(output_lengths, np.int64)
+  finished = np.asarray(finished, bool)
+  return {"mean_length": float(lengths.mean()), "empty": float(np.mean(finished & (lengths <= 1))),
+          "cut": float(np.mean(~finished))}

@@ -1,0 +1,103 @@
+"""The sampling flags every decoding CLI shares (evaluate, evaluate_budget, generate, bench_guided): one set of
+defaults, and --settings for the paper's.
+
+  --settings=paper_lifebench   temperature 1, top-k 15, top-p 0.999, min-p 0, the reference's filter, 15 candidates
+                               (the paper's LIFEBench runs, Table 2);
+  --settings=paper_tradeoff    temperature 1, top-k 5, top-p 1, min-p 0.01, the reference's filter, 5 candidates
+                               (the paper's accuracy / length trade-off, Fig. 2 and 5);
+  --settings=none              the flags' own defaults: temperature 1, no top-k / top-p / min-p, hf filter, 9 candidates.
+A flag given on the command line wins over its --settings value. --unguided=full (the default) samples the unguided
+baseline from the whole filtered distribution, as the paper's baseline; --unguided=candidates only among the guided
+run's candidates. Each CLI calls `define()` once at import (bench_guided keeps its own list of candidate counts).
+"""
+
+import dataclasses
+
+from absl import flags
+
+from lenvm_jax.decoding.guided import CONVENTIONS
+from lenvm_jax.decoding.sampler import FILTER_STYLES, SamplingConfig
+from lenvm_jax.errors import UserError
+
+SETTINGS = {
+    "none": {},
+    "paper_lifebench": dict(temperature=1.0, top_k=15, top_p=0.999, min_p=0.0, filter_style="reference",
+                            candidates=15),
+    "paper_tradeoff": dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.01, filter_style="reference", candidates=5),
+}
+DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, filter_style="hf", candidates=9)
+UNGUIDED = ("full", "candidates")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """The resolved flag values."""
+  settings: str
+  temperature: float
+  top_k: int
+  top_p: float
+  min_p: float
+  filter_style: str
+  candidates: int
+  unguided: str
+  length_rules: str
+
+  def config(self, max_new_tokens: int, eos_ids, seed: int) -> SamplingConfig:
+    """A SamplingConfig with these filters; a bad value is the user's (names the flag)."""
+    try:
+      return SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), temperature=self.temperature,
+                            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=seed,
+                            filter_style=self.filter_style)
+    except ValueError as e:  # "sampling top_p must lie in (0, 1] ..." -> the flag's name.
+      name = next((f for f in ("temperature", "top_k", "top_p", "min_p") if f"sampling {f} " in str(e)), None)
+      raise UserError(f"--{name}: {e}" if name else str(e)) from None
+
+  def describe(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+_defined = {}
+
+
+def define(candidates: bool = True, length_rules: bool = True) -> None:
+  """Defines the shared flags (once per process)."""
+  if _defined:
+    return
+  _defined["settings"] = flags.DEFINE_enum("settings", "none", list(SETTINGS),
+                                           "Named sampling settings (experiments/sampling_flags.py); flags given on "
+                                           "the command line win.")
+  _defined["temperature"] = flags.DEFINE_float("temperature", DEFAULTS["temperature"], "Sampling temperature "
+                                               "(> 0 for guided decoding; 0 = greedy for plain sampling).")
+  _defined["top_k"] = flags.DEFINE_integer("top_k", DEFAULTS["top_k"], "Top-k filter (0 = off).")
+  _defined["top_p"] = flags.DEFINE_float("top_p", DEFAULTS["top_p"], "Top-p filter (1 = off).")
+  _defined["min_p"] = flags.DEFINE_float("min_p", DEFAULTS["min_p"], "Min-p filter (0 = off).")
+  _defined["filter_style"] = flags.DEFINE_enum("filter_style", DEFAULTS["filter_style"], list(FILTER_STYLES),
+                                               "Top-k / top-p semantics: hf (Hugging Face) or reference (the LenVM "
+                                               "reference server); lenvm_jax/decoding/sampler.py.")
+  if candidates:
+    _defined["candidates"] = flags.DEFINE_integer("candidates", DEFAULTS["candidates"], "Candidates per guided step "
+                                                  "(the most likely tokens surviving the filters).")
+    _defined["unguided"] = flags.DEFINE_enum("unguided", "full", list(UNGUIDED), "The unguided baseline samples the "
+                                             "whole filtered distribution (full, the paper's) or only the guided run's "
+                                             "candidates.")
+  if length_rules:
+    _defined["length_rules"] = flags.DEFINE_enum("length_rules", "default", list(CONVENTIONS),
+                                                 "How Equal To / At Most / At Least choose (docs/inference.md): "
+                                                 "default (what a user asks), paper, reference, reference_lifebench, "
+                                                 "sample_fitting.")
+
+
+def resolve() -> Sampling:
+  """The flag values after --settings (a flag set on the command line wins)."""
+  settings = _defined["settings"].value
+  chosen = SETTINGS[settings]
+  value = lambda name: (_defined[name].value if name in _defined and (flags.FLAGS[name].present or name not in chosen)
+                        else chosen.get(name, DEFAULTS.get(name)))
+  sampling = Sampling(settings=settings, temperature=value("temperature"), top_k=value("top_k"),
+                      top_p=value("top_p"), min_p=value("min_p"), filter_style=value("filter_style"),
+                      candidates=value("candidates"),
+                      unguided=_defined["unguided"].value if "unguided" in _defined else "candidates",
+                      length_rules=_defined["length_rules"].value if "length_rules" in _defined else "default")
+  if "candidates" in _defined and sampling.candidates < 1:
+    raise UserError(f"--candidates must be >= 1, got {sampling.candidates}")
+  return sampling
