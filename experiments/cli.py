@@ -9,6 +9,7 @@ import contextlib
 import functools
 import importlib.machinery
 import logging as logging_std
+import math
 import os
 import re
 import sys
@@ -135,12 +136,82 @@ def _parse_config_file(self, argument):
 config_flags.ConfigFileFlagParser.parse = _parse_config_file
 
 
+INT_LIMIT = 2**31 - 1  # Counts, sizes and seeds beyond int32 are a typo (and overflow the arrays they size).
+# Help text that gives 0 a meaning ("0 = all", "0 keeps it", "(0 = the real devices)"): there 0 is a value, elsewhere
+# an integer flag counts something and 0 is refused.
+_ZERO_MEANS = re.compile(r"(?<![\d.])0\s*(=|:|keeps|means|is\b|for\b|\))|\(0\b")
+
+
+def is_cli_module(module: str) -> bool:
+  """Whether absl's flag-defining `module` (a dotted name, or the path of a script run as __main__) is a tool of
+  experiments/ or its shared flag helpers, not a library (grain, orbax, absl define flags of their own)."""
+  return (module == "__main__" or module.startswith("experiments.") or module.startswith("experiments" + os.sep)
+          or f"{os.sep}experiments{os.sep}" in module)
+
+
+def zero_is_a_value(flag) -> bool:
+  """0 means something for this integer flag: its default, or its help says what 0 does, or it is a seed / id."""
+  return flag.default == 0 or bool(_ZERO_MEANS.search(flag.help or "")) or bool(re.search(r"(^|_)(seed|id)$",
+                                                                                            flag.name))
+
+
+def _number(text: str) -> float | None:
+  try:
+    return float(text)
+  except (TypeError, ValueError):
+    return None
+
+
+def numeric_list(flag) -> bool:
+  """A list flag whose default items are all numbers: every item given must be a finite number too."""
+  return (isinstance(flag.default, list) and bool(flag.default)
+          and all(_number(item) is not None for item in flag.default))
+
+
+def flag_problem(flag) -> str | None:
+  """What is wrong with the value a user gave `flag`, by its type alone (the tools check their own relations):
+  a float that is not finite; an integer that is negative, beyond int32, or 0 where 0 means nothing; a numeric list
+  item that is not a finite number; an empty value for a flag without a default."""
+  value, kind = flag.value, flag.flag_type()
+  if kind == "float" and value is not None and not math.isfinite(value):
+    return "must be a finite number"
+  if kind == "int" and value is not None:
+    if value < 0:
+      return "must be >= 0"
+    if value > INT_LIMIT:
+      return f"must be at most {INT_LIMIT}"
+    if value == 0 and not zero_is_a_value(flag):
+      return "must be positive"
+  if isinstance(value, list) and numeric_list(flag):
+    for item in value:
+      number = _number(item)
+      if number is None or not math.isfinite(number):
+        return f"item {item!r} is not a finite number"
+  if flag.default is None and value in ("", []):
+    return "is empty"
+  return None
+
+
+def check_flags(flag_values=flags.FLAGS) -> None:
+  """The generic schema every tool's flags pass before its main runs (see flag_problem); raises a UserError that
+  names the flag."""
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if not is_cli_module(module):
+      continue
+    for flag in module_flags:
+      if flag.present and (problem := flag_problem(flag)):
+        value = ",".join(flag.value) if isinstance(flag.value, list) else flag.value
+        raise errors.UserError(f"--{flag.name}={value}: {problem} (see --help)")
+
+
 def parse_flags(argv):
   """absl's flag parsing with one-line errors and exit status 2 (absl exits 1 and ml_collections raises a traceback
-  for an unknown field)."""
+  for an unknown field), then the generic checks of check_flags."""
   try:
-    return flags.FLAGS(argv)
-  except errors.UserError as e:  # A config file that cannot be loaded (load_config_file).
+    remaining = flags.FLAGS(argv)
+    check_flags()
+    return remaining
+  except errors.UserError as e:  # A config file that cannot be loaded (load_config_file), a bad flag value.
     fail(e)
   except flags.Error as e:
     fail(f"{e} (see --helpfull)")
