@@ -13,6 +13,7 @@ import os
 
 from absl import app, flags
 
+from experiments import cli
 from lenvm_jax.data import pipeline
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.evaluation import candidate_quality
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

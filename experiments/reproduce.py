@@ -29,6 +29,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import cli
 from lenvm_jax import sweep_spec
 from lenvm_jax.data import pipeline, prompt_groups
 from lenvm_jax.decoding.predict import Predictor
@@ -254,4 +255,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["figure"])
-  app.run(main)
+  cli.run(main)
