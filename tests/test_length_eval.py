@@ -139,6 +139,14 @@ def test_reference_grouping_scores_groups_with_unfinished_samples_from_their_pro
   expected = np.mean([abs(8 - truth["x"]) / truth["x"], abs(3 - truth["y"]) / truth["y"],
                       abs(30 - truth["z"]) / truth["z"]])
   assert reference["prompt_mre"]["*"]["model"] == pytest.approx(expected)
+  # Each report carries both definitions side by side, whichever it was asked for; the tables say which is which.
+  for report in (ours, reference):
+    both = report["prompt_mre_by_grouping"]
+    assert both["reference"]["model"] == pytest.approx(expected) and both["reference"]["groups"] == 3
+    assert both["finished"]["model"] == pytest.approx(ours["prompt_mre"]["*"]["model"])
+    assert both["finished"]["groups"] == 3 and both["finished"]["model"] != both["reference"]["model"]
+    printed = length_eval.format_report(report)
+    assert "the reference's: every sample" in printed and "ours: finished completions only" in printed
 
 
 def test_prompt_calibration_shows_a_biased_boundary_value():

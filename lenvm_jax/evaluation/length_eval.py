@@ -16,7 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from lenvm_jax.data.prompt_groups import boundary_groups, generator_of, group_by_prompt, group_key
+from lenvm_jax.data.prompt_groups import (BOUNDARY_GROUPINGS, boundary_groups, generator_of, group_by_prompt,
+                                          group_key)
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
                                                   least_mre_length, prompt_boundary_mre, scope_label)
 from lenvm_jax.value.targets import prompt_boundary_length
@@ -114,28 +115,41 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   token_mae = {scope: {name: float(np.mean(np.concatenate(v))) for name, v in by.items()}
                for scope, by in errors.items()}
 
-  groups = boundary_groups(trajectories, grouping, samples_per_prompt)
-  # The same prompt gives the same V(s_0), so any member's first prediction is the group's L_hat.
-  boundary = {group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)
-              if group_key(t) in groups}
-  # Groups of unfinished samples only (reference grouping) have no per-token prediction: their prompt alone.
-  unscored = {group_key(t): t for t in trajectories if group_key(t) in groups and group_key(t) not in boundary}
-  if unscored:
-    _, lengths = predictor.predict_prompts(list(unscored.values()), batch_size, max_prompt_len)
-    boundary.update(zip(unscored, map(float, lengths)))
-  guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
-             "generator": lambda key: baselines.generator_prompt_length.get(key[1], baselines.constant_prompt_length)}
-  if cell_of is not None:
-    guesses["cell_mean"] = cell_mean_lengths(boundary, cell_of, gamma)
-  by_name = {name: prompt_boundary_mre(groups, guess, gamma) for name, guess in guesses.items()}
-  prompt_mre = {scope: {name: by_name[name][scope] for name in guesses} for scope in by_name["model"]}
+  def boundary_mre(grouping_):
+    groups_ = boundary_groups(trajectories, grouping_, samples_per_prompt)
+    # The same prompt gives the same V(s_0), so any member's first prediction is the group's L_hat.
+    boundary = {group_key(t): float(n_hat[0]) for t, (_, n_hat) in zip(finished, predictions)
+                if group_key(t) in groups_}
+    # Groups of unfinished samples only (reference grouping) have no per-token prediction: their prompt alone.
+    unscored = {group_key(t): t for t in trajectories if group_key(t) in groups_ and group_key(t) not in boundary}
+    if unscored:
+      _, lengths = predictor.predict_prompts(list(unscored.values()), batch_size, max_prompt_len)
+      boundary.update(zip(unscored, map(float, lengths)))
+    guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
+               "generator": lambda key: baselines.generator_prompt_length.get(key[1],
+                                                                              baselines.constant_prompt_length)}
+    if cell_of is not None:
+      guesses["cell_mean"] = cell_mean_lengths(boundary, cell_of, gamma)
+    return groups_, {name: prompt_boundary_mre(groups_, guess, gamma) for name, guess in guesses.items()}
+
+  groups, by_name = boundary_mre(grouping)
+  prompt_mre = {scope: {name: by_name[name][scope] for name in by_name} for scope in by_name["model"]}
+  # Both definitions side by side (all generators): ours (finished completions) and the reference's (every sample,
+  # a cut one at its token count); they differ where many answers were cut.
+  both = {grouping: (groups, by_name)}
+  other = next(g for g in BOUNDARY_GROUPINGS if g != grouping)
+  both[other] = boundary_mre(other)
+  prompt_mre_by_grouping = {g: {"groups": len(gs), **{name: v.get(ALL_GENERATORS, float("nan")) for name, v in
+                                                       names.items() if name in ("model", "constant")}}
+                            for g, (gs, names) in both.items()}
   # Calibration at s_0: the length of the mean predicted return against that of the mean realised return, overall and
   # per generator. MSE training makes them equal on the training completions; apart, they show a biased V(s_0).
   calibration = {scope: {name: prompt_boundary_length(v, gamma) for name, v in by.items()}
                  for scope, by in boundary_lengths.items()}
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions))}
-  return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts}
+  return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts,
+          "prompt_mre_by_grouping": prompt_mre_by_grouping}
 
 
 def format_report(report: dict) -> str:
@@ -154,6 +168,13 @@ def format_report(report: dict) -> str:
     lines.append(title)
     for scope, values in sorted(report[key].items()):
       lines.append(f"  {scope_label(scope):<24} " + " ".join(f"{values[c]:10.4g}" for c in columns))
+  described = {"finished": "ours: finished completions only", "reference": "the reference's: every sample, a cut "
+               "one at its token count, equal group sizes"}
+  if "prompt_mre_by_grouping" in report:
+    lines.append("prompt-boundary MRE under both groupings (all generators): model / best constant, groups")
+    for name, values in report["prompt_mre_by_grouping"].items():
+      lines.append(f"  {name:<10} {values.get('model', float('nan')):10.4g} {values.get('constant', float('nan')):10.4g}"
+                   f" {values['groups']:6d}  ({described[name]})")
   return "\n".join(lines)
 
 
