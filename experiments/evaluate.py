@@ -247,8 +247,8 @@ def main(argv):
 def format_report(report: dict) -> str:
   settings = report.get("sampling", {})
   lines = [f"checkpoint {report['checkpoint_step']}, generator: {report['generator']}, "
-           f"scorer: {report.get('scorer', 'next_state')}, k = {report['num_candidates']}, {report['prompts']} prompts, "
-           f"length rules: {report.get('length_rules', 'paper')}"
+           f"scorer: {report.get('scorer', 'next_state')}, k = {report['num_candidates']}, "
+           f"{report['prompts']} prompts, length rules: {report.get('length_rules', 'paper')}"
            + (f", sampling: {settings['settings']} (T {settings['temperature']:g}, top-k {settings['top_k']}, "
               f"top-p {settings['top_p']:g}, min-p {settings['min_p']:g}, {settings['filter_style']} filter; "
               f"unguided: {settings['unguided']})" if settings else ""),

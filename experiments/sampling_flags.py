@@ -5,7 +5,8 @@ defaults, and --settings for the paper's.
                                (the paper's LIFEBench runs, Table 2);
   --settings=paper_tradeoff    temperature 1, top-k 5, top-p 1, min-p 0.01, the reference's filter, 5 candidates
                                (the paper's accuracy / length trade-off, Fig. 2 and 5);
-  --settings=none              the flags' own defaults: temperature 1, no top-k / top-p / min-p, hf filter, 9 candidates.
+  --settings=none              the flags' own defaults: temperature 1, no top-k / top-p / min-p, hf filter,
+                               9 candidates.
 A flag given on the command line wins over its --settings value. --unguided=full (the default) samples the unguided
 baseline from the whole filtered distribution, as the paper's baseline; --unguided=candidates only among the guided
 run's candidates. Each CLI calls `define()` once at import (bench_guided keeps its own list of candidate counts).

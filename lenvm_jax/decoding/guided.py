@@ -11,8 +11,8 @@ V = 0, n = 0. All candidates of all rows are scored in one batched forward over 
 Targets (per row; lengths count the EOS token): with target_mode "total", R = max(target - generated -
 target_offset, 0) tokens are still wanted after the candidate (offset 1: the candidate is one of the target's tokens;
 0: the reference's R = max(T - generated, 0); -1: the reference's LIFEBench client, which asks for T + 1); with
-"remaining", R = max(target - target_offset, 0), fixed while decoding. u* = 1 - gamma ** R is its value (or `target_value` when set, the reference's direct
-target in u). The budget is met when u* = 0 (R = 0).
+"remaining", R = max(target - target_offset, 0), fixed while decoding. u* = 1 - gamma ** R is its value (or
+`target_value` when set, the reference's direct target in u). The budget is met when u* = 0 (R = 0).
 
 Rules:
   none        sample from the base distribution over the candidates;
@@ -23,9 +23,9 @@ Rules:
   at_most     "default": until the budget is met, EOS keeps its base probability (the model ends when it would)
               and the candidates whose expected remainder fits (n <= R) share the rest in their base proportions;
               when none fits, the shortest other candidate takes it; at the budget, EOS if offered, else the
-              shortest: the answer the model would give, ended by the model or at the budget, never cut by choice. "sample_fitting": a base sample among the fitting candidates, EOS
-              included (it gains the mass of those that do not fit), else the shortest. "paper" / "reference": the
-              shortest (largest V), always;
+              shortest: the answer the model would give, ended by the model or at the budget, never cut by choice.
+              "sample_fitting": a base sample among the fitting candidates, EOS included (it gains the mass of those
+              that do not fit), else the shortest. "paper" / "reference": the shortest (largest V), always;
   at_least    "default": a base sample among the non-EOS candidates until the budget is met, then EOS if offered,
               else the shortest. "paper": the longest, always. "reference": the longest until the budget is met, then
               the shortest. "sample_fitting": until the budget is met, a base sample among candidates expected to

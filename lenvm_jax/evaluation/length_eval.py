@@ -173,8 +173,8 @@ def format_report(report: dict) -> str:
   if "prompt_mre_by_grouping" in report:
     lines.append("prompt-boundary MRE under both groupings (all generators): model / best constant, groups")
     for name, values in report["prompt_mre_by_grouping"].items():
-      lines.append(f"  {name:<10} {values.get('model', float('nan')):10.4g} {values.get('constant', float('nan')):10.4g}"
-                   f" {values['groups']:6d}  ({described[name]})")
+      model, constant = values.get("model", float("nan")), values.get("constant", float("nan"))
+      lines.append(f"  {name:<10} {model:10.4g} {constant:10.4g} {values['groups']:6d}  ({described[name]})")
   return "\n".join(lines)
 
 
