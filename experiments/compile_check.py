@@ -48,7 +48,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import cli  # noqa: E402
@@ -64,7 +64,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 flags.DEFINE_integer("fake_devices", 8, "Fake CPU devices to compile for (0 = the real devices); not with --topology.")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "A TPU slice to compile for with libtpu, from any host: v5e:2x4, "
                                 "v5p:2x2x4, v4:2x2x2, v6e:2x4, ... (empty: fake CPU devices).")
-_STEPS = flags.DEFINE_enum("steps", "both", ["both", "train", "eval"], "Which steps to compile.")
+_STEPS = flags.DEFINE_enum("steps", "both", ["both", "train", "eval", "decode", "all"],
+                           "Which steps to compile: both = train and eval; decode = guided generation (a generator "
+                           "and a LenVM of the config's shape, --decode_*); all = the three.")
+_SLOTS = flags.DEFINE_integer("decode_slots", 64, "--steps=decode: rows generated at once.")
+_DECODE_LEN = flags.DEFINE_integer("decode_len", 4096, "--steps=decode: KV-cache slots per row (prompt + answer).")
+_DECODE_PROMPT = flags.DEFINE_integer("decode_prompt_len", 512, "--steps=decode: prompt tokens per row.")
+_CANDIDATES = flags.DEFINE_integer("decode_candidates", 5, "--steps=decode: candidates the LenVM scores per step.")
+_DECODE_MODELS = flags.DEFINE_enum("decode_models", "pair", ["pair", "shared"],
+                                   "--steps=decode: a generator and a separate LenVM (pair), or one shared trunk.")
 _JSON = flags.DEFINE_string("json", "", "Write the report as JSON to this path ('-': stdout, instead of the text).")
 flags.mark_flags_as_required(["config"])
 
@@ -86,18 +94,49 @@ def gib(n) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def _compile(jitted, args, capacity):
-  """(report dict, compiled or None): compile time and memory, or libtpu's out-of-memory refusal."""
+def _compile(jitted, args, capacity, lowered: bool = False):
+  """(report dict, compiled or None): compile time and memory, or libtpu's out-of-memory refusal. lowered: jitted
+  is already lowered (args unused)."""
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    compiled = (jitted if lowered else jitted.lower(*args)).compile()
   except Exception as e:  # pylint: disable=broad-except  (libtpu raises XlaRuntimeError; others are re-raised)
     refusal = aot.out_of_memory(e)
     if refusal is None:
       raise
     return {"compile_seconds": time.perf_counter() - start, "fits": False, "error": refusal}, None
   memory = aot.MemoryReport.of(compiled, capacity)
-  return {"compile_seconds": time.perf_counter() - start, "fits": memory.fits, "memory": memory.as_dict()}, compiled
+  # XLA's count of the compiled program per device, each loop body once: what MaxText's train_compile prints
+  # (experiments/bench_compile.py sets the two side by side); the multiplied-out count is added by compile_report.
+  loop_bodies_once = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+  return {"compile_seconds": time.perf_counter() - start, "fits": memory.fits, "memory": memory.as_dict(),
+          "compiled_flops_per_device": loop_bodies_once}, compiled
+
+
+def _compile_decode(run: RunConfig, mesh, graphdef, params_shape, capacity) -> dict:
+  """Compiles guided generation as lenvm_jax/decoding/guided.py runs it (prefill, then the decode loop: top-k
+  candidates scored by the LenVM over its KV cache, the chosen one committed, the generator's next step) for
+  --decode_slots rows of --decode_len cache slots, with the params in their stored dtype, as policies load them."""
+  from lenvm_jax.decoding import guided, guided_models, sampler  # pylint: disable=g-import-not-at-top
+  if not 0 < _DECODE_PROMPT.value < _DECODE_LEN.value:
+    raise app.UsageError(f"--decode_prompt_len must lie in (0, --decode_len={_DECODE_LEN.value}), "
+                         f"got {_DECODE_PROMPT.value}")
+  kind = Objective.from_config(run.loss).kind
+  vocab = run.model.vocab_size
+  if _DECODE_MODELS.value == "pair":
+    models = guided_models.Pair(guided_models.TransformerGenerator(graphdef, vocab),
+                                guided_models.TransformerScorer(graphdef, kind))
+    params = (params_shape, params_shape)
+  else:
+    models, params = guided_models.SharedTrunk(graphdef, kind, vocab), params_shape
+  settings = sampler.SamplingConfig(max_new_tokens=_DECODE_LEN.value - _DECODE_PROMPT.value, eos_ids=(0,), top_k=15)
+  with cli.user_errors(ValueError):  # Slots the mesh does not divide, candidates beyond the vocabulary.
+    generation = guided.GuidedSampler(models, params, settings, mesh, num_candidates=_CANDIDATES.value,
+                                      batch_size=_SLOTS.value)
+  report, _ = _compile(generation.lower(_DECODE_PROMPT.value), (), capacity, lowered=True)
+  report.update(slots=_SLOTS.value, cache_len=_DECODE_LEN.value, prompt_len=_DECODE_PROMPT.value,
+                candidates=_CANDIDATES.value, models=_DECODE_MODELS.value)
+  return report
 
 
 def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
@@ -123,10 +162,12 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
                                          state_shape)
     kernel = attention.implementation(model_config, t)  # Under the mesh: the platform compiled for.
     reports = {}
-    if steps in ("both", "train"):
+    if steps in ("both", "train", "all"):
       reports["train"], _ = _compile(train, (state_shape, train_batch), capacity)
-    if steps in ("both", "eval"):
+    if steps in ("both", "eval", "all"):
       reports["eval"], _ = _compile(evaluate, (state_shape.params, eval_batch), capacity)
+    if steps in ("decode", "all"):
+      reports["decode"] = _compile_decode(run, mesh, graphdef, state_shape.params, capacity)
   per_token = flops_lib.train_flops_per_token(model_config, t)
   if "train" in reports:
     reports["train"]["compiler_flops_per_device"] = step_lib.train_step_flops(
@@ -159,8 +200,13 @@ def format_report(report: dict) -> str:
            f"{report['remat']}, dtype {report['dtype']}, attention {report['attention']}"
            + (f", LM term on (chunk {report['lm_chunk'] or 'whole rows'})" if report["lm_weight"] else "")]
   for name, r in report["steps"].items():
-    flops = (f"{r['compiler_flops_per_device'] / 1e12:.2f} TFLOP per device by the compiler (scans multiplied out), "
-             f"{r['model_flops_per_device'] / 1e12:.2f} by the model (6N + attention)")
+    if name == "decode":
+      name = (f"decode ({r['models']}, {r['slots']} slots x {r['cache_len']} tokens, prompts {r['prompt_len']}, "
+              f"{r['candidates']} candidates)")
+      flops = "FLOPs not counted (a while loop of data-dependent length)"
+    else:
+      flops = (f"{r['compiler_flops_per_device'] / 1e12:.2f} TFLOP per device by the compiler (scans multiplied "
+               f"out), {r['model_flops_per_device'] / 1e12:.2f} by the model (6N + attention)")
     if "memory" not in r:
       lines.append(f"{name} step: DOES NOT FIT: {r['error']}; compiled for {r['compile_seconds']:.0f} s; {flops}")
       continue

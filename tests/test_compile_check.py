@@ -71,6 +71,22 @@ def test_tpu_compile_of_qwen25_layers_with_the_lm_term_fits_a_v5e_slice(tpu_pyth
 
 
 @pytest.mark.slow
+def test_tpu_compile_of_guided_decoding_with_a_generator_and_a_lenvm(tpu_python, tmp_path):
+  """The decode program (prefill, then the loop that scores k candidates with the LenVM and commits one) for a
+  data x tensor mesh: both models' parameters and KV caches are in its arguments and temporaries."""
+  result, report = _compile_check(tpu_python, tmp_path, "--steps=decode", "--decode_slots=16", "--decode_len=256",
+                                  "--decode_prompt_len=32", "--decode_candidates=5", "--config.mesh.data=4",
+                                  "--config.mesh.tensor=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2} and set(report["steps"]) == {"decode"}
+  decode = report["steps"]["decode"]
+  assert decode["fits"] and (decode["slots"], decode["cache_len"], decode["candidates"]) == (16, 256, 5)
+  # Two models' float32 parameters (4 bytes each), sharded at most 2-way (tensor): >= 2 x 4 P / 2 bytes per device.
+  assert decode["memory"]["arguments"] >= 4 * report["parameters"], decode
+  assert "decode (pair, 16 slots x 256 tokens, prompts 32, 5 candidates) step: per device" in result.stdout
+
+
+@pytest.mark.slow
 def test_tpu_topology_compile_exits_3_when_a_step_does_not_fit(tpu_python, tmp_path):
   # A 4M x 1024 embedding, replicated on a data-parallel mesh: 16 GiB of weights and twice that of Adam moments.
   result, report = _compile_check(tpu_python, tmp_path, "--steps=train", "--config.model.vocab_size=4194304",
@@ -99,3 +115,28 @@ def test_paper_shapes_build_and_fill_the_slices_they_are_sized_for():
     assert (batch // accum) % (mesh[0] * mesh[1]) == 0 and run.data.max_len == max_len, name
     assert run.model.vocab_size > 150_000 and run.model.dtype == "bfloat16" and run.model.remat == "full", name
     assert run.model.num_layers == {"qwen2.5-1.5b": 28, "qwen2.5-7b": 28, "qwen3-8b": 36, "qwen3-32b": 64}[preset]
+
+
+def test_bench_compile_reads_maxtexts_memory_and_flops_as_train_compile_prints_them():
+  """Lines as MaxText 0.2.5's train_compile printed them for Qwen2.5-1.5B on v5e-8 (docs/benchmarks.md)."""
+  from experiments import bench_compile
+  printed = (
+      "I1207 11:02:33.118240 140025665620864 maxtext_utils.py:2098] Num_devices: 8, shape (1, 1, 1, 8, 1, 1)\n"
+      "Finished train_compile.py successfully!\n"
+      "Cost analysis: {'utilization0{}': 2362.89, 'flops': 11553046790144.0, 'bytes accessedout{0}': 568434688.0}\n"
+      "Memory analysis: CompiledMemoryStats(generated_code_size_in_bytes=42561024, argument_size_in_bytes=2317529088, "
+      "output_size_in_bytes=2317338624, alias_size_in_bytes=2317332480, temp_size_in_bytes=7211483136, "
+      "host_generated_code_size_in_bytes=0, host_argument_size_in_bytes=0, host_output_size_in_bytes=0, "
+      "host_alias_size_in_bytes=0, host_temp_size_in_bytes=0)\n")
+  assert bench_compile.parse_maxtext_output(printed) == {
+      "devices": 8, "temporaries": 7211483136, "arguments": 2317529088, "compiled_flops_per_device": 11553046790144.0,
+      "total": 2317529088 + 2317338624 - 2317332480 + 7211483136 + 42561024}
+  assert bench_compile.parse_maxtext_output(printed.replace("Memory analysis", "Memory")) is None
+
+
+def test_bench_compile_without_maxtext_is_one_error_line():
+  result = subprocess.run([sys.executable, "-m", "experiments.bench_compile", f"--maxtext_python={sys.executable}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and sys.executable in last, last
