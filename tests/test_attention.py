@@ -2,6 +2,8 @@
 forward and gradients, packed segments, padding, grouped-query heads. On CPU the kernels run in Pallas interpret
 mode, the same kernel code a TPU / GPU compiles."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,24 @@ def test_a_splash_kernel_first_built_inside_a_trace_serves_later_traces():
   grad = jax.jit(jax.grad(loss))(q)  # A new trace reusing the cached kernel.
   np.testing.assert_allclose(float(first), float(loss(q)), rtol=1e-6)
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_the_gpu_kernel_path_lowers_for_cuda_without_a_gpu(monkeypatch):
+  """The whole model's value-and-gradient with attention="pallas_gpu", scanned and rematerialised layers, lowered
+  for CUDA on this CPU-only host: Pallas emits the Triton kernels (forward, and the backward's) as it would on a GPU,
+  not in interpret mode. What needs a GPU (Triton to PTX) is left to experiments/device_check.py. The platform is
+  CUDA's because the lowering targets it; the model asks sharding.target_platform, which follows the devices."""
+  from jax import export
+  from lenvm_jax.model.transformer import LengthValueModel
+  monkeypatch.setattr(sharding, "target_platform", lambda: "gpu")
+  config = _config(attention="pallas_gpu", remat="full", dtype="bfloat16")
+  graphdef, params = nnx.split(LengthValueModel(config, nnx.Rngs(0)))
+  segments, positions = _packed_rows()
+  loss = lambda p, tokens: jnp.sum(jnp.where(segments != 0, nnx.merge(graphdef, p)(tokens, positions, segments), 0.0))
+  triton = "__gpu$xla.gpu.triton"
+  lowered = export.export(jax.jit(jax.value_and_grad(loss)), platforms=["cuda"],
+                          disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
+      params, jax.ShapeDtypeStruct((2, T), jnp.int32))
+  text = lowered.mlir_module()
+  kernels = set(re.findall(r'name = "(mha_[a-z_]+)"', text))
+  assert text.count(f"@{triton}") >= 2 and "mha_forward" in kernels and kernels - {"mha_forward"}, kernels
