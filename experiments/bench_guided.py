@@ -67,6 +67,8 @@ def _random_model(config: ModelConfig, seed: int):
 
 def main(argv):
   del argv
+  # A never-emitted EOS id would need a vocabulary change; instead count decode steps (see the module docstring).
+  sampling = sampling_flags.resolve().config(_NEW_TOKENS.value, (1,), 0)  # Bad filter values fail first.
   vocab_size = _VOCAB.value or preset_fields(_PRESET.value).get("vocab_size") or 64
   unknown = sorted(set(_SCORERS.value) - set(candidate_scoring.SCORERS))
   if unknown:
@@ -78,8 +80,6 @@ def main(argv):
   graphdef, generator_params = _random_model(config, 0)
   lenvm_graphdef, lenvm_params = _random_model(lenvm_config, 1)
   mesh = sharding.make_mesh(-1, 1, 1)
-  # A never-emitted EOS id would need a vocabulary change; instead count decode steps (see the module docstring).
-  sampling = sampling_flags.resolve().config(_NEW_TOKENS.value, (1,), 0)
   rng = np.random.default_rng(0)
   prompts = rng.integers(2, config.vocab_size, size=(_BATCH.value, _PROMPT_LEN.value)).tolist()
   kind = TargetKind("discounted", 0.997, 1024.0)
