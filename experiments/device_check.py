@@ -175,6 +175,7 @@ def run_guided(preset, num_layers, vocab_size, batch, prompt_len, new_tokens, ca
 
 def main(argv):
   del argv
+  cli.check_output_file(_OUTPUT.value, "--output")  # Before minutes of measurements.
   start = time.perf_counter()
   sizes = TINY if _TINY.value else FULL
   device = jax.devices()[0]

@@ -28,11 +28,13 @@ flags.mark_flags_as_required(["data_dir"])
 
 def main(argv):
   del argv
-  source = arrayrecord.ArrayRecordTrajectories(os.path.join(_DATA.value, "train"))
+  with cli.user_errors(FileNotFoundError):  # No train shards under --data_dir.
+    source = arrayrecord.ArrayRecordTrajectories(os.path.join(_DATA.value, "train"))
   groups = prompt_groups.group_by_prompt(source[i] for i in range(len(source)))
   separator = _SEPARATOR.value
   if any(not isinstance(prompt, str) for prompt, _ in groups):
-    raise SystemExit("mre_headroom needs a prompt_id on every record (problems and cells are read from it)")
+    raise cli.errors.UserError.at("a record without a prompt_id", f"--data_dir={_DATA.value}",
+                                  "mre_headroom reads problems and cells from prompt ids: import with prompt ids")
 
   print(f"{len(groups)} training prompt groups; MRE means over {_SPLITS.value} splits holding out "
         f"{_FRACTION.value:.0%} of the problems")

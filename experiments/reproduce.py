@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 from experiments import cli
 from lenvm_jax import sweep_spec
-from lenvm_jax.data import pipeline, prompt_groups
+from lenvm_jax.data import arrayrecord, pipeline, prompt_groups
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.value.targets import relative_length_error
@@ -226,6 +226,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DATA.value and not _VOCAB.value:
     raise app.UsageError("--data needs --vocab_size (the model's vocabulary: the tokenizer's size)")
+  if _DATA.value:  # Before any run starts: a directory of prepared splits.
+    with cli.user_errors(FileNotFoundError):
+      for split in ("train", "eval"):
+        arrayrecord.split_paths(os.path.join(_DATA.value, split))
   name = _FIGURE.value
   figure = FIGURES[name]
   out_dir = os.path.abspath(_OUT.value or os.path.join("runs", "reproduce", name))
