@@ -81,6 +81,19 @@ def os_error_fix(error: BaseException) -> str | None:
   return None if code is None else _OS_ERRORS[code][1]
 
 
+def rerun_advice(error: BaseException, resume: str) -> str | None:
+  """For a write of a run that failed for the disk or the path: what to fix before rerunning the same command (which
+  `resume`s), or None when `error` is no such fault."""
+  code = os_error_code(error)
+  if code is None:
+    return None
+  if code in (errno.ENOSPC, errno.EDQUOT):
+    return f"free space, then rerun the same command: {resume}"
+  if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return f"make the location writable, then rerun the same command: {resume}"
+  return f"{_OS_ERRORS[code][1]}; then rerun the same command: {resume}"
+
+
 def from_os_error(error: BaseException, where: str | None = None) -> UserError | None:
   """The UserError for an OSError a user can fix (a missing path, a full or read-only disk, permissions), or None."""
   code = os_error_code(error)

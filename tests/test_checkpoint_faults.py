@@ -203,6 +203,7 @@ def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, ca
   with pytest.raises(errors.CheckpointError, match=r"no checkpoint restores \(step 10: .*corrupted\)"):
     Predictor(str(workdir), 10)
   # Without checksums (a run from before them), unreadable metadata is caught by the restore itself.
+  os.remove(workdir / rundir.CHECKSUM_POLICY_FILE)
   os.remove(workdir / "checkpoints" / "10" / rundir.CHECKSUM_FILE)
   (workdir / "checkpoints" / "10" / "state" / "_METADATA").write_bytes(os.urandom(256))
   assert Predictor(str(workdir)).step == 5

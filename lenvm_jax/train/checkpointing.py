@@ -13,7 +13,6 @@ Faults a run survives:
   * a train state holding inf / NaN (a diverged run) is never saved: the save raises NonFiniteError instead.
 """
 
-import errno
 import os
 
 import grain
@@ -100,15 +99,8 @@ class Checkpointer:
       return error
     done = [s for s in self.steps() if s != step]
     resume = f"it resumes from step {done[-1]}" if done else "it starts afresh (no complete checkpoint yet)"
-    code = errors.os_error_code(error)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-      fix = "free space"
-    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
-      fix = "make the location writable"
-    else:
-      fix = f"{errors.os_error_fix(error)}"
     return CheckpointError.at(f"cannot save checkpoint step {step}: {reason}", self.directory,
-                              f"{fix}, then rerun the same command: {resume}")
+                              errors.rerun_advice(error, resume))
 
   def _seal(self):
     """Checksums for the saved steps that orbax has committed since (the leader writes them): only then does a step

@@ -206,7 +206,7 @@ def _disk_failure(error: BaseException, workdir: str, ckpt) -> errors.UserError 
   done = ckpt.steps()
   resume = f"it resumes from step {done[-1]}" if done else "it starts afresh (no complete checkpoint yet)"
   return errors.UserError.at(f"cannot write the run: {reason}", getattr(error, "filename", None) or workdir,
-                             f"free space or fix the location, then rerun the same command: {resume}")
+                             errors.rerun_advice(error, resume))
 
 
 def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
