@@ -17,6 +17,7 @@ Readers (prediction, decoding, export, evaluation) take the parameters alone thr
 no train state), from the newest step that restores intact unless told a step.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -180,7 +181,9 @@ class WorkdirLock:
 
   def acquire(self):
     private = f"{self.path}.{socket.gethostname()}.{os.getpid()}"
-    fd = os.open(private, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+    with contextlib.suppress(FileNotFoundError):  # Left by a killed process that had this pid: ours now.
+      os.unlink(private)
+    fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR, 0o644)  # Never through a link.
     try:
       os.write(fd, json.dumps(self._info()).encode())
       os.fsync(fd)
@@ -206,7 +209,7 @@ class WorkdirLock:
     except FileExistsError:
       raise
     except OSError:  # No hard links here (some FUSE mounts): an exclusive create, written right after.
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR, 0o644)
       fcntl.flock(fd, fcntl.LOCK_EX)
       os.write(fd, json.dumps(self._info()).encode())
       return fd
@@ -267,8 +270,9 @@ def make_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w", encoding="utf-8"):
-      pass
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(probe)
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600))  # Never through a link.
     os.remove(probe)
   except OSError as e:
     reason = os.strerror(e.errno) if e.errno else str(e)

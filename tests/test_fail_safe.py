@@ -608,3 +608,55 @@ def test_a_diverged_run_stops_after_the_streak_and_checkpoints_nothing_non_finit
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # Stopped at the streak, not step 50.
   assert rundir.complete_steps(str(tmp_path)) == []  # Steps 2 and 4 were due but non-finite.
+
+
+# ------------------------------------------------------------------------------------ writes that cannot escape
+
+
+def test_writes_replace_a_planted_symlink_instead_of_following_it(tmp_path):
+  from lenvm_jax import files
+  outside = tmp_path / "outside.txt"
+  outside.write_text("precious")
+  out = tmp_path / "out"
+  out.mkdir()
+  for name in ("import.json", "import.json.tmp", ".import.json.tmp"):  # The marker and temporary names of old.
+    os.symlink(outside, out / name)
+  output_dir.claim(str(out), "import.json", {"input": "a"})
+  assert outside.read_text() == "precious"
+  assert not os.path.islink(out / "import.json") and json.loads((out / "import.json").read_text()) == {"input": "a"}
+  os.symlink(outside, out / "report.md")
+  files.write_atomic(str(out / "report.md"), "new")
+  assert outside.read_text() == "precious" and (out / "report.md").read_text() == "new"
+  with files.atomic_path(str(out / "weights.bin")) as tmp:
+    assert os.path.dirname(tmp) == str(out) and not os.path.islink(tmp)
+    with open(tmp, "wb") as f:
+      f.write(b"abc")
+  assert (out / "weights.bin").read_bytes() == b"abc"
+  with pytest.raises(RuntimeError), files.atomic_path(str(out / "half.bin")) as tmp:
+    raise RuntimeError("the writer failed")
+  assert not (out / "half.bin").exists() and sorted(os.listdir(out)) == sorted(
+      ["import.json", "import.json.tmp", ".import.json.tmp", "report.md", "weights.bin"])  # No temporaries left.
+  # The workdir's write probe and the lock's private file are created exclusively too.
+  os.symlink(outside, out / f".write_test.{os.getpid()}")
+  rundir.make_workdir(str(out))
+  with rundir.WorkdirLock(str(out)):
+    pass
+  assert outside.read_text() == "precious"
+
+
+def test_a_report_from_nothing_keeps_the_earlier_one(tmp_path):
+  from lenvm_jax import files
+  report = tmp_path / "report.json"
+  files.write_report(str(report), '{"mre": 0.3}', items=12, what="prompts", where="--output")
+  with pytest.raises(errors.UserError, match=r"no prompts to report \(the existing report is kept\) \(--output\)"):
+    files.write_report(str(report), '{"mre": null}', items=0, what="prompts", where="--output")
+  assert report.read_text() == '{"mre": 0.3}'
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/x.safetensors", "/etc/passwd", "a/../../b", "", "a\\..\\b"])
+def test_names_read_from_files_stay_inside_their_directory(tmp_path, name):
+  from lenvm_jax import files
+  with pytest.raises(errors.UserError, match="a path outside its directory"):
+    files.inside(str(tmp_path), name, "index")
+  assert files.inside(str(tmp_path), "sub/model-00001.safetensors", "index") == str(tmp_path /
+                                                                                     "sub/model-00001.safetensors")
