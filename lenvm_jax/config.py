@@ -306,6 +306,8 @@ class RunConfig:
   def from_dict(cls, config) -> "RunConfig":
     """From an ml_collections ConfigDict or a plain nested dict (a config.json). Fields a section lacks take their
     defaults, so config.json files of runs older than a field still load; unknown fields are errors."""
+    if not isinstance(config, dict) and not hasattr(config, "to_dict"):
+      raise ConfigError(f"config: must be a dict of sections (model, loss, data, ...), got {type(config).__name__}")
     return _build(cls, _to_plain(config), "")
 
   @classmethod
@@ -353,6 +355,8 @@ def _build(cls, values, prefix: str):
   for name, value in values.items():
     _require_finite(value, f"{prefix}{name}")
     field_type = _field_types(cls)[name]
+    _require(dataclasses.is_dataclass(field_type) or _has_type(value, field_type), f"{prefix}{name}",
+             f"must be {_type_name(field_type)}, got {value!r}")
     if dataclasses.is_dataclass(field_type):
       kwargs[name] = _build(field_type, value, f"{prefix}{name}.")
     elif typing.get_origin(field_type) is tuple:
@@ -367,6 +371,36 @@ def _build(cls, values, prefix: str):
     message = str(e)
     raise ConfigError(f"config.{message}" if prefix and message.startswith(prefix)
                       else f"config.{where}: {message}") from None
+
+
+def _has_type(value, hint) -> bool:
+  """Whether a plain value (from a config file or config.json) fits a field's annotation: an int is a float too, a
+  bool is not a number, a list is a tuple."""
+  if hint is type(None):
+    return value is None
+  if hint is float:
+    return _is_number(value)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if hint in (bool, str):
+    return isinstance(value, hint)
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return any(_has_type(value, arg) for arg in typing.get_args(hint))
+  if typing.get_origin(hint) is tuple:
+    args = typing.get_args(hint)
+    items_fit = len(args) != 2 or args[1] is not Ellipsis or all(_has_type(item, args[0]) for item in value)
+    return isinstance(value, (list, tuple)) and items_fit
+  return True
+
+
+def _type_name(hint) -> str:
+  names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", type(None): "None"}
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+  if typing.get_origin(hint) is tuple:
+    args = typing.get_args(hint)
+    return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s" if len(args) == 2 and args[1] is Ellipsis else "a list"
+  return names.get(hint, str(hint))
 
 
 def _require_finite(value, field: str):

@@ -660,3 +660,20 @@ def test_names_read_from_files_stay_inside_their_directory(tmp_path, name):
     files.inside(str(tmp_path), name, "index")
   assert files.inside(str(tmp_path), "sub/model-00001.safetensors", "index") == str(tmp_path /
                                                                                      "sub/model-00001.safetensors")
+
+
+@pytest.mark.parametrize("change, culprit", [
+    (lambda c: c["train"].update(steps=None), r"config\.train\.steps: must be an integer, got None"),
+    (lambda c: c["optim"].update(lr="1e-3"), r"config\.optim\.lr: must be a number, got '1e-3'"),
+    (lambda c: c["train"].update(freeze_trunk=1), r"config\.train\.freeze_trunk: must be true or false, got 1"),
+    (lambda c: c["data"]["synthetic"].update(hazards=[0.1, "x"]), r"config\.data\.synthetic\.hazards: must be a "
+     r"list of numbers"),
+])
+def test_a_config_json_of_the_wrong_types_names_the_field(tiny_config, change, culprit):
+  config = tiny_config.to_dict()
+  change(config)
+  with pytest.raises(ConfigError, match=culprit):
+    RunConfig.from_dict(config)
+  for whole in ([], 5, None):  # A config.json that holds no dict at all.
+    with pytest.raises(ConfigError, match=r"^config: must be a dict of sections"):
+      RunConfig.from_dict(whole)
