@@ -104,11 +104,11 @@ def _side(samples, target: int, rule: str) -> dict:
           **length_scores.length_summary(lengths, [s.finished for s in samples])}
 
 
-def length_instruction(sampler, unguided, prompts, targets, convention: str) -> dict:
-  """Every rule at every target under `convention`, next to the unguided samples of the same prompts."""
+def length_instruction(sampler, unguided, prompts, targets, options: sampling_flags.Sampling) -> dict:
+  """Every rule at every target under the chosen rules, next to the unguided samples of the same prompts."""
   report = {}
   for rule in length_scores.RULES:
-    requests = [LengthRequest.following(convention, rule, t) for t in targets for _ in prompts]
+    requests = [options.request(rule, t) for t in targets for _ in prompts]
     guided = sampler.generate(prompts * len(targets), requests, row_ids=list(range(len(prompts))) * len(targets))
     report[rule] = {str(target): {"guided": _side(guided[i * len(prompts):(i + 1) * len(prompts)], target, rule),
                                   "unguided": _side(unguided, target, rule)} for i, target in enumerate(targets)}
@@ -118,10 +118,10 @@ def length_instruction(sampler, unguided, prompts, targets, convention: str) -> 
   return report
 
 
-def quality_vs_length(sampler, prompts, betas) -> list:
+def quality_vs_length(sampler, prompts, betas, options: sampling_flags.Sampling) -> list:
   out = []
   for beta in betas:
-    samples = sampler.generate(prompts, [LengthRequest("tilt", beta=beta)] * len(prompts))
+    samples = sampler.generate(prompts, [options.sweep_request(beta)] * len(prompts))
     lengths = _lengths(samples)
     out.append({"beta": beta, "accuracy": float(np.mean([s.finished for s in samples])),
                 "mean_length": float(lengths.mean())})
@@ -226,10 +226,9 @@ def main(argv):
             "length_rules": options.length_rules, "num_candidates": options.candidates, "prompts": count,
             "sampling": options.describe()}
   limit = 2 * max(targets)
-  report["length_instruction"] = length_instruction(sampler(limit), unguided(limit), prompts, targets,
-                                                    options.length_rules)
+  report["length_instruction"] = length_instruction(sampler(limit), unguided(limit), prompts, targets, options)
   report["quality_vs_length"] = {"budget": _BUDGET.value, "accuracy": "emits EOS within the budget",
-                                 "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas)}
+                                 "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas, options)}
   predictions = predictor.predict(trajectories, max_len=config.data.max_len)
   report["length_tokens"] = length_tokens.length_tokens(
       ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,

@@ -8,7 +8,8 @@ are the held-out ones: those of --prompts that `experiments.generate` with the s
 split (the split is by prompt id). For every budget B the same problems are answered by
   * the base model cut off at B tokens: one unguided run to the largest budget, cut at each B (a row's random stream
     depends only on its row id and step, so the cut run is exactly the run with max_new_tokens = B);
-  * the tilt sweep: p'(x) ~ p(x) exp(beta u(x)) for each --betas (beta < 0: shorter), hard-cut at B;
+  * the tilt sweep: p'(x) ~ p(x) exp(beta u(x)) for each --betas (beta < 0: shorter), hard-cut at B; with
+    --value_mode=mul|linear|exp|length_mul|value_bias the reference's expectation guidance with scale = beta instead;
   * At Most B under each --at_most convention (lenvm_jax/decoding/guided.py): "default" (the model's own answer
     among the candidates expected to fit in what is left of B; EOS at its own probability), "paper" (the candidate
     the LenVM expects to end soonest, always), "reference", "reference_lifebench" or "sample_fitting", hard-cut at B.
@@ -83,9 +84,9 @@ def plot(path: str, report: dict) -> None:
     base = runs["base (truncated)"]
     line, = ax.plot([base["mean_length"]], [base["accuracy"]], marker="s", ls="none",
                     label=f"B={budget}: base cut at B")
-    tilt = [(name, r) for name, r in runs.items() if name.startswith("tilt")]
+    tilt = [(name, r) for name, r in runs.items() if name != "base (truncated)" and not name.startswith("at_most")]
     ax.plot([r["mean_length"] for _, r in tilt], [r["accuracy"] for _, r in tilt], marker="o",
-            color=line.get_color(), label=f"B={budget}: tilt sweep")
+            color=line.get_color(), label=f"B={budget}: {tilt[0][0].rsplit(' ', 1)[0] if tilt else 'tilt'} sweep")
     for name, r in tilt:
       ax.annotate(name.split()[-1], (r["mean_length"], r["accuracy"]), fontsize=7)
     for (name, at_most), marker in zip([(n, r) for n, r in runs.items() if n.startswith("at_most")], "^v<>"):
@@ -112,7 +113,6 @@ def main(argv):
   with cli.user_errors(ValueError, OSError):
     budgets = sorted(_numbers("budgets", _BUDGETS.value, int))
     betas = _numbers("betas", _BETAS.value, float)
-    at_most_rules = [LengthRequest.following(convention, "at_most", 1) for convention in _AT_MOST.value]
     predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
     tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)
     policy = policy_lib.load_policy(_POLICY.value, mesh)
@@ -130,6 +130,7 @@ def main(argv):
 
   with cli.user_errors(ValueError):
     options = sampling_flags.resolve()
+    at_most_rules = [options.request("at_most", 1, convention) for convention in _AT_MOST.value]
     options.config(1, eos_ids, _SEED.value)  # A bad filter value fails here, naming its flag.
     if not 1 <= options.candidates <= policy.model_config.vocab_size:
       raise ValueError(f"--candidates must lie in [1, {policy.model_config.vocab_size}], got {options.candidates}")
@@ -168,7 +169,8 @@ def main(argv):
     base_scored, truncated = scored(cut, cut_texts, budget)
     runs = {"base (truncated)": base_scored}
     for beta in betas:
-      runs[f"tilt beta {beta:g}"] = scored(*run(budget, LengthRequest("tilt", beta=beta)), budget, truncated)[0]
+      name = f"tilt beta {beta:g}" if options.value_mode == "centered_exp" else f"{options.value_mode} {beta:g}"
+      runs[name] = scored(*run(budget, options.sweep_request(beta)), budget, truncated)[0]
     for convention, rule in zip(_AT_MOST.value, at_most_rules):
       name = f"at_most {budget}" + (f" ({convention})" if len(at_most_rules) > 1 else "")
       runs[name] = scored(*run(budget, dataclasses.replace(rule, target=budget)), budget, truncated)[0]

@@ -10,13 +10,18 @@ defaults, and --settings for the paper's.
 A flag given on the command line wins over its --settings value. --unguided=full (the default) samples the unguided
 baseline from the whole filtered distribution, as the paper's baseline; --unguided=candidates only among the guided
 run's candidates. Each CLI calls `define()` once at import (bench_guided keeps its own list of candidate counts).
+
+The guidance options (evaluate, evaluate_budget) pass the reference's per-request settings to every guided row:
+--equal_to=soft (the reference's eq_soft for Equal To), --value_mode (the --betas sweep's mode: centered_exp is the
+tilt; mul, linear, exp, length_mul, value_bias are the reference's expectation guidance with scale = beta),
+--value_entropy_threshold, --value_min and --guidance_gamma (lenvm_jax/decoding/guided.py).
 """
 
 import dataclasses
 
 from absl import flags
 
-from lenvm_jax.decoding.guided import CONVENTIONS
+from lenvm_jax.decoding.guided import CONVENTIONS, VALUE_MODES, LengthRequest
 from lenvm_jax.decoding.sampler import FILTER_STYLES, SamplingConfig
 from lenvm_jax.errors import UserError
 
@@ -42,6 +47,11 @@ class Sampling:
   candidates: int
   unguided: str
   length_rules: str
+  equal_to: str = "hard"
+  value_mode: str = "centered_exp"
+  value_entropy_threshold: float | None = None
+  value_min: float | None = None
+  guidance_gamma: float | None = None
 
   def config(self, max_new_tokens: int, eos_ids, seed: int) -> SamplingConfig:
     """A SamplingConfig with these filters; a bad value is the user's (names the flag)."""
@@ -56,12 +66,36 @@ class Sampling:
   def describe(self) -> dict:
     return dataclasses.asdict(self)
 
+  def _options(self) -> dict:
+    unset = lambda v: float("nan") if v is None else v
+    return dict(value_entropy_threshold=unset(self.value_entropy_threshold), value_min=unset(self.value_min),
+                gamma=unset(self.guidance_gamma))
+
+  def request(self, rule: str, target: int, convention: str | None = None) -> LengthRequest:
+    """A length instruction under the chosen rules (Equal To: eq_soft with --equal_to=soft) and options."""
+    if rule == "equal_to" and self.equal_to == "soft":
+      rule = "eq_soft"
+    try:
+      return LengthRequest.following(convention or self.length_rules, rule, target, **self._options())
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+  def sweep_request(self, beta: float) -> LengthRequest:
+    """One point of a length sweep: the tilt (centered_exp) with beta, or the reference's expectation guidance in
+    --value_mode with scale = beta."""
+    try:
+      if self.value_mode == "centered_exp":
+        return LengthRequest("tilt", beta=beta, **self._options())
+      return LengthRequest("expectation", value_mode=self.value_mode, scale=beta, **self._options())
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
 
 _defined = {}
 
 
-def define(candidates: bool = True, length_rules: bool = True) -> None:
-  """Defines the shared flags (once per process)."""
+def define(candidates: bool = True, length_rules: bool = True, guidance: bool = True) -> None:
+  """Defines the shared flags (once per process); `guidance` adds the reference's per-request options."""
   if _defined:
     return
   _defined["settings"] = flags.DEFINE_enum("settings", "none", list(SETTINGS),
@@ -86,6 +120,19 @@ def define(candidates: bool = True, length_rules: bool = True) -> None:
                                                  "How Equal To / At Most / At Least choose (docs/inference.md): "
                                                  "default (what a user asks), paper, reference, reference_lifebench, "
                                                  "sample_fitting.")
+  if guidance:
+    _defined["equal_to"] = flags.DEFINE_enum("equal_to", "hard", ["hard", "soft"], "Equal To: the hard rule of "
+                                             "--length_rules, or the reference's soft eq_soft (a tilt to the target).")
+    _defined["value_mode"] = flags.DEFINE_enum("value_mode", "centered_exp", list(VALUE_MODES), "Mode of the --betas "
+                                               "sweep: centered_exp = the tilt p exp(beta u); the others are the "
+                                               "reference's expectation guidance with scale = beta (mul: its default).")
+    _defined["value_entropy_threshold"] = flags.DEFINE_float("value_entropy_threshold", None, "Rows whose candidate "
+                                                             "distribution has at most this entropy (nats) sample "
+                                                             "unguided.")
+    _defined["value_min"] = flags.DEFINE_float("value_min", None, "Expectation guidance: rows whose mean u is below "
+                                               "this sample unguided.")
+    _defined["guidance_gamma"] = flags.DEFINE_float("guidance_gamma", None, "Gamma for guidance's length <-> value "
+                                                    "conversions (default: the LenVM's own).")
 
 
 def resolve() -> Sampling:
@@ -98,7 +145,9 @@ def resolve() -> Sampling:
                       top_p=value("top_p"), min_p=value("min_p"), filter_style=value("filter_style"),
                       candidates=value("candidates"),
                       unguided=_defined["unguided"].value if "unguided" in _defined else "candidates",
-                      length_rules=_defined["length_rules"].value if "length_rules" in _defined else "default")
+                      length_rules=_defined["length_rules"].value if "length_rules" in _defined else "default",
+                      **{name: _defined[name].value for name in ("equal_to", "value_mode", "value_entropy_threshold",
+                                                                 "value_min", "guidance_gamma") if name in _defined})
   if "candidates" in _defined and sampling.candidates < 1:
     raise UserError(f"--candidates must be >= 1, got {sampling.candidates}")
   return sampling

@@ -72,3 +72,23 @@ def test_bad_sampling_flags_are_one_line_errors(tiny_run):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: --top_p")
+
+
+@pytest.mark.slow
+def test_the_reference_guidance_modes_run_from_the_command_line(tiny_run):
+  """--equal_to=soft (the reference's eq_soft) and a --value_mode sweep (its expectation guidance, scale = beta)."""
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", f"--workdir={tiny_run}", "--prompts=32", "--targets=16",
+       "--betas=0.5,2", "--trajectories=8", "--budget=64", "--batch_size=32", "--equal_to=soft", "--value_mode=mul",
+       "--length_rules=reference_lifebench", "--value_entropy_threshold=0.01"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tiny_run / "evaluate" / "report.json").read_text())
+  assert (report["sampling"]["equal_to"], report["sampling"]["value_mode"]) == ("soft", "mul")
+  sweep = report["quality_vs_length"]["sweep"]
+  # mul with scale < 1 aims the mean u below the model's own: shorter answers than scale > 1.
+  assert sweep[0]["mean_length"] < sweep[1]["mean_length"], sweep
+  # eq_soft tilts toward a mean u over the candidates, EOS (u = 0) among them: with this barely trained LenVM it
+  # mixes "end now" with "continue long" and ends early; the lengths beside the score show it.
+  soft = report["length_instruction"]["equal_to"]["16"]["guided"]
+  assert soft["count"] == 32 and 1.0 <= soft["mean_length"] <= 32 and 0.0 <= soft["empty"] <= 1.0
