@@ -27,7 +27,13 @@ def read_hf_config(directory: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    try:
+      hf = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path}: must hold a JSON object, got {type(hf).__name__}")
+  return hf
 
 
 def _rope_theta(hf: dict, path: str) -> float:
@@ -68,7 +74,7 @@ def model_config_from_hf(hf: dict, path: str = "config.json", **run_fields) -> M
         rope_theta=_rope_theta(hf, path), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias, qk_norm=qk_norm,
         **run_fields)
-  except ValueError as e:
+  except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type (a string for a number).
     raise ValueError(f"{path}: {e}") from None
 
 

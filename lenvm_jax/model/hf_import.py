@@ -48,7 +48,7 @@ def reading(path: str):
     raise ModelFileError.at(f"not a readable safetensors file ({e})", path, _FIX) from None
   except json.JSONDecodeError as e:
     raise ModelFileError.at(f"not valid JSON ({e})", path, _FIX) from None
-  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+  except OSError as e:  # Missing, a directory, unreadable, or an I/O error of the device.
     raise ModelFileError.at(f"cannot read it ({e.strerror.lower() if e.strerror else e})", path,
                             "check that the model directory is complete and readable") from None
 
@@ -78,8 +78,8 @@ def tensor_files(directory: str) -> dict[str, str]:
   single = os.path.join(directory, SINGLE_FILE)
   if os.path.isfile(single):
     return {name: single for name in _names(single)}
-  raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors weights "
-                          "are supported)")
+  raise ModelFileError.at(f"neither {SINGLE_FILE} nor {INDEX_FILE} found", directory,
+                          "give a Hugging Face directory with safetensors weights (only those are supported)")
 
 
 def place(array: np.ndarray, target) -> jax.Array:
@@ -141,9 +141,11 @@ def _ignorable(name: str, model_config: ModelConfig) -> bool:
 
 
 def has_value_head(directory: str) -> bool:
+  """Whether the directory carries a value head (anything at its name: a directory there is an error when read, not
+  a silent fresh head)."""
   if gguf_file.is_gguf_path(directory):  # A GGUF file is a plain LM: never a value head.
     return False
-  return os.path.isfile(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
+  return os.path.lexists(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
 
 
 def abstract_params(model_config: ModelConfig, mesh) -> tuple[dict, dict]:
