@@ -168,7 +168,8 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
       reports["eval"], _ = _compile(evaluate, (state_shape.params, eval_batch), capacity)
     if steps in ("decode", "all"):
       reports["decode"] = _compile_decode(run, mesh, graphdef, state_shape.params, capacity)
-  per_token = flops_lib.train_flops_per_token(model_config, t)
+  lm_share = 1.0 / run.loss.lm_stride if run.loss.lm_weight > 0 else 0.0
+  per_token = flops_lib.train_flops_per_token(model_config, t, lm_share)
   if "train" in reports:
     reports["train"]["compiler_flops_per_device"] = step_lib.train_step_flops(
         model_config, objective, tx, run.train, state_shape, train_batch) / mesh.size
@@ -206,7 +207,8 @@ def format_report(report: dict) -> str:
       flops = "FLOPs not counted (a while loop of data-dependent length)"
     else:
       flops = (f"{r['compiler_flops_per_device'] / 1e12:.2f} TFLOP per device by the compiler (scans multiplied "
-               f"out), {r['model_flops_per_device'] / 1e12:.2f} by the model (6N + attention)")
+               f"out), {r['model_flops_per_device'] / 1e12:.2f} by the model (6N + attention"
+               f"{' + LM head' if report['lm_weight'] else ''})")
     if "memory" not in r:
       lines.append(f"{name} step: DOES NOT FIT: {r['error']}; compiled for {r['compile_seconds']:.0f} s; {flops}")
       continue

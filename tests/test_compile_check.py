@@ -140,3 +140,11 @@ def test_bench_compile_without_maxtext_is_one_error_line():
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and sys.executable in last, last
+
+
+def test_model_flops_count_the_lm_head_on_the_lm_positions_only():
+  from lenvm_jax.model import config as model_config, flops
+  c = model_config.ModelConfig(**model_config.preset_fields("qwen2.5-1.5b"))
+  value_only = flops.train_flops_per_token(c, 8192)
+  assert flops.train_flops_per_token(c, 8192, 1.0) - value_only == 6 * c.hidden_size * c.vocab_size
+  assert flops.train_flops_per_token(c, 8192, 0.25) - value_only == 6 * c.hidden_size * c.vocab_size / 4
