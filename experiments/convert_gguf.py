@@ -28,6 +28,7 @@ _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the Hugging Face model into (created if needed).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
                                    "Split the weights into safetensors shards of at most this size (+ index).")
+flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --output.")
 flags.mark_flags_as_required(["input", "output"])
 
