@@ -227,11 +227,14 @@ def test_requests_name_their_conventions_and_check_the_fields():
 def test_default_at_most_samples_what_fits_and_never_ends_at_once_by_choice():
   # 100 tokens allowed, all fit: the base distribution over the candidates, EOS only with its own probability.
   probs = [0.5, 0.05, 0.3, 0.15]
-  np.testing.assert_allclose(distribution("at_most", 100, 0, [10, 0, 40, 60], probs, "default"),
+  np.testing.assert_allclose(distribution("at_most", 100, 3, [10, 0, 40, 60], probs, "default"),
                              np.asarray(probs) / sum(probs), atol=1e-6)
+  # As the first token EOS would be an empty answer: its mass goes to the others.
+  np.testing.assert_allclose(distribution("at_most", 100, 0, [10, 0, 40, 60], probs, "default"),
+                             [0.5 / 0.95, 0, 0.3 / 0.95, 0.15 / 0.95], atol=1e-6)
   # R = 19: the 60- and 40-token candidates do not fit; their mass goes to the one that does, not to EOS, which
   # keeps its base probability (sample_fitting instead renormalises over the fitting ones, EOS included).
-  np.testing.assert_allclose(distribution("at_most", 20, 0, [10, 0, 40, 60], probs, "default"), [0.95, 0.05, 0, 0],
+  np.testing.assert_allclose(distribution("at_most", 21, 1, [10, 0, 40, 60], probs, "default"), [0.95, 0.05, 0, 0],
                              atol=1e-6)
   np.testing.assert_allclose(distribution("at_most", 20, 0, [10, 0, 40, 60], probs, "sample_fitting"),
                              [0.5 / 0.55, 0.05 / 0.55, 0, 0], atol=1e-6)
@@ -241,8 +244,9 @@ def test_default_at_most_samples_what_fits_and_never_ends_at_once_by_choice():
   assert choose_one("at_most", 5, 2, [10, 30, 40], convention="default") == 0
   # Nothing else fits before the budget: EOS keeps its own probability, the shortest other candidate the rest
   # (an inaccurate LenVM cannot end the answer at once by choice).
-  np.testing.assert_allclose(distribution("at_most", 8, 0, [40, 0, 30, 60], probs, "default"), [0, 0.05, 0.95, 0],
+  np.testing.assert_allclose(distribution("at_most", 9, 1, [40, 0, 30, 60], probs, "default"), [0, 0.05, 0.95, 0],
                              atol=1e-6)
+  assert choose_one("at_most", 1, 0, [40, 0, 30], convention="default") == 1  # "At most 1 token": EOS alone.
 
 
 def test_default_at_least_forbids_eos_before_the_budget_and_takes_it_once_met():

@@ -20,10 +20,11 @@ Rules:
               ("value", the paper's); ties: the more likely. Under selection "default" EOS is not taken while R > 0
               (unless it is the only candidate): ending early is a certain miss, while any other token keeps the
               chance to end exactly on target, so the answer ends on its target whenever EOS is offered there;
-  at_most     "default": until the budget is met, EOS keeps its base probability (the model ends when it would)
-              and the candidates whose expected remainder fits (n <= R) share the rest in their base proportions;
-              when none fits, the shortest other candidate takes it; at the budget, EOS if offered, else the
-              shortest: the answer the model would give, ended by the model or at the budget, never cut by choice.
+  at_most     "default": until the budget is met, EOS keeps its base probability (the model ends when it would;
+              not as the first token, an empty answer) and the candidates whose expected remainder fits (n <= R)
+              share the rest in their base proportions; when none fits, the shortest other candidate takes it; at
+              the budget, EOS if offered, else the shortest: the answer the model would give, ended by the model or
+              at the budget, never cut by choice.
               "sample_fitting": a base sample among the fitting candidates, EOS included (it gains the mass of those
               that do not fit), else the shortest. "paper" / "reference": the shortest (largest V), always;
   at_least    "default": a base sample among the non-EOS candidates until the budget is met, then EOS if offered,
@@ -254,15 +255,17 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   log_p = jax.nn.log_softmax(base, axis=-1)
   p = jnp.exp(log_p)
   eos_offered = jnp.any(allowed & is_eos, axis=-1)
-  p_eos = jnp.sum(jnp.where(allowed & is_eos, p, 0.0), axis=-1)
   others = allowed & ~is_eos
+  # EOS as the very first token is an empty answer, never what "at most N tokens" asks for: its mass goes to the rest.
+  first_token = per_row(generated == 0)
+  p_eos = jnp.sum(jnp.where(allowed & is_eos & ~first_token, p, 0.0), axis=-1)
   fitting_others = others & fits
   p_fit = jnp.sum(jnp.where(fitting_others, p, 0.0), axis=-1)
   shortest_other = one_hot(first_min(-w, others)) == 0.0
   receivers = jnp.where(per_row(p_fit > 0), fitting_others, shortest_other)
   log_share = jnp.where(per_row(p_fit > 0), log_p - per_row(jnp.log(jnp.maximum(p_fit, 1e-38))), 0.0)
   before_budget = jnp.where(receivers, log_share + per_row(jnp.log1p(-p_eos)),
-                            jnp.where(allowed & is_eos, log_p, -jnp.inf))
+                            jnp.where(allowed & is_eos & ~first_token, log_p, -jnp.inf))
   at_budget = jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)), one_hot(shortest))
   default_at_most = jnp.where(per_row(budget_met | ~jnp.any(others, axis=-1)), at_budget, before_budget)
   at_most = jnp.select([per_row(default), per_row(selection == _SAMPLE_FITTING)],
