@@ -215,8 +215,11 @@ class WorkdirLock:
       return fd
 
   def _remove_if_stale(self):
+    if os.path.lexists(self.path) and (os.path.islink(self.path) or not os.path.isfile(self.path)):
+      raise WorkdirBusy.at("the workdir lock is not a regular file", self.path,
+                           "no trainer made it: remove it if no trainer runs here, or choose another --workdir")
     try:
-      fd = os.open(self.path, os.O_RDONLY)
+      fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
       return
     try:

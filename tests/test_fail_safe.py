@@ -677,3 +677,15 @@ def test_a_config_json_of_the_wrong_types_names_the_field(tiny_config, change, c
   for whole in ([], 5, None):  # A config.json that holds no dict at all.
     with pytest.raises(ConfigError, match=r"^config: must be a dict of sections"):
       RunConfig.from_dict(whole)
+
+
+def test_a_lock_that_is_no_regular_file_is_refused_not_followed(tmp_path):
+  outside = tmp_path / "outside.txt"
+  outside.write_text("precious")
+  for make in (lambda p: p.mkdir(), lambda p: os.symlink(outside, p)):
+    workdir = tmp_path / f"w{len(os.listdir(tmp_path))}"
+    workdir.mkdir()
+    make(workdir / rundir.LOCK_FILE)
+    with pytest.raises(errors.WorkdirBusy, match=r"the workdir lock is not a regular file \(.*\.lock\): no trainer "):
+      rundir.WorkdirLock(str(workdir)).acquire()
+  assert outside.read_text() == "precious"
