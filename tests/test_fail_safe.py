@@ -636,6 +636,10 @@ def test_writes_replace_a_planted_symlink_instead_of_following_it(tmp_path):
     raise RuntimeError("the writer failed")
   assert not (out / "half.bin").exists() and sorted(os.listdir(out)) == sorted(
       ["import.json", "import.json.tmp", ".import.json.tmp", "report.md", "weights.bin"])  # No temporaries left.
+  shard = arrayrecord.shard_path(str(out), "train", 0, 1)
+  os.symlink(outside, shard)
+  arrayrecord.write_shard(shard, [arrayrecord.encode(Trajectory(np.asarray([3]), np.asarray([1])))])
+  assert outside.read_text() == "precious" and not os.path.islink(shard) and len(arrayrecord.split_paths(shard)) == 1
   # The workdir's write probe and the lock's private file are created exclusively too.
   os.symlink(outside, out / f".write_test.{os.getpid()}")
   rundir.make_workdir(str(out))

@@ -15,6 +15,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from lenvm_jax import files
 from lenvm_jax.data.records import Trajectory
 
 
@@ -40,13 +41,13 @@ def shard_path(directory: str, split: str, index: int, count: int) -> str:
 
 
 def write_shard(path: str, records: list[bytes]) -> None:
-  """Writes all records to `path` atomically (temporary file, then rename)."""
-  tmp = path + ".tmp"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
-  for record in records:
-    writer.write(record)
-  writer.close()
-  os.replace(tmp, path)
+  """Writes all records to `path` atomically (an exclusive temporary beside it, then rename: files.atomic_path, so
+a link planted at the shard's name is replaced, never written through)."""
+  with files.atomic_path(path) as tmp:
+    writer = ArrayRecordWriter(tmp, "group_size:1")
+    for record in records:
+      writer.write(record)
+    writer.close()
 
 
 def split_paths(path: str) -> list[str]:

@@ -15,8 +15,8 @@ from lenvm_jax import files
 from lenvm_jax.errors import UserError
 
 # What an import writes (arrayrecord shards, their temporaries, stats, markers) and data_stats adds beside it.
-DATA_FILES = ("*.array_record", "*.array_record.tmp", "stats.json", "import.json", "generation.json", "carve.json",
-              "data_stats.json", "lengths.png")
+DATA_FILES = ("*.array_record", "*.array_record.tmp", ".*.array_record.*.tmp", "stats.json", "import.json",
+              "generation.json", "carve.json", "data_stats.json", "lengths.png")
 
 
 class OutputDirError(UserError, ValueError):
