@@ -10,6 +10,8 @@ import functools
 import json
 import os
 
+from lenvm_jax import files
+
 GGUF_SUFFIX = ".gguf"
 
 # Byte-level BPE pre-tokenizers by tokenizer.ggml.pre: (regex split before the byte mapping or None for GPT-2's own,
@@ -189,11 +191,11 @@ def write_tokenizer_files(path: str, output_dir: str) -> list[str]:
   path = os.fspath(path)
   reader = read_gguf(path)
   os.makedirs(output_dir, exist_ok=True)
-  build_tokenizer(reader, path).save(os.path.join(output_dir, "tokenizer.json"))
-  with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-    json.dump(tokenizer_config(reader), f, indent=2, ensure_ascii=False)
-  with open(os.path.join(output_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump(generation_config(path), f, indent=2)
+  with files.atomic_path(os.path.join(output_dir, "tokenizer.json")) as tmp:  # Links at these names are replaced.
+    build_tokenizer(reader, path).save(tmp)
+  files.write_atomic(os.path.join(output_dir, "tokenizer_config.json"),
+                     json.dumps(tokenizer_config(reader), indent=2, ensure_ascii=False))
+  files.write_atomic(os.path.join(output_dir, "generation_config.json"), json.dumps(generation_config(path), indent=2))
   return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 

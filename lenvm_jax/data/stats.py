@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from lenvm_jax import files
 from lenvm_jax.data.prompt_groups import generator_of
 
 
@@ -42,11 +43,9 @@ def trajectory_stats(trajectories) -> dict:
 
 
 def write_json(path: str, obj: dict) -> None:
-  """Indented, keys sorted, written to a temporary file and renamed, so a reader never sees half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Indented, keys sorted, written through files.write_atomic (a reader never sees half a file, a planted link is
+  replaced, not followed)."""
+  files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def write_stats(output_dir: str, kept: dict, shards: dict, skipped: dict | None = None, **extra) -> dict:
