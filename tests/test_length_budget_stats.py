@@ -30,3 +30,44 @@ def test_paired_test_counts_only_the_problems_that_disagree():
   # 6 vs 2 looks like a gain but is a coin flip's worth: p = 0.289.
   six_two = paired_test([1] * 6 + [0] * 2, [0] * 6 + [1] * 2)["p_value"]
   assert six_two == pytest.approx(2 * sum(math.comb(8, i) for i in range(3)) / 256) and six_two > 0.25
+
+
+@pytest.mark.slow
+def test_evaluate_budget_with_the_papers_tradeoff_settings_prints_intervals_and_paired_tests(tmp_path):
+  """evaluate_budget --settings=paper_tradeoff end to end on a tiny run that is both generator and LenVM."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from experiments.configs import tiny
+  from lenvm_jax.data.tokenizer import load_tokenizer
+  from lenvm_jax.train import trainer
+  from tests.conftest import REPO, run_config
+  from tests.test_import import chatml_tokenizer_dir
+
+  (tmp_path / "tok").mkdir()
+  tokenizer = load_tokenizer(chatml_tokenizer_dir(tmp_path / "tok"))
+  config = tiny.get_config()
+  config.model.vocab_size = tokenizer.vocab_size
+  config.mesh.data = 1
+  config.train.steps = 2
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(run_config(config), str(workdir))
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"hello {i}", "answer": "20", "split": "eval"}) + "\n"
+                             for i in range(4)))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate_budget", f"--workdir={workdir}", f"--policy={workdir}",
+       f"--tokenizer={os.path.dirname(tokenizer.path)}", f"--prompts={prompts}", "--budgets=4", "--betas=-4",
+       "--base_tokens=6", "--batch_size=4", "--settings=paper_tradeoff"], cwd=REPO, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((workdir / "evaluate_budget" / "report.json").read_text())
+  assert (report["sampling"]["top_k"], report["sampling"]["min_p"], report["candidates"]) == (5, 0.01, 5)
+  runs = report["budgets"]["4"]
+  assert list(runs) == ["base (truncated)", "tilt beta -4", "at_most 4"]
+  for name, run in runs.items():
+    low, high = run["accuracy_95"]
+    assert 0.0 <= low <= run["accuracy"] <= high <= 1.0
+    assert ("vs_truncation" in run) == (name != "base (truncated)")
+  assert "95% interval" in result.stdout and "p = " in result.stdout
