@@ -21,7 +21,7 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax import files, rundir, sharding
-from lenvm_jax.data import gguf_file
+from lenvm_jax.data import gguf_file, output_dir as output_dir_lib
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
 _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
@@ -37,10 +37,7 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
             overwrite: bool = False) -> list[str]:
   """Writes the HF directory; returns the file names written. Everything is checked before the first write; with
   `overwrite` a non-empty output is emptied once the GGUF has loaded (rundir.check_export_dir)."""
-  if os.path.isfile(input_path) and os.path.isdir(output_dir) and os.path.samefile(os.path.dirname(
-      os.path.abspath(input_path)), output_dir) and overwrite:
-    raise ValueError(f"--output={output_dir} holds the --input file: --overwrite would delete it; choose another "
-                     "directory")
+  output_dir_lib.refuse_same_directory(input_path, output_dir, "--input", "--output", emptied=overwrite)
   replaced = rundir.check_export_dir(output_dir, overwrite)
   model_config = gguf_import.load_model_config(input_path, dtype="float32")
   reader = gguf_file.read_gguf(input_path)

@@ -14,6 +14,7 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax import rundir
+from lenvm_jax.data import output_dir
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
 
@@ -32,6 +33,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  output_dir.refuse_same_directory(_WORKDIR.value, _OUTPUT.value, "--workdir", "--output", emptied=_OVERWRITE.value)
   replaced = rundir.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   model_config = predictor.config.model

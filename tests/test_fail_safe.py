@@ -539,7 +539,7 @@ def test_convert_gguf_claims_its_output_like_export(tmp_path):
   assert outside.read_text() == "keep me"
   os.replace(source, output / "tiny.gguf")
   _one_line_error(_cli("convert_gguf", f"--input={output / 'tiny.gguf'}", f"--output={output}", "--overwrite"),
-                  "holds the --input file")
+                  "the output directory holds the input: --overwrite would delete it")
 
 
 @pytest.mark.slow

@@ -69,10 +69,16 @@ def claim(directory: str, marker: str, settings: dict, *, overwrite: bool = Fals
   files.write_atomic(path, json.dumps(settings, indent=2, sort_keys=True))  # A planted symlink is not followed.
 
 
-def refuse_same_directory(input_dir: str, output_dir: str, input_flag: str, output_flag: str) -> None:
-  """An output directory that is the input one (or lies inside it) would rewrite the input in place."""
+def refuse_same_directory(input_dir: str, output_dir: str, input_flag: str, output_flag: str,
+                          emptied: bool = False) -> None:
+  """An output directory that is the input one (or lies inside it) would rewrite the input in place; one that holds
+  the input would delete it when `emptied` (an --overwrite that removes all of the output's contents)."""
   real_in, real_out = os.path.realpath(input_dir), os.path.realpath(output_dir)
   if real_in == real_out or real_out.startswith(real_in + os.sep):
     raise OutputDirError.at("the output directory is the input directory or inside it",
                             f"{output_flag}={output_dir}, {input_flag}={input_dir}",
                             "choose an output directory outside the input")
+  if emptied and real_in.startswith(real_out + os.sep):
+    raise OutputDirError.at("the output directory holds the input: --overwrite would delete it",
+                            f"{output_flag}={output_dir}, {input_flag}={input_dir}",
+                            "choose an output directory that does not contain the input")
