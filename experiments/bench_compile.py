@@ -21,7 +21,6 @@ jax and libtpu versions. Then ours / MaxText for each.
 import json
 import os
 import pathlib
-import re
 import resource
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from absl import flags
 
 from experiments import cli
 from lenvm_jax import errors
+from lenvm_jax.train import aot
 
 _MAXTEXT_PYTHON = flags.DEFINE_string("maxtext_python", None, "python of a venv with maxtext[tpu]==0.2.5.")
 _MODEL = flags.DEFINE_string("model", "qwen2.5-1.5b", "MaxText model_name = our experiments/configs/paper_shapes.py "
@@ -42,10 +42,6 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 8192, "Tokens per row on both sides."
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows per step on both sides (a multiple of the chips).")
 _JSON = flags.DEFINE_string("json", "", "Also write every figure as JSON to this path.")
 flags.mark_flags_as_required(["maxtext_python"])
-
-_STATS = re.compile(r"Memory analysis: CompiledMemoryStats\((.*?)\)")
-_FLOPS = re.compile(r"Cost analysis: \{.*?'flops': ([0-9.e+]+)")
-_DEVICES = re.compile(r"Num_devices: (\d+)")
 
 
 def _run(command, env=None) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -86,26 +82,12 @@ def _maxtext(python: str, chips: int, workdir: str) -> dict:
              f"ici_fsdp_parallelism={chips}", "remat_policy=full", "dataset_type=synthetic",
              f"base_output_directory={workdir}", "run_name=bench_compile"]
   result, wall, cpu = _run(command)
-  parsed = parse_maxtext_output(result.stdout + result.stderr)
+  parsed = aot.parse_maxtext_report(result.stdout + result.stderr)
   if result.returncode or parsed is None:
     tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
     raise RuntimeError(f"MaxText's train_compile failed (exit {result.returncode}): {' | '.join(tail)}")
   return {"command": " ".join(command[1:]), **parsed, "flops_multiplied_out": None, "wall_seconds": wall,
           "cpu_seconds": cpu}
-
-
-def parse_maxtext_output(text: str) -> dict | None:
-  """Memory and FLOPs per chip from what train_compile prints (its CompiledMemoryStats and cost analysis lines);
-  None when they are missing (the compile failed)."""
-  stats, flops, devices = _STATS.search(text), _FLOPS.search(text), _DEVICES.search(text)
-  if not stats or not flops:
-    return None
-  memory = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", stats.group(1))}
-  total = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"] +
-           memory["temp_size_in_bytes"] + memory["generated_code_size_in_bytes"])
-  return {"devices": int(devices.group(1)) if devices else None, "temporaries": memory["temp_size_in_bytes"],
-          "arguments": memory["argument_size_in_bytes"], "total": total,
-          "compiled_flops_per_device": float(flops.group(1))}
 
 
 def _ours(lm_weight: float, workdir: str) -> dict:

@@ -119,7 +119,7 @@ def test_paper_shapes_build_and_fill_the_slices_they_are_sized_for():
 
 def test_bench_compile_reads_maxtexts_memory_and_flops_as_train_compile_prints_them():
   """Lines as MaxText 0.2.5's train_compile printed them for Qwen2.5-1.5B on v5e-8 (docs/benchmarks.md)."""
-  from experiments import bench_compile
+  from lenvm_jax.train import aot
   printed = (
       "I1207 11:02:33.118240 140025665620864 maxtext_utils.py:2098] Num_devices: 8, shape (1, 1, 1, 8, 1, 1)\n"
       "Finished train_compile.py successfully!\n"
@@ -128,10 +128,10 @@ def test_bench_compile_reads_maxtexts_memory_and_flops_as_train_compile_prints_t
       "output_size_in_bytes=2317338624, alias_size_in_bytes=2317332480, temp_size_in_bytes=7211483136, "
       "host_generated_code_size_in_bytes=0, host_argument_size_in_bytes=0, host_output_size_in_bytes=0, "
       "host_alias_size_in_bytes=0, host_temp_size_in_bytes=0)\n")
-  assert bench_compile.parse_maxtext_output(printed) == {
+  assert aot.parse_maxtext_report(printed) == {
       "devices": 8, "temporaries": 7211483136, "arguments": 2317529088, "compiled_flops_per_device": 11553046790144.0,
       "total": 2317529088 + 2317338624 - 2317332480 + 7211483136 + 42561024}
-  assert bench_compile.parse_maxtext_output(printed.replace("Memory analysis", "Memory")) is None
+  assert aot.parse_maxtext_report(printed.replace("Memory analysis", "Memory")) is None
 
 
 def test_bench_compile_without_maxtext_is_one_error_line():

@@ -77,3 +77,22 @@ def out_of_memory(error: BaseException) -> str | None:
     return None
   found = re.search(r"(Ran out of memory[^.]*\.?[^.]*exceeds available HBM \([^)]*\))", text)
   return found.group(1) if found else text[:400]
+
+
+_MAXTEXT_STATS = re.compile(r"Memory analysis: CompiledMemoryStats\((.*?)\)")
+_MAXTEXT_FLOPS = re.compile(r"Cost analysis: \{.*?'flops': ([0-9.e+]+)")
+_MAXTEXT_DEVICES = re.compile(r"Num_devices: (\d+)")
+
+
+def parse_maxtext_report(text: str) -> dict | None:
+  """Memory and FLOPs per chip from what MaxText's train_compile prints (its CompiledMemoryStats and cost analysis
+  lines), for experiments/bench_compile.py; None when they are missing (the compile failed)."""
+  stats, flops, devices = _MAXTEXT_STATS.search(text), _MAXTEXT_FLOPS.search(text), _MAXTEXT_DEVICES.search(text)
+  if not stats or not flops:
+    return None
+  memory = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", stats.group(1))}
+  total = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"] +
+           memory["temp_size_in_bytes"] + memory["generated_code_size_in_bytes"])
+  return {"devices": int(devices.group(1)) if devices else None, "temporaries": memory["temp_size_in_bytes"],
+          "arguments": memory["argument_size_in_bytes"], "total": total,
+          "compiled_flops_per_device": float(flops.group(1))}
