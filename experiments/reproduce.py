@@ -60,6 +60,7 @@ FIGURES = {
 }
 
 _FIGURE = flags.DEFINE_enum("figure", None, list(FIGURES), "Which figure to reproduce.")
+flags.mark_flags_as_required(["figure"])
 _DATA = flags.DEFINE_string("data", None, "ArrayRecord rollouts directory (train/, eval/); default: synthetic.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Model vocabulary for --data (the tokenizer's size, padded).")
 _PRESET = flags.DEFINE_string("preset", None, "Model preset for the runs (default: the config's, tiny).")
@@ -233,6 +234,8 @@ def main(argv):
   name = _FIGURE.value
   figure = FIGURES[name]
   out_dir = os.path.abspath(_OUT.value or os.path.join("runs", "reproduce", name))
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise cli.errors.UserError.at("the sweep directory is a file", f"--out_dir={out_dir}", "choose a directory path")
   specs = sweep_specs(figure, _DATA.value, _VOCAB.value, _STEPS.value, _SEEDS.value)
   config = CONFIG + (f":{_PRESET.value}" if _PRESET.value else "")
   command = [sys.executable, "-m", "experiments.sweep", f"--config={config}", f"--sweep_dir={out_dir}",
@@ -258,5 +261,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["figure"])
   cli.run(main)
