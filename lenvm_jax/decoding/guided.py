@@ -287,14 +287,9 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   mean_d = w_max - mean_w  # E_p[u] - min u.
   min_u = 1.0 - w_max
   eps = jnp.maximum(1e-12, span * 1e-6)
-  tilted = lambda target: masked(log_p + _tilt_to_mean(log_p, d, allowed, jnp.clip(target, eps, span - eps))[:, None]
-                                 * d)
   tilt = masked(candidate_logits + rows["beta"][:, None] * (1.0 - w))
-  # eq_soft: outside the candidates' range, the boundary candidate; inside, the tilt with mean u*.
-  eq_soft = jnp.where(per_row(w_star >= w_max), one_hot(shortest),
-                      jnp.where(per_row(w_star <= w_min), one_hot(longest), tilted(w_max - w_star)))
   # Expectation guidance: a target mean u from E_p[u], then the tilt that has it.
-  scale, mode = rows["scale"], rows["value_mode"]
+  rule, scale, mode = rows["rule"], rows["scale"], rows["value_mode"]
   mean_u = jnp.clip(1.0 - mean_w, 1e-15, 1.0 - 1e-15)
   length_mul = w_max - jnp.exp(scale * jnp.log1p(-mean_u))  # The length of E_p[u], times scale, as a value.
   fraction = jnp.clip(mean_d / jnp.maximum(span, 1e-30), 0.0, 1.0)
@@ -305,11 +300,20 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
                                  mul), 0.0, span)
   unguided = (span < 1e-8) | (jnp.abs(target_d - mean_d) < 1e-8) | ((mode == _MUL) & (scale <= 0.0))
   unguided |= 1.0 - mean_w < jnp.nan_to_num(rows["value_min"], nan=-jnp.inf)  # value_min: E_p[u] below it.
+  # One solve for the rows whose rule tilts to a mean (eq_soft: u*; expectation: its target), skipped at run time
+  # when no row of the batch needs it (decoding with the hard rules pays nothing for it).
+  tilt_target = jnp.clip(jnp.where(rule == _EQ_SOFT, w_max - w_star, target_d), eps, span - eps)
+  needs_solve = ((rule == _EQ_SOFT) | ((rule == _EXPECTATION) & (mode != _CENTERED_EXP) & (mode != _VALUE_BIAS))
+                 ) & (span > 0)
+  lam = jax.lax.cond(jnp.any(needs_solve), lambda: _tilt_to_mean(log_p, d, allowed, tilt_target),
+                     lambda: jnp.zeros_like(tilt_target))
+  tilted = masked(log_p + lam[:, None] * d)
+  # eq_soft: outside the candidates' range, the boundary candidate; inside, the tilt with mean u*.
+  eq_soft = jnp.where(per_row(w_star >= w_max), one_hot(shortest),
+                      jnp.where(per_row(w_star <= w_min), one_hot(longest), tilted))
   expectation = jnp.select(
       [per_row(mode == _CENTERED_EXP), per_row(mode == _VALUE_BIAS), per_row(unguided)],
-      [masked(log_p + scale[:, None] * (1.0 - w)), masked(log_p + scale[:, None] * logits), base],
-      tilted(target_d))
-  rule = rows["rule"]
+      [masked(log_p + scale[:, None] * (1.0 - w)), masked(log_p + scale[:, None] * logits), base], tilted)
   out = jnp.select([per_row(rule == r) for r in (_EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT, _EQ_SOFT, _EXPECTATION)],
                    [equal_to, at_most, at_least, tilt, eq_soft, expectation], base)
   # value_entropy_threshold: a confident row samples unguided (the reference does not ask the LenVM there).
