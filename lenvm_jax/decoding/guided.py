@@ -216,7 +216,9 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   allowed = jnp.isfinite(candidate_logits)
   log_g = jnp.log(jnp.where(jnp.isnan(rows["gamma"]), jnp.float32(gamma), rows["gamma"]))[:, None]  # [B, 1]
   log_w = jnp.where(is_eos, 0.0, log1p_value_from_logit(logits))  # log(1 + V) = log(1 - u) <= 0, exact.
-  w = jnp.exp(log_w)  # 1 - u = gamma ** n; EOS: 1.
+  w = jnp.exp(log_w)  # 1 - u = gamma ** n; EOS: 1. Exact where u is near 1.
+  u = jnp.where(is_eos, 0.0, jax.nn.sigmoid(logits))  # Exact where u is near 0.
+  order = jnp.where(is_eos, -1e30, logits)  # u's order, exact at both ends (sigmoid is monotone); EOS first.
   n = log_w / log_g  # Expected remainder after the candidate; EOS: 0.
   # The target: R tokens still wanted, or the reference's target_value u*; as log w* = log(1 - u*).
   total = rows["target_mode"] == TARGET_MODES.index("total")
@@ -226,13 +228,15 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
                          remaining[:, None].astype(jnp.float32) * log_g)  # [B, 1]
   n_star = log_w_star / log_g
   w_star = jnp.exp(log_w_star)[:, 0]
+  u_star = -jnp.expm1(log_w_star[:, 0])
+  near_zero = u_star < 0.5  # Compare in u there (exact near 0), else in w = 1 - u (exact near 1).
   budget_met = -jnp.expm1(log_w_star[:, 0]) <= 1e-12  # u* = 0: R = 0 (the reference's |v_tgt| <= 1e-12).
 
   masked = lambda scores, ok=allowed: jnp.where(ok, scores, -jnp.inf)
   base = masked(candidate_logits)
   one_hot = lambda index: jnp.where(jnp.arange(w.shape[-1])[None] == index[:, None], 0.0, -jnp.inf)
   first_min = lambda cost, ok=allowed: jnp.argmin(jnp.where(ok, cost, jnp.inf), axis=-1)
-  shortest, longest = first_min(-w), first_min(w)  # Largest / smallest V; ties: the more likely.
+  shortest, longest = first_min(order), first_min(-order)  # Largest / smallest V; ties: the more likely.
   per_row = lambda condition: condition[:, None]
 
   def sample_within(ok, fallback):
@@ -244,7 +248,8 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   default = selection == _DEFAULT
   other_than_eos = jnp.any(allowed & ~is_eos, axis=-1)
   # Equal To.
-  cost = jnp.where(per_row(rows["space"] == SPACES.index("length")), jnp.abs(n - n_star), jnp.abs(w - w_star[:, None]))
+  value_cost = jnp.where(per_row(near_zero), jnp.abs(u - u_star[:, None]), jnp.abs(w - w_star[:, None]))
+  cost = jnp.where(per_row(rows["space"] == SPACES.index("length")), jnp.abs(n - n_star), value_cost)
   early_eos = per_row(default & ~budget_met & other_than_eos) & is_eos
   equal_to = one_hot(first_min(jnp.where(early_eos, jnp.inf, cost)))
   # At Most / At Least.
@@ -261,59 +266,63 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   p_eos = jnp.sum(jnp.where(allowed & is_eos & ~first_token, p, 0.0), axis=-1)
   fitting_others = others & fits
   p_fit = jnp.sum(jnp.where(fitting_others, p, 0.0), axis=-1)
-  shortest_other = one_hot(first_min(-w, others)) == 0.0
+  shortest_other = one_hot(first_min(order, others)) == 0.0
   receivers = jnp.where(per_row(p_fit > 0), fitting_others, shortest_other)
   log_share = jnp.where(per_row(p_fit > 0), log_p - per_row(jnp.log(jnp.maximum(p_fit, 1e-38))), 0.0)
   before_budget = jnp.where(receivers, log_share + per_row(jnp.log1p(-p_eos)),
                             jnp.where(allowed & is_eos & ~first_token, log_p, -jnp.inf))
-  at_budget = jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)), one_hot(shortest))
+  at_budget = jnp.where(per_row(eos_offered), one_hot(first_min(order, allowed & is_eos)), one_hot(shortest))
   default_at_most = jnp.where(per_row(budget_met | ~jnp.any(others, axis=-1)), at_budget, before_budget)
   at_most = jnp.select([per_row(default), per_row(selection == _SAMPLE_FITTING)],
                        [default_at_most, sample_within(fits, one_hot(shortest))], one_hot(shortest))
   default_at_least = jnp.where(per_row(budget_met),
-                               jnp.where(per_row(eos_offered), one_hot(first_min(-w, allowed & is_eos)),
+                               jnp.where(per_row(eos_offered), one_hot(first_min(order, allowed & is_eos)),
                                          one_hot(shortest)),
                                sample_within(~is_eos, base))
   at_least = jnp.select(
       [per_row(default), per_row(selection == _PAPER), per_row(budget_met), per_row(selection == _REFERENCE)],
       [default_at_least, one_hot(longest), one_hot(shortest), one_hot(longest)],
       sample_within(n >= n_star, one_hot(longest)))
-  # Soft rules, in d = u - min u = max w - w >= 0 (exact where u is near 1).
-  w_max = jnp.max(masked(w), axis=-1)
-  w_min = -jnp.max(masked(-w), axis=-1)
-  d = jnp.where(allowed, w_max[:, None] - w, 0.0)
-  span = w_max - w_min  # max u - min u.
-  mean_w = jnp.sum(p * w, axis=-1)
-  mean_d = w_max - mean_w  # E_p[u] - min u.
-  min_u = 1.0 - w_max
+  # Soft rules, in d = u - min u >= 0: from u where the smallest u is below 1/2, else as max w - w (each exact there).
+  w_max, w_min = jnp.max(masked(w), axis=-1), -jnp.max(masked(-w), axis=-1)
+  min_u, max_u = -jnp.max(masked(-u), axis=-1), jnp.max(masked(u), axis=-1)
+  low = min_u < 0.5
+  d = jnp.where(allowed, jnp.where(per_row(low), u - min_u[:, None], w_max[:, None] - w), 0.0)
+  span = jnp.where(low, max_u - min_u, w_max - w_min)  # max u - min u.
+  mean_u, mean_w = jnp.sum(p * u, axis=-1), jnp.sum(p * w, axis=-1)
+  mean_d = jnp.sum(p * d, axis=-1)  # E_p[u] - min u.
   eps = jnp.maximum(1e-12, span * 1e-6)
-  tilt = masked(candidate_logits + rows["beta"][:, None] * (1.0 - w))
+  tilt = masked(candidate_logits + rows["beta"][:, None] * u)
   # Expectation guidance: a target mean u from E_p[u], then the tilt that has it.
   rule, scale, mode = rows["rule"], rows["scale"], rows["value_mode"]
-  mean_u = jnp.clip(1.0 - mean_w, 1e-15, 1.0 - 1e-15)
-  length_mul = w_max - jnp.exp(scale * jnp.log1p(-mean_u))  # The length of E_p[u], times scale, as a value.
+  # length_mul: the length of E_p[u] (clipped to [1e-15, 1 - 1e-15] as the reference does), times scale, as a value.
+  log_mean_w = jnp.clip(jnp.where(mean_u < 0.5, jnp.log1p(-mean_u), jnp.log(jnp.maximum(mean_w, 1e-38))),
+                        np.log(1e-15), -1e-15)
+  length_mul = jnp.where(low, -jnp.expm1(scale * log_mean_w) - min_u, w_max - jnp.exp(scale * log_mean_w))
   fraction = jnp.clip(mean_d / jnp.maximum(span, 1e-30), 0.0, 1.0)
   exp_target = jnp.where(span < 1e-8, mean_d, (1.0 - (1.0 - fraction)**jnp.maximum(scale, 0.0)) * span)
   linear = jnp.where(scale >= 1.0, mean_d + (scale - 1.0) * (span - mean_d), mean_d - (1.0 - scale) * mean_d)
-  mul = scale * (min_u + mean_d) - min_u
+  mul = (scale - 1.0) * min_u + scale * mean_d  # scale * E_p[u] - min u, exact at scale 1 even where u is near 1.
   target_d = jnp.clip(jnp.select([mode == _LENGTH_MUL, mode == _LINEAR, mode == _EXP], [length_mul, linear, exp_target],
                                  mul), 0.0, span)
   unguided = (span < 1e-8) | (jnp.abs(target_d - mean_d) < 1e-8) | ((mode == _MUL) & (scale <= 0.0))
-  unguided |= 1.0 - mean_w < jnp.nan_to_num(rows["value_min"], nan=-jnp.inf)  # value_min: E_p[u] below it.
+  unguided |= mean_u < jnp.nan_to_num(rows["value_min"], nan=-jnp.inf)  # value_min: E_p[u] below it.
   # One solve for the rows whose rule tilts to a mean (eq_soft: u*; expectation: its target), skipped at run time
   # when no row of the batch needs it (decoding with the hard rules pays nothing for it).
-  tilt_target = jnp.clip(jnp.where(rule == _EQ_SOFT, w_max - w_star, target_d), eps, span - eps)
+  u_star_d = jnp.where(low, u_star - min_u, w_max - w_star)  # u* - min u.
+  tilt_target = jnp.clip(jnp.where(rule == _EQ_SOFT, u_star_d, target_d), eps, span - eps)
   needs_solve = ((rule == _EQ_SOFT) | ((rule == _EXPECTATION) & (mode != _CENTERED_EXP) & (mode != _VALUE_BIAS))
                  ) & (span > 0)
   lam = jax.lax.cond(jnp.any(needs_solve), lambda: _tilt_to_mean(log_p, d, allowed, tilt_target),
                      lambda: jnp.zeros_like(tilt_target))
   tilted = masked(log_p + lam[:, None] * d)
   # eq_soft: outside the candidates' range, the boundary candidate; inside, the tilt with mean u*.
-  eq_soft = jnp.where(per_row(w_star >= w_max), one_hot(shortest),
-                      jnp.where(per_row(w_star <= w_min), one_hot(longest), tilted))
+  below = jnp.where(near_zero, u_star <= min_u, w_star >= w_max)
+  above = jnp.where(near_zero, u_star >= max_u, w_star <= w_min)
+  eq_soft = jnp.where(per_row(below), one_hot(shortest), jnp.where(per_row(above), one_hot(longest), tilted))
   expectation = jnp.select(
       [per_row(mode == _CENTERED_EXP), per_row(mode == _VALUE_BIAS), per_row(unguided)],
-      [masked(log_p + scale[:, None] * (1.0 - w)), masked(log_p + scale[:, None] * logits), base], tilted)
+      [masked(log_p + scale[:, None] * u), masked(log_p + scale[:, None] * logits), base], tilted)
   out = jnp.select([per_row(rule == r) for r in (_EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT, _EQ_SOFT, _EXPECTATION)],
                    [equal_to, at_most, at_least, tilt, eq_soft, expectation], base)
   # value_entropy_threshold: a confident row samples unguided (the reference does not ask the LenVM there).
