@@ -230,7 +230,7 @@ def guided_logits(candidate_logits, logits, is_eos, generated, rows: dict, gamma
   w_star = jnp.exp(log_w_star)[:, 0]
   u_star = -jnp.expm1(log_w_star[:, 0])
   near_zero = u_star < 0.5  # Compare in u there (exact near 0), else in w = 1 - u (exact near 1).
-  budget_met = -jnp.expm1(log_w_star[:, 0]) <= 1e-12  # u* = 0: R = 0 (the reference's |v_tgt| <= 1e-12).
+  budget_met = u_star <= 1e-12  # u* = 0: R = 0 (the reference's |v_tgt| <= 1e-12).
 
   masked = lambda scores, ok=allowed: jnp.where(ok, scores, -jnp.inf)
   base = masked(candidate_logits)
