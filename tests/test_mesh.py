@@ -28,6 +28,7 @@ def test_losses_agree_across_meshes(tiny_config, tmp_path, capfd, fresh_compiles
     config = tiny_config
     config.train.steps = 4
     config.train.eval_every = 0
+    config.loss.lm_weight, config.loss.lm_chunk = 0.5, 16  # The shared trunk's LM term in 3 chunks per row.
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     workdir = tmp_path / "x".join(map(str, shape))
     trainer.train_and_evaluate(run_config(config), str(workdir))
