@@ -26,7 +26,7 @@ TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
 LOSS_KINDS = ("mse", "huber")
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKING = ("none", "first_fit", "best_fit")
-UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos")
 BATCHING = ("shuffled", "grouped")
 NONFINITE_POLICIES = ("skip", "stop")
 # The eval metrics a run logs that rank checkpoints (all lower-is-better; value/metrics.py computes them).
@@ -145,7 +145,10 @@ class DataConfig:
   max_prompt_len: int = 0  # > 0: keep only each prompt's last tokens; 0: a prompt >= max_len is an error.
   packing: str = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
   packing_bins: int = 0  # Rows open for packing at once; 0 = the rows of one batch.
-  unfinished: str = "drop"  # Completions without EOS: drop | infinite (target -1) | as_finished.
+  # Completions without EOS: drop | infinite (target -1) | as_finished (the last generated token gets n = 0) |
+  # append_eos (data.eos_id is appended, as the reference's chat template does, so the EOS gets n = 0).
+  unfinished: str = "drop"
+  eos_id: int = -1  # The token data.unfinished='append_eos' appends; -1 = none (only that policy needs one).
   seed: int = 0  # Shuffle order (and synthetic sampling).
   # Order of training records: "shuffled" (every epoch a fresh permutation of records; the paper's choice) or
   # "grouped" (every epoch a fresh order of prompt groups, each group's samples one after another, so a batch holds
@@ -174,6 +177,9 @@ class DataConfig:
     _require(self.worker_count >= 0, "data.worker_count", f"must be >= 0, got {self.worker_count}")
     _require(self.unfinished in UNFINISHED_POLICIES, "data.unfinished",
              f"must be one of {UNFINISHED_POLICIES}, got {self.unfinished!r}")
+    _require(self.unfinished != "append_eos" or self.eos_id >= 0, "data.eos_id",
+             f"must be a token id >= 0 when data.unfinished='append_eos' (the EOS it appends), got {self.eos_id}")
+    _require(self.eos_id >= -1, "data.eos_id", f"must be a token id >= 0, or -1 for none, got {self.eos_id}")
     _require(self.batching in BATCHING, "data.batching", f"must be one of {BATCHING}, got {self.batching!r}")
     _require(self.max_prompts >= 0, "data.max_prompts", f"must be >= 0 (0 = all), got {self.max_prompts}")
     _require(self.samples_per_prompt >= 0, "data.samples_per_prompt",
@@ -290,6 +296,8 @@ class RunConfig:
   def __post_init__(self):
     _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
              "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
+    _require(self.data.eos_id < self.model.vocab_size, "data.eos_id",
+             f"must lie inside the vocabulary [0, {self.model.vocab_size}) (model.vocab_size), got {self.data.eos_id}")
     _require(not self.checkpoint.keep_best or self.data.has_eval, "checkpoint.keep_best",
              "ranks checkpoints by an eval metric, but the run has no eval split (set data.eval_path)")
     _require(self.train.trainable_layers <= self.model.num_layers, "train.trainable_layers",

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from lenvm_jax.config import ConfigError
 from lenvm_jax.data import jsonl, pipeline, rows, synthetic
 from lenvm_jax.data.records import RecordError, Trajectory
 from tests.conftest import run_config
@@ -27,6 +28,45 @@ def test_unfinished_policies():
   t = Trajectory(np.array([5, 6], np.int32), np.array([8, 9, 10], np.int32), finished=False)
   assert rows.trajectory_to_row(t, 10, "infinite")["remaining"][1:].tolist() == [-1, -1, -1, -1]
   assert rows.trajectory_to_row(t, 10, "as_finished")["remaining"][1:].tolist() == [3, 2, 1, 0]
+
+
+def test_append_eos_gives_the_appended_eos_n_zero_like_the_reference_template():
+  """The reference's template ends a cut answer with EOS: the last generated token has one step left, EOS none."""
+  t = Trajectory(np.array([5, 6], np.int32), np.array([8, 9, 10], np.int32), finished=False,
+                 exact_values=np.array([-0.5, -0.4, -0.3, -0.2], np.float32))
+  row = rows.trajectory_to_row(t, 10, "append_eos", eos_id=1)
+  np.testing.assert_array_equal(row["tokens"], [5, 6, 8, 9, 10, 1])
+  np.testing.assert_array_equal(row["value_mask"], [0, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(row["remaining"], [0, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(row["completion_index"], [-1, 0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(row["completion_length"], [0, 4, 4, 4, 4, 4])
+  np.testing.assert_array_equal(row["lm_targets"], [6, 8, 9, 10, 1, 0])
+  np.testing.assert_array_equal(row["lm_mask"], [0, 1, 1, 1, 1, 0])  # The appended EOS is an LM target too.
+  np.testing.assert_allclose(row["exact_value"], [0, -0.5, -0.4, -0.3, -0.2, 0])
+  # Cut at max_len: the true remaining lengths count the appended EOS.
+  np.testing.assert_array_equal(rows.trajectory_to_row(t, 4, "append_eos", eos_id=1)["remaining"], [0, 4, 3, 2])
+  # A finished completion already ends with its EOS: nothing is appended.
+  done = Trajectory(np.array([5, 6], np.int32), np.array([8, 1], np.int32))
+  np.testing.assert_array_equal(rows.trajectory_to_row(done, 10, "append_eos", eos_id=1)["tokens"], [5, 6, 8, 1])
+  with pytest.raises(ValueError, match="data.eos_id"):
+    rows.trajectory_to_row(t, 10, "append_eos")
+
+
+def test_append_eos_config_needs_an_eos_id_inside_the_vocabulary(tiny_config):
+  tiny_config.data.unfinished = "append_eos"
+  with pytest.raises(ConfigError, match=r"config\.data\.eos_id: must be a token id >= 0 when"):
+    run_config(tiny_config)
+  tiny_config.data.eos_id = tiny_config.model.vocab_size
+  with pytest.raises(ConfigError, match=r"config\.data\.eos_id: must lie inside the vocabulary"):
+    run_config(tiny_config)
+  tiny_config.data.eos_id = 1
+  tiny_config.data.packing = "none"
+  run = run_config(tiny_config)
+  # The pipeline hands the policy and the id to the rows: the cut completion's first row ends with the EOS.
+  cut = Trajectory(np.array([5, 6], np.int32), np.array([8, 9, 10], np.int32), finished=False)
+  batch = next(pipeline.eval_batches(run, [cut]))
+  np.testing.assert_array_equal(batch["tokens"][0, :7], [5, 6, 8, 9, 10, 1, 0])
+  np.testing.assert_array_equal(batch["remaining"][0, :7], [0, 4, 3, 2, 1, 0, 0])
 
 
 def test_synthetic_exact_values_match_monte_carlo():

@@ -77,8 +77,8 @@ def _is_finished(trajectory) -> bool:
   return trajectory.finished
 
 
-def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad):
-  row = rows.trajectory_to_row(trajectory, max_len, unfinished, max_prompt_len)
+def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad, eos_id=-1):
+  row = rows.trajectory_to_row(trajectory, max_len, unfinished, max_prompt_len, eos_id)
   if pad:
     return rows.pad_row(row, max_len)
   del row["positions"], row["segment_ids"]  # Packing renumbers them.
@@ -100,7 +100,7 @@ def _rows(ds: grain.MapDataset, run: RunConfig, rows_per_batch: int) -> grain.It
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
   ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished,
-                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none"))
+                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none", eos_id=data.eos_id))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
   if data.packing == "none":
     return ds

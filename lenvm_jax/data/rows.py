@@ -20,7 +20,7 @@ import numpy as np
 
 from lenvm_jax.data.records import Trajectory, prompt_too_long
 
-UNFINISHED_POLICIES = ("drop", "infinite", "as_finished")
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos")
 TOKENS, POSITIONS, SEGMENT_IDS = "tokens", "positions", "segment_ids"
 VALUE_MASK, REMAINING = "value_mask", "remaining"
 COMPLETION_INDEX, COMPLETION_LENGTH = "completion_index", "completion_length"
@@ -31,13 +31,24 @@ PACKED_FIELDS = (TOKENS, VALUE_MASK, REMAINING, COMPLETION_INDEX, COMPLETION_LEN
 
 
 def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop",
-                      max_prompt_len: int = 0) -> dict[str, np.ndarray]:
+                      max_prompt_len: int = 0, eos_id: int = -1) -> dict[str, np.ndarray]:
   """One sequence's row fields, cut at max_len but not padded.
 
   max_prompt_len > 0 keeps only a prompt's last max_prompt_len tokens (the state s_0 is its last token, and the most
   recent context is kept); 0 makes a prompt that leaves no room for the completion an error.
+  An unfinished completion (no EOS) under "infinite" gets remaining -1; under "as_finished" it is taken to end at its
+  last generated token (n = 0 there); under "append_eos" eos_id is appended first, as the reference's chat template
+  ends every answer with its EOS, so the last generated token gets n = 1 and the appended EOS n = 0 (its exact
+  value, on synthetic data, is 0: EOS is terminal).
   """
   prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
+  exact_values = trajectory.exact_values
+  if unfinished == "append_eos" and not trajectory.finished:
+    if eos_id < 0:
+      raise ValueError("data.unfinished='append_eos' needs data.eos_id, the EOS token it appends")
+    completion = np.append(completion, eos_id).astype(completion.dtype)
+    if exact_values is not None:
+      exact_values = np.append(exact_values, 0.0)
   if max_prompt_len:
     prompt = prompt[-max_prompt_len:]
   p, length = len(prompt), len(completion)
@@ -63,8 +74,8 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
       LM_TARGETS: np.append(tokens[1:], 0).astype(np.int32),
       LM_MASK: lm_mask,
   }
-  if trajectory.exact_values is not None:
-    row[EXACT_VALUE] = np.where(value, trajectory.exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
+  if exact_values is not None:
+    row[EXACT_VALUE] = np.where(value, exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
   return row
 
 
