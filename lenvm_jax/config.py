@@ -23,6 +23,7 @@ from lenvm_jax.model.config import ModelConfig, preset_fields
 
 AUTO_GAMMA = ("auto", "auto_mre")  # loss.gamma values resolved from the training split (value/gamma.py).
 TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")
+LENGTH_ACTIVATIONS = ("sigmoid", "softplus")  # normalized_length's link: ours / the paper's, the reference's default.
 LOSS_KINDS = ("mse", "huber")
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKING = ("none", "first_fit", "best_fit")
@@ -69,8 +70,12 @@ class LossConfig:
   value_weight: float = 1.0  # Weight of the value MSE; 0 with lm_weight > 0 trains a plain LM (a policy).
   boundary_weight: float = 1.0  # Each prompt-boundary state s_0 counts as this many tokens in the value MSE.
   # Only for target_type='normalized_length': the target is n / length_normalizer (unclipped, as the reference);
-  # 0 = the longest completion in the training split, resolved at the start (value/gamma.resolve) like gamma.
+  # 0 = the longest completion in the training split, resolved at the start (value/gamma.resolve) like gamma; > 0 =
+  # that constant, never read from the data (the reference's convention: its lenvm_length_normalizer, default 1).
   length_normalizer: float = 0.0
+  # normalized_length's prediction: sigmoid(z) (the paper's section 5.1: reaches at most 1, so it needs the longest
+  # length as normaliser) or softplus(z) (the reference's default for its length target: unbounded, so any constant).
+  length_activation: str = "sigmoid"
   # Weight of the candidate-value loss (needs model.candidate_head): Q(s_t, a) of the realised next token a regresses
   # on the next state's target, a token mean like the value loss. 0 = off (no head, today's graph).
   candidate_weight: float = 0.0
@@ -96,6 +101,8 @@ class LossConfig:
     _require(self.length_normalizer >= 0.0, "loss.length_normalizer",
              f"must be >= 0 (0 = the longest training completion), got {self.length_normalizer}")
     _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {LOSS_KINDS}, got {self.kind!r}")
+    _require(self.length_activation in LENGTH_ACTIVATIONS, "loss.length_activation",
+             f"must be one of {LENGTH_ACTIVATIONS}, got {self.length_activation!r}")
     _require(_is_number(self.huber_delta) and self.huber_delta > 0.0, "loss.huber_delta",
              f"must be a number > 0, got {self.huber_delta!r}")
     _require(_is_number(self.candidate_weight) and self.candidate_weight >= 0.0, "loss.candidate_weight",

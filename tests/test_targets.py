@@ -84,6 +84,38 @@ def test_normalized_length_divides_by_the_normalizer_without_clipping():
     targets.TargetKind("normalized_length", 0.99, 0.0)
 
 
+def test_normalized_length_with_the_reference_constant_and_softplus_reaches_lengths_past_the_normalizer():
+  """The reference's length target: n / c for a constant c the user sets (default 1), read through softplus; the
+  sigmoid link tops out at n_hat = c, so under it a constant shorter than the lengths cannot be fit."""
+  z = jnp.array([-3.0, 0.0, 2.0, 40.0])
+  reference = targets.TargetKind("normalized_length", 0.99, 1.0, length_activation="softplus")
+  np.testing.assert_allclose(reference.predict(z), np.log1p(np.exp(np.asarray(z, np.float64))), rtol=1e-6)
+  np.testing.assert_allclose(reference.target(jnp.array([0, 7, 400])), [0.0, 7.0, 400.0])
+  n = jnp.array([0, 3, 40, 400])
+  np.testing.assert_allclose(reference.remaining_estimate(reference.target(n)), [0, 3, 40, 400])
+  np.testing.assert_allclose(reference.remaining_estimate(reference.predict(jnp.array([40.0]))), [40.0], rtol=1e-6)
+  ours = targets.TargetKind("normalized_length", 0.99, 100.0)
+  assert float(ours.remaining_estimate(ours.predict(jnp.array(40.0)))) == pytest.approx(100.0)
+  # The per-token loss against the target: (softplus(z) - n / c) ** 2 with c = 4.
+  kind = targets.TargetKind("normalized_length", 0.99, 4.0, length_activation="softplus")
+  loss = kind.regression_loss(kind.predict(jnp.array([0.0, 1.0])), kind.target(jnp.array([2, 12])))
+  expected = (np.log1p(np.exp([0.0, 1.0])) - np.array([0.5, 3.0])) ** 2
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="length_activation"):
+    targets.TargetKind("normalized_length", 0.99, 1.0, length_activation="relu")
+
+
+def test_loss_config_carries_the_length_activation_to_the_objective():
+  from lenvm_jax.config import ConfigError, LossConfig  # pylint: disable=g-import-not-at-top
+  from lenvm_jax.value.objective import Objective  # pylint: disable=g-import-not-at-top
+  loss = LossConfig(gamma=0.9, target_type="normalized_length", length_normalizer=1.0, length_activation="softplus")
+  kind = Objective.from_config(loss).kind
+  assert (kind.length_normalizer, kind.length_activation) == (1.0, "softplus")
+  assert Objective.from_config(LossConfig(gamma=0.9)).kind.length_activation == "sigmoid"
+  with pytest.raises(ConfigError, match=r"config\.loss\.length_activation: must be one of"):
+    LossConfig(length_activation="relu")
+
+
 def test_ablation_target_kinds_round_trip_lengths():
   n = jnp.array([0, 3, 40, 400])
   for name in targets.TARGET_TYPES:

@@ -87,7 +87,8 @@ class Objective:
     if not loss.resolved:
       raise ValueError(f"loss.gamma={loss.gamma!r} or loss.length_normalizer={loss.length_normalizer!r} is not "
                        "resolved yet (value/gamma.resolve)")
-    kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer, loss.kind, loss.huber_delta)
+    kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer, loss.kind, loss.huber_delta,
+                              loss.length_activation)
     return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride,
                candidate_weight=loss.candidate_weight, lm_chunk=loss.lm_chunk)
 

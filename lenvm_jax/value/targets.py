@@ -86,8 +86,9 @@ class TargetKind:
   read a length back.
 
   `discounted` is the LenVM target. The others are the paper's section 5.1 ablations: raw length + softplus,
-  length / length_normalizer + sigmoid (not clipped: the reference divides by the longest length it trains on),
-  log1p(length) + softplus. `loss` is "mse" (d ** 2) or "huber" (torch's huber_loss: 0.5 d ** 2 for |d| <= delta,
+  length / length_normalizer + sigmoid (not clipped; with length_activation "softplus" the reference's default link,
+  which reaches targets above 1, so a constant normaliser shorter than the lengths still fits), log1p(length) +
+  softplus. `loss` is "mse" (d ** 2) or "huber" (torch's huber_loss: 0.5 d ** 2 for |d| <= delta,
   delta (|d| - delta / 2) beyond), the reference's loss for every target type.
   """
   name: str
@@ -95,12 +96,15 @@ class TargetKind:
   length_normalizer: float
   loss: str = "mse"
   huber_delta: float = 1.0
+  length_activation: str = "sigmoid"  # normalized_length only: "sigmoid" | "softplus".
 
   def __post_init__(self):
     if self.name not in TARGET_TYPES:
       raise ValueError(f"loss.target_type must be one of {TARGET_TYPES}, got {self.name!r}")
     if self.loss not in LOSS_KINDS:
       raise ValueError(f"loss.kind must be one of {LOSS_KINDS}, got {self.loss!r}")
+    if self.length_activation not in ("sigmoid", "softplus"):
+      raise ValueError(f"loss.length_activation must be 'sigmoid' or 'softplus', got {self.length_activation!r}")
     if self.name == "normalized_length" and not self.length_normalizer > 0:
       raise ValueError(f"loss.length_normalizer must be resolved to a positive length, got {self.length_normalizer}")
 
@@ -116,7 +120,7 @@ class TargetKind:
   def predict(self, z):
     if self.name == "discounted":
       return -jax.nn.sigmoid(z)
-    if self.name == "normalized_length":
+    if self.name == "normalized_length" and self.length_activation == "sigmoid":
       return jax.nn.sigmoid(z)
     return jax.nn.softplus(z)
 
