@@ -129,6 +129,7 @@ def _compile_decode(run: RunConfig, mesh, graphdef, params_shape, capacity) -> d
     params = (params_shape, params_shape)
   else:
     models, params = guided_models.SharedTrunk(graphdef, kind, vocab), params_shape
+  # The EOS id is a value inside the program, not a shape: any id compiles the same program.
   settings = sampler.SamplingConfig(max_new_tokens=_DECODE_LEN.value - _DECODE_PROMPT.value, eos_ids=(0,), top_k=15)
   with cli.user_errors(ValueError):  # Slots the mesh does not divide, candidates beyond the vocabulary.
     generation = guided.GuidedSampler(models, params, settings, mesh, num_candidates=_CANDIDATES.value,
