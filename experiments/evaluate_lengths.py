@@ -1,4 +1,5 @@
-"""Held-out length evaluation of a trained run: per-token MAE and prompt-boundary MRE next to two baselines.
+"""Held-out length evaluation of a trained run: per-token MAE and MRE and prompt-boundary MRE next to two baselines;
+per-token MRE and the prompt-boundary grouping under both definitions side by side (ours and the reference's).
 
   python -m experiments.evaluate_lengths --workdir runs/champ [--max_eval_records=2000] [--step=latest|best|N]
   python -m experiments.evaluate_lengths --workdir runs/a --compare=runs/b,runs/c   # + one summary table

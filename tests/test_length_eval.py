@@ -149,6 +149,44 @@ def test_reference_grouping_scores_groups_with_unfinished_samples_from_their_pro
     assert "the reference's: every sample" in printed and "ours: finished completions only" in printed
 
 
+def test_per_token_mre_under_both_definitions_side_by_side():
+  """Ours leaves the EOS state out; the reference's counts it as 0 error (its trainer's len_rel_loss) and picks the
+  state at f % among the states in the row. Every state is predicted one token too long."""
+  class Offset(_OraclePredictor):
+    def predict(self, trajectories, **kwargs):
+      return [(v, n + 1.0) for v, n in super().predict(trajectories, **kwargs)]
+
+  # A: 4 tokens after a 1-token prompt, whole in max_len 5 (states n = 4..0, EOS included). B: a 3-token prompt, cut
+  # to 5 tokens: states n = 4, 3, 2 only (no EOS in the row).
+  held_out = [_t(4, "a", prompt=(5,), prompt_id="x"), _t(4, "a", prompt=(5, 6, 7), prompt_id="y")]
+  train = [_t(4, "a", prompt_id="p"), _t(10, "a", prompt_id="q")]
+  report = length_eval.evaluate(Offset(), held_out, length_eval.fit_baselines(train, 0.9), 0.9, max_len=5)
+  errors = (1 / 4 + 1 / 3 + 1 / 2 + 1) + (1 / 4 + 1 / 3 + 1 / 2)
+  assert report["token_mre"]["ours"]["*"]["model"] == pytest.approx(errors / 7)
+  assert report["token_mre"]["reference"]["*"]["model"] == pytest.approx(errors / 8)
+  # Over the same states the reference's number is ours times the share of non-EOS states, for every column.
+  for name in ("model", "constant", "position"):
+    assert report["token_mre"]["reference"]["a"][name] == pytest.approx(report["token_mre"]["ours"]["a"][name] * 7 / 8)
+  # At 0 / 25 / 50 / 75 %: ours takes t = floor(f L) = 0, 1, 2, 3 (B has no t = 3 in its row); the reference ranks
+  # the row's states: A 0, 1, 2, 3, B (3 states) 0, 0, 1, 1.
+  ours, reference = report["token_mre_at"]["ours"], report["token_mre_at"]["reference"]
+  assert [ours[f]["model"] for f in ("0", "25", "50", "75")] == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1.0])
+  assert [reference[f]["model"] for f in ("0", "25", "50", "75")] == pytest.approx(
+      [1 / 4, (1 / 3 + 1 / 4) / 2, (1 / 2 + 1 / 3) / 2, (1 + 1 / 3) / 2])
+  # The per-token MAE counts every state, EOS too (one definition): 1 token off everywhere.
+  assert report["token_mae"]["*"]["model"] == pytest.approx(1.0)
+  printed = length_eval.format_report(report)
+  assert "ours: EOS left out" in printed and "reference: the reference's: EOS counted as 0 error" in printed
+  lines = printed.splitlines()
+  row = lambda label, definition: next(line.split() for line in lines
+                                       if line.split()[:2] == [label, definition])
+  assert float(row("all", "ours")[2]) == pytest.approx(errors / 7, rel=1e-3)
+  assert float(row("all", "reference")[2]) == pytest.approx(errors / 8, rel=1e-3)
+  assert float(row("25%", "reference")[2]) == pytest.approx(7 / 24, rel=1e-3)
+  with pytest.raises(ValueError, match="definition"):
+    length_eval.token_relative_errors([1.0], [1.0], "paper")
+
+
 def test_prompt_calibration_shows_a_biased_boundary_value():
   class Doubling(_OraclePredictor):  # Predicts twice the true remaining length at every state.
     def predict(self, trajectories, **kwargs):

@@ -4,7 +4,9 @@ Two views, each with the model and two baselines computed on exactly the same st
   * per-token length MAE: |n_hat - n| at every state s_t of every held-out completion (cut at max_len as in
     training); baselines: the best constant (median remaining length of the training tokens) and a predictor that
     knows only the position t in the completion and the generator (median remaining length of training tokens of
-    that generator in t's position bucket);
+    that generator in t's position bucket); per-token MRE |n_hat - n| / n under two definitions (TOKEN_MRE_DEFINITIONS):
+    ours leaves the EOS state (n = 0) out, the reference's counts it as 0 error in the denominator, so its number is
+    ours times the share of non-EOS states; at positions 0 / 25 / 50 / 75 % the two also pick states differently;
   * prompt-boundary MRE: per (prompt, generator) group, L_GT = log(1 - mean(1 - gamma ** L_i)) / log(gamma), the
     model's L_hat from V(s_0); baselines: the one L, and one L per generator, with the least MRE on the training
     groups (a 1/L_GT-weighted median: lower, so stronger, than the L_GT of the pooled training groups, which is what a
@@ -20,10 +22,46 @@ from lenvm_jax.data.prompt_groups import (BOUNDARY_GROUPINGS, boundary_groups, g
                                           group_key)
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
                                                   least_mre_length, prompt_boundary_mre, scope_label)
+from lenvm_jax.value.metrics import POSITION_FRACTIONS
 from lenvm_jax.value.targets import prompt_boundary_length
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
 position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)
+
+
+# How each definition computes the per-token MRE (printed beside the numbers).
+TOKEN_MRE_DEFINITIONS = {
+    "ours": "EOS left out: mean of |n_hat - n| / n over states with n > 0; at f %: the state t = floor(f L)",
+    "reference": "the reference's: EOS counted as 0 error, every state in the denominator; at f %: the state "
+                 "floor(f (S - 1)) of the S states in the row, EOS included",
+}
+
+
+def token_relative_errors(n_hat, n, definition: str) -> tuple[float, int]:
+  """(sum, count) of per-token relative length errors over one completion's states, whose true remaining lengths
+  are n (the EOS state has n = 0), under `definition` (TOKEN_MRE_DEFINITIONS). The reference's trainer logs
+  len_rel_loss as sum(n > 0 ? |n_hat - n| / n : 0) over its value mask (the prompt's last token through EOS) divided
+  by the mask's size: EOS adds 0 to the sum and 1 to the count."""
+  n_hat, n = np.asarray(n_hat, np.float64), np.asarray(n, np.float64)
+  known = n > 0
+  errors = np.abs(n_hat[known] - n[known]) / n[known]
+  if definition == "ours":
+    return float(errors.sum()), int(known.sum())
+  if definition == "reference":
+    return float(errors.sum()), len(n)
+  raise ValueError(f"unknown per-token MRE definition {definition!r}; one of {list(TOKEN_MRE_DEFINITIONS)}")
+
+
+def position_state(length: int, states: int, fraction: int, definition: str) -> int | None:
+  """The state t scored at `fraction` % of a completion of `length` tokens of which `states` states (s_0 ..) are in
+  the row, or None when that definition scores none: ours takes t = floor(f L) (value/metrics.py) if it is in the row
+  and not EOS; the reference ranks the row's states and takes rank floor(f (states - 1)) (EOS included)."""
+  if definition == "ours":
+    t = length * fraction // 100
+    return t if t < states and t < length else None
+  if definition == "reference":
+    return (states - 1) * fraction // 100 if states else None
+  raise ValueError(f"unknown per-token MRE definition {definition!r}; one of {list(TOKEN_MRE_DEFINITIONS)}")
 
 
 def prompt_boundary_report(predictor, trajectories, gamma: float, batch_size: int = 16,
@@ -103,17 +141,42 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
   boundary_lengths = collections.defaultdict(lambda: collections.defaultdict(list))
+  # [definition][scope][name] and [definition][fraction][name] -> [sum, count] of relative errors.
+  relative = {d: collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+              for d in TOKEN_MRE_DEFINITIONS}
+  relative_at = {d: {f: collections.defaultdict(lambda: [0.0, 0]) for f in POSITION_FRACTIONS}
+                 for d in TOKEN_MRE_DEFINITIONS}
   for t, (_, n_hat) in zip(finished, predictions):
     steps = np.arange(len(n_hat))
-    n = len(t.completion_ids) - steps
+    length = len(t.completion_ids)
+    n = length - steps
+    guesses = {"model": np.asarray(n_hat, np.float64), "constant": np.full(len(n), baselines.constant_remaining),
+               "position": baselines.remaining_by_position(generator_of(t), steps)}
     for scope in (ALL_GENERATORS, generator_of(t)):
       boundary_lengths[scope]["model"].append(n_hat[0])
-      boundary_lengths[scope]["true"].append(len(t.completion_ids))
-      errors[scope]["model"].append(np.abs(n_hat - n))
-      errors[scope]["constant"].append(np.abs(baselines.constant_remaining - n))
-      errors[scope]["position"].append(np.abs(baselines.remaining_by_position(generator_of(t), steps) - n))
+      boundary_lengths[scope]["true"].append(length)
+      for name, guess in guesses.items():
+        errors[scope][name].append(np.abs(guess - n))
+        for definition in TOKEN_MRE_DEFINITIONS:
+          total, count = token_relative_errors(guess, n, definition)
+          relative[definition][scope][name][0] += total
+          relative[definition][scope][name][1] += count
+    for definition in TOKEN_MRE_DEFINITIONS:
+      for f in POSITION_FRACTIONS:
+        at = position_state(length, len(n), f, definition)
+        if at is None:
+          continue
+        for name, guess in guesses.items():
+          total, count = token_relative_errors(guess[at:at + 1], n[at:at + 1], definition)
+          relative_at[definition][f][name][0] += total
+          relative_at[definition][f][name][1] += count
   token_mae = {scope: {name: float(np.mean(np.concatenate(v))) for name, v in by.items()}
                for scope, by in errors.items()}
+  ratio = lambda pair: pair[0] / pair[1] if pair[1] else float("nan")
+  token_mre = {d: {scope: {name: ratio(pair) for name, pair in by.items()} for scope, by in by_scope.items()}
+               for d, by_scope in relative.items()}
+  token_mre_at = {d: {str(f): {name: ratio(pair) for name, pair in by.items()} for f, by in by_f.items()}
+                  for d, by_f in relative_at.items()}
 
   def boundary_mre(grouping_):
     groups_ = boundary_groups(trajectories, grouping_, samples_per_prompt)
@@ -149,7 +212,7 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions))}
   return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts,
-          "prompt_mre_by_grouping": prompt_mre_by_grouping}
+          "prompt_mre_by_grouping": prompt_mre_by_grouping, "token_mre": token_mre, "token_mre_at": token_mre_at}
 
 
 def format_report(report: dict) -> str:
@@ -175,6 +238,21 @@ def format_report(report: dict) -> str:
     for name, values in report["prompt_mre_by_grouping"].items():
       model, constant = values.get("model", float("nan")), values.get("constant", float("nan"))
       lines.append(f"  {name:<10} {model:10.4g} {constant:10.4g} {values['groups']:6d}  ({described[name]})")
+  if "token_mre" in report:
+    columns = ("model", "constant", "position")
+    lines.append("per-token length MRE under both definitions: model / best constant / position baseline")
+    for definition, text in TOKEN_MRE_DEFINITIONS.items():
+      lines.append(f"  {definition}: {text}")
+    for scope in sorted(report["token_mre"]["ours"]):
+      for definition in TOKEN_MRE_DEFINITIONS:
+        values = report["token_mre"][definition][scope]
+        lines.append(f"  {scope_label(scope):<24} {definition:<10} " + " ".join(f"{values[c]:10.4g}" for c in columns))
+    lines.append("per-token length MRE at relative positions (all generators): model / best constant / position")
+    for f in report["token_mre_at"]["ours"]:
+      for definition in TOKEN_MRE_DEFINITIONS:
+        values = report["token_mre_at"][definition][f]
+        lines.append(f"  {f + '%':<24} {definition:<10} " + " ".join(f"{values.get(c, float('nan')):10.4g}"
+                                                                 for c in columns))
   return "\n".join(lines)
 
 
