@@ -109,7 +109,7 @@ def load_config_file(flag: str, argument: str, lock: bool = True):
   path = os.path.abspath(file)
   try:
     module = importlib.machinery.SourceFileLoader(f"{flag}_config", file).load_module()
-  except Exception as e:  # pylint: disable=broad-except  # Anything the user's file raises (SyntaxError included).
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except  # Anything the file raises (SyntaxError, exit).
     raise errors.UserError(f"config file {file}{_line_in(e, path)}: {type(e).__name__}: {e}; fix the file") from None
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
@@ -117,9 +117,10 @@ def load_config_file(flag: str, argument: str, lock: bool = True):
                               "define get_config() returning the config (see experiments/configs/)")
   try:
     config = get_config(*args)
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+    fix = f"give an argument after ':' that get_config takes, or fix {file}" if args else "fix the file"
     raise errors.UserError(f"config file {file}{_line_in(e, path)}: get_config({', '.join(map(repr, args))}) "
-                           f"raised {type(e).__name__}: {e}; fix the file") from None
+                           f"raised {type(e).__name__}: {e}; {fix}") from None
   if not isinstance(config, (config_dict.ConfigDict, Mapping)):
     raise errors.UserError.at(f"get_config() returned {type(config).__name__}, not a config", where,
                               "return an ml_collections.ConfigDict (start from experiments/configs/base.py)")

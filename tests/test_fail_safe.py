@@ -92,6 +92,7 @@ def test_storage_library_errors_are_read_for_their_os_error():
     ("x = 1\n", r"the config file has no get_config\(\) \(--config=.*c.py\)"),
     ("def get_config():\n  return 1 / 0\n", r"config file .*c.py:2: get_config\(\) raised ZeroDivisionError"),
     ("def get_config():\n  return 5\n", r"get_config\(\) returned int, not a config \(--config=.*c.py\)"),
+    ("import sys\nsys.exit(3)\n", r"config file .*c.py:2: SystemExit: 3"),
 ])
 def test_a_config_file_that_cannot_be_loaded_names_itself(tmp_path, source, culprit):
   path = tmp_path / ("missing.py" if source is None else "c.py")
