@@ -18,6 +18,10 @@ same MRE against the plain mean length of each group, and the trainer's per-toke
 of every held-out completion, rows cut at data.max_len). Figure 5a trains every target type with Huber loss at delta
 1, as the reference does (for raw lengths that is close to L1). Writes <out_dir>/table.md, results.json and
 figure_<figure>.png, and prints the table.
+
+Every variant runs --seeds init seeds (default 3, same data): the table gives each metric's mean and [min, max] over
+them, and a line per metric says which variants' ranges lie apart from the best one's and which overlap it
+(lenvm_jax/evaluation/seed_spread.py), so a conclusion can say only what the seeds support.
 """
 
 import dataclasses
@@ -33,7 +37,7 @@ from experiments import cli
 from lenvm_jax import sweep_spec
 from lenvm_jax.data import arrayrecord, pipeline, prompt_groups
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.evaluation import length_eval
+from lenvm_jax.evaluation import length_eval, seed_spread
 from lenvm_jax.value.targets import relative_length_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +72,8 @@ _OUT = flags.DEFINE_string("out_dir", None, "Sweep directory (default runs/repro
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0 = the config's, 300).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at the same time.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Sequences per forward pass when scoring prompts.")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Runs per variant, with init seeds 0 .. seeds - 1 (same data); the table "
-                              "shows the mean and, for more than one, the standard deviation.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per variant, with init seeds 0 .. seeds - 1 (same data); the table "
+                              "shows each metric's mean and [min, max] over them (1: one run, no spread).")
 
 
 def sweep_specs(figure: Figure, data: str | None, vocab_size: int, steps: int, seeds: int = 1) -> list[str]:
@@ -144,31 +148,33 @@ COLUMNS = (("boundary_mre", "prompt-boundary MRE"), ("boundary_mae", "prompt-bou
 
 
 def by_variant(rows: list[dict], figure: Figure) -> list[dict]:
-  """One row per swept value: every metric's mean over seeds (and its standard deviation as <metric>_std)."""
-  out = []
-  for value in dict.fromkeys(r[figure.label] for r in rows):
-    runs = [r for r in rows if r[figure.label] == value]
-    steps = [h["step"] for h in runs[0]["history"]]
-    history = [{"step": step, **{key: float(np.mean([r["history"][i][key] for r in runs if len(r["history"]) > i]))
-                                 for key in ("token_mre", "token_mae")}} for i, step in enumerate(steps)]
-    merged = {figure.label: value, "seeds": len(runs), "history": history}
-    for key, _ in COLUMNS:
-      values = [r[key] for r in runs if key in r]
-      if values:
-        merged[key], merged[key + "_std"] = float(np.mean(values)), float(np.std(values))
-    out.append(merged)
-  return out
+  """One row per swept value: every metric's mean over seeds and its spread (<metric>_std / _min / _max)."""
+  return seed_spread.by_variant(rows, figure.label, [key for key, _ in COLUMNS], ("token_mre", "token_mae"))
 
 
 def format_table(variants: list[dict], figure: Figure) -> str:
+  """The markdown table (mean [min, max] over seeds), then per metric which variants the seeds separate."""
   columns = [(key, title) for key, title in COLUMNS if any(key in v for v in variants)]
   header = [figure.label] + [title for _, title in columns]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for v in variants:
-    cell = lambda key: (f"{v[key]:.4g}" + (f" ± {v[key + '_std']:.2g}" if v["seeds"] > 1 else "")
-                        if key in v else "")
-    lines.append("| " + " | ".join([str(v[figure.label])] + [cell(key) for key, _ in columns]) + " |")
+    lines.append("| " + " | ".join([str(v[figure.label])] + [seed_spread.format_cell(v, key) for key, _ in columns])
+                 + " |")
+  seeds = min(v["seeds"] for v in variants)
+  lines.append("")
+  lines.append(f"Cells: mean [min, max] over {seeds} init seeds." if seeds > 1 else
+               "Cells: one run per variant (--seeds=1): no spread; differences may be run-to-run noise.")
+  separated = seed_spread.format_separation(variants, figure.label,
+                                            [(k, t) for k, t in columns if k != "exact_mre"])
+  if separated:
+    lines.append("Lower is better; the best mean's seed range against the others':")
+    lines.append(separated)
   return "\n".join(lines)
+
+
+def _range(rows: list[dict], key: str) -> list[list[float]]:
+  """Asymmetric error bars from each variant's mean to its seeds' min and max."""
+  return [[r[key] - r.get(key + "_min", r[key]) for r in rows], [r.get(key + "_max", r[key]) - r[key] for r in rows]]
 
 
 def plot(rows: list[dict], figure: Figure, name: str, path: str):
@@ -181,13 +187,13 @@ def plot(rows: list[dict], figure: Figure, name: str, path: str):
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
   if name in ("5a", "5b"):
     x = np.arange(len(rows))
-    axes[0].bar(x, [r["boundary_mre"] for r in rows], yerr=[r["boundary_mre_std"] for r in rows], color="tab:blue")
+    axes[0].bar(x, [r["boundary_mre"] for r in rows], yerr=_range(rows, "boundary_mre"), color="tab:blue")
     if all("exact_mre" in r for r in rows):
       axes[0].axhline(np.mean([r["exact_mre"] for r in rows]), color="k", ls="--", lw=1, label="exact V")
       axes[0].legend()
     axes[0].set(xticks=x, xticklabels=labels, ylabel="MRE", title="prompt-boundary MRE (L_GT)")
     if name == "5a":
-      axes[1].bar(x, [r["token_mre"] for r in rows], yerr=[r["token_mre_std"] for r in rows], color="tab:orange")
+      axes[1].bar(x, [r["token_mre"] for r in rows], yerr=_range(rows, "token_mre"), color="tab:orange")
       axes[1].set(xticks=x, xticklabels=labels, ylabel="MRE", title="per-token MRE")
     else:
       for r in rows:
@@ -200,9 +206,9 @@ def plot(rows: list[dict], figure: Figure, name: str, path: str):
   else:
     x = [float(label) for label in labels]
     for ax, (metric, title) in zip(axes, (("mre", "MRE"), ("mae", "MAE (tokens)"))):
-      ax.errorbar(x, [r[f"boundary_{metric}"] for r in rows], [r[f"boundary_{metric}_std"] for r in rows],
+      ax.errorbar(x, [r[f"boundary_{metric}"] for r in rows], _range(rows, f"boundary_{metric}"),
                   marker="o", label="prompt boundary")
-      ax.errorbar(x, [r[f"token_{metric}"] for r in rows], [r[f"token_{metric}_std"] for r in rows], marker="s",
+      ax.errorbar(x, [r[f"token_{metric}"] for r in rows], _range(rows, f"token_{metric}"), marker="s",
                   label="per token")
       if metric == "mre" and all("exact_mre" in r for r in rows):
         ax.plot(x, [r["exact_mre"] for r in rows], ls="--", color="k", lw=1, label="prompt boundary, exact V")
