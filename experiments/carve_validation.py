@@ -42,7 +42,8 @@ def main(argv):
   settings = {"input_dir": os.path.abspath(_INPUT.value), "fraction": _FRACTION.value,
               "group_separator": _SEPARATOR.value, "seed": _SEED.value}
   output_dir.claim(_OUTPUT.value, "carve.json", settings, overwrite=_OVERWRITE.value, flag="--output_dir")
-  counts = validation_split.carve(_INPUT.value, _OUTPUT.value, _FRACTION.value, _SEPARATOR.value, _SEED.value)
+  with cli.user_errors(ValueError):  # A fraction that leaves one side empty.
+    counts = validation_split.carve(_INPUT.value, _OUTPUT.value, _FRACTION.value, _SEPARATOR.value, _SEED.value)
   print(f"{_OUTPUT.value}: train {counts['train']} records, eval (validation) {counts['eval']} records")
 
 

@@ -138,6 +138,12 @@ def import_settings(flag_values) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  seen = {}
+  for path in FLAGS.input or []:  # The same file twice would import every record twice, silently.
+    if os.path.realpath(path) in seen:
+      raise UserError.at("a file given twice", f"--input={path} (also as {seen[os.path.realpath(path)]})",
+                         "give each input file once")
+    seen[os.path.realpath(path)] = path
   with cli.user_errors(ValueError, OSError):  # A missing input file, tokenizer or vocabulary size.
     records = FORMATS[FLAGS.format](FLAGS)
     vocab = vocab_size()

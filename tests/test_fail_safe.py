@@ -559,6 +559,11 @@ def test_carve_validation_claims_its_output_and_never_rewrites_its_input(tmp_pat
   assert {p.name: p.read_bytes() for p in data.iterdir()} == before
   _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=nan"),
                   "--fraction")
+  _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=0.01"),
+                  "--fraction=0.01 leaves the eval side without records")
+  assert not list((tmp_path / "x").glob("*.array_record"))
+  _one_line_error(_cli("prepare_data", "--format=tokenized_jsonl", f"--input={records},{tmp_path}/./r.jsonl",
+                       "--vocab_size=64", f"--output_dir={tmp_path / 'twice'}"), "a file given twice")
   dev = tmp_path / "dev"
   assert _cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}").returncode == 0
   _one_line_error(_cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5"),

@@ -24,6 +24,10 @@ def carve(input_dir: str, output_dir: str, fraction: float, separator: str, seed
   by_split = collections.defaultdict(list)
   for record, group in zip(records, groups):
     by_split[side[group]].append(record)
+  for split in ("train", "eval"):  # Before any write: an empty side is no split to train or choose on.
+    if not by_split[split]:
+      raise ValueError(f"--fraction={fraction} leaves the {split} side without records ({len(set(groups))} prompt "
+                       f"groups in {input_dir}/train): choose a fraction that puts at least one group on each side")
   os.makedirs(output_dir, exist_ok=True)
   for split in ("train", "eval"):
     arrayrecord.write_shard(arrayrecord.shard_path(output_dir, split, 0, 1), by_split[split])
