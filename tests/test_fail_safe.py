@@ -199,6 +199,13 @@ def test_data_with_no_trainable_record_fails_at_start_not_in_a_spin(tiny_config,
   assert "data.unfinished='as_finished'" in message
 
 
+def test_an_eval_split_that_is_the_training_split_is_refused(tiny_config, tmp_path):
+  path = _lines(tmp_path / "train.jsonl", [_record()] * 16)
+  message = _start(tiny_config, tmp_path, data__source="jsonl", data__train_path=path,
+                   data__eval_path=str(tmp_path / "." / "train.jsonl"), mesh__data=1)
+  assert message.startswith("config.data.eval_path: is the training split")
+
+
 @pytest.mark.parametrize("fields, culprit", [
     ({"data__source": "jsonl", "data__train_path": "/no/such/file.jsonl"}, "config.data.train_path: cannot read it "
                                                                            "(no such file or directory"),

@@ -11,6 +11,7 @@ resume replaced).
 """
 
 import contextlib
+import os
 import signal
 import time
 
@@ -132,6 +133,17 @@ def _data_field(run: RunConfig, split: str) -> str:
   return "data.train_path" if split == "train" else "data.eval_path"
 
 
+def check_held_out(run: RunConfig):
+  """An eval split that is the training split would report training error as held-out error, silently."""
+  data = run.data
+  if data.source in ("jsonl", "arrayrecord") and data.eval_path:
+    same = data.eval_path == data.train_path or (os.path.exists(data.eval_path) and os.path.exists(data.train_path)
+                                                 and os.path.samefile(data.eval_path, data.train_path))
+    if same:
+      raise ConfigError(f"config.data.eval_path: is the training split ({data.train_path!r}); give a held-out split "
+                        "(prepare_data writes <dir>/eval, carve_validation a validation split) or leave it empty")
+
+
 def load_split(run: RunConfig, split: str):
   """pipeline.load_source, with a path that cannot be read as a ConfigError naming its field."""
   try:
@@ -219,6 +231,7 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     mesh = make_mesh(run)
     config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
     check_trainable(run, train_source, "train")
+    check_held_out(run)
     eval_source = load_split(run, "eval") if run.data.has_eval else None
     if eval_source is not None:
       check_trainable(run, eval_source, "eval")
