@@ -14,7 +14,7 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax import rundir
-from lenvm_jax.data import output_dir
+from lenvm_jax.data import output_dir, tokenizer as tokenizer_lib
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
 
@@ -37,6 +37,15 @@ def main(argv):
   replaced = rundir.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   model_config = predictor.config.model
+  if _TOKENIZER.value:  # Another model's tokenizer would pair ids with embedding rows the model does not have.
+    try:
+      size = tokenizer_lib.load_tokenizer(_TOKENIZER.value).vocab_size
+    except (ValueError, OSError):
+      size = None  # Tokenizer files this loader does not read are copied as they are.
+    if size is not None and size > model_config.vocab_size:
+      raise cli.errors.UserError.at(f"the tokenizer has {size} tokens, the model's vocabulary "
+                                    f"{model_config.vocab_size}", f"--tokenizer={_TOKENIZER.value}",
+                                    "give the tokenizer the run was trained with")
   rundir.remove_entries(_OUTPUT.value, replaced)  # Only now: a failed load leaves the previous export as it was.
   with cli.user_errors(ValueError):  # A model that no HF class can hold.
     written = hf_export.export(predictor.params, model_config, _OUTPUT.value,

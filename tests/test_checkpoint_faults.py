@@ -233,6 +233,13 @@ def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
                           timeout=300)
   assert result.returncode == 2 and "no complete checkpoint of step 7 (there are 5, 10)" in result.stderr
   assert not (tmp_path / "hf").exists()
+  from tests.test_gguf import write_tiny_gguf
+  write_tiny_gguf(str(tmp_path / "other.gguf"))  # Another model's tokenizer, more tokens than the run's 64.
+  result = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={workdir}",
+                           f"--output={tmp_path / 'hf'}", f"--tokenizer={tmp_path / 'other.gguf'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "the model's vocabulary 64 (--tokenizer=" in result.stderr, result.stderr[-2000:]
+  assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.slow
