@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.evaluation import headroom, length_eval, prompt_boundary
 from lenvm_jax.value import gamma as gamma_lib, targets
+from tests.conftest import REPO
 
 
 def _t(length, generator="a", prompt=(5,), prompt_id=None):
@@ -112,7 +114,7 @@ def test_evaluate_scores_model_and_baselines_on_the_same_states():
   assert report["prompt_mre"]["*"]["model"] == pytest.approx(0.0, abs=1e-12)
   assert report["token_mae"]["*"]["constant"] > 0 and report["prompt_mre"]["a"]["generator"] > 0
   # max_len 8 with a 1-token prompt keeps states s_0..s_7 of the 12-token completion: 7 + 8 + 4 states in all.
-  assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4}
+  assert report["counts"] == {"trajectories": 3, "prompt_groups": 3, "tokens": 7 + 8 + 4, "eos_states": 2}
   calibration = report["prompt_calibration"]
   assert calibration["a"]["model"] == pytest.approx(calibration["a"]["true"])
   assert calibration["a"]["true"] == pytest.approx(targets.prompt_boundary_length([6, 3], 0.9))
@@ -162,6 +164,7 @@ def test_per_token_mre_under_both_definitions_side_by_side():
   train = [_t(4, "a", prompt_id="p"), _t(10, "a", prompt_id="q")]
   report = length_eval.evaluate(Offset(), held_out, length_eval.fit_baselines(train, 0.9), 0.9, max_len=5)
   errors = (1 / 4 + 1 / 3 + 1 / 2 + 1) + (1 / 4 + 1 / 3 + 1 / 2)
+  assert report["counts"]["eos_states"] == 1 and report["counts"]["tokens"] == 8
   assert report["token_mre"]["ours"]["*"]["model"] == pytest.approx(errors / 7)
   assert report["token_mre"]["reference"]["*"]["model"] == pytest.approx(errors / 8)
   # Over the same states the reference's number is ours times the share of non-EOS states, for every column.
@@ -289,3 +292,28 @@ def test_mre_headroom_prints_the_exact_cell_and_constant_scores(tmp_path):
   assert row[0] == "0.99" and float(row[1]) == 0.0 and row[-1] == "100%"  # Knowing the setting is exact here.
   assert float(row[2]) == pytest.approx((abs(pooled - 100) / 100 + abs(pooled - 400) / 400) / 2, abs=1e-4)
   assert float(row[3]) == pytest.approx(0.375, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_lengths_ours_is_the_trainers_metric_and_the_reference_counts_eos_as_zero(tmp_path):
+  """On a trained run: the per-token MRE evaluate_lengths labels "ours" is the trainer's eval length_mre (and its
+  per-position values), computed by another code path (Predictor over whole sequences, not packed eval rows); the
+  reference's is ours times the share of non-EOS states."""
+  workdir = tmp_path / "run"
+  subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+                  f"--workdir={workdir}"], cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+  printed = subprocess.run([sys.executable, "-m", "experiments.evaluate_lengths", f"--workdir={workdir}"], cwd=REPO,
+                           check=True, capture_output=True, text=True, timeout=600).stdout
+  report = json.loads((workdir / "length_eval.json").read_text())
+  final = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+           if '"split": "eval"' in line][-1]
+  ours, reference = report["token_mre"]["ours"]["*"], report["token_mre"]["reference"]["*"]
+  assert ours["model"] == pytest.approx(final["length_mre"], rel=1e-3)
+  assert report["token_mae"]["*"]["model"] == pytest.approx(final["length_mae"], rel=1e-3)
+  for f in ("0", "25", "50", "75"):
+    assert report["token_mre_at"]["ours"][f]["model"] == pytest.approx(final[f"length_mre_at_{f}"], rel=1e-3)
+  counts = report["counts"]
+  assert 0 < counts["eos_states"] <= counts["trajectories"]
+  non_eos = (counts["tokens"] - counts["eos_states"]) / counts["tokens"]
+  assert reference["model"] == pytest.approx(ours["model"] * non_eos, rel=1e-9)
+  assert "per-token length MRE under both definitions" in printed

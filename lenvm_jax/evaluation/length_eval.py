@@ -209,8 +209,10 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   # per generator. MSE training makes them equal on the training completions; apart, they show a biased V(s_0).
   calibration = {scope: {name: prompt_boundary_length(v, gamma) for name, v in by.items()}
                  for scope, by in boundary_lengths.items()}
+  # eos_states: completions whose EOS state is in the row (not cut at max_len): what the two per-token MREs differ by.
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
-            "tokens": int(sum(len(p[1]) for p in predictions))}
+            "tokens": int(sum(len(p[1]) for p in predictions)),
+            "eos_states": sum(len(p[1]) == len(t.completion_ids) + 1 for t, p in zip(finished, predictions))}
   return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts,
           "prompt_mre_by_grouping": prompt_mre_by_grouping, "token_mre": token_mre, "token_mre_at": token_mre_at}
 
