@@ -10,6 +10,7 @@ ones continue from their checkpoints. Ctrl-C (or SIGTERM) stops the running poin
 """
 
 import csv
+import io
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import time
 from absl import app, flags
 
 from experiments import cli
-from lenvm_jax import sweep_spec
+from lenvm_jax import files, sweep_spec
 from lenvm_jax.config import is_url
 
 _CONFIG = flags.DEFINE_string("config", None, "Trainer config file (experiments/configs/*.py).")
@@ -89,7 +90,7 @@ class _Runner:
       log.close()
       del self.running[name]
       if proc.returncode == 0 and not self.stopping:
-        open(os.path.join(sweep_dir, name, DONE), "w").close()
+        files.write_atomic(os.path.join(sweep_dir, name, DONE), "")
         self.status[name] = "done"
       else:
         self.status[name] = "stopped" if self.stopping else f"failed (exit {proc.returncode})"
@@ -123,10 +124,11 @@ def write_summary(named_points, status: dict, sweep_dir: str, shown: list[str]) 
   columns: list[str] = []
   for row in rows:
     columns += [c for c in row if c not in columns]
-  with open(os.path.join(sweep_dir, "summary.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  files.write_atomic(os.path.join(sweep_dir, "summary.csv"), table.getvalue())  # Never through a planted link.
 
   table_columns = ["point", "status", "step"] + [m for m in shown if any(m in r for r in rows)]
   cells = [[_cell(r.get(c, "")) for c in table_columns] for r in rows]
