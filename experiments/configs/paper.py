@@ -18,6 +18,7 @@ from experiments.configs import base
 from lenvm_jax.model.config import PRESETS
 
 PAPER_STEPS = 2 * 262_144 // 1024
+QWEN_IM_END = 151645  # <|im_end|> in the Qwen2.5 / Qwen3 tokenizers.
 
 
 def get_config(preset: str = "qwen2.5-1.5b"):
@@ -29,7 +30,13 @@ def get_config(preset: str = "qwen2.5-1.5b"):
   config.data.source = "arrayrecord"
   config.data.max_len = 3000
   config.data.packing = "none"  # The paper counts its batch in sequences.
-  config.data.unfinished = "as_finished"  # The reference trains a cut completion as if it ended.
+  if preset.startswith("qwen"):
+    # The reference's chat template ends every answer, a cut one too, with <|im_end|> (the same id in Qwen2.5 and
+    # Qwen3): the cut answer's EOS gets n = 0, its last generated token n = 1.
+    config.data.unfinished = "append_eos"
+    config.data.eos_id = QWEN_IM_END
+  else:
+    config.data.unfinished = "as_finished"  # No chat template known: the last generated token gets n = 0.
   config.train.steps = PAPER_STEPS
   config.train.batch_size = 1024
   config.train.accum_steps = 32
