@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import cli
+from lenvm_jax import files
 from lenvm_jax.data import arrayrecord, packing_stats, prompt_groups, rows, stats
 from lenvm_jax.value import gamma as gamma_lib
 from lenvm_jax.data.prompt_groups import SPLITS
@@ -114,7 +115,8 @@ def plot_lengths(finished_lengths: dict, path: str, max_len: int) -> None:
     ax.set_title(split)
     ax.legend(fontsize="small")
   fig.tight_layout()
-  fig.savefig(path)
+  with files.atomic_path(path) as tmp:  # The format from the final name: the temporary one ends in .tmp.
+    fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "png")
   plt.close(fig)
 
 
