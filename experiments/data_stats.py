@@ -66,19 +66,21 @@ class SplitExtras(NamedTuple):
 
 
 def split_stats(source, *, max_len: int, policy: str, open_bins: int, keep_unfinished: bool,
-                shuffle_seed: int | None) -> tuple[dict, SplitExtras]:
-  """(trajectory_stats with packing added per generator and overall, SplitExtras)."""
+                shuffle_seed: int | None, appended_eos: bool = False) -> tuple[dict, SplitExtras]:
+  """(trajectory_stats with packing added per generator and overall, SplitExtras). appended_eos: each unfinished
+  completion's row holds one more token, the EOS data.unfinished='append_eos' appends."""
   lengths = _Lengths()
   summary = stats.trajectory_stats(lengths.note(source[i] for i in range(len(source))))
   generators, finished, prompt, completion = lengths.arrays()
   order = (np.arange(len(prompt)) if shuffle_seed is None
            else np.random.default_rng(shuffle_seed).permutation(len(prompt)))
   packed = order[keep_unfinished | finished[order]]  # The pipeline's order, unfinished dropped under "drop".
-  sequence = np.minimum(prompt + completion, max_len)
+  in_row = completion + (appended_eos & ~finished)  # Completion tokens as the row holds them.
+  sequence = np.minimum(prompt + in_row, max_len)
 
   def packing(indices):
     result = packing_stats.pack(policy, sequence[indices], max_len, open_bins).as_dict()
-    result["truncated"] = int(np.count_nonzero(prompt[indices] + completion[indices] > max_len))
+    result["truncated"] = int(np.count_nonzero(prompt[indices] + in_row[indices] > max_len))
     return result
 
   summary["overall"]["packing"] = packing(packed)
@@ -154,7 +156,7 @@ def data_stats(directory: str, *, max_len: int, policy: str = "first_fit", open_
       continue
     summary, extras = split_stats(
         source, max_len=max_len, policy=policy, open_bins=open_bins, keep_unfinished=unfinished != "drop",
-        shuffle_seed=seed if split == "train" else None)  # Training shuffles; eval_batches reads in order.
+        shuffle_seed=seed if split == "train" else None, appended_eos=unfinished == "append_eos")  # Training shuffles; eval_batches reads in order.
     finished_lengths[split] = extras.finished_lengths
     if split == "train" and sweep_bins:
       summary["packing_sweep"] = packing_sweep(extras.sequence_lengths[extras.packing_order], max_len, sweep_bins)

@@ -132,6 +132,25 @@ def test_cli_numbers_match_direct_computation(tmp_path):
       result["splits"]["train"]["overall"]["packing"]["efficiency"])
 
 
+def test_cli_append_eos_packs_each_cut_completion_with_its_appended_eos(tmp_path):
+  """--unfinished=append_eos keeps cut completions, each one token longer in its row (the EOS the pipeline adds)."""
+  max_len, open_bins = 48, 4
+  data = _trajectories(70)
+  prepare.prepare((prepare.ImportedRecord(split, t, "synthetic", i + 1) for i, (split, t) in enumerate(data)),
+                  str(tmp_path), vocab_size=64, max_len=max_len, shard_size=100)
+  run = subprocess.run([sys.executable, "-m", "experiments.data_stats", str(tmp_path), f"--max_len={max_len}",
+                        f"--open_bins={open_bins}", "--unfinished=append_eos"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  records = [t for s, t in data if s == "eval"]  # Eval packs in stored order.
+  assert any(not t.finished for t in records)
+  sequence = np.array([min(len(t.prompt_ids) + len(t.completion_ids) + (not t.finished), max_len) for t in records])
+  packing = json.loads((tmp_path / "data_stats.json").read_text())["splits"]["eval"]["overall"]["packing"]
+  assert packing["tokens"] == sequence.sum() and packing["rows"] == first_fit(sequence, max_len, open_bins).rows
+  assert packing["truncated"] == sum(len(t.prompt_ids) + len(t.completion_ids) + (not t.finished) > max_len
+                                     for t in records)
+
+
 def test_cli_without_shards_fails_cleanly(tmp_path):
   run = subprocess.run([sys.executable, "-m", "experiments.data_stats", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
