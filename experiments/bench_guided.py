@@ -26,6 +26,7 @@ from lenvm_jax import sharding
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.errors import UserError
 from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
@@ -73,6 +74,13 @@ def main(argv):
   unknown = sorted(set(_SCORERS.value) - set(candidate_scoring.SCORERS))
   if unknown:
     raise ValueError(f"--scorer: unknown {unknown}; choose from {', '.join(candidate_scoring.SCORERS)}")
+  # Relations, before any model is built: prompts draw ids >= 2 (1 is the EOS), k candidates need k tokens.
+  if vocab_size < 3:
+    raise UserError(f"--vocab_size={vocab_size}: must be at least 3 (ids 0, 1 are pad and EOS; prompts use the rest)")
+  too_many = [k for k in cli.int_list("candidates", _CANDIDATES.value) if k > vocab_size]
+  if too_many:
+    raise UserError(f"--candidates={','.join(_CANDIDATES.value)}: {too_many[0]} candidates exceed the vocabulary of "
+                    f"{vocab_size} tokens (--vocab_size / --preset)")
   head = _CANDIDATE_HEAD.value if "candidate_head" in _SCORERS.value else "none"
   config = ModelConfig(**{**preset_fields(_PRESET.value), "vocab_size": vocab_size, "candidate_head": head})
   lenvm_config = ModelConfig(**{**preset_fields(_LENVM_PRESET.value or _PRESET.value), "vocab_size": vocab_size,

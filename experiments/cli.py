@@ -268,6 +268,14 @@ def step_value(value: str) -> str | int:
   raise errors.UserError.at(f"bad --step {value!r}", "--step", "give latest, best or a step number")
 
 
+def int_list(flag: str, values) -> tuple[int, ...]:
+  """A list flag's items as ints (token ids, budgets); an item that is none is the user's, naming the flag."""
+  try:
+    return tuple(int(v) for v in values or ())
+  except ValueError:
+    raise errors.UserError(f"--{flag}={','.join(values)}: expected comma-separated integers (see --help)") from None
+
+
 def check_output_file(path: str, flag: str) -> None:
   """Before any work: the directory an output file goes into must exist (a typo should not cost a model load)."""
   parent = os.path.dirname(os.path.abspath(path))

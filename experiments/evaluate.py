@@ -28,15 +28,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import sharding
+from lenvm_jax import errors, files, rundir, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_scores, length_tokens
 from lenvm_jax.data.tokenizer import load_tokenizer
-from lenvm_jax.decoding.eos import generator_eos_ids
+from lenvm_jax.decoding.eos import check_in_vocabulary, generator_eos_ids
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding import candidate_scoring
-from lenvm_jax.decoding.guided_models import Pair
+from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import Sampler
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
@@ -90,7 +90,8 @@ def eos_ids_for(models, trajectories) -> tuple[int, ...]:
   the data's (the last tokens of the finished completions among `trajectories`)."""
   synthetic = isinstance(models, Pair) and isinstance(models.generator, SyntheticGenerator)
   tokenizer_eos = load_tokenizer(_TOKENIZER.value).eos_id if _TOKENIZER.value else None
-  return generator_eos_ids("synthetic" if synthetic else "shared", _EOS.value or (), tokenizer_eos, trajectories)
+  return generator_eos_ids("synthetic" if synthetic else "shared", cli.int_list("eos_ids", _EOS.value), tokenizer_eos,
+                           trajectories)
 
 
 def _lengths(samples):
@@ -183,6 +184,10 @@ def _plots(out_dir, report, trajectories, predictions, gamma):
 
 def main(argv):
   del argv
+  explicit_eos = cli.int_list("eos_ids", _EOS.value)
+  # EOS ids the run's model cannot emit are refused before anything loads (again below against the generator).
+  check_in_vocabulary(explicit_eos, rundir.read_config(_WORKDIR.value).model.vocab_size,
+                      f"--eos_ids={','.join(_EOS.value or ())}")
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   gamma = predictor.kind.gamma  # The trained value's discount ("auto" resolved at training).
   config = predictor.config if _CONFIG.value is None else RunConfig.from_dict(_CONFIG.value).with_gamma(gamma)
@@ -192,7 +197,17 @@ def main(argv):
     name, models, params = _models(predictor, config, _GENERATOR.value)
     source = pipeline.load_source(config, "eval")
     eos_ids = eos_ids_for(models, [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))])
+  # A --config of another vocabulary makes a synthetic generator the LenVM cannot read; EOS ids must be emittable.
+  check_same_vocabulary(models.vocab_size, predictor.config.model.vocab_size,
+                        f"--config ({name})" if _CONFIG.value is not None else name, f"--workdir={_WORKDIR.value}")
+  check_in_vocabulary(eos_ids, models.vocab_size, "--eos_ids" if explicit_eos else
+                      "the synthetic policy's EOS id" if name == "synthetic policy" else
+                      f"--tokenizer={_TOKENIZER.value}, its EOS" if _TOKENIZER.value else
+                      "the EOS ids read from the run's eval data (give --eos_ids)", "the generator")
   count = min(_PROMPTS.value, len(source))
+  if count == 0:  # Before any generation: a report from no prompts would say nothing.
+    raise errors.UserError.at("the eval split has no prompts", f"--workdir={_WORKDIR.value}",
+                              "evaluate a run whose data has an eval split (data.eval_path)")
   trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
   mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
@@ -237,8 +252,8 @@ def main(argv):
   out_dir = os.path.join(_WORKDIR.value, "evaluate" if _SCORER.value == "next_state" else f"evaluate_{_SCORER.value}")
   os.makedirs(out_dir, exist_ok=True)
   report["plots"] = _plots(out_dir, report, trajectories, predictions, gamma)
-  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  files.write_report(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), items=count, what="prompts",
+                     where=f"--workdir={_WORKDIR.value}")
   print(format_report(report))
   print(f"report and plots in {out_dir}")
 

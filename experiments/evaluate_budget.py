@@ -28,12 +28,13 @@ import os
 from absl import flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import sharding
+from lenvm_jax import errors, rundir, sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
-from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
+from lenvm_jax.decoding.eos import check_in_vocabulary
+from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.sampler import Sampler
 from lenvm_jax.evaluation.budget import correct_flags, held_out, paired_test, score, wilson_interval
@@ -113,8 +114,19 @@ def main(argv):
   with cli.user_errors(ValueError, OSError):
     budgets = sorted(_numbers("budgets", _BUDGETS.value, int))
     betas = _numbers("betas", _BETAS.value, float)
-    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+    if _BASE_TOKENS.present and _BASE_TOKENS.value < budgets[-1]:  # The cut runs are prefixes of the base run.
+      raise errors.UserError.at(f"--base_tokens={_BASE_TOKENS.value} is below the largest budget {budgets[-1]}",
+                                "--base_tokens", "give at least the largest of --budgets (or leave it out)")
+    # Relations between the models, before any weight loads: one vocabulary, EOS ids inside it.
+    vocab_size = policy_lib.read_model_config(_POLICY.value).vocab_size
+    check_same_vocabulary(vocab_size, rundir.read_config(_WORKDIR.value).model.vocab_size,
+                          f"--policy={_POLICY.value}", f"--workdir={_WORKDIR.value}")
+    policy_eos = policy_lib.read_eos_ids(_POLICY.value)
+    check_in_vocabulary(policy_eos, vocab_size, f"--policy={_POLICY.value}, its eos_token_id")
     tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)
+    if not policy_eos:
+      check_in_vocabulary((tokenizer.eos_id,), vocab_size, f"--tokenizer={_TOKENIZER.value or _POLICY.value}, its EOS")
+    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
     policy = policy_lib.load_policy(_POLICY.value, mesh)
     problems = held_out(prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer),
                         _SPLIT.value, _EVAL_FRACTION.value)

@@ -29,6 +29,7 @@ from lenvm_jax import sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib, rollouts
+from lenvm_jax.decoding.eos import check_in_vocabulary
 from lenvm_jax.decoding.sampler import Sampler
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
@@ -72,12 +73,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors(ValueError, OSError):  # A mesh, sampling setting or policy path that cannot work.
     mesh = sharding.make_mesh(*(int(size) for size in _MESH.value))
+    explicit_eos = cli.int_list("eos_ids", _EOS.value)
+    vocab_size = policy_lib.read_model_config(_POLICY.value).vocab_size  # Before any weight loads.
+    check_in_vocabulary(explicit_eos, vocab_size, f"--eos_ids={','.join(_EOS.value or ())}")
+    policy_eos = () if explicit_eos else policy_lib.read_eos_ids(_POLICY.value)
+    check_in_vocabulary(policy_eos, vocab_size, f"--policy={_POLICY.value}, its eos_token_id")
     tokenizer = load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
-    policy = policy_lib.load_policy(_POLICY.value, mesh)
-    eos_ids = tuple(int(i) for i in _EOS.value) if _EOS.value else policy.eos_ids or (
-        (tokenizer.eos_id,) if tokenizer else ())
+    eos_ids = explicit_eos or policy_eos or ((tokenizer.eos_id,) if tokenizer else ())
     if not eos_ids:
       raise ValueError(f"--eos_ids is needed: {_POLICY.value} names no EOS id and no --tokenizer was given")
+    check_in_vocabulary(eos_ids, vocab_size, f"--tokenizer={_TOKENIZER.value}, its EOS")
+    policy = policy_lib.load_policy(_POLICY.value, mesh)
     sampling = sampling_flags.resolve().config(_MAX_NEW.value, eos_ids, _SEED.value)
     prompts = prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer,
                                        _EVAL_FRACTION.value)

@@ -56,6 +56,15 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 def main(argv):
   del argv
   cli.check_output_file(_OUTPUT.value, "--output")
+  # A flag of another mode would be ignored without a word: the user meant something this run does not do.
+  for flag, modes in ((_TOKEN_IDS, ("next_values",)), (_SCORER, ("next_values",)), (_GROUPING, ("prompt_eval",)),
+                      (_SAMPLES, ("prompt_eval",))):
+    if flag.present and _MODE.value not in modes:
+      raise UserError.at(f"--{flag.name} has no effect with --mode={_MODE.value}", f"--{flag.name}",
+                         f"use it with --mode={modes[0]}, or leave it out")
+  if _SAMPLES.present and _GROUPING.value != "reference":
+    raise UserError.at("--samples_per_prompt applies to --grouping=reference only", "--samples_per_prompt",
+                       "add --grouping=reference, or leave it out")
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   config = predictor.config
   max_prompt_len = config.data.max_prompt_len

@@ -9,6 +9,7 @@ value 0. The synthetic policy has its own fixed id.
 from typing import Iterable, Sequence
 
 from lenvm_jax.data.synthetic import EOS_ID as SYNTHETIC_EOS_ID
+from lenvm_jax.errors import UserError
 
 
 def eos_ids_of_data(trajectories: Iterable) -> tuple[int, ...]:
@@ -32,3 +33,13 @@ def generator_eos_ids(generator: str, explicit: Sequence[int] = (), tokenizer_eo
     raise ValueError("no EOS id: the data has no finished completion to read it from; pass --eos_ids (or "
                      "--tokenizer, whose EOS is used)")
   return found
+
+
+def check_in_vocabulary(eos_ids: Sequence[int], vocab_size: int, source: str, model: str = "the policy") -> None:
+  """Refuses EOS ids the model can never emit (`source` names where they came from: a flag, a tokenizer, a model
+  file): with one, every completion runs to its token limit and is reported unfinished, without a word."""
+  outside = [int(i) for i in eos_ids if not 0 <= int(i) < vocab_size]
+  if outside:
+    raise UserError.at(f"EOS id{'s' if len(outside) > 1 else ''} {', '.join(map(str, outside))} outside {model}'s "
+                       f"vocabulary [0, {vocab_size})", source,
+                       "give the ids of the policy's own end-of-sequence tokens (its tokenizer's)")

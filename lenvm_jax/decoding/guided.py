@@ -58,6 +58,8 @@ import numpy as np
 
 from lenvm_jax import sharding
 from lenvm_jax.value.targets import log1p_value_from_logit, remaining_from_logit
+from lenvm_jax.decoding.eos import check_in_vocabulary
+from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary
 from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
                                         row_keys, step_keys)
 
@@ -403,6 +405,10 @@ class GuidedSampler:
       raise ValueError("guided decoding samples among candidates: sampling temperature must be > 0")
     if not 1 <= num_candidates <= models.vocab_size:
       raise ValueError(f"num_candidates must lie in [1, {models.vocab_size}], got {num_candidates}")
+    check_in_vocabulary(sampling.eos_ids, models.vocab_size, "sampling eos_ids", "the generator")
+    lenvm = params[1] if isinstance(models, Pair) and isinstance(params, tuple) else None
+    if isinstance(lenvm, dict) and "embedding" in lenvm:
+      check_same_vocabulary(models.vocab_size, lenvm["embedding"].shape[0], "the generator", "the LenVM's params")
     self.models, self.params, self.sampling, self.mesh = models, params, sampling, mesh
     self.batch_size = batch_size
     self._rows = sharding.batch_sharding(mesh, 2)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lenvm_jax.decoding.sampler import advance, prefill
+from lenvm_jax.errors import UserError
 from lenvm_jax.model.kv_cache import take_alternative
 from lenvm_jax.value.targets import TargetKind
 
@@ -103,6 +104,14 @@ class SharedTrunk(ValueScorer):
     hidden, new_kv = pending
     chosen = jnp.take_along_axis(hidden, choice[:, None, None], axis=1)
     return _commit_choice(cache, new_kv, choice), nnx.merge(self.graphdef, params).lm_logits(chosen)[:, 0]
+
+
+def check_same_vocabulary(policy_vocab: int, lenvm_vocab: int, policy_source: str, lenvm_source: str) -> None:
+  """A generator and a LenVM pair only when they share token ids: the LenVM would otherwise value other tokens than
+  the ones the generator emits (or index past its embedding) without a word."""
+  if policy_vocab != lenvm_vocab:
+    raise UserError.at(f"the policy's vocabulary ({policy_vocab} tokens) differs from the LenVM's ({lenvm_vocab})",
+                       f"{policy_source} vs {lenvm_source}", "pair a LenVM trained on the policy's own tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)

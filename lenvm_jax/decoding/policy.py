@@ -44,21 +44,33 @@ def hf_eos_ids(directory: str) -> tuple[int, ...]:
   return ()
 
 
+def read_model_config(path: str) -> ModelConfig:
+  """The policy's shape (vocabulary included) without its weights: relations between flags (the LenVM's vocabulary,
+  EOS ids) are checked before anything heavy loads."""
+  if is_run_workdir(path):
+    return rundir.read_config(path).model
+  if gguf_file.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
+    return hf_import.load_model_config(path)
+  raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/), a Hugging Face directory "
+                          "(no config.json) nor a .gguf file")
+
+
 def load_policy(path: str, mesh) -> Policy:
   """The policy at `path` with its parameters sharded on `mesh` by their logical axes."""
+  model_config = read_model_config(path)
+  graphdef, abstract = abstract_model(model_config)
   if is_run_workdir(path):
-    model_config = rundir.read_config(path).model
-    graphdef, abstract = abstract_model(model_config)
     with jax.set_mesh(mesh):
       params, step = rundir.restore_params(path, rundir.abstract_params_on(abstract, mesh))
     return Policy(graphdef, params, model_config, (), f"run {path} step {step}")
-  if gguf_file.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
-    model_config = hf_import.load_model_config(path)
-    graphdef, _ = abstract_model(model_config)
-    with jax.set_mesh(mesh):
-      params = hf_import.load_params(path, model_config, mesh)
-    if gguf_file.is_gguf_path(path):
-      return Policy(graphdef, params, model_config, gguf_file.eos_ids(path), f"gguf {path}")
-    return Policy(graphdef, params, model_config, hf_eos_ids(path), f"hf {path}")
-  raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/), a Hugging Face directory "
-                          "(no config.json) nor a .gguf file")
+  with jax.set_mesh(mesh):
+    params = hf_import.load_params(path, model_config, mesh)
+  return Policy(graphdef, params, model_config, read_eos_ids(path),
+                f"{'gguf' if gguf_file.is_gguf_path(path) else 'hf'} {path}")
+
+
+def read_eos_ids(path: str) -> tuple[int, ...]:
+  """The EOS ids the policy's files name (none for a run), read without its weights."""
+  if is_run_workdir(path):
+    return ()
+  return tuple(gguf_file.eos_ids(path)) if gguf_file.is_gguf_path(path) else hf_eos_ids(path)

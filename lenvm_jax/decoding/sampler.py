@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from lenvm_jax import sharding
+from lenvm_jax.decoding.eos import check_in_vocabulary
 from lenvm_jax.model.kv_cache import KVCache
 
 PAD_ID = 0
@@ -249,6 +250,7 @@ class Sampler:
     self.graphdef, self.params, self.sampling, self.mesh = graphdef, params, sampling, mesh
     self.batch_size = batch_size
     self.vocab_size = params["embedding"].shape[0]
+    check_in_vocabulary(sampling.eos_ids, self.vocab_size, "sampling eos_ids")
     self._rows = sharding.batch_sharding(mesh, 2)
     self._per_row = sharding.batch_sharding(mesh, 1)
     self._decode = jax.jit(functools.partial(decode, graphdef, sampling=sampling))

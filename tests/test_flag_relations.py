@@ -1,0 +1,152 @@
+"""Relations between the decoding tools' flags (issue 29): a generator and a LenVM of different vocabularies, EOS ids
+outside the policy's vocabulary, a budget above the tokens a run may generate, flags of another mode. Each is one
+`error:` line naming the culprit and exit 2, before any weight loads: the runs and model directories here have a
+config but no weights, so a check that came after loading would fail with another message."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from lenvm_jax import errors, sharding
+from lenvm_jax.config import RunConfig
+from lenvm_jax.decoding.eos import check_in_vocabulary
+from lenvm_jax.decoding.guided import GuidedSampler
+from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
+from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model.hf_config import hf_config_from_model_config
+from lenvm_jax.model.transformer import LengthValueModel
+from lenvm_jax.value.targets import TargetKind
+from tests.conftest import REPO
+
+
+def _cli(module, *args):
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _one_line_error(result, *needles):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), last
+  for needle in needles:
+    assert needle in last, (needle, last)
+  return last
+
+
+def _run(tmp_path, name="run", vocab_size=64):
+  """A run directory with a config and no weights (a checkpoints/ folder without steps)."""
+  run = tmp_path / name
+  (run / "checkpoints").mkdir(parents=True)
+  config = RunConfig.default("tiny").to_dict()
+  config["model"]["vocab_size"] = vocab_size
+  (run / "config.json").write_text(json.dumps(config))
+  return str(run)
+
+
+def _hf_dir(tmp_path, name, vocab_size, **extra):
+  """A Hugging Face model directory with a config.json and no weights."""
+  directory = tmp_path / name
+  directory.mkdir()
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": vocab_size})
+  (directory / "config.json").write_text(json.dumps(hf_config_from_model_config(config, **extra)))
+  return str(directory)
+
+
+# ------------------------------------------------------------------------------------------------ the library
+
+
+def test_eos_ids_outside_the_vocabulary_name_their_source():
+  check_in_vocabulary((0, 63), 64, "--eos_ids")
+  with pytest.raises(errors.UserError, match=r"EOS ids 64, -1 outside the policy's vocabulary \[0, 64\) "
+                                             r"\(--eos_ids=64,-1\)"):
+    check_in_vocabulary((64, -1, 3), 64, "--eos_ids=64,-1")
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+  """Two tiny models of different vocabularies (graphdef, params)."""
+  out = {}
+  for vocab in (64, 96):
+    config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": vocab, "dtype": "float32"})
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda c=config: LengthValueModel(c, nnx.Rngs(0))))
+    params = jax.jit(lambda c=config: nnx.split(LengthValueModel(c, nnx.Rngs(0)))[1].to_pure_dict())()
+    out[vocab] = (graphdef, params)
+  return out
+
+
+def test_samplers_refuse_an_eos_the_model_cannot_emit_and_a_lenvm_of_another_vocabulary(tiny_models):
+  mesh = sharding.make_mesh(1, 1, 1)
+  graphdef, params = tiny_models[64]
+  with pytest.raises(errors.UserError, match=r"EOS id 64 outside the policy's vocabulary \[0, 64\)"):
+    Sampler(graphdef, params, SamplingConfig(max_new_tokens=4, eos_ids=(1, 64)), mesh, batch_size=1)
+  Sampler(graphdef, params, SamplingConfig(max_new_tokens=4, eos_ids=(63,)), mesh, batch_size=1)
+  kind = TargetKind("discounted", 0.997, 1024.0)
+  other_graphdef, other_params = tiny_models[96]
+  pair = Pair(TransformerGenerator(graphdef, 64), TransformerScorer(other_graphdef, kind))
+  sampling = SamplingConfig(max_new_tokens=4, eos_ids=(1,))
+  with pytest.raises(errors.UserError, match=r"vocabulary \(64 tokens\) differs from the LenVM's \(96\)"):
+    GuidedSampler(pair, (params, other_params), sampling, mesh, num_candidates=3, batch_size=1)
+  with pytest.raises(errors.UserError, match="EOS id 64 outside the generator's vocabulary"):
+    GuidedSampler(Pair(TransformerGenerator(graphdef, 64), TransformerScorer(graphdef, kind)), (params, params),
+                  SamplingConfig(max_new_tokens=4, eos_ids=(64,)), mesh, num_candidates=3, batch_size=1)
+  GuidedSampler(Pair(TransformerGenerator(graphdef, 64), TransformerScorer(graphdef, kind)), (params, params),
+                sampling, mesh, num_candidates=3, batch_size=1)
+
+
+# ------------------------------------------------------------------------------------- the CLIs (subprocesses)
+
+
+@pytest.mark.slow
+def test_generate_refuses_eos_ids_outside_the_policy_vocabulary_before_loading(tmp_path):
+  policy = _run(tmp_path, vocab_size=64)
+  out = tmp_path / "out"
+  base = ("generate", f"--policy={policy}", "--prompts=x.jsonl", f"--output_dir={out}")
+  _one_line_error(_cli(*base, "--eos_ids=2,64"), "EOS id 64 outside the policy's vocabulary [0, 64)",
+                  "--eos_ids=2,64")
+  _one_line_error(_cli(*base, "--eos_ids=two"), "--eos_ids=two: expected comma-separated integers")
+  hf = _hf_dir(tmp_path, "hf", 64, eos_token_id=[2, 100])
+  _one_line_error(_cli("generate", f"--policy={hf}", "--prompts=x.jsonl", f"--output_dir={out}"),
+                  "EOS id 100 outside", f"--policy={hf}, its eos_token_id")
+  assert not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_base_run(tmp_path):
+  lenvm = _run(tmp_path, vocab_size=64)
+  base = ("evaluate_budget", f"--workdir={lenvm}", "--prompts=reasoning_gym:gsm_symbolic:8")
+  _one_line_error(_cli(*base, f"--policy={_hf_dir(tmp_path, 'wide', 128, eos_token_id=2)}"),
+                  "the policy's vocabulary (128 tokens) differs from the LenVM's (64)", "--policy=", "--workdir=")
+  _one_line_error(_cli(*base, f"--policy={_hf_dir(tmp_path, 'eos', 64, eos_token_id=70)}"),
+                  "EOS id 70 outside the policy's vocabulary", "its eos_token_id")
+  _one_line_error(_cli(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
+                  "--base_tokens=100 is below the largest budget 128")
+  assert not (tmp_path / "run" / "evaluate_budget").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_eos_ids_outside_the_run_vocabulary_before_loading(tmp_path):
+  run = _run(tmp_path, vocab_size=64)
+  _one_line_error(_cli("evaluate", f"--workdir={run}", "--eos_ids=1,500"), "EOS id 500 outside", "--eos_ids=1,500")
+
+
+@pytest.mark.slow
+def test_bench_guided_refuses_more_candidates_than_tokens_before_building_models():
+  _one_line_error(_cli("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
+                  "--candidates=5,20: 20 candidates exceed the vocabulary of 16 tokens")
+  _one_line_error(_cli("bench_guided", "--preset=tiny", "--vocab_size=2"), "--vocab_size=2: must be at least 3")
+
+
+@pytest.mark.slow
+def test_predict_refuses_flags_of_another_mode(tmp_path):
+  run = _run(tmp_path)
+  base = ("predict", f"--workdir={run}", "--input=x.jsonl", f"--output={tmp_path / 'p.jsonl'}")
+  _one_line_error(_cli(*base, "--token_ids=1,2"), "--token_ids has no effect with --mode=tokens")
+  _one_line_error(_cli(*base, "--mode=prompt_eval", "--samples_per_prompt=4"),
+                  "--samples_per_prompt applies to --grouping=reference only")
+  _one_line_error(_cli(*base, "--mode=prompts", "--grouping=reference"), "--grouping has no effect")
