@@ -28,7 +28,7 @@ import os
 from absl import flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import errors, rundir, sharding
+from lenvm_jax import errors, files, rundir, sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib
@@ -192,8 +192,8 @@ def main(argv):
   out_dir = os.path.join(_WORKDIR.value, "evaluate_budget")
   os.makedirs(out_dir, exist_ok=True)
   plot(os.path.join(out_dir, "budget.png"), report)
-  with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  files.write_report(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), items=len(problems),
+                     what="problems", where=f"--prompts={_PROMPTS.value}")
   print(format_table(report))
   unbounded = report["unbounded_base"]
   print(f"base model up to {base_tokens} tokens: accuracy {unbounded['accuracy']:.3f} ({unbounded['correct']} "

@@ -18,6 +18,7 @@ import os
 from absl import flags
 
 from experiments import cli
+from lenvm_jax import files
 from lenvm_jax.data import pipeline, prompt_groups
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
@@ -59,6 +60,9 @@ def evaluate_run(workdir: str) -> dict:
   train = pipeline.load_source(config, "train")
   evaluation = pipeline.load_source(config, "eval")
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
+  report_path = os.path.join(workdir, "length_eval.json")
+  if count == 0:  # Before any work; an earlier report stays (files.write_report refuses 0 items too).
+    files.write_report(report_path, "", items=0, what="eval records", where=f"--workdir={workdir}")
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.loss.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.loss.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
@@ -66,8 +70,8 @@ def evaluate_run(workdir: str) -> dict:
                                 if _CELLS.value else None, grouping=_GROUPING.value,
                                 samples_per_prompt=_SAMPLES.value)
   report["checkpoint_step"] = predictor.step
-  with open(os.path.join(workdir, "length_eval.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  files.write_report(report_path, json.dumps(report, indent=2), items=count, what="eval records",
+                     where=f"--workdir={workdir}")
   return report
 
 

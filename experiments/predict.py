@@ -26,6 +26,7 @@ import json
 from absl import flags
 
 from experiments import cli
+from lenvm_jax import files
 from lenvm_jax.errors import UserError
 from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import jsonl, prompts
@@ -78,35 +79,37 @@ def main(argv):
   else:
     # Prediction is not bound to the training row length: allow any prompt the model can take.
     records = jsonl.read_trajectories(_INPUT.value, config.model.vocab_size, max_len=1 << 30)
-  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    if _MODE.value == "tokens":
-      for values, remaining in predictor.predict(records, _BATCH.value):
-        f.write(json.dumps({"values": [round(float(v), 7) for v in values],
-                            "remaining": [round(float(r), 4) for r in remaining]}) + "\n")
-      print(f"wrote {len(records)} predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
-    elif _MODE.value == "prompts":
-      values, lengths = predictor.predict_prompts(records, _BATCH.value, max_prompt_len)
-      for record, value, length in zip(records, values, lengths):
-        f.write(json.dumps({"prompt_id": record.prompt_id, "generator": record.generator,
-                            "value": round(float(value), 7), "predicted_length": round(float(length), 3)}) + "\n")
-      print(f"wrote {len(records)} prompt-boundary predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}")
-    elif _MODE.value == "next_values":
-      ids = list(range(config.model.vocab_size)) if token_ids is None else token_ids
-      for values in next_values.next_values(predictor, records, ids, _SCORER.value, _BATCH.value):
-        f.write(json.dumps({"token_ids": ids, "values": [[round(float(v), 7) for v in row] for row in values]})
-                + "\n")
-      print(f"wrote V(s_t + x) of {len(ids)} tokens by the {_SCORER.value} scorer for {len(records)} trajectories "
+  lines = []  # The output is written whole at the end (files.write_report): never half, never from 0 records.
+  if _MODE.value == "tokens":
+    for values, remaining in predictor.predict(records, _BATCH.value):
+      lines.append(json.dumps({"values": [round(float(v), 7) for v in values],
+                               "remaining": [round(float(r), 4) for r in remaining]}) + "\n")
+    done = f"wrote {len(records)} predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}"
+  elif _MODE.value == "prompts":
+    values, lengths = predictor.predict_prompts(records, _BATCH.value, max_prompt_len)
+    for record, value, length in zip(records, values, lengths):
+      lines.append(json.dumps({"prompt_id": record.prompt_id, "generator": record.generator,
+                               "value": round(float(value), 7), "predicted_length": round(float(length), 3)}) + "\n")
+    done = f"wrote {len(records)} prompt-boundary predictions (checkpoint step {predictor.step}) to {_OUTPUT.value}"
+  elif _MODE.value == "next_values":
+    ids = list(range(config.model.vocab_size)) if token_ids is None else token_ids
+    for values in next_values.next_values(predictor, records, ids, _SCORER.value, _BATCH.value):
+      lines.append(json.dumps({"token_ids": ids, "values": [[round(float(v), 7) for v in row] for row in values]})
+                   + "\n")
+    done = (f"wrote V(s_t + x) of {len(ids)} tokens by the {_SCORER.value} scorer for {len(records)} trajectories "
             f"(checkpoint step {predictor.step}) to {_OUTPUT.value}")
-    else:
-      try:
-        report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,
-                                                    max_prompt_len, _GROUPING.value, _SAMPLES.value)
-      except ValueError as e:  # Too few samples per prompt group to measure an MRE.
-        raise UserError(f"{_INPUT.value}: {e}") from None
-      json.dump({"checkpoint_step": predictor.step, **report}, f, indent=1)
-      mre = ", ".join(f"{prompt_boundary.scope_label(k)}: {v:.2%}" for k, v in report["mre"].items())
-      print(f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}")
-
+  else:
+    try:
+      report = length_eval.prompt_boundary_report(predictor, records, config.loss.gamma, _BATCH.value,
+                                                  max_prompt_len, _GROUPING.value, _SAMPLES.value)
+    except ValueError as e:  # Too few samples per prompt group to measure an MRE.
+      raise UserError(f"{_INPUT.value}: {e}") from None
+    lines.append(json.dumps({"checkpoint_step": predictor.step, **report}, indent=1))
+    mre = ", ".join(f"{prompt_boundary.scope_label(k)}: {v:.2%}" for k, v in report["mre"].items())
+    done = f"prompt-boundary MRE over {report['prompt_groups']} prompt groups ({mre}); report in {_OUTPUT.value}"
+  files.write_report(_OUTPUT.value, "".join(lines), items=len(records), what="records",
+                     where=f"--input={_INPUT.value}")
+  print(done)
 
 if __name__ == "__main__":
   cli.run(main)
