@@ -52,3 +52,41 @@ def test_metrics_log_writes_jsonl_and_events(tmp_path):
                                                                    "grad_norm": 2.0}
   (events,) = (tmp_path / "tensorboard").iterdir()
   assert len(_records(events)) == 3  # Header and two scalars.
+
+
+def test_a_torn_last_line_is_cut_before_appending(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+  log = metrics_log.MetricsLog(str(tmp_path))
+  log.write(3, "train", {"loss": 1.0})
+  log.close()
+  assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 3]
+
+
+@pytest.mark.parametrize("planted", ["metrics.jsonl", "tensorboard"])
+def test_logs_never_write_through_a_link_planted_in_the_workdir(tmp_path, planted):
+  """A link at metrics.jsonl (or the tensorboard folder) pointing outside the workdir: the run refuses it at start,
+  naming it, and the file outside is neither appended to nor truncated by the torn-line repair."""
+  from lenvm_jax.errors import UserError
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  victim = outside / "victim.txt"
+  victim.write_text("precious, no newline at the end")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / planted).symlink_to(victim if planted == "metrics.jsonl" else outside)
+  with pytest.raises(UserError, match=f"a symbolic link where the run writes its .*{planted}"):
+    metrics_log.check_workdir_files(str(workdir))
+  with pytest.raises(UserError, match=f"symbolic link .*{planted}"):
+    metrics_log.MetricsLog(str(workdir))
+  assert victim.read_text() == "precious, no newline at the end"
+  assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+
+
+def test_a_fifo_for_the_log_is_refused_not_waited_on(tmp_path):
+  import os
+  from lenvm_jax.errors import UserError
+  os.mkfifo(tmp_path / "metrics.jsonl")
+  with pytest.raises(UserError, match="not a regular file .*metrics.jsonl"):
+    metrics_log.check_workdir_files(str(tmp_path))
+  with pytest.raises(UserError, match="not a regular file .*metrics.jsonl"):
+    metrics_log.MetricsLog(str(tmp_path))

@@ -5,34 +5,54 @@ TensorBoard files are written here, not by tensorboardX: its import loads torch 
 on every trainer start), for a format that is a few lines for scalars.
 """
 
+import errno
 import json
 import os
 import socket
+import stat
 import struct
 import time
 
 from absl import logging
 
 from lenvm_jax import distributed
+from lenvm_jax.errors import UserError
 
 
-def _drop_torn_line(path: str):
+def _open_own_file(path: str) -> int:
+  """A file descriptor to append to `path`, a regular file of the run's own (created if missing). The open follows no
+  symlink (O_NOFOLLOW): a link planted in the workdir would make every step append to (or the torn-line repair
+  truncate) a file outside it; a FIFO or device would hang or swallow the log. Either is refused, naming the path."""
+  flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+  try:
+    fd = os.open(path, flags, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UserError.at("a symbolic link where the run writes its own log", path,
+                         "remove the link: a run writes its metrics into its workdir, never through a link") from None
+    if e.errno == errno.ENXIO:
+      raise UserError.at("not a regular file where the run writes its own log", path, "remove it") from None
+    raise
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise UserError.at("not a regular file where the run writes its own log", path, "remove it")
+  os.set_blocking(fd, True)
+  return fd
+
+
+def _drop_torn_line(fd: int):
   """A run killed (or out of disk) mid-write can leave a last line without its newline: cut it, so the records a
   resumed run appends stay one JSON object per line."""
-  if not os.path.isfile(path):
+  size = os.fstat(fd).st_size
+  if not size:
     return
-  with open(path, "rb+") as f:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
-    if not size:
-      return
-    f.seek(max(size - (1 << 16), 0))
-    tail = f.read()
-    if tail.endswith(b"\n"):
-      return
-    cut = tail.rfind(b"\n")
-    if cut >= 0 or len(tail) == size:
-      f.truncate(size - len(tail) + cut + 1)
+  start = max(size - (1 << 16), 0)
+  tail = os.pread(fd, size - start, start)
+  if tail.endswith(b"\n"):
+    return
+  cut = tail.rfind(b"\n")
+  if cut >= 0 or len(tail) == size:
+    os.ftruncate(fd, size - len(tail) + cut + 1)
 
 
 def _crc32c_table() -> list[int]:
@@ -81,10 +101,13 @@ class ScalarEventFile:
   """A TensorBoard event file of scalars: TFRecords (length, masked CRCs) of serialized tensorflow.Event protos."""
 
   def __init__(self, logdir: str):
+    if os.path.islink(logdir):  # Events would land wherever the link points.
+      raise UserError.at("a symbolic link where the run writes its TensorBoard events", logdir,
+                         "remove the link: a run writes its events into its workdir only")
     os.makedirs(logdir, exist_ok=True)
     now = time.time()
     self.path = os.path.join(logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}")
-    self._file = open(self.path, "ab")
+    self._file = os.fdopen(_open_own_file(self.path), "ab")
     self._record(b"\x09" + struct.pack("<d", now) + _field(3, b"brain.Event:2"))  # The file-version header.
 
   def _record(self, event: bytes):
@@ -102,6 +125,17 @@ class ScalarEventFile:
     self._file.close()
 
 
+def check_workdir_files(workdir: str) -> None:
+  """At a run's start, before any work: the log files the run appends to are its own (no link, no FIFO / device)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+    os.close(_open_own_file(path))  # Raises, naming the path.
+  if os.path.islink(os.path.join(workdir, "tensorboard")):
+    raise UserError.at("a symbolic link where the run writes its TensorBoard events",
+                       os.path.join(workdir, "tensorboard"), "remove the link: a run writes its events into its "
+                       "workdir only")
+
+
 class MetricsLog:
 
   def __init__(self, workdir: str):
@@ -109,8 +143,13 @@ class MetricsLog:
     if distributed.is_leader():
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_torn_line(path)
-      self._jsonl = open(path, "a", encoding="utf-8")
+      fd = _open_own_file(path)
+      try:
+        _drop_torn_line(fd)
+      except BaseException:
+        os.close(fd)
+        raise
+      self._jsonl = os.fdopen(fd, "a", encoding="utf-8")
       self._tb = ScalarEventFile(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, values: dict):

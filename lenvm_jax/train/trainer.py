@@ -25,6 +25,7 @@ from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
 from lenvm_jax.model import hf_config, hf_import, transformer
 from lenvm_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.train import metrics_log
 from lenvm_jax.train.metrics_log import MetricsLog
 from lenvm_jax.value import gamma as gamma_lib, metrics
 from lenvm_jax.value.objective import Objective
@@ -227,6 +228,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
   config_lib.check_workdir(workdir)
   rundir.make_workdir(workdir)
   with rundir.WorkdirLock(workdir) if distributed.is_leader() else contextlib.nullcontext():
+    if distributed.is_leader():
+      metrics_log.check_workdir_files(workdir)  # A link planted for the logs is refused before any work.
     run, train_source = resolve_gamma(run)
     mesh = make_mesh(run)
     config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
