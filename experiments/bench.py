@@ -37,7 +37,7 @@ from absl import app, flags
 
 from experiments.configs import base
 from experiments import cli
-from lenvm_jax import config as config_lib, sharding
+from lenvm_jax import config as config_lib, files, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.model import flops, transformer
@@ -262,6 +262,8 @@ def bench_data(config, count: int) -> tuple[float, float]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _JSON.value:
+    cli.check_output_file(_JSON.value, "--json")  # Before minutes of measurements, as device_check does.
   config = bench_config()
   model_config = config.model
   backend = jax.default_backend()
@@ -323,8 +325,8 @@ def main(argv):
   for part, name, value, unit in rows:
     print(f"  ({part}) {name.ljust(width)}  {value:>12.4g} {unit}")
   if _JSON.value:
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump([{"part": p, "quantity": q, "value": v, "unit": u} for p, q, v, u in rows], f, indent=2)
+    files.write_atomic(_JSON.value, json.dumps([{"part": p, "quantity": q, "value": v, "unit": u}
+                                                for p, q, v, u in rows], indent=2))
 
 
 if __name__ == "__main__":
