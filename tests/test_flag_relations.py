@@ -99,6 +99,21 @@ def test_samplers_refuse_an_eos_the_model_cannot_emit_and_a_lenvm_of_another_voc
                 sampling, mesh, num_candidates=3, batch_size=1)
 
 
+def test_a_length_the_decode_cannot_reach_is_refused_before_decoding(tiny_models):
+  """Equal To / At Least beyond max_new_tokens would be cut and scored as if asked for; At Most beyond it is met."""
+  from lenvm_jax.decoding.guided import LengthRequest
+  from lenvm_jax.decoding.guided_models import SharedTrunk
+  graphdef, params = tiny_models[64]
+  kind = TargetKind("discounted", 0.997, 1024.0)
+  sampler = GuidedSampler(SharedTrunk(graphdef, kind, 64), params, SamplingConfig(max_new_tokens=4, eos_ids=(1,)),
+                          sharding.make_mesh(1, 1, 1), num_candidates=3, batch_size=2)
+  for rule in ("equal_to", "at_least", "eq_soft"):
+    with pytest.raises(ValueError, match=f"request 1: {rule} 5 tokens cannot be met within max_new_tokens = 4"):
+      sampler.generate([[3, 4], [3, 5]], [LengthRequest(rule, 4), LengthRequest(rule, 5)])
+  samples = sampler.generate([[3, 4], [3, 5]], [LengthRequest("equal_to", 4), LengthRequest("at_most", 50)])
+  assert all(len(s.completion_ids) <= 4 for s in samples)
+
+
 # ------------------------------------------------------------------------------------- the CLIs (subprocesses)
 
 

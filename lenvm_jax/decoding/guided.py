@@ -432,6 +432,12 @@ class GuidedSampler:
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if not len(row_ids) == len(requests) == len(prompts):
       raise ValueError(f"got {len(prompts)} prompts, {len(requests)} requests and {len(row_ids)} row_ids")
+    limit = self.sampling.max_new_tokens
+    for i, request in enumerate(requests):  # A length the decode cannot reach would be cut, and scored, silently.
+      if request.rule in ("equal_to", "at_least", "eq_soft") and request.target > limit and not np.isfinite(
+          request.target_value):
+        raise ValueError(f"request {i}: {request.rule} {request.target} tokens cannot be met within max_new_tokens "
+                         f"= {limit}; raise max_new_tokens or lower the target")
     out: list[GuidedSample | None] = [None] * len(prompts)
     filler = LengthRequest()
     for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.models.vocab_size):
