@@ -199,7 +199,8 @@ def main(argv):
     eos_ids = eos_ids_for(models, [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))])
   # A --config of another vocabulary makes a synthetic generator the LenVM cannot read; EOS ids must be emittable.
   check_same_vocabulary(models.vocab_size, predictor.config.model.vocab_size,
-                        f"--config ({name})" if _CONFIG.value is not None else name, f"--workdir={_WORKDIR.value}")
+                        f"--config ({name})" if _CONFIG.value is not None else name, f"--workdir={_WORKDIR.value}",
+                        "give a --config with the run's model.vocab_size, or leave --config out (the run's own)")
   check_in_vocabulary(eos_ids, models.vocab_size, "--eos_ids" if explicit_eos else
                       "the synthetic policy's EOS id" if name == "synthetic policy" else
                       f"--tokenizer={_TOKENIZER.value}, its EOS" if _TOKENIZER.value else

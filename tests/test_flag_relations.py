@@ -151,6 +151,18 @@ def test_evaluate_refuses_eos_ids_outside_the_run_vocabulary_before_loading(tmp_
 
 
 @pytest.mark.slow
+def test_evaluate_refuses_a_synthetic_generator_of_another_vocabulary_before_generating(tmp_path):
+  """--config of another vocabulary: the synthetic policy would emit ids the LenVM never saw (legacy_run: 64)."""
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(f"{REPO}/tests/fixtures/legacy_run", run)
+  _one_line_error(_cli("evaluate", f"--workdir={run}", "--config=experiments/configs/tiny.py",
+                       "--config.model.vocab_size=96", "--prompts=4"),
+                  "vocabulary (96 tokens) differs from the LenVM's (64)", "--config", "model.vocab_size")
+  assert not (run / "evaluate").exists()
+
+
+@pytest.mark.slow
 def test_bench_guided_refuses_more_candidates_than_tokens_before_building_models():
   _one_line_error(_cli("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
                   "--candidates=5,20: 20 candidates exceed the vocabulary of 16 tokens")

@@ -106,12 +106,13 @@ class SharedTrunk(ValueScorer):
     return _commit_choice(cache, new_kv, choice), nnx.merge(self.graphdef, params).lm_logits(chosen)[:, 0]
 
 
-def check_same_vocabulary(policy_vocab: int, lenvm_vocab: int, policy_source: str, lenvm_source: str) -> None:
+def check_same_vocabulary(policy_vocab: int, lenvm_vocab: int, policy_source: str, lenvm_source: str,
+                          fix: str = "pair a LenVM trained on the policy's own tokenizer") -> None:
   """A generator and a LenVM pair only when they share token ids: the LenVM would otherwise value other tokens than
   the ones the generator emits (or index past its embedding) without a word."""
   if policy_vocab != lenvm_vocab:
     raise UserError.at(f"the policy's vocabulary ({policy_vocab} tokens) differs from the LenVM's ({lenvm_vocab})",
-                       f"{policy_source} vs {lenvm_source}", "pair a LenVM trained on the policy's own tokenizer")
+                       f"{policy_source} vs {lenvm_source}", fix)
 
 
 @dataclasses.dataclass(frozen=True)
