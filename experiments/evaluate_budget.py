@@ -121,6 +121,9 @@ def main(argv):
     vocab_size = policy_lib.read_model_config(_POLICY.value).vocab_size
     check_same_vocabulary(vocab_size, rundir.read_config(_WORKDIR.value).model.vocab_size,
                           f"--policy={_POLICY.value}", f"--workdir={_WORKDIR.value}")
+    candidates = sampling_flags.resolve().candidates
+    if candidates > vocab_size:
+      raise ValueError(f"--candidates must lie in [1, {vocab_size}] (the policy's vocabulary), got {candidates}")
     policy_eos = policy_lib.read_eos_ids(_POLICY.value)
     check_in_vocabulary(policy_eos, vocab_size, f"--policy={_POLICY.value}, its eos_token_id")
     tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)

@@ -141,6 +141,8 @@ def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_ba
                   "EOS id 70 outside the policy's vocabulary", "its eos_token_id")
   _one_line_error(_cli(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
                   "--base_tokens=100 is below the largest budget 128")
+  _one_line_error(_cli(*base, f"--policy={lenvm}", "--candidates=65"),
+                  "--candidates must lie in [1, 64] (the policy's vocabulary), got 65")
   assert not (tmp_path / "run" / "evaluate_budget").exists()
 
 

@@ -55,3 +55,16 @@ def test_bench_checks_its_json_output_before_measuring(tmp_path):
     last = _one_line_error(_cli("bench", "--preset=tiny", "--skip_torch", f"--json={path}"), needle)
     assert f"--json={path}" in last
   assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.slow
+def test_train_refuses_a_metrics_log_linked_outside_its_workdir_before_any_work(tmp_path):
+  victim = tmp_path / "elsewhere.txt"
+  victim.write_text("someone else's file, no newline")
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").symlink_to(victim)
+  _one_line_error(_cli("train", "--config=experiments/configs/tiny.py", f"--workdir={workdir}"),
+                  "a symbolic link where the run writes its own log", str(workdir / "metrics.jsonl"))
+  assert victim.read_text() == "someone else's file, no newline"
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
