@@ -110,3 +110,21 @@ def tpu_python() -> str:
     return sys.executable
   pin = libtpu_pin()
   return pinned_venv(".venv-tpu", ["--no-deps", pin], pin, inherit_main_venv=True)
+
+
+def run_cli(module: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -m experiments.<module> args...` from the repository root, its output captured."""
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *needles) -> str:
+  """A user's mistake as the CLIs report it: exit 2, no traceback, stderr ending in one `error:` line that holds
+  every needle. Returns that line."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), last
+  for needle in needles:
+    assert needle in last, (needle, last)
+  return last

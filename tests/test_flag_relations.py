@@ -4,8 +4,6 @@ outside the policy's vocabulary, a budget above the tokens a run may generate, f
 config but no weights, so a check that came after loading would fail with another message."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -21,22 +19,7 @@ from lenvm_jax.model.config import ModelConfig, preset_fields
 from lenvm_jax.model.hf_config import hf_config_from_model_config
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
-from tests.conftest import REPO
-
-
-def _cli(module, *args):
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
-
-
-def _one_line_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: "), last
-  for needle in needles:
-    assert needle in last, (needle, last)
-  return last
+from tests.conftest import REPO, assert_one_error_line, run_cli
 
 
 def _run(tmp_path, name="run", vocab_size=64):
@@ -122,11 +105,11 @@ def test_generate_refuses_eos_ids_outside_the_policy_vocabulary_before_loading(t
   policy = _run(tmp_path, vocab_size=64)
   out = tmp_path / "out"
   base = ("generate", f"--policy={policy}", "--prompts=x.jsonl", f"--output_dir={out}")
-  _one_line_error(_cli(*base, "--eos_ids=2,64"), "EOS id 64 outside the policy's vocabulary [0, 64)",
+  assert_one_error_line(run_cli(*base, "--eos_ids=2,64"), "EOS id 64 outside the policy's vocabulary [0, 64)",
                   "--eos_ids=2,64")
-  _one_line_error(_cli(*base, "--eos_ids=two"), "--eos_ids=two: expected comma-separated integers")
+  assert_one_error_line(run_cli(*base, "--eos_ids=two"), "--eos_ids=two: expected comma-separated integers")
   hf = _hf_dir(tmp_path, "hf", 64, eos_token_id=[2, 100])
-  _one_line_error(_cli("generate", f"--policy={hf}", "--prompts=x.jsonl", f"--output_dir={out}"),
+  assert_one_error_line(run_cli("generate", f"--policy={hf}", "--prompts=x.jsonl", f"--output_dir={out}"),
                   "EOS id 100 outside", f"--policy={hf}, its eos_token_id")
   assert not out.exists()
 
@@ -135,13 +118,13 @@ def test_generate_refuses_eos_ids_outside_the_policy_vocabulary_before_loading(t
 def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_base_run(tmp_path):
   lenvm = _run(tmp_path, vocab_size=64)
   base = ("evaluate_budget", f"--workdir={lenvm}", "--prompts=reasoning_gym:gsm_symbolic:8")
-  _one_line_error(_cli(*base, f"--policy={_hf_dir(tmp_path, 'wide', 128, eos_token_id=2)}"),
+  assert_one_error_line(run_cli(*base, f"--policy={_hf_dir(tmp_path, 'wide', 128, eos_token_id=2)}"),
                   "the policy's vocabulary (128 tokens) differs from the LenVM's (64)", "--policy=", "--workdir=")
-  _one_line_error(_cli(*base, f"--policy={_hf_dir(tmp_path, 'eos', 64, eos_token_id=70)}"),
+  assert_one_error_line(run_cli(*base, f"--policy={_hf_dir(tmp_path, 'eos', 64, eos_token_id=70)}"),
                   "EOS id 70 outside the policy's vocabulary", "its eos_token_id")
-  _one_line_error(_cli(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
+  assert_one_error_line(run_cli(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
                   "--base_tokens=100 is below the largest budget 128")
-  _one_line_error(_cli(*base, f"--policy={lenvm}", "--candidates=65"),
+  assert_one_error_line(run_cli(*base, f"--policy={lenvm}", "--candidates=65"),
                   "--candidates must lie in [1, 64] (the policy's vocabulary), got 65")
   assert not (tmp_path / "run" / "evaluate_budget").exists()
 
@@ -149,7 +132,7 @@ def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_ba
 @pytest.mark.slow
 def test_evaluate_refuses_eos_ids_outside_the_run_vocabulary_before_loading(tmp_path):
   run = _run(tmp_path, vocab_size=64)
-  _one_line_error(_cli("evaluate", f"--workdir={run}", "--eos_ids=1,500"), "EOS id 500 outside", "--eos_ids=1,500")
+  assert_one_error_line(run_cli("evaluate", f"--workdir={run}", "--eos_ids=1,500"), "EOS id 500 outside", "--eos_ids=1,500")
 
 
 @pytest.mark.slow
@@ -158,7 +141,7 @@ def test_evaluate_refuses_a_synthetic_generator_of_another_vocabulary_before_gen
   import shutil
   run = tmp_path / "run"
   shutil.copytree(f"{REPO}/tests/fixtures/legacy_run", run)
-  _one_line_error(_cli("evaluate", f"--workdir={run}", "--config=experiments/configs/tiny.py",
+  assert_one_error_line(run_cli("evaluate", f"--workdir={run}", "--config=experiments/configs/tiny.py",
                        "--config.model.vocab_size=96", "--prompts=4"),
                   "vocabulary (96 tokens) differs from the LenVM's (64)", "--config", "model.vocab_size")
   assert not (run / "evaluate").exists()
@@ -166,16 +149,16 @@ def test_evaluate_refuses_a_synthetic_generator_of_another_vocabulary_before_gen
 
 @pytest.mark.slow
 def test_bench_guided_refuses_more_candidates_than_tokens_before_building_models():
-  _one_line_error(_cli("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
+  assert_one_error_line(run_cli("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
                   "--candidates=5,20: 20 candidates exceed the vocabulary of 16 tokens")
-  _one_line_error(_cli("bench_guided", "--preset=tiny", "--vocab_size=2"), "--vocab_size=2: must be at least 3")
+  assert_one_error_line(run_cli("bench_guided", "--preset=tiny", "--vocab_size=2"), "--vocab_size=2: must be at least 3")
 
 
 @pytest.mark.slow
 def test_predict_refuses_flags_of_another_mode(tmp_path):
   run = _run(tmp_path)
   base = ("predict", f"--workdir={run}", "--input=x.jsonl", f"--output={tmp_path / 'p.jsonl'}")
-  _one_line_error(_cli(*base, "--token_ids=1,2"), "--token_ids has no effect with --mode=tokens")
-  _one_line_error(_cli(*base, "--mode=prompt_eval", "--samples_per_prompt=4"),
+  assert_one_error_line(run_cli(*base, "--token_ids=1,2"), "--token_ids has no effect with --mode=tokens")
+  assert_one_error_line(run_cli(*base, "--mode=prompt_eval", "--samples_per_prompt=4"),
                   "--samples_per_prompt applies to --grouping=reference only")
-  _one_line_error(_cli(*base, "--mode=prompts", "--grouping=reference"), "--grouping has no effect")
+  assert_one_error_line(run_cli(*base, "--mode=prompts", "--grouping=reference"), "--grouping has no effect")

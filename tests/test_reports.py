@@ -4,29 +4,12 @@ record. CLIs run as subprocesses (their absl flags clash in one process)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_error_line, run_cli
 
 LEGACY_RUN = os.path.join(REPO, "tests", "fixtures", "legacy_run")  # A trained tiny synthetic run (vocabulary 64).
-
-
-def _cli(module, *args):
-  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
-
-
-def _one_line_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: "), last
-  for needle in needles:
-    assert needle in last, (needle, last)
-  return last
 
 
 @pytest.mark.slow
@@ -38,11 +21,11 @@ def test_predict_that_fails_keeps_the_earlier_report_and_one_that_works_replaces
   report = tmp_path / "report.json"
   report.write_text('{"earlier": "report"}')
   base = ("predict", "--mode=prompt_eval", f"--workdir={LEGACY_RUN}", f"--output={report}")
-  _one_line_error(_cli(*base, f"--input={cut}"), str(cut), "needs finished trajectories")
+  assert_one_error_line(run_cli(*base, f"--input={cut}"), str(cut), "needs finished trajectories")
   assert report.read_text() == '{"earlier": "report"}'
   finished = tmp_path / "finished.jsonl"
   finished.write_text(cut.read_text().replace('"finished": false', '"finished": true'))
-  assert _cli(*base, f"--input={finished}").returncode == 0
+  assert run_cli(*base, f"--input={finished}").returncode == 0
   written = json.loads(report.read_text())
   assert written["prompt_groups"] == 4 and written["checkpoint_step"] == 4
   assert sorted(os.listdir(tmp_path)) == ["cut.jsonl", "finished.jsonl", "report.json"]  # No temporary left.
@@ -52,7 +35,7 @@ def test_predict_that_fails_keeps_the_earlier_report_and_one_that_works_replaces
 def test_bench_checks_its_json_output_before_measuring(tmp_path):
   for path, needle in ((tmp_path / "missing" / "b.json", "the output's directory does not exist"),
                        (tmp_path, "the output is a directory")):
-    last = _one_line_error(_cli("bench", "--preset=tiny", "--skip_torch", f"--json={path}"), needle)
+    last = assert_one_error_line(run_cli("bench", "--preset=tiny", "--skip_torch", f"--json={path}"), needle)
     assert f"--json={path}" in last
   assert not (tmp_path / "missing").exists()
 
@@ -64,7 +47,7 @@ def test_train_refuses_a_metrics_log_linked_outside_its_workdir_before_any_work(
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "metrics.jsonl").symlink_to(victim)
-  _one_line_error(_cli("train", "--config=experiments/configs/tiny.py", f"--workdir={workdir}"),
+  assert_one_error_line(run_cli("train", "--config=experiments/configs/tiny.py", f"--workdir={workdir}"),
                   "a symbolic link where the run writes its own log", str(workdir / "metrics.jsonl"))
   assert victim.read_text() == "someone else's file, no newline"
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
