@@ -62,27 +62,14 @@ def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
   component or the temporary one."""
   if isinstance(data, str):
     data = data.encode("utf-8")
-  directory, name = os.path.split(os.path.abspath(path))
-  dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-  try:
-    tmp, fd = _exclusive_temporary(dir_fd, name, mode)
+  with atomic_path(path, mode) as temporary:
+    fd = os.open(temporary, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-      try:
-        view = memoryview(data)
-        while view:
-          view = view[os.write(fd, view):]
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-      os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)
-      raise
-    with contextlib.suppress(OSError):  # The rename is durable too (some file systems refuse to sync a directory).
-      os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+    finally:
+      os.close(fd)
 
 
 def write_report(path: str, data: str | bytes, *, items: int, what: str, where: str) -> None:
