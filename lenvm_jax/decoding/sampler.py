@@ -71,71 +71,100 @@ class SamplingConfig:
     return out
 
 
-def scale_by_temperature(logits, temperature: float):
-  return logits / temperature
+def _per_row(setting, logits, dtype):
+  """A sampling setting as a [B, 1] column: a Python number for every row, or one value per row ([B] array)."""
+  return jnp.broadcast_to(jnp.asarray(setting, dtype), logits.shape[:1])[:, None]
 
 
-def top_k_filter(logits, k: int):
-  """Keeps the k largest logits (and any tied with the k-th); the rest become -inf. k = 0 keeps all."""
-  if k <= 0 or k >= logits.shape[-1]:
+def scale_by_temperature(logits, temperature):
+  """Logits over temperature; a row at temperature 0 (greedy: next_tokens takes its raw argmax) is left unscaled."""
+  t = _per_row(temperature, logits, jnp.float32)
+  return logits / jnp.where(t > 0, t, 1.0)
+
+
+def top_k_filter(logits, k):
+  """Keeps the k largest logits of each row (and any tied with the k-th); the rest become -inf. k = 0 keeps all.
+  k: an int or one per row."""
+  if isinstance(k, int) and (k <= 0 or k >= logits.shape[-1]):
     return logits
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
-  return jnp.where(logits < kth, -jnp.inf, logits)
+  if isinstance(k, int):  # One k for all rows: a partial sort is enough.
+    return jnp.where(logits < jax.lax.top_k(logits, k)[0][..., -1:], -jnp.inf, logits)
+  k = _per_row(k, logits, jnp.int32)
+  on = (k > 0) & (k < logits.shape[-1])
+  kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.clip(k - 1, 0, logits.shape[-1] - 1), axis=-1)
+  return jnp.where(on & (logits < kth), -jnp.inf, logits)
 
 
-def top_p_filter(logits, p: float):
-  """Keeps the smallest set of most likely tokens whose probability reaches p (at least one token)."""
-  if p >= 1.0:
+def top_p_filter(logits, p):
+  """Keeps the smallest set of most likely tokens whose probability reaches p (at least one token); p = 1 is off."""
+  if isinstance(p, float) and p >= 1.0:
     return logits
+  p = _per_row(p, logits, jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # Probability of all more likely tokens.
   kept = mass_before < p
   threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(probs < threshold, -jnp.inf, logits)
+  return jnp.where((p < 1.0) & (probs < threshold), -jnp.inf, logits)
 
 
-def min_p_filter(logits, min_p: float):
-  """Keeps tokens whose probability is at least min_p times the most likely token's."""
-  if min_p <= 0.0:
+def min_p_filter(logits, min_p):
+  """Keeps tokens whose probability is at least min_p times the most likely token's; min_p = 0 is off."""
+  if isinstance(min_p, float) and min_p <= 0.0:
     return logits
+  min_p = _per_row(min_p, logits, jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
-def reference_filter(logits, top_k: int, top_p: float, min_p: float):
+def reference_filter(logits, top_k, top_p, min_p):
   """The reference server's candidate set: probabilities sorted, the first top_k kept (exactly k, no ties), then
   top-p on those un-renormalised probabilities keeping a token while the mass before it is <= top_p, then min-p
-  against the most likely token. The most likely token is always kept. Kept logits are unchanged."""
+  against the most likely token. The most likely token is always kept. Kept logits are unchanged. Each setting: a
+  number or one per row."""
+  vocab = logits.shape[-1]
+  top_k, top_p = _per_row(top_k, logits, jnp.int32), _per_row(top_p, logits, jnp.float32)
+  min_p = _per_row(min_p, logits, jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  sorted_probs, order = jax.lax.top_k(probs, probs.shape[-1])
-  rank = jnp.arange(probs.shape[-1])
-  kept = sorted_probs * (rank < top_k) if 0 < top_k < probs.shape[-1] else sorted_probs
-  if top_p < 1.0:
-    kept = jnp.where(jnp.cumsum(kept, axis=-1) - kept <= top_p, kept, 0.0)
-  if min_p > 0.0:
-    kept = jnp.where(kept >= min_p * kept[..., :1], kept, 0.0)
+  sorted_probs, order = jax.lax.top_k(probs, vocab)
+  rank = jnp.arange(vocab)
+  kept = jnp.where((top_k > 0) & (top_k < vocab), sorted_probs * (rank < top_k), sorted_probs)
+  kept = jnp.where((top_p < 1.0) & (jnp.cumsum(kept, axis=-1) - kept > top_p), 0.0, kept)
+  kept = jnp.where((min_p > 0.0) & (kept < min_p * kept[..., :1]), 0.0, kept)
   keep = (kept > 0) | (rank == 0)
   keep = jnp.put_along_axis(jnp.zeros(probs.shape, bool), order, keep, axis=-1, inplace=False)
   return jnp.where(keep, logits, -jnp.inf)
 
 
+def filter_rows(logits, temperature, top_k, top_p, min_p, filter_style: str = "hf"):
+  """Temperature, then top-k, top-p and min-p (-inf = excluded): the logits the next token is drawn from. Each
+  setting is a number for every row or a [B] array, one per row (the decode engine's requests each bring theirs);
+  a row's result does not depend on the other rows' settings."""
+  logits = scale_by_temperature(logits.astype(jnp.float32), temperature)
+  if filter_style == "reference":
+    return reference_filter(logits, top_k, top_p, min_p)
+  return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
+
+
 def filter_logits(logits, sampling: SamplingConfig):
-  """Temperature, then top-k, top-p and min-p: the logits the next token is drawn from (-inf = excluded)."""
-  logits = scale_by_temperature(logits.astype(jnp.float32), sampling.temperature)
-  if sampling.filter_style == "reference":
-    return reference_filter(logits, sampling.top_k, sampling.top_p, sampling.min_p)
-  logits = top_k_filter(logits, sampling.top_k)
-  logits = top_p_filter(logits, sampling.top_p)
-  return min_p_filter(logits, sampling.min_p)
+  """filter_rows with one SamplingConfig for every row."""
+  return filter_rows(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p,
+                     sampling.filter_style)
+
+
+def sample_rows(logits, filtered, temperature, keys):
+  """[B] next tokens: a draw from each row's filtered logits with its own key; the raw argmax (first index on ties)
+  where a row's temperature is 0."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return greedy
+  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  return jnp.where(_per_row(temperature, logits, jnp.float32)[:, 0] > 0, drawn, greedy)
 
 
 def next_tokens(logits, keys, sampling: SamplingConfig):
   """[B] next tokens from [B, V] logits, one PRNG key per row."""
-  if sampling.temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, sampling)
-  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  return sample_rows(logits, filter_logits(logits, sampling), sampling.temperature, keys)
 
 
 def bucket_width(longest: int, smallest: int) -> int:

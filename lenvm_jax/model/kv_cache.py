@@ -19,7 +19,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.sharding import constrain
 
 _KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -53,13 +53,35 @@ class KVCache:
 
   def append(self, new_kv, new_valid) -> "KVCache":
     """Writes T new tokens' (keys, values), each [layers, B, T, ...], at slots index .. index + T - 1 (caller keeps
-    it in range)."""
-    write = lambda cache, new: constrain(
-        jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=2), _KV_AXES)
+    it in range). With a per-row index ([B], `per_row`), each row writes at its own slots; writes past the end
+    are dropped (a free slot of the decode engine keeps stepping until a request takes it)."""
     new_keys, new_values = new_kv
-    return KVCache(keys=write(self.keys, new_keys), values=write(self.values, new_values),
-                   valid=jax.lax.dynamic_update_slice_in_dim(self.valid, new_valid, self.index, axis=1),
-                   index=self.index + new_valid.shape[1])
+    t = new_valid.shape[1]
+    if self.index.ndim:
+      rows = jnp.arange(self.valid.shape[0])[:, None]
+      columns = self.index[:, None] + jnp.arange(t)[None]
+      write = lambda cache, new: constrain(cache.at[:, rows, columns].set(new.astype(cache.dtype), mode="drop"),
+                                           _KV_AXES)
+      valid = self.valid.at[rows, columns].set(new_valid, mode="drop")
+    else:
+      write = lambda cache, new: constrain(
+          jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=2), _KV_AXES)
+      valid = jax.lax.dynamic_update_slice_in_dim(self.valid, new_valid, self.index, axis=1)
+    return KVCache(keys=write(self.keys, new_keys), values=write(self.values, new_values), valid=valid,
+                   index=self.index + t)
+
+  def per_row(self) -> "KVCache":
+    """The same cache with one write index per row, so rows can hold sequences admitted at different times."""
+    return self.replace(index=jnp.broadcast_to(self.index, self.valid.shape[:1]).astype(jnp.int32))
+
+  def put_rows(self, rows, other: "KVCache") -> "KVCache":
+    """This per-row cache with rows[i] replaced by row i of `other` (same max_len); rows out of range are dropped
+    (padding of a partly filled admission)."""
+    put = lambda mine, theirs, axis: (mine.at[:, rows].set(theirs.astype(mine.dtype), mode="drop") if axis else
+                                      mine.at[rows].set(theirs, mode="drop"))
+    return KVCache(keys=constrain(put(self.keys, other.keys, 1), _KV_AXES),
+                   values=constrain(put(self.values, other.values, 1), _KV_AXES),
+                   valid=put(self.valid, other.valid, 0), index=put(self.index, other.per_row().index, 0))
 
 
 def take_alternative(new_kv, choice):
