@@ -44,7 +44,7 @@ from lenvm_jax.model import flops, transformer
 from lenvm_jax.train import optimizer, state as state_lib, step as step_lib
 from lenvm_jax.value.objective import Objective
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset (lenvm_jax/model/config.py PRESETS).")
+_PRESET = flags.DEFINE_string("preset", "small", "Model preset (lenvm_jax/model_config.py PRESETS).")
 _HIDDEN = flags.DEFINE_integer("hidden_size", 256, "Overrides the preset; 0 keeps it.")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "Overrides the preset; 0 keeps it.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Overrides the preset; 0 keeps it.")

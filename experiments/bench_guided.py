@@ -27,11 +27,11 @@ from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.sampler import Sampler
 from lenvm_jax.errors import UserError
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model shape (lenvm_jax/model/config.py PRESETS).")
+_PRESET = flags.DEFINE_string("preset", "small", "Model shape (lenvm_jax/model_config.py PRESETS).")
 _LENVM_PRESET = flags.DEFINE_string("lenvm_preset", "", "Shape of the separate LenVM in the two-model layout "
                                     "(same vocabulary); empty = the generator's.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary rows; 0 = the preset's (64 for the CPU presets).")

@@ -20,8 +20,8 @@ import jax
 from absl import app, flags
 
 from experiments import cli
-from lenvm_jax import files, rundir, sharding
-from lenvm_jax.data import gguf_file, output_dir as output_dir_lib
+from lenvm_jax import files, gguf_file, rundir, sharding
+from lenvm_jax.data import output_dir as output_dir_lib, tokenizer as tokenizer_lib
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
 _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
@@ -41,8 +41,8 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
   replaced = rundir.check_export_dir(output_dir, overwrite)
   model_config = gguf_import.load_model_config(input_path, dtype="float32")
   reader = gguf_file.read_gguf(input_path)
-  gguf_file.build_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
-  generation = gguf_file.generation_config(input_path)
+  tokenizer_lib.build_gguf_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
+  generation = tokenizer_lib.gguf_generation_config(input_path)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     params = gguf_import.load_params(input_path, model_config, mesh)
@@ -55,7 +55,7 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
   files.write_atomic(os.path.join(output_dir, "config.json"), json.dumps(config, indent=2, sort_keys=True))
   written = ["config.json"]
   written += hf_export.save_trunk(params, model_config, output_dir, max_shard_bytes)
-  return written + gguf_file.write_tokenizer_files(input_path, output_dir)
+  return written + tokenizer_lib.write_gguf_tokenizer_files(input_path, output_dir)
 
 
 def main(argv):

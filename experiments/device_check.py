@@ -34,7 +34,7 @@ from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model import attention as attention_kernels
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import Attention, LengthValueModel, attention_mask, rotary_tables
 from lenvm_jax.value.targets import TargetKind
 

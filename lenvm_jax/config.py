@@ -19,7 +19,7 @@ import types
 import typing
 
 from lenvm_jax.errors import UserError
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 
 AUTO_GAMMA = ("auto", "auto_mre")  # loss.gamma values resolved from the training split (value/gamma.py).
 TARGET_TYPES = ("discounted", "raw_length", "normalized_length", "log_length")

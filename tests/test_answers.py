@@ -16,7 +16,7 @@ from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from tests.test_import import CHATML, build_tokenizer_json, chatml_tokenizer_dir
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from lenvm_jax import sharding
 from lenvm_jax.model import attention
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import Attention, attention_mask, rotary_tables
 
 T = 256  # Two 128-token blocks: the kernels skip, mask and combine blocks.

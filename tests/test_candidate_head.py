@@ -11,7 +11,7 @@ from lenvm_jax import sharding
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import rows
 from lenvm_jax.data.records import Trajectory
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value import candidate, targets
 from lenvm_jax.value.objective import Objective

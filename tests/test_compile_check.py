@@ -152,7 +152,8 @@ def test_bench_compile_without_maxtext_is_one_error_line():
 
 
 def test_model_flops_count_the_lm_head_on_the_lm_positions_only():
-  from lenvm_jax.model import config as model_config, flops
+  from lenvm_jax import model_config
+  from lenvm_jax.model import flops
   c = model_config.ModelConfig(**model_config.preset_fields("qwen2.5-1.5b"))
   value_only = flops.train_flops_per_token(c, 8192)
   assert flops.train_flops_per_token(c, 8192, 1.0) - value_only == 6 * c.hidden_size * c.vocab_size

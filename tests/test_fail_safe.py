@@ -432,7 +432,7 @@ def exported_model(tmp_path_factory):
   import jax
   from flax import nnx
   from lenvm_jax.model import hf_export
-  from lenvm_jax.model.config import ModelConfig, preset_fields
+  from lenvm_jax.model_config import ModelConfig, preset_fields
   from lenvm_jax.model.transformer import LengthValueModel
   config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "dtype": "float32"})
   params = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1].to_pure_dict())()

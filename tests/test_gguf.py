@@ -15,11 +15,12 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from lenvm_jax import sharding  # noqa: E402
-from lenvm_jax.data import gguf_file  # noqa: E402
+from lenvm_jax import gguf_file  # noqa: E402
+from lenvm_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from lenvm_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from lenvm_jax.decoding import policy as policy_lib  # noqa: E402
-from lenvm_jax.model import gguf_import, hf_config, hf_import, hf_layout  # noqa: E402
-from lenvm_jax.model.config import ModelConfig  # noqa: E402
+from lenvm_jax.model import gguf_import, hf_import, hf_layout, placement  # noqa: E402
+from lenvm_jax.model_config import ModelConfig  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 QTYPE = gguf.GGMLQuantizationType
@@ -32,7 +33,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 def _byte_tokens() -> list[str]:
   """The 256 single-byte tokens of a byte-level BPE vocabulary, spelled in GPT-2's printable alphabet."""
-  return [gguf_file._byte_alphabet()[b] for b in range(256)]
+  return [tokenizer_lib._byte_alphabet()[b] for b in range(256)]
 
 
 def tiny_tokens() -> list[str]:
@@ -108,12 +109,12 @@ def test_config_and_weights_of_each_architecture(tmp_path, arch, tie):
   expected = dict(vocab_size=len(tiny_tokens()), rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=tie,
                   qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **SHAPE)
   assert {f: getattr(model_config, f) for f in expected} == expected
-  hf_config.check_run_matches(model_config, path)  # What model.init_from checks first.
+  hf_import.check_run_matches(model_config, path)  # What model.init_from checks first.
   assert not hf_import.has_value_head(path)
 
   mesh = sharding.make_mesh(2, 2, 2)  # Each tensor lands on its sharding, as hf_import places it.
   placed = hf_import.load_params(path, model_config, mesh, seed=0)
-  _, shardings = hf_import.abstract_params(model_config, mesh)
+  _, shardings = placement.abstract_params(model_config, mesh)
   assert placed["layers"]["attention"]["q"].sharding == shardings["layers"]["attention"]["q"]
   assert len(placed["layers"]["attention"]["q"].sharding.device_set) == 8
   params = _host(placed)
@@ -128,7 +129,7 @@ def test_run_mismatch_names_the_gguf_file_and_field(tmp_path):
   write_tiny_gguf(path)
   wrong = ModelConfig(vocab_size=len(tiny_tokens()), **{**SHAPE, "mlp_dim": 48})
   with pytest.raises(ValueError, match=r"config.model.mlp_dim=48 but .*tiny.gguf gives 64"):
-    hf_config.check_run_matches(wrong, path)
+    hf_import.check_run_matches(wrong, path)
 
 
 def test_permutation_round_trip_and_rope_meaning():
@@ -232,7 +233,7 @@ def test_tokenizer_eos_and_policy_of_a_tiny_file(tmp_path):
   assert tokenizer.prompt_ids([{"role": "user", "content": "hello"}]) == tokenizer.encode(
       "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
   assert tokenizer.encode("<|im_end|>") == [2]
-  assert gguf_file.eos_ids(path) == (0, 2)
+  assert tokenizer_lib.gguf_eos_ids(path) == (0, 2)
 
   policy = policy_lib.load_policy(path, sharding.make_mesh(1, 1, 1))
   assert policy.eos_ids == (0, 2) and policy.description == f"gguf {path}"
@@ -389,7 +390,8 @@ def test_smollm_logits_match_transformers(smollm_path, smollm_policy, reference_
 def test_smollm_greedy_matches_transformers(smollm_path, smollm_policy, reference_model):
   import torch
 
-  from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+  from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig
 
   policy, mesh = smollm_policy
   assert policy.eos_ids == (2,)  # <|im_end|>: EOS and the template's end of turn.

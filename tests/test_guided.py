@@ -17,7 +17,7 @@ from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind, logit_from_remaining
 

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from lenvm_jax import sharding
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_config, hf_export, hf_import, hf_layout
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import trainer

@@ -9,18 +9,17 @@ import ast
 import pathlib
 
 LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "lenvm_jax"
-# Rank of each top-level module or package of lenvm_jax: a module may import its own package and lower ranks.
-RANKS = {"errors": 0, "files": 1, "sharding": 0, "distributed": 0, "sweep_spec": 0, "model.config": 1, "config": 2,
-         "data": 3, "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6}
+# Rank of each top-level module or package of lenvm_jax (one per package): a module may import its own package and
+# lower ranks.
+RANKS = {"errors": 0, "sharding": 0, "distributed": 0, "sweep_spec": 0, "gguf_file": 0, "files": 1, "model_config": 1,
+         "config": 2, "data": 3, "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6}
 # Top-layer siblings that may use each other: evaluation scores what decoding produces. Nothing may import train.
 SIBLINGS = {("evaluation", "decoding")}
 
 
 def _unit_of(parts) -> str:
-  """The most specific RANKS key naming a module path (model/config.py is "model.config", the model section of the
-  run config, stdlib only; the rest of model/ is "model")."""
-  dotted = ".".join(p.removesuffix(".py") for p in parts[:2])
-  return dotted if dotted in RANKS else parts[0].removesuffix(".py")
+  """The RANKS key of a module path: its top-level package or module."""
+  return parts[0].removesuffix(".py")
 
 
 def _unit(path: pathlib.Path) -> str:
@@ -59,3 +58,62 @@ def test_imports_only_look_down():
       if not allowed:
         upward.append(f"{path.relative_to(LIBRARY.parent)}:{line} imports {target}")
   assert not upward, "\n".join(upward)
+
+
+def _module_of(dotted: str):
+  """The library file a dotted name imports (lenvm_jax.model.hf_import -> model/hf_import.py), or None."""
+  parts = dotted.split(".")[1:]
+  for end in range(len(parts), 0, -1):
+    path = LIBRARY.joinpath(*parts[:end]).with_suffix(".py")
+    if path.is_file():
+      return path.relative_to(LIBRARY).as_posix()
+  return None
+
+
+def _module_imports(path: pathlib.Path) -> set[str]:
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      names = [f"{node.module}.{alias.name}" for alias in node.names]
+    found |= {m for m in map(_module_of, (n for n in names if n.startswith("lenvm_jax."))) if m}
+  return found - {path.relative_to(LIBRARY).as_posix()}
+
+
+def test_no_import_cycle_between_modules():
+  """Inside a package too, two modules never import each other, directly or around a circle (lazy imports count):
+  shared code moves below both instead (model/placement.py under hf_import and gguf_import)."""
+  graph = {p.relative_to(LIBRARY).as_posix(): _module_imports(p) for p in LIBRARY.rglob("*.py")}
+  index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+  def visit(node):  # Tarjan's strongly connected components.
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for target in graph.get(node, ()):
+      if target not in index:
+        visit(target)
+        low[node] = min(low[node], low[target])
+      elif target in on_stack:
+        low[node] = min(low[node], index[target])
+    if low[node] == index[node]:
+      component = []
+      while True:
+        member = stack.pop()
+        on_stack.discard(member)
+        component.append(member)
+        if member == node:
+          break
+      if len(component) > 1:
+        circles.append(sorted(component))
+
+  for node in sorted(graph):
+    if node not in index:
+      visit(node)
+  assert not circles, "modules that import each other: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_each_package_has_one_rank():
+  assert all("." not in unit for unit in RANKS), "a rank per package, not per module inside one"

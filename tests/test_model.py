@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from lenvm_jax import sharding
-from lenvm_jax.model.config import ModelConfig, preset_fields
+from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
                                          attention_mask, dense)
 from lenvm_jax.model.transformer import abstract_model

@@ -15,7 +15,7 @@ The loss is the paper's token-mean MSE; the reference trains with Huber at delta
 """
 
 from experiments.configs import base
-from lenvm_jax.model.config import PRESETS
+from lenvm_jax.model_config import PRESETS
 
 PAPER_STEPS = 2 * 262_144 // 1024
 QWEN_IM_END = 151645  # <|im_end|> in the Qwen2.5 / Qwen3 tokenizers.

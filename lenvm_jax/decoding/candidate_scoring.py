@@ -18,7 +18,7 @@ from flax import nnx
 
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer, ValueScorer
 from lenvm_jax.decoding.sampler import advance, prefill
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.value.targets import TargetKind
 
 SCORERS = ("next_state", "candidate_head")

@@ -13,10 +13,10 @@ import os
 
 import jax
 
-from lenvm_jax import rundir
-from lenvm_jax.data import gguf_file
+from lenvm_jax import gguf_file, rundir
+from lenvm_jax.data import tokenizer as tokenizer_lib
 from lenvm_jax.model import hf_import
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.model.transformer import abstract_model
 
 
@@ -73,4 +73,4 @@ def read_eos_ids(path: str) -> tuple[int, ...]:
   """The EOS ids the policy's files name (none for a run), read without its weights."""
   if is_run_workdir(path):
     return ()
-  return tuple(gguf_file.eos_ids(path)) if gguf_file.is_gguf_path(path) else hf_eos_ids(path)
+  return tuple(tokenizer_lib.gguf_eos_ids(path)) if gguf_file.is_gguf_path(path) else hf_eos_ids(path)

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lenvm_jax import sharding
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 
 _reported: set = set()
 

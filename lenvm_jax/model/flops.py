@@ -4,7 +4,7 @@ The compiler's own count of a step (train/step.py train_step_flops) is larger by
 small ops this formula leaves out.
 """
 
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 
 
 def train_flops_per_token(c: ModelConfig, seq_len: int, lm_share: float = 0.0) -> float:

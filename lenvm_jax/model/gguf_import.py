@@ -2,13 +2,14 @@
 checkpoint can start a run or serve as a policy like a Hugging Face directory.
 
 Every tensor is dequantized to float32 with `gguf` (numpy), brought to the Hugging Face [out, in] layout and then
-placed through the same mappings and shardings as hf_import, one tensor at a time. Two GGUF conventions are undone:
+placed through the same mappings and shardings as hf_import (model/placement.py), one tensor at a time. Two GGUF
+conventions are undone:
 llama.cpp names its tensors differently (token_embd, blk.N.attn_q, ...), and for the `llama` architecture its
 converter interleaves the two RoPE halves of every q/k head's rows (llama.cpp rotates adjacent pairs; HF and we
 rotate the halves), which `unpermute_rope_rows` reverses. Qwen2 / Qwen3 use the halves layout in llama.cpp too and
 are stored unpermuted. A GGUF holds no value head: it gets a fresh init.
 
-The file's metadata reader and its tokenizer live in data/gguf_file.py. Whatever the import cannot represent
+The file's metadata reader is lenvm_jax/gguf_file.py; its tokenizer is rebuilt in data/tokenizer.py. Whatever the import cannot represent
 (another architecture, MoE, RoPE scaling, partial rotary, an integer or unimplemented quantization type) is a
 GGUFError naming the file and the field or tensor.
 """
@@ -17,9 +18,9 @@ import os
 
 import numpy as np
 
-from lenvm_jax.data.gguf_file import GGUFError, metadata, read_gguf, require_field
-from lenvm_jax.model import hf_layout
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.gguf_file import GGUFError, metadata, read_gguf, require_field
+from lenvm_jax.model import hf_layout, placement
+from lenvm_jax.model_config import ModelConfig
 
 # general.architecture -> (q/k/v biases, q/k RMSNorm, q/k rows stored RoPE-interleaved by llama.cpp's converter).
 ARCHITECTURES = {
@@ -174,8 +175,6 @@ def load_params(path: str, model_config: ModelConfig, mesh, seed: int = 0) -> di
   Tensors the model has no place for (e.g. rope_freqs of Llama 3.1 scaling, MoE experts) are an error; the value
   head is a fresh init from `seed`.
   """
-  from lenvm_jax.model import hf_import  # Lazy: hf_import imports this module to dispatch .gguf paths.
-
   path = os.fspath(path)
   reader = read_gguf(path)
   mappings = hf_layout.trunk_mappings(model_config)
@@ -183,11 +182,11 @@ def load_params(path: str, model_config: ModelConfig, mesh, seed: int = 0) -> di
   if unexpected:
     raise GGUFError(f"{path}: tensors with no place in the model: {unexpected[:8]}"
                     f"{' ...' if len(unexpected) > 8 else ''}")
-  abstract, shardings = hf_import.abstract_params(model_config, mesh)
+  abstract, shardings = placement.abstract_params(model_config, mesh)
   params: dict = {}
   for m in mappings:
-    hf_import.put_mapped(params, m, hf_layout_tensor(reader, path, m, model_config), abstract, shardings)
-  params["value_head"] = hf_import.fresh_value_head(model_config, shardings, seed)
+    placement.put_mapped(params, m, hf_layout_tensor(reader, path, m, model_config), abstract, shardings)
+  params["value_head"] = placement.fresh_value_head(model_config, shardings, seed)
   if model_config.candidate_head != "none":
-    params["candidate_head"] = hf_import.fresh_candidate_head(model_config, shardings, seed)
+    params["candidate_head"] = placement.fresh_candidate_head(model_config, shardings, seed)
   return params

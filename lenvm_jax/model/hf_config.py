@@ -7,9 +7,7 @@ attention in use, output-projection or MLP biases, another activation) is an err
 import json
 import os
 
-from lenvm_jax.data import gguf_file
-from lenvm_jax.model import gguf_import
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 
 # architectures[0] -> (model_type, q/k/v bias, q/k RMSNorm). Qwen2 always has q/k/v biases; Qwen3 always q/k norms.
 ARCHITECTURES = {
@@ -101,18 +99,3 @@ def hf_config_from_model_config(model_config: ModelConfig, **extra) -> dict:
       hf.update(attention_bias=False)
   hf.update(extra)
   return hf
-
-
-def check_run_matches(model_config: ModelConfig, directory: str):
-  """model.init_from: every architecture field of the run must equal the checkpoint's; lists all that differ.
-  `directory` may also be a llama.cpp .gguf file (its metadata then gives the architecture)."""
-  if gguf_file.is_gguf_path(directory):
-    path, hf_model = directory, gguf_import.load_model_config(directory)
-  else:
-    path = os.path.join(directory, "config.json")
-    hf_model = model_config_from_hf(read_hf_config(directory), path)
-  differ = [f"config.model.{f}={getattr(model_config, f)!r} but {path} gives {getattr(hf_model, f)!r}"
-            for f in ARCHITECTURE_FIELDS if getattr(model_config, f) != getattr(hf_model, f)]
-  if differ:
-    raise ValueError("the run's model does not match the checkpoint:\n  " + "\n  ".join(differ) +
-                     "\nSet these fields to the checkpoint's values (or start from the matching preset).")

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lenvm_jax import files
-from lenvm_jax.data import gguf_file
+from lenvm_jax import files, gguf_file
+from lenvm_jax.data import tokenizer as tokenizer_lib
 from lenvm_jax.model import hf_config, hf_import, hf_layout
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 
 # Files of an HF directory that describe tokenization and decoding, not weights.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -40,7 +40,7 @@ def copy_tokenizer_files(source_dir: str, output_dir: str) -> list[str]:
   """Copies the tokenizer / generation files that `source_dir` has (or rebuilds them from a `.gguf` file's
   metadata); returns their names."""
   if gguf_file.is_gguf_path(source_dir):
-    return gguf_file.write_tokenizer_files(source_dir, output_dir)
+    return tokenizer_lib.write_gguf_tokenizer_files(source_dir, output_dir)
   copied = []
   for name in TOKENIZER_FILES:
     if os.path.isfile(os.path.join(source_dir, name)):

@@ -1,33 +1,25 @@
 """Load a Hugging Face causal-LM directory (Llama / Qwen2 / Qwen3) into LengthValueModel params on a mesh.
 
-Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding (a
-decoder layer's into its slice of the stacked array, on the devices), so the host holds at most one full tensor,
-never a second copy of the model. A file that is damaged, truncated, of other shapes, or an index that names files
-outside the directory is a ModelFileError naming the file. A `value_head.safetensors` (a LenVM in
-the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every function
-that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py).
+Tensors are read one at a time (safetensors `safe_open`, numpy) and each is placed straight onto its sharding
+(model/placement.py: a decoder layer's into its slice of the stacked array, on the devices), so the host holds at
+most one full tensor, never a second copy of the model. A file that is damaged, truncated, of other shapes, or an
+index that names files outside the directory is a ModelFileError naming the file. A `value_head.safetensors` (a
+LenVM in the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every
+function that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py), and check_run_matches
+compares a run's model with either (model.init_from).
 """
 
 import contextlib
-import functools
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so bf16 checkpoints read through safetensors.numpy.
-import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import SafetensorError, safe_open
 
-from lenvm_jax import files as files_lib, sharding
+from lenvm_jax import files as files_lib, gguf_file
 from lenvm_jax.errors import ModelFileError, UserError
-from lenvm_jax.data import gguf_file
-from lenvm_jax.model import gguf_import, hf_config, hf_layout
-from lenvm_jax.model.candidate_head import CandidateValueHead
-from lenvm_jax.model.config import ModelConfig
-from lenvm_jax.model.transformer import LengthValueModel, ValueHead
+from lenvm_jax.model import gguf_import, hf_config, hf_layout, placement
+from lenvm_jax.model_config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,36 +74,6 @@ def tensor_files(directory: str) -> dict[str, str]:
                           "give a Hugging Face directory with safetensors weights (only those are supported)")
 
 
-def place(array: np.ndarray, target) -> jax.Array:
-  """One host array onto its sharding: each device takes its slice (works across processes too)."""
-  return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, axis=0)
-
-
-def put_mapped(params: dict, mapping: hf_layout.TensorMapping, hf_tensor: np.ndarray, abstract: dict,
-               shardings: dict):
-  """Places one HF-layout host tensor into `params` (a pure dict being filled) at its mapping's place.
-
-  A decoder layer's tensor goes into its slice of the stacked array, written on the devices (the stacked array is
-  created there, zeros, at the layer's first tensor), so the host still holds one layer's tensor at a time.
-  """
-  target, target_sharding = hf_layout.get_path(abstract, mapping.path), hf_layout.get_path(shardings, mapping.path)
-  ours = mapping.to_ours(np.asarray(hf_tensor, dtype=target.dtype), hf_layout.param_shape(abstract, mapping))
-  if mapping.layer is None:
-    hf_layout.set_path(params, mapping.path, place(ours, target_sharding))
-    return
-  try:
-    stacked = hf_layout.get_path(params, mapping.path)
-  except KeyError:
-    stacked = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target_sharding)()
-  layer_sharding = NamedSharding(target_sharding.mesh, P(*target_sharding.spec[1:]))
-  hf_layout.set_path(params, mapping.path, _write_layer(stacked, place(ours, layer_sharding), mapping.layer))
-
-
 def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dict) -> dict:
   params: dict = {}
   with contextlib.ExitStack() as stack:
@@ -130,7 +92,7 @@ def _load_mapped(mappings, files: dict[str, str], abstract: dict, shardings: dic
       if tuple(tensor.shape) != m.hf_shape:
         raise ModelFileError.at(f"tensor {m.hf_name} has shape {tuple(tensor.shape)}, the model expects "
                                 f"{m.hf_shape}", path, "the file does not belong to this model's config.json")
-      put_mapped(params, m, tensor, abstract, shardings)
+      placement.put_mapped(params, m, tensor, abstract, shardings)
       del tensor
   return params
 
@@ -148,18 +110,6 @@ def has_value_head(directory: str) -> bool:
   return os.path.lexists(os.path.join(directory, hf_layout.VALUE_HEAD_FILE))
 
 
-def abstract_params(model_config: ModelConfig, mesh) -> tuple[dict, dict]:
-  """(abstract params pure dict, matching shardings on `mesh` by logical axes), nothing allocated."""
-  _, abstract_state = nnx.split(nnx.eval_shape(lambda: LengthValueModel(model_config, nnx.Rngs(0))))
-  return abstract_state.to_pure_dict(), sharding.param_shardings(abstract_state, mesh)
-
-
-def fresh_value_head(model_config: ModelConfig, shardings: dict, seed: int) -> dict:
-  """A newly initialised value head (from `seed`), created directly on its shardings."""
-  fresh = lambda: nnx.split(ValueHead(model_config.hidden_size, nnx.Rngs(seed)))[1].to_pure_dict()
-  return jax.jit(fresh, out_shardings=shardings["value_head"])()
-
-
 def candidate_head_kind(directory: str) -> str:
   """The candidate head an HF dir carries ("table" / "tied", from candidate_head.safetensors), or "none"."""
   path = os.path.join(directory, hf_layout.CANDIDATE_HEAD_FILE)
@@ -171,18 +121,11 @@ def candidate_head_kind(directory: str) -> str:
     return kind or ("table" if "c_head.table.weight" in f.keys() else "tied")
 
 
-def fresh_candidate_head(model_config: ModelConfig, shardings: dict, seed: int) -> dict:
-  """A newly initialised candidate head (from `seed`), created directly on its shardings."""
-  fresh = lambda: nnx.split(CandidateValueHead(model_config.hidden_size, model_config.vocab_size,
-                                               model_config.candidate_head == "tied", nnx.Rngs(seed)))[1]
-  return jax.jit(lambda: fresh().to_pure_dict(), out_shardings=shardings["candidate_head"])()
-
-
 def load_candidate_head(directory: str, model_config: ModelConfig, abstract: dict, shardings: dict, seed: int):
   """The model's candidate head from candidate_head.safetensors (exactly its tensors), else a fresh init."""
   path = os.path.join(directory, hf_layout.CANDIDATE_HEAD_FILE)
   if candidate_head_kind(directory) == "none":
-    return fresh_candidate_head(model_config, shardings, seed)
+    return placement.fresh_candidate_head(model_config, shardings, seed)
   mappings = hf_layout.candidate_head_mappings(model_config)
   names = _names(path)
   if names != {m.hf_name for m in mappings}:
@@ -201,7 +144,7 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
   """
   if gguf_file.is_gguf_path(directory):
     return gguf_import.load_params(directory, model_config, mesh, seed)
-  abstract, shardings = abstract_params(model_config, mesh)
+  abstract, shardings = placement.abstract_params(model_config, mesh)
 
   files = tensor_files(directory)
   mappings = hf_layout.trunk_mappings(model_config)
@@ -222,7 +165,7 @@ def load_params(directory: str, model_config: ModelConfig, mesh, seed: int = 0) 
                               "give the value head exported with this model, or remove it for a fresh head")
     params.update(_load_mapped(value_maps, {n: value_file for n in names}, abstract, shardings))
   else:
-    params["value_head"] = fresh_value_head(model_config, shardings, seed)
+    params["value_head"] = placement.fresh_value_head(model_config, shardings, seed)
   if model_config.candidate_head != "none":
     params["candidate_head"] = load_candidate_head(directory, model_config, abstract, shardings, seed)
   return params
@@ -235,3 +178,18 @@ def load_model_config(directory: str, **run_fields) -> ModelConfig:
   run_fields.setdefault("candidate_head", candidate_head_kind(directory))  # An exported LenVM's own head.
   return hf_config.model_config_from_hf(hf_config.read_hf_config(directory),
                                         os.path.join(directory, "config.json"), **run_fields)
+
+
+def check_run_matches(model_config: ModelConfig, directory: str):
+  """model.init_from: every architecture field of the run must equal the checkpoint's; lists all that differ.
+  `directory` may also be a llama.cpp .gguf file (its metadata then gives the architecture)."""
+  if gguf_file.is_gguf_path(directory):
+    path, hf_model = directory, gguf_import.load_model_config(directory)
+  else:
+    path = os.path.join(directory, "config.json")
+    hf_model = hf_config.model_config_from_hf(hf_config.read_hf_config(directory), path)
+  differ = [f"config.model.{f}={getattr(model_config, f)!r} but {path} gives {getattr(hf_model, f)!r}"
+            for f in hf_config.ARCHITECTURE_FIELDS if getattr(model_config, f) != getattr(hf_model, f)]
+  if differ:
+    raise ValueError("the run's model does not match the checkpoint:\n  " + "\n  ".join(differ) +
+                     "\nSet these fields to the checkpoint's values (or start from the matching preset).")

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lenvm_jax.model import attention as attention_kernels
 from lenvm_jax.model.candidate_head import CandidateValueHead
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.sharding import constrain
 
 _init = nnx.initializers.normal(stddev=0.02)

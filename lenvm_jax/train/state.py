@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lenvm_jax import sharding
-from lenvm_jax.model.config import ModelConfig
+from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.model.transformer import abstract_model, init_params
 
 

@@ -23,7 +23,7 @@ from absl import logging
 from lenvm_jax import config as config_lib, distributed, errors, rundir, sharding
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
-from lenvm_jax.model import hf_config, hf_import, transformer
+from lenvm_jax.model import hf_import, transformer
 from lenvm_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train import metrics_log
 from lenvm_jax.train.metrics_log import MetricsLog
@@ -118,7 +118,7 @@ def _on_nonfinite(run: RunConfig, step: int, new_skips: int, last_step_finite: b
 def _params_from_hf(directory: str, model_config, mesh, seed: int) -> dict:
   """model.init_from: the HF checkpoint's weights, after checking that its architecture is the run's."""
   try:
-    hf_config.check_run_matches(model_config, directory)
+    hf_import.check_run_matches(model_config, directory)
   except (ValueError, OSError) as e:
     raise config_lib.ConfigError(f"config.model.init_from={directory!r}: {e}") from None
   logging.info("initialising from the Hugging Face checkpoint %s%s", directory,
