@@ -319,13 +319,42 @@ class LengthValueModel(nnx.Module):
     """Final hidden states after the final norm: [B, T, H] in the compute dtype. dropout_key (training only)
     turns on model.dropout_rate. frozen_layers (train.trainable_layers): the embeddings and the bottom
     frozen_layers layers run as a separate scan outside the gradient, so the backward pass skips them."""
-    c = self.config
     x, rope = self.embed(tokens, positions)
-    impl = attention_kernels.implementation(c, tokens.shape[1])
+    if frozen_layers:
+      x = jax.lax.stop_gradient(self.run_layers(jax.lax.stop_gradient(x), rope, segment_ids, 0, frozen_layers,
+                                                dropout_key, stop_gradient=True))
+    x = self.run_layers(x, rope, segment_ids, frozen_layers, self.config.num_layers, dropout_key)
+    return self.final_norm(x)
+
+  def layer_input(self, tokens, positions, segment_ids, layer: int):
+    """The residual stream entering decoder layer `layer` (the output of layers [0, layer), no final norm):
+    [B, T, H] in the compute dtype, no dropout. What the frozen-trunk feature cache stores (train/feature_cache.py);
+    hidden_states_from(layer_input(..., K), K) is hidden_states(...)."""
+    x, rope = self.embed(tokens, positions)
+    return self.run_layers(x, rope, segment_ids, 0, layer)
+
+  def hidden_states_from(self, x, positions, segment_ids, layer: int, dropout_key=None):
+    """Final hidden states [B, T, H] from the residual stream x [B, T, H] entering decoder layer `layer`: layers
+    [layer, num_layers) and the final norm, with the dropout masks hidden_states draws for those layers."""
+    rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+    x = constrain(x.astype(self.config.compute_dtype), ("batch", "length", "embed"))
+    return self.final_norm(self.run_layers(x, rope, segment_ids, layer, self.config.num_layers, dropout_key))
+
+  def run_layers(self, x, rope, segment_ids, start: int, stop: int, dropout_key=None, stop_gradient=False):
+    """Decoder layers [start, stop) of the stack as one scan over x [B, T, H]. Layer i draws dropout key i of
+    split(dropout_key, num_layers) whatever range it runs in; stop_gradient: the layers' weights get none."""
+    c = self.config
+    if start >= stop:
+      return x
+    impl = attention_kernels.implementation(c, x.shape[1])
     mask = attention_mask(segment_ids) if impl == "xla" else None  # Kernels take the segment ids instead.
     use_dropout = dropout_key is not None and c.dropout_rate > 0
-    layer_keys = jax.random.split(dropout_key, c.num_layers) if use_dropout else None
+    layer_keys = jax.random.split(dropout_key, c.num_layers)[start:stop] if use_dropout else None
     graphdef, stacked = nnx.split(self.layers)
+    if (start, stop) != (0, c.num_layers):
+      stacked = jax.tree.map(lambda a: a[start:stop], stacked)
+    if stop_gradient:
+      stacked = jax.lax.stop_gradient(stacked)
 
     def one_layer(layer_params, x, key):
       x = checkpoint_name(x, LAYER_INPUT)
@@ -334,13 +363,8 @@ class LengthValueModel(nnx.Module):
     if c.remat != "none":
       one_layer = jax.checkpoint(one_layer, policy=remat_policy(c.remat), prevent_cse=False)
     scan_body = lambda x, per_layer: (one_layer(per_layer[0], x, per_layer[1]), None)
-    per_layer = (stacked, layer_keys)
-    if frozen_layers:
-      bottom = jax.lax.stop_gradient(jax.tree.map(lambda a: a[:frozen_layers], per_layer))
-      x, _ = jax.lax.scan(scan_body, jax.lax.stop_gradient(x), bottom, unroll=self.unroll_layers)
-      x, per_layer = jax.lax.stop_gradient(x), jax.tree.map(lambda a: a[frozen_layers:], per_layer)
-    x, _ = jax.lax.scan(scan_body, x, per_layer, unroll=self.unroll_layers)
-    return self.final_norm(x)
+    x, _ = jax.lax.scan(scan_body, x, (stacked, layer_keys), unroll=self.unroll_layers)
+    return x
 
   def cached_hidden_states(self, tokens, positions, mask, cache):
     """Final hidden states [B, T, H] of new tokens that attend to a KV cache (lenvm_jax/model/kv_cache.py).
