@@ -27,7 +27,8 @@ LENGTH_ACTIVATIONS = ("sigmoid", "softplus")  # normalized_length's link: ours /
 LOSS_KINDS = ("mse", "huber")
 SOURCES = ("synthetic", "jsonl", "arrayrecord", "tfds")
 PACKING = ("none", "first_fit", "best_fit")
-UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos")
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos", "censored")
+PROMPT_CUTS = ("tail", "head", "refuse")  # data.prompt_cut: how a prompt longer than data.max_prompt_len is cut.
 BATCHING = ("shuffled", "grouped")
 NONFINITE_POLICIES = ("skip", "stop")
 # The eval metrics a run logs that rank checkpoints (all lower-is-better; value/metrics.py computes them).
@@ -129,6 +130,9 @@ class SyntheticConfig:
   # Completions drawn per prompt (records come in groups of this many with one prompt id); 1 = every record its
   # own prompt. Prompt-boundary MRE and the samples-per-prompt experiments need more.
   samples_per_prompt: int = 1
+  # > 0: every training completion longer than this is cut to it and unfinished (a generator's token limit: the long
+  # ones get cut), for studying data.unfinished on data whose exact values are known; the eval split stays whole.
+  train_budget: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "hazards", tuple(float(h) for h in self.hazards))
@@ -139,6 +143,8 @@ class SyntheticConfig:
              "train_records and eval_records must be positive")
     _require(isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 1,
              "data.synthetic.samples_per_prompt", f"must be an integer >= 1, got {self.samples_per_prompt!r}")
+    _require(self.train_budget >= 0, "data.synthetic.train_budget",
+             f"must be >= 0 (0 = none), got {self.train_budget}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +155,15 @@ class DataConfig:
   tfds_name: str = "lenvm_trajectories"  # data.source='tfds': a prepared TFDS dataset's name ...
   tfds_data_dir: str = ""  # ... and its data_dir (see lenvm_jax/data/tfds_builder.py).
   max_len: int = 128  # Row length; longer sequences are cut, keeping their true remaining lengths.
-  max_prompt_len: int = 0  # > 0: keep only each prompt's last tokens; 0: a prompt >= max_len is an error.
+  max_prompt_len: int = 0  # > 0: cut longer prompts to this length (data.prompt_cut); 0: a prompt >= max_len is an error.
+  # A prompt longer than max_prompt_len: "tail" keeps its last tokens (the context next to s_0), "head" its first
+  # (the reference's), "refuse" stops with an error naming the record. The trainer prints how many were cut.
+  prompt_cut: str = "tail"
   packing: str = "first_fit"  # first_fit | best_fit | none: several trajectories per row, kept apart.
   packing_bins: int = 0  # Rows open for packing at once; 0 = the rows of one batch.
   # Completions without EOS: drop | infinite (target -1) | as_finished (the last generated token gets n = 0) |
-  # append_eos (data.eos_id is appended, as the reference's chat template does, so the EOS gets n = 0).
+  # append_eos (data.eos_id is appended, as the reference's chat template does, so the EOS gets n = 0) |
+  # censored (kept as cut: each position's true remainder is only bounded below, a one-sided loss; value/objective.py).
   unfinished: str = "drop"
   eos_id: int = -1  # The token data.unfinished='append_eos' appends; -1 = none (only that policy needs one).
   seed: int = 0  # Shuffle order (and synthetic sampling).
@@ -184,6 +194,8 @@ class DataConfig:
     _require(self.worker_count >= 0, "data.worker_count", f"must be >= 0, got {self.worker_count}")
     _require(self.unfinished in UNFINISHED_POLICIES, "data.unfinished",
              f"must be one of {UNFINISHED_POLICIES}, got {self.unfinished!r}")
+    _require(self.prompt_cut in PROMPT_CUTS, "data.prompt_cut",
+             f"must be one of {PROMPT_CUTS}, got {self.prompt_cut!r}")
     _require(self.unfinished != "append_eos" or self.eos_id >= 0, "data.eos_id",
              f"must be a token id >= 0 when data.unfinished='append_eos' (the EOS it appends), got {self.eos_id}")
     _require(self.eos_id >= -1, "data.eos_id", f"must be a token id >= 0, or -1 for none, got {self.eos_id}")
@@ -303,6 +315,11 @@ class RunConfig:
   def __post_init__(self):
     _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
              "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
+    censored = self.data.unfinished == "censored"
+    _require(not censored or self.loss.gae_lambda == 1.0, "data.unfinished",
+             "'censored' bounds the Monte-Carlo return; GAE targets (loss.gae_lambda < 1) are not bounds: set one")
+    _require(not censored or self.loss.candidate_weight == 0.0, "data.unfinished",
+             "'censored' has no candidate-value loss (its next-state targets are bounds): set loss.candidate_weight=0")
     _require(self.data.eos_id < self.model.vocab_size, "data.eos_id",
              f"must lie inside the vocabulary [0, {self.model.vocab_size}) (model.vocab_size), got {self.data.eos_id}")
     _require(not self.checkpoint.keep_best or self.data.has_eval, "checkpoint.keep_best",

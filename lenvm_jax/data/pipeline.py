@@ -49,7 +49,8 @@ def _load_split(run: RunConfig, split: str):
     # Distinct seed streams per split: eval trajectories are never training trajectories.
     return synthetic.SyntheticSource(synthetic_policy(run), size, seed=data.seed * 2 + (split == "eval"),
                                      gamma=run.loss.gamma if run.loss.gamma_resolved else None,
-                                     samples_per_prompt=data.synthetic.samples_per_prompt)
+                                     samples_per_prompt=data.synthetic.samples_per_prompt,
+                                     budget=data.synthetic.train_budget if split == "train" else 0)
   path = data.train_path if split == "train" else data.eval_path
   if data.source == "jsonl":
     # With max_prompt_len, long prompts are cut when rows are built, so the reader does not reject them.
@@ -77,8 +78,8 @@ def _is_finished(trajectory) -> bool:
   return trajectory.finished
 
 
-def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad, eos_id=-1):
-  row = rows.trajectory_to_row(trajectory, max_len, unfinished, max_prompt_len, eos_id)
+def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad, eos_id=-1, prompt_cut="tail"):
+  row = rows.trajectory_to_row(trajectory, max_len, unfinished, max_prompt_len, eos_id, prompt_cut)
   if pad:
     return rows.pad_row(row, max_len)
   del row["positions"], row["segment_ids"]  # Packing renumbers them.
@@ -100,11 +101,13 @@ def _rows(ds: grain.MapDataset, run: RunConfig, rows_per_batch: int) -> grain.It
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
   ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished,
-                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none", eos_id=data.eos_id))
+                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none", eos_id=data.eos_id,
+                                prompt_cut=data.prompt_cut))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
   if data.packing == "none":
     return ds
-  fields = rows.PACKED_FIELDS + (("exact_value",) if data.source == "synthetic" else ())
+  fields = (rows.PACKED_FIELDS + ((rows.EXACT_VALUE,) if data.source == "synthetic" else ())
+            + ((rows.CENSORED,) if data.unfinished == "censored" else ()))
   lengths = {k: data.max_len for k in fields}
   packed = PACKERS[data.packing](ds, length_struct=lengths, num_packing_bins=data.packing_bins or rows_per_batch,
                                  seed=data.seed, shuffle_bins=False)

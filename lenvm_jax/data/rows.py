@@ -11,6 +11,8 @@ Row fields, each [max_len]:
   lm_targets         int32  next token at each position
   lm_mask            bool   positions whose next token is a completion token
   exact_value        float32 (synthetic data only) the exact V(s_t)
+  censored           bool   (data.unfinished='censored' only) value positions of a cut completion: `remaining` there is
+                            a lower bound (the tokens left in the kept completion plus the one at least that followed)
 `trajectory_to_row` returns the unpadded arrays (length <= max_len); `pad_row` pads them, and packing
 (lenvm_jax/data/pipeline.py) instead concatenates several into one row, renumbering segment_ids and positions.
 The objective and metrics (lenvm_jax/value/) read the fields by the names below.
@@ -20,26 +22,44 @@ import numpy as np
 
 from lenvm_jax.data.records import Trajectory, prompt_too_long
 
-UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos")
+UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos", "censored")
+PROMPT_CUTS = ("tail", "head", "refuse")
 TOKENS, POSITIONS, SEGMENT_IDS = "tokens", "positions", "segment_ids"
 VALUE_MASK, REMAINING = "value_mask", "remaining"
 COMPLETION_INDEX, COMPLETION_LENGTH = "completion_index", "completion_length"
 LM_TARGETS, LM_MASK = "lm_targets", "lm_mask"
 EXACT_VALUE = "exact_value"
+CENSORED = "censored"
 # Per-token fields a packer concatenates (positions and segment_ids it renumbers itself).
 PACKED_FIELDS = (TOKENS, VALUE_MASK, REMAINING, COMPLETION_INDEX, COMPLETION_LENGTH, LM_TARGETS, LM_MASK)
 
 
+def cut_prompt(prompt: np.ndarray, max_prompt_len: int, prompt_cut: str = "tail") -> np.ndarray:
+  """A prompt longer than max_prompt_len (> 0) under data.prompt_cut: "tail" keeps its last tokens (the most recent
+  context, next to s_0), "head" its first ones (the reference's truncation; s_0 is then a token inside the prompt);
+  "refuse" is checked before training (data/cut_report.py), so a long prompt reaching here is an error."""
+  if not max_prompt_len or len(prompt) <= max_prompt_len:
+    return prompt
+  if prompt_cut == "tail":
+    return prompt[-max_prompt_len:]
+  if prompt_cut == "head":
+    return prompt[:max_prompt_len]
+  raise ValueError(f"prompt has {len(prompt)} tokens, more than data.max_prompt_len={max_prompt_len} "
+                   "(data.prompt_cut='refuse')")
+
+
 def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "drop",
-                      max_prompt_len: int = 0, eos_id: int = -1) -> dict[str, np.ndarray]:
+                      max_prompt_len: int = 0, eos_id: int = -1, prompt_cut: str = "tail") -> dict[str, np.ndarray]:
   """One sequence's row fields, cut at max_len but not padded.
 
-  max_prompt_len > 0 keeps only a prompt's last max_prompt_len tokens (the state s_0 is its last token, and the most
-  recent context is kept); 0 makes a prompt that leaves no room for the completion an error.
+  max_prompt_len > 0 cuts a longer prompt to max_prompt_len tokens by the prompt_cut rule (cut_prompt; default: its
+  last tokens); 0 makes a prompt that leaves no room for the completion an error.
   An unfinished completion (no EOS) under "infinite" gets remaining -1; under "as_finished" it is taken to end at its
   last generated token (n = 0 there); under "append_eos" eos_id is appended first, as the reference's chat template
   ends every answer with its EOS, so the last generated token gets n = 1 and the appended EOS n = 0 (its exact
-  value, on synthetic data, is 0: EOS is terminal).
+  value, on synthetic data, is 0: EOS is terminal). Under "censored" it is kept as cut: at least one more token
+  followed its last one, so remaining there is the lower bound L - t + 1, and the row's `censored` field marks it
+  (the objective takes a one-sided loss there, value/objective.py); finished completions get an all-false field.
   """
   prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
   exact_values = trajectory.exact_values
@@ -49,8 +69,7 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
     completion = np.append(completion, eos_id).astype(completion.dtype)
     if exact_values is not None:
       exact_values = np.append(exact_values, 0.0)
-  if max_prompt_len:
-    prompt = prompt[-max_prompt_len:]
+  prompt = cut_prompt(prompt, max_prompt_len, prompt_cut)
   p, length = len(prompt), len(completion)
   if problem := prompt_too_long(p, max_len):
     raise ValueError(problem)
@@ -60,7 +79,8 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
   t = np.arange(n) - (p - 1)  # completion index; 0 at the prompt's last token
   value = t >= 0
   infinite = not trajectory.finished and unfinished == "infinite"
-  remaining = np.where(value, -1 if infinite else length - t, 0)
+  censored = not trajectory.finished and unfinished == "censored"
+  remaining = np.where(value, -1 if infinite else length - t + censored, 0)
   lm_mask = value & (np.arange(n) + 1 < n)
 
   row = {
@@ -74,6 +94,8 @@ def trajectory_to_row(trajectory: Trajectory, max_len: int, unfinished: str = "d
       LM_TARGETS: np.append(tokens[1:], 0).astype(np.int32),
       LM_MASK: lm_mask,
   }
+  if unfinished == "censored":
+    row[CENSORED] = value & censored
   if exact_values is not None:
     row[EXACT_VALUE] = np.where(value, exact_values[np.clip(t, 0, length)], 0.0).astype(np.float32)
   return row

@@ -133,6 +133,9 @@ class SyntheticSource:
   seed: int
   gamma: float | None  # None: records without exact values (before loss.gamma is resolved from their lengths).
   samples_per_prompt: int = 1
+  # > 0: a completion longer than this many tokens is cut to them and unfinished, as a generator's max_new_tokens
+  # would leave it (the long ones get cut); the exact values of the states it keeps stay known.
+  budget: int = 0
 
   def __len__(self) -> int:
     return self.num_records
@@ -151,6 +154,9 @@ class SyntheticSource:
       trajectory = dataclasses.replace(
           self.policy.sample_completion(np.random.default_rng([self.seed, prompt, sample]), mode, prompt_ids),
           prompt_id=f"synthetic-{self.seed}-{prompt}")
-    if self.gamma is None:
-      return trajectory
-    return dataclasses.replace(trajectory, exact_values=self.policy.exact_values(trajectory, self.gamma))
+    exact_values = None if self.gamma is None else self.policy.exact_values(trajectory, self.gamma)
+    if self.budget and len(trajectory.completion_ids) > self.budget:
+      trajectory = dataclasses.replace(trajectory, completion_ids=trajectory.completion_ids[:self.budget],
+                                       finished=False)
+      exact_values = None if exact_values is None else exact_values[:self.budget + 1]
+    return dataclasses.replace(trajectory, exact_values=exact_values)

@@ -1,7 +1,9 @@
 """Spec section 4 metrics, as sums that add up exactly across batches, devices and eval shards.
 
 `metric_sums` returns {name: sum} plus {name + "/count": count}; `finalize` divides. Length metrics skip tokens
-whose true remaining length is unknown (unfinished completions); relative errors also skip EOS (n = 0).
+whose true remaining length is unknown (unfinished completions kept as infinite, or censored ones: their
+`remaining` is only a bound); relative errors also skip EOS (n = 0). On synthetic data exact_value_mse is the
+prediction's MSE against the exact value function (bayes_value_mse is the exact value's own MSE against G).
 Per-position metrics take one token per sequence at t = floor(f * L) for f in POSITION_FRACTIONS.
 """
 
@@ -26,7 +28,11 @@ def metric_sums(z, batch, kind: targets.TargetKind):
   remaining = batch[rows.REMAINING]
   g = targets.discounted_return(remaining, kind.gamma)
   n = remaining.astype(jnp.float32)
-  mask = batch[rows.VALUE_MASK].astype(bool)
+  valid = batch[rows.VALUE_MASK].astype(bool)
+  # A censored token's `remaining` is a lower bound, not a length (data.unfinished='censored'): the MSE and length
+  # metrics skip it; censored_violation says how often the prediction claims a shorter remainder than the bound.
+  censored = batch[rows.CENSORED].astype(bool) if rows.CENSORED in batch else jnp.zeros_like(valid)
+  mask = valid & ~censored
   known = mask & (remaining >= 0)
   abs_err = jnp.abs(n_hat - n)
   rel_err = abs_err / jnp.maximum(n, 1.0)
@@ -44,8 +50,12 @@ def metric_sums(z, batch, kind: targets.TargetKind):
   # data knows it (synthetic source), the exact value function.
   _add(out, "return_mean", g, mask)
   _add(out, "return_sq_mean", g * g, mask)
+  if rows.CENSORED in batch:
+    _add(out, "censored_violation", (value_hat > g).astype(jnp.float32), valid & censored)
   if rows.EXACT_VALUE in batch:
     _add(out, "bayes_value_mse", (batch[rows.EXACT_VALUE] - g) ** 2, mask)
+    # The gap to the exact value function itself, over every state (a cut completion's states have exact values too).
+    _add(out, "exact_value_mse", (value_hat - batch[rows.EXACT_VALUE]) ** 2, valid)
   return out
 
 

@@ -18,6 +18,11 @@ they and their gradient outweighed the whole rematerialised trunk of a 1.5B mode
 Functions here return *sums* and *counts*, never means: the trainer divides by the valid-token count of the whole
 global batch (all micro-batches, all devices), so the gradient does not depend on how the batch is split, and a long
 sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (the paper's convention).
+
+data.unfinished='censored': the value positions of a cut completion (rows.CENSORED) know only that at least n more
+tokens followed (n = the tokens left in the kept completion + 1), so their loss is one-sided (TargetKind.bound_loss:
+only a prediction of a shorter remainder than the bound is penalised), with the same weights and token counts as
+the rest of the value loss. The LM term reads such rows as ordinary text.
 """
 
 import dataclasses
@@ -109,7 +114,10 @@ class Objective:
     prediction = self.kind.predict(z)
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     # "value_sq_err": the summed per-token loss (squared error, or Huber under loss.kind = "huber").
-    out = {"value_sq_err": jnp.sum(self.value_weights(batch) * self.kind.regression_loss(prediction, target))}
+    per_token = self.kind.regression_loss(prediction, target)
+    if rows.CENSORED in batch:  # data.unfinished='censored': a cut completion's target is a bound (one-sided loss).
+      per_token = jnp.where(batch[rows.CENSORED], self.kind.bound_loss(prediction, target), per_token)
+    out = {"value_sq_err": jnp.sum(self.value_weights(batch) * per_token)}
     if lm_head is not None:
       out["lm_ce"] = lm_cross_entropy_sum(lm_head.hidden, lm_head.weight, self.lm_positions(batch[rows.LM_TARGETS]),
                                           self.lm_positions(batch[rows.LM_MASK]), self.lm_chunk,

@@ -117,6 +117,13 @@ class TargetKind:
     return jnp.where(magnitude <= self.huber_delta, 0.5 * error**2,
                      self.huber_delta * (magnitude - 0.5 * self.huber_delta))
 
+  def bound_loss(self, prediction, bound):
+    """Per-token one-sided loss against the target of a lower bound on the remaining length (a cut completion): the
+    regression loss of how far the prediction claims a shorter remainder than the bound, 0 where it does not (no
+    gradient either). The discounted value decreases in n (V <= G_bound is the bound), the length targets increase."""
+    shortfall = prediction - bound if self.name == "discounted" else bound - prediction
+    return self.regression_loss(jnp.maximum(shortfall, 0.0), 0.0)
+
   def predict(self, z):
     if self.name == "discounted":
       return -jax.nn.sigmoid(z)
