@@ -20,7 +20,7 @@ import jax
 from absl import app, flags
 
 from experiments import cli
-from lenvm_jax import files, gguf_file, rundir, sharding
+from lenvm_jax import files, gguf_file, sharding
 from lenvm_jax.data import output_dir as output_dir_lib, tokenizer as tokenizer_lib
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
@@ -36,9 +36,9 @@ flags.mark_flags_as_required(["input", "output"])
 def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False) -> list[str]:
   """Writes the HF directory; returns the file names written. Everything is checked before the first write; with
-  `overwrite` a non-empty output is emptied once the GGUF has loaded (rundir.check_export_dir)."""
+  `overwrite` a non-empty output is emptied once the GGUF has loaded (hf_export.check_export_dir)."""
   output_dir_lib.refuse_same_directory(input_path, output_dir, "--input", "--output", emptied=overwrite)
-  replaced = rundir.check_export_dir(output_dir, overwrite)
+  replaced = hf_export.check_export_dir(output_dir, overwrite)
   model_config = gguf_import.load_model_config(input_path, dtype="float32")
   reader = gguf_file.read_gguf(input_path)
   tokenizer_lib.build_gguf_tokenizer(reader, input_path)  # An unsupported tokenizer fails here, before any weights.
@@ -47,7 +47,7 @@ def convert(input_path: str, output_dir: str, max_shard_bytes: int = hf_export.D
   with jax.set_mesh(mesh):
     params = gguf_import.load_params(input_path, model_config, mesh)
 
-  rundir.remove_entries(output_dir, replaced)
+  hf_export.remove_entries(output_dir, replaced)
   os.makedirs(output_dir, exist_ok=True)
   ids = {name: value for name, value in generation.items() if name != "eos_token_id"}
   eos = generation["eos_token_id"]

@@ -28,7 +28,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import errors, files, rundir, sharding
+from lenvm_jax import errors, files, sharding
+from lenvm_jax.run import config_history
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_scores, length_tokens
@@ -186,7 +187,7 @@ def main(argv):
   del argv
   explicit_eos = cli.int_list("eos_ids", _EOS.value)
   # EOS ids the run's model cannot emit are refused before anything loads (again below against the generator).
-  check_in_vocabulary(explicit_eos, rundir.read_config(_WORKDIR.value).model.vocab_size,
+  check_in_vocabulary(explicit_eos, config_history.read_config(_WORKDIR.value).model.vocab_size,
                       f"--eos_ids={','.join(_EOS.value or ())}")
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   gamma = predictor.kind.gamma  # The trained value's discount ("auto" resolved at training).

@@ -28,7 +28,8 @@ import os
 from absl import flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import errors, files, rundir, sharding
+from lenvm_jax import errors, files, sharding
+from lenvm_jax.run import config_history
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib
@@ -119,7 +120,7 @@ def main(argv):
                                 "--base_tokens", "give at least the largest of --budgets (or leave it out)")
     # Relations between the models, before any weight loads: one vocabulary, EOS ids inside it.
     vocab_size = policy_lib.read_model_config(_POLICY.value).vocab_size
-    check_same_vocabulary(vocab_size, rundir.read_config(_WORKDIR.value).model.vocab_size,
+    check_same_vocabulary(vocab_size, config_history.read_config(_WORKDIR.value).model.vocab_size,
                           f"--policy={_POLICY.value}", f"--workdir={_WORKDIR.value}")
     candidates = sampling_flags.resolve().candidates
     if candidates > vocab_size:

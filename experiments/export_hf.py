@@ -13,7 +13,6 @@ weights) unless --overwrite, which empties it first.
 from absl import app, flags
 
 from experiments import cli
-from lenvm_jax import rundir
 from lenvm_jax.data import output_dir, tokenizer as tokenizer_lib
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
@@ -34,7 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   output_dir.refuse_same_directory(_WORKDIR.value, _OUTPUT.value, "--workdir", "--output", emptied=_OVERWRITE.value)
-  replaced = rundir.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
+  replaced = hf_export.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
   predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
   model_config = predictor.config.model
   if _TOKENIZER.value:  # Another model's tokenizer would pair ids with embedding rows the model does not have.
@@ -46,7 +45,7 @@ def main(argv):
       raise cli.errors.UserError.at(f"the tokenizer has {size} tokens, the model's vocabulary "
                                     f"{model_config.vocab_size}", f"--tokenizer={_TOKENIZER.value}",
                                     "give the tokenizer the run was trained with")
-  rundir.remove_entries(_OUTPUT.value, replaced)  # Only now: a failed load leaves the previous export as it was.
+  hf_export.remove_entries(_OUTPUT.value, replaced)  # Only now: a failed load leaves the previous export as it was.
   with cli.user_errors(ValueError):  # A model that no HF class can hold.
     written = hf_export.export(predictor.params, model_config, _OUTPUT.value,
                                tokenizer_dir=_TOKENIZER.value or model_config.init_from,

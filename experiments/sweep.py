@@ -22,7 +22,7 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax import files, sweep_spec
-from lenvm_jax.config import is_url
+from lenvm_jax.run.workdir_checks import is_url
 
 _CONFIG = flags.DEFINE_string("config", None, "Trainer config file (experiments/configs/*.py).")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory of the sweep: one workdir per point + summary.csv.")

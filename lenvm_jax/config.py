@@ -14,7 +14,6 @@ This module imports no jax (launchers and config tooling can use it without the 
 import dataclasses
 import json
 import math
-import re
 import types
 import typing
 
@@ -470,20 +469,6 @@ def to_config_dict(run: RunConfig):
     return out
 
   return section(run)
-
-
-def is_url(path: str) -> bool:
-  """gs://, s3://, ...: run files are written with local file I/O, so such a workdir needs a mount instead."""
-  return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
-
-
-def check_workdir(workdir: str):
-  """A run's files are written with local file I/O (and orbax under an absolute path), so a URL workdir would land in a
-  local folder named after it and vanish with the machine: refuse it and say how to mount the bucket instead."""
-  if is_url(workdir):
-    raise ConfigError(f"workdir {workdir!r} is a URL, but checkpoints, metrics and config are written to local paths "
-                      "(they would end up under a local folder named after it). Pass a mounted path: Vertex AI "
-                      "mounts gs://BUCKET at /gcs/BUCKET; on TPU VMs and GKE mount the bucket with Cloud Storage FUSE.")
 
 
 def check_batch_fits_mesh(run: RunConfig, mesh, process_count: int):

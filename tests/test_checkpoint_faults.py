@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lenvm_jax import errors, rundir
+from lenvm_jax import errors
+from lenvm_jax.run import checkpoint_layout, workdir_lock
 from lenvm_jax.train import checkpointing, trainer
 from tests.conftest import REPO, run_config
 from tests.test_resume import STEPS, _command, _final_params, _flatten, _logged, _wait_for
@@ -37,7 +38,7 @@ def _save_steps(workdir, steps, keep=3, keep_best="", metrics=None):
 
 def _largest_file(step_path):
   files = [os.path.join(root, n) for root, _, names in os.walk(step_path) for n in names
-           if n not in (rundir.CHECKSUM_FILE, rundir.COMMIT_MARKER)]
+           if n not in (checkpoint_layout.CHECKSUM_FILE, checkpoint_layout.COMMIT_MARKER)]
   return max(files, key=os.path.getsize)
 
 
@@ -58,32 +59,32 @@ def test_only_committed_steps_count(tmp_path):
   (checkpoints / "50").mkdir()
   (checkpoints / "50" / "state").mkdir()
   (checkpoints / "3.orbax-checkpoint-tmp").mkdir()  # A save killed mid-way.
-  assert rundir.complete_steps(str(tmp_path)) == [1, 2] and rundir.latest_step(str(tmp_path)) == 2
-  assert rundir.steps_to_try(str(tmp_path)) == [2, 1]
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [1, 2] and checkpoint_layout.latest_step(str(tmp_path)) == 2
+  assert checkpoint_layout.steps_to_try(str(tmp_path)) == [2, 1]
   ckpt = checkpointing.Checkpointer(str(tmp_path), 1, 3, False)  # A resuming trainer moves them aside.
   assert ckpt.latest_step() == 2 and ckpt.manager.latest_step() == 2
   ckpt.close()
   # orbax removes a killed save's temporary directory itself, in the background: whether it is gone yet is timing.
   assert sorted(n for n in os.listdir(checkpoints) if not n.endswith(".orbax-checkpoint-tmp")) == ["1", "2"]
-  rejected = sorted(os.listdir(tmp_path / rundir.REJECTED_DIR))
+  rejected = sorted(os.listdir(tmp_path / checkpoint_layout.REJECTED_DIR))
   assert [name.split("-")[0] for name in rejected] == ["50", "999"]
-  assert "no commit marker" in (tmp_path / rundir.REJECTED_DIR / rejected[1] / "REJECTED.txt").read_text()
+  assert "no commit marker" in (tmp_path / checkpoint_layout.REJECTED_DIR / rejected[1] / "REJECTED.txt").read_text()
 
 
 def test_checksums_catch_flipped_truncated_and_deleted_files(tmp_path):
   _save_steps(tmp_path, [1])
   step = tmp_path / "checkpoints" / "1"
-  assert (step / rundir.CHECKSUM_FILE).exists() and rundir.verify_checksums(str(tmp_path), 1) is None
+  assert (step / checkpoint_layout.CHECKSUM_FILE).exists() and checkpoint_layout.verify_checksums(str(tmp_path), 1) is None
   target = _largest_file(step)
   name = os.path.relpath(target, step)
   original = open(target, "rb").read()
   _flip_bytes(target)
-  assert rundir.verify_checksums(str(tmp_path), 1) == f"{name} does not match its checksum (corrupted)"
+  assert checkpoint_layout.verify_checksums(str(tmp_path), 1) == f"{name} does not match its checksum (corrupted)"
   open(target, "wb").write(original[:-7])
-  assert rundir.verify_checksums(str(tmp_path), 1) == f"{name} has {len(original) - 7} bytes, {len(original)} were " \
+  assert checkpoint_layout.verify_checksums(str(tmp_path), 1) == f"{name} has {len(original) - 7} bytes, {len(original)} were " \
                                                       "written"
   os.remove(target)
-  assert rundir.verify_checksums(str(tmp_path), 1) == f"{name} is missing"
+  assert checkpoint_layout.verify_checksums(str(tmp_path), 1) == f"{name} is missing"
 
 
 class _Killed(BaseException):
@@ -93,13 +94,13 @@ class _Killed(BaseException):
 
 def _kill_before_checksums_of(step, monkeypatch):
   """Injects the fault of the window between orbax's commit and the checksum file: the process dies there."""
-  original = rundir.write_checksums
+  original = checkpoint_layout.write_checksums
 
   def write_checksums(workdir, at):
     if at == step:
       raise _Killed()
     return original(workdir, at)
-  monkeypatch.setattr(rundir, "write_checksums", write_checksums)
+  monkeypatch.setattr(checkpoint_layout, "write_checksums", write_checksums)
 
 
 def test_a_step_killed_between_commit_and_checksums_does_not_count(tmp_path, monkeypatch, caplog):
@@ -113,45 +114,45 @@ def test_a_step_killed_between_commit_and_checksums_does_not_count(tmp_path, mon
       break
   monkeypatch.undo()
   workdir = str(tmp_path)
-  assert rundir.committed_steps(workdir) == [1, 2]  # orbax committed both ...
-  assert not (tmp_path / "checkpoints" / "2" / rundir.CHECKSUM_FILE).exists()
-  assert rundir.complete_steps(workdir) == [1] and rundir.latest_step(workdir) == 1  # ... only 1 counts.
-  assert "without its checksums" in rundir.why_incomplete(workdir, 2)
-  assert rundir.steps_to_try(workdir) == [1]
+  assert checkpoint_layout.committed_steps(workdir) == [1, 2]  # orbax committed both ...
+  assert not (tmp_path / "checkpoints" / "2" / checkpoint_layout.CHECKSUM_FILE).exists()
+  assert checkpoint_layout.complete_steps(workdir) == [1] and checkpoint_layout.latest_step(workdir) == 1  # ... only 1 counts.
+  assert "without its checksums" in checkpoint_layout.why_incomplete(workdir, 2)
+  assert checkpoint_layout.steps_to_try(workdir) == [1]
   # The next trainer moves it aside (kept, not deleted) and saves step 2 afresh, checksummed.
   ckpt = checkpointing.Checkpointer(workdir, 1, 3, False)
   assert "checkpoint step 2 is incomplete (committed but without its checksums" in caplog.text
-  (rejected,) = os.listdir(tmp_path / rundir.REJECTED_DIR)
+  (rejected,) = os.listdir(tmp_path / checkpoint_layout.REJECTED_DIR)
   assert rejected.startswith("2-") and "without its checksums" in (
-      tmp_path / rundir.REJECTED_DIR / rejected / "REJECTED.txt").read_text()
+      tmp_path / checkpoint_layout.REJECTED_DIR / rejected / "REJECTED.txt").read_text()
   ckpt.save(2, {"params": {"w": jnp.full((64,), 2.0)}, "step": jnp.asarray(2)}, _data_iter())
   ckpt.close()
-  assert rundir.complete_steps(workdir) == [1, 2] and rundir.verify_checksums(workdir, 2) is None
+  assert checkpoint_layout.complete_steps(workdir) == [1, 2] and checkpoint_layout.verify_checksums(workdir, 2) is None
 
 
 def test_steps_of_a_run_from_before_checksums_still_count(tmp_path):
   _save_steps(tmp_path, [1, 2])
   for step in (1, 2):  # A run written before checksums existed: no checksum files, no policy file.
-    os.remove(tmp_path / "checkpoints" / str(step) / rundir.CHECKSUM_FILE)
-  os.remove(tmp_path / rundir.CHECKSUM_POLICY_FILE)
-  assert rundir.complete_steps(str(tmp_path)) == [1, 2]
+    os.remove(tmp_path / "checkpoints" / str(step) / checkpoint_layout.CHECKSUM_FILE)
+  os.remove(tmp_path / checkpoint_layout.CHECKSUM_POLICY_FILE)
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [1, 2]
   _save_steps(tmp_path, [3])  # Resumed by today's trainer: its old steps stay, new ones need their checksums.
-  assert rundir.complete_steps(str(tmp_path)) == [1, 2, 3]
-  os.remove(tmp_path / "checkpoints" / "3" / rundir.CHECKSUM_FILE)
-  assert rundir.complete_steps(str(tmp_path)) == [1, 2]
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [1, 2, 3]
+  os.remove(tmp_path / "checkpoints" / "3" / checkpoint_layout.CHECKSUM_FILE)
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [1, 2]
 
 
 def test_keep_best_keeps_the_best_step_beside_the_last(tmp_path):
   _save_steps(tmp_path, [1, 2, 3, 4], keep=1, keep_best="loss", metrics={1: 3.0, 2: 1.0, 3: 2.0, 4: float("nan")})
-  assert rundir.complete_steps(str(tmp_path)) == [2, 4]
-  assert rundir.step_metrics(str(tmp_path), 2) == {"loss": 1.0}
-  assert rundir.best_step(str(tmp_path), "loss") == 2
-  assert rundir.steps_to_try(str(tmp_path), "best", keep_best="loss") == [2]
-  assert rundir.steps_to_try(str(tmp_path), 4) == [4]
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [2, 4]
+  assert checkpoint_layout.step_metrics(str(tmp_path), 2) == {"loss": 1.0}
+  assert checkpoint_layout.best_step(str(tmp_path), "loss") == 2
+  assert checkpoint_layout.steps_to_try(str(tmp_path), "best", keep_best="loss") == [2]
+  assert checkpoint_layout.steps_to_try(str(tmp_path), 4) == [4]
   with pytest.raises(errors.CheckpointError, match=r"no complete checkpoint of step 3 \(there are 2, 4\)"):
-    rundir.steps_to_try(str(tmp_path), 3)
+    checkpoint_layout.steps_to_try(str(tmp_path), 3)
   with pytest.raises(errors.CheckpointError, match="--step=best needs a run trained with checkpoint.keep_best"):
-    rundir.steps_to_try(str(tmp_path), "best")
+    checkpoint_layout.steps_to_try(str(tmp_path), "best")
 
 
 def test_a_failed_save_names_the_step_to_resume_from(tmp_path, monkeypatch):
@@ -193,7 +194,7 @@ def _copy(run, tmp_path):
 def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, caplog):
   from lenvm_jax.decoding.predict import Predictor
   workdir = _copy(trained_run[0], tmp_path)
-  assert rundir.complete_steps(str(workdir)) == [5, 10]
+  assert checkpoint_layout.complete_steps(str(workdir)) == [5, 10]
   intact = Predictor(str(workdir), 5).params
   _flip_bytes(_largest_file(workdir / "checkpoints" / "10"))
   predictor = Predictor(str(workdir))
@@ -203,12 +204,12 @@ def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, ca
   with pytest.raises(errors.CheckpointError, match=r"no checkpoint restores \(step 10: .*corrupted\)"):
     Predictor(str(workdir), 10)
   # Without checksums (a run from before them), unreadable metadata is caught by the restore itself.
-  os.remove(workdir / rundir.CHECKSUM_POLICY_FILE)
-  os.remove(workdir / "checkpoints" / "10" / rundir.CHECKSUM_FILE)
+  os.remove(workdir / checkpoint_layout.CHECKSUM_POLICY_FILE)
+  os.remove(workdir / "checkpoints" / "10" / checkpoint_layout.CHECKSUM_FILE)
   (workdir / "checkpoints" / "10" / "state" / "_METADATA").write_bytes(os.urandom(256))
   assert Predictor(str(workdir)).step == 5
   for step in (5, 10):  # Nothing of them restores: one line that names each step's problem.
-    (workdir / "checkpoints" / str(step) / rundir.CHECKSUM_FILE).unlink(missing_ok=True)
+    (workdir / "checkpoints" / str(step) / checkpoint_layout.CHECKSUM_FILE).unlink(missing_ok=True)
     (workdir / "checkpoints" / str(step) / "state" / "_METADATA").write_bytes(b"garbage")
   with pytest.raises(errors.CheckpointError, match=r"no checkpoint restores \(step 10: .*; step 5: "):
     Predictor(str(workdir))
@@ -219,7 +220,7 @@ def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
   workdir, _ = trained_run
   evals = {r["step"]: r["loss"] for r in _logged(workdir, "eval").values()}
   best = min(evals, key=lambda s: (evals[s], -s))
-  assert rundir.best_step(str(workdir), "loss") == best
+  assert checkpoint_layout.best_step(str(workdir), "loss") == best
   out = tmp_path / "p.jsonl"
   (tmp_path / "in.jsonl").write_text(json.dumps({"prompt_ids": [3, 4], "completion_ids": [5, 1]}) + "\n")
   for step, want in (("best", best), ("5", 5), ("latest", 10)):
@@ -282,7 +283,7 @@ def _assert_exact(workdir, straight_run):
     assert got[step]["loss"] == want[step]["loss"], step
   for a, b in zip(_flatten(final), _flatten(_final_params(workdir))):
     np.testing.assert_array_equal(a, b)
-  assert not (workdir / rundir.LOCK_FILE).exists()
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def _start(workdir, steps=None):
@@ -293,7 +294,7 @@ def _start(workdir, steps=None):
 
 
 def _committed(workdir, step):
-  return step in rundir.complete_steps(str(workdir))
+  return step in checkpoint_layout.complete_steps(str(workdir))
 
 
 @pytest.mark.slow
@@ -304,13 +305,13 @@ def test_sigterm_then_a_corrupted_latest_step_resumes_exactly(straight, tmp_path
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-2000:]
-  newest = rundir.latest_step(str(workdir))
+  newest = checkpoint_layout.latest_step(str(workdir))
   assert newest is not None and 10 < newest < STEPS  # SIGTERM saved the step it stopped at.
   _flip_bytes(_largest_file(workdir / "checkpoints" / str(newest)))
   result = _run(workdir)
   assert f"checkpoint step {newest} is damaged" in result.stderr and "resuming from checkpoint step 10" in result.stderr
   _assert_exact(workdir, straight)
-  assert os.listdir(workdir / rundir.REJECTED_DIR)[0].startswith(f"{newest}-")  # Kept aside, not deleted.
+  assert os.listdir(workdir / checkpoint_layout.REJECTED_DIR)[0].startswith(f"{newest}-")  # Kept aside, not deleted.
 
 
 @pytest.mark.slow
@@ -320,8 +321,8 @@ def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(
   _wait_for(lambda: _committed(workdir, 10) and max(_logged(workdir), default=0) >= 16, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert (workdir / rundir.LOCK_FILE).exists()  # Left behind by the killed trainer.
-  newest = rundir.latest_step(str(workdir))
+  assert (workdir / workdir_lock.LOCK_FILE).exists()  # Left behind by the killed trainer.
+  newest = checkpoint_layout.latest_step(str(workdir))
   victim = _largest_file(workdir / "checkpoints" / str(newest))
   with open(victim, "rb+") as f:
     f.truncate(os.path.getsize(victim) // 2)
@@ -338,13 +339,13 @@ def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(
 # The trainer, killed by SIGKILL at the injected point: after orbax committed step 10, before its checksums.
 _KILLED_IN_THE_WINDOW = """
 import os, signal, sys
-from lenvm_jax import rundir
-original = rundir.write_checksums
+from lenvm_jax.run import checkpoint_layout, workdir_lock
+original = checkpoint_layout.write_checksums
 def write_checksums(workdir, step):
   if step == 10:
     os.kill(os.getpid(), signal.SIGKILL)
   return original(workdir, step)
-rundir.write_checksums = write_checksums
+checkpoint_layout.write_checksums = write_checksums
 from experiments import cli, train
 sys.argv = ["train"] + sys.argv[1:]
 cli.run(train.main)
@@ -357,7 +358,7 @@ def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_pa
   command = [sys.executable, "-c", _KILLED_IN_THE_WINDOW] + _command(workdir)[3:]
   killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert 10 in rundir.committed_steps(str(workdir)) and rundir.latest_step(str(workdir)) == 5
+  assert 10 in checkpoint_layout.committed_steps(str(workdir)) and checkpoint_layout.latest_step(str(workdir)) == 5
   result = _run(workdir)
   assert "checkpoint step 10 is incomplete (committed but without its checksums" in result.stderr
   assert "resuming from checkpoint step 5" in result.stderr
@@ -371,12 +372,12 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(strai
   _wait_for(lambda: max(_logged(workdir), default=0) >= 3, first)
   first.send_signal(signal.SIGSTOP)  # Hold it mid-run while the second one tries.
   try:
-    holder = json.loads((workdir / rundir.LOCK_FILE).read_text())
+    holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
     config = (workdir / "config.json").read_bytes()
     second = _run(workdir, check=False)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"the workdir is in use by another trainer (host {holder['host']}, pid {first.pid}" in second.stderr
-    assert json.loads((workdir / rundir.LOCK_FILE).read_text()) == holder
+    assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text()) == holder
     assert (workdir / "config.json").read_bytes() == config
   finally:
     first.send_signal(signal.SIGCONT)
@@ -415,7 +416,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_exactly(straight, 
     assert process.returncode == 2, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "no space left on device" in last, last
-    resume_from = rundir.latest_step(str(workdir))
+    resume_from = checkpoint_layout.latest_step(str(workdir))
     assert f"rerun the same command: it resumes from step {resume_from}" in last, last
     assert "Traceback" not in stderr, stderr[-3000:]
     os.remove(disk / "ballast")

@@ -61,7 +61,7 @@ def test_url_workdir_is_refused_before_anything_is_written(tiny_config, tmp_path
   with pytest.raises(config_lib.ConfigError, match=r"'gs://b/run' is a URL.*/gcs/BUCKET"):
     trainer.train_and_evaluate(run_config(tiny_config), "gs://b/run")
   assert not list(tmp_path.iterdir())
-  config_lib.check_workdir("/gcs/b/run")  # A mounted bucket is a path.
+  workdir_checks.check_workdir("/gcs/b/run")  # A mounted bucket is a path.
 
 
 def _train_cli(*overrides, workdir):

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from lenvm_jax import errors, rundir
+from lenvm_jax import errors
+from lenvm_jax.model import hf_export
+from lenvm_jax.run import checkpoint_layout, config_history, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import arrayrecord, jsonl, output_dir, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
@@ -223,7 +225,7 @@ def test_start_up_mistakes_name_their_config_field(tiny_config, tmp_path, fields
 def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
   (tmp_path / "file").write_text("not a directory")
   with pytest.raises(errors.UserError, match=r"the workdir is a file \(.*/file\): choose a directory path"):
-    rundir.make_workdir(str(tmp_path / "file"))
+    workdir_checks.make_workdir(str(tmp_path / "file"))
 
   def read_only(path, *args, **kwargs):
     raise OSError(errno.EROFS, "Read-only file system", path)
@@ -231,7 +233,7 @@ def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch
   monkeypatch.setattr(os, "makedirs", read_only)
   with pytest.raises(errors.UserError, match=r"cannot write the workdir: read-only file system \(.*/ro\): choose a "
                      "writable location"):
-    rundir.make_workdir(str(tmp_path / "ro"))
+    workdir_checks.make_workdir(str(tmp_path / "ro"))
 
 
 def test_keep_best_names_a_metric_and_needs_an_eval_split(tiny_config):
@@ -255,26 +257,26 @@ def _dead_pid() -> int:
 
 @pytest.mark.slow
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
-  with rundir.WorkdirLock(str(tmp_path)):
-    holder = json.loads((tmp_path / rundir.LOCK_FILE).read_text())
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    holder = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid()
-    probe = subprocess.run([sys.executable, "-c", "import sys; from lenvm_jax import rundir; "
-                            f"rundir.WorkdirLock({str(tmp_path)!r}).acquire()"], cwd=REPO, capture_output=True,
+    probe = subprocess.run([sys.executable, "-c", "import sys; from lenvm_jax.run import checkpoint_layout, config_history, workdir_checks, workdir_lock; "
+                            f"workdir_lock.WorkdirLock({str(tmp_path)!r}).acquire()"], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
     assert probe.returncode != 0
     assert f"the workdir is in use by another trainer (host {holder['host']}, pid {os.getpid()}" in probe.stderr
-  assert not (tmp_path / rundir.LOCK_FILE).exists()  # Released.
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()  # Released.
 
 
 def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path, caplog):
-  lock = tmp_path / rundir.LOCK_FILE
+  lock = tmp_path / workdir_lock.LOCK_FILE
   lock.write_text(json.dumps({"host": os.uname().nodename, "pid": _dead_pid(), "since": "yesterday"}))
-  with rundir.WorkdirLock(str(tmp_path)):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
     assert json.loads(lock.read_text())["pid"] == os.getpid()
   assert "taking over the stale workdir lock" in caplog.text
   lock.write_text(json.dumps({"host": "another-host", "pid": 1, "since": "today"}))
   with pytest.raises(errors.WorkdirBusy, match=r"host another-host, pid 1, since today.*delete the lock file"):
-    rundir.WorkdirLock(str(tmp_path)).acquire()
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   assert json.loads(lock.read_text())["host"] == "another-host"  # Left alone.
 
 
@@ -283,23 +285,23 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_lock_is_not(tmp_path, capl
 
 def test_a_resumed_run_keeps_the_config_it_replaced(tiny_config, tmp_path):
   first = run_config(tiny_config)
-  rundir.write_config(str(tmp_path), first)
-  rundir.write_config(str(tmp_path), first, resumed_from=10)  # Unchanged: nothing kept.
-  assert rundir.replaced_config_steps(str(tmp_path)) == []
+  config_history.write_config(str(tmp_path), first)
+  config_history.write_config(str(tmp_path), first, resumed_from=10)  # Unchanged: nothing kept.
+  assert config_history.replaced_config_steps(str(tmp_path)) == []
   tiny_config.loss.gamma = 0.9
   second = run_config(tiny_config)
-  rundir.write_config(str(tmp_path), second, resumed_from=10)
-  assert rundir.read_config(str(tmp_path), 10).loss.gamma == 0.98  # Steps up to 10 were trained with the first.
-  assert rundir.read_config(str(tmp_path), 11).loss.gamma == 0.9
-  assert rundir.read_config(str(tmp_path)).loss.gamma == 0.9
-  assert rundir.differing_fields(first, second) == ["loss.gamma: 0.98 -> 0.9"]
+  config_history.write_config(str(tmp_path), second, resumed_from=10)
+  assert config_history.read_config(str(tmp_path), 10).loss.gamma == 0.98  # Steps up to 10 were trained with the first.
+  assert config_history.read_config(str(tmp_path), 11).loss.gamma == 0.9
+  assert config_history.read_config(str(tmp_path)).loss.gamma == 0.9
+  assert config_history.differing_fields(first, second) == ["loss.gamma: 0.98 -> 0.9"]
 
 
 def test_reading_a_directory_that_is_no_run_is_one_line(tmp_path):
   with pytest.raises(errors.UserError, match=r"not a run directory: it has no config\.json"):
-    rundir.read_config(str(tmp_path))
+    config_history.read_config(str(tmp_path))
   with pytest.raises(errors.UserError, match=r"no such run directory"):
-    rundir.read_config(str(tmp_path / "missing"))
+    config_history.read_config(str(tmp_path / "missing"))
 
 
 # ------------------------------------------------------------------------------------- one import per directory
@@ -327,16 +329,22 @@ def test_output_directories_hold_one_import(tmp_path):
 
 def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
   out = tmp_path / "export"
-  assert rundir.check_export_dir(str(out), overwrite=False) == []
+  assert hf_export.check_export_dir(str(out), overwrite=False) == []
   out.mkdir()
   (out / "tokenizer.json").write_text("{}")
   (out / "pytorch_model.bin").write_text("foreign")
   with pytest.raises(errors.UserError, match=r"not empty \(pytorch_model\.bin, tokenizer\.json\).*--overwrite"):
-    rundir.check_export_dir(str(out), overwrite=False)
-  assert rundir.check_export_dir(str(out), overwrite=True) == ["pytorch_model.bin", "tokenizer.json"]
+    hf_export.check_export_dir(str(out), overwrite=False)
+  assert hf_export.check_export_dir(str(out), overwrite=True) == ["pytorch_model.bin", "tokenizer.json"]
   (out / "checkpoints").mkdir()
   with pytest.raises(errors.UserError, match="is a training run directory"):
-    rundir.check_export_dir(str(out), overwrite=True)
+    hf_export.check_export_dir(str(out), overwrite=True)
+  (out / "checkpoints").rmdir()
+  (out / workdir_lock.LOCK_FILE).write_text("{}")  # A run that holds its lock but has saved nothing yet.
+  with pytest.raises(errors.UserError, match="is a training run directory"):
+    hf_export.check_export_dir(str(out), overwrite=True)
+  # The export code names a run directory's entries itself (model/ sits below run/): the same names.
+  assert os.path.join(str(out), hf_export.RUN_DIR_CHECKPOINTS) == checkpoint_layout.checkpoint_dir(str(out))
 
 
 # --------------------------------------------------------------------------------------- the CLIs (subprocesses)
@@ -590,7 +598,7 @@ def test_a_non_finite_train_state_is_never_checkpointed(tmp_path):
                        "intact; resume with a smaller config.optim.lr"):
       ckpt.save(2, {"params": {"w": jnp.ones((8,)).at[3].set(bad)}, "step": jnp.asarray(2)}, data_iter)
   ckpt.close()
-  assert rundir.complete_steps(str(tmp_path)) == [1]
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == [1]
 
 
 @pytest.mark.slow
@@ -604,7 +612,7 @@ def test_a_diverged_run_stops_after_the_streak_and_checkpoints_nothing_non_finit
     trainer.train_and_evaluate(run_config(config), str(tmp_path))
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # Stopped at the streak, not step 50.
-  assert rundir.complete_steps(str(tmp_path)) == []  # Steps 2 and 4 were due but non-finite.
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == []  # Steps 2 and 4 were due but non-finite.
 
 
 # ------------------------------------------------------------------------------------ writes that cannot escape
@@ -639,8 +647,8 @@ def test_writes_replace_a_planted_symlink_instead_of_following_it(tmp_path):
   assert outside.read_text() == "precious" and not os.path.islink(shard) and len(arrayrecord.split_paths(shard)) == 1
   # The workdir's write probe and the lock's private file are created exclusively too.
   os.symlink(outside, out / f".write_test.{os.getpid()}")
-  rundir.make_workdir(str(out))
-  with rundir.WorkdirLock(str(out)):
+  workdir_checks.make_workdir(str(out))
+  with workdir_lock.WorkdirLock(str(out)):
     pass
   assert outside.read_text() == "precious"
 
@@ -686,7 +694,7 @@ def test_a_lock_that_is_no_regular_file_is_refused_not_followed(tmp_path):
   for make in (lambda p: p.mkdir(), lambda p: os.symlink(outside, p)):
     workdir = tmp_path / f"w{len(os.listdir(tmp_path))}"
     workdir.mkdir()
-    make(workdir / rundir.LOCK_FILE)
+    make(workdir / workdir_lock.LOCK_FILE)
     with pytest.raises(errors.WorkdirBusy, match=r"the workdir lock is not a regular file \(.*\.lock\): no trainer "):
-      rundir.WorkdirLock(str(workdir)).acquire()
+      workdir_lock.WorkdirLock(str(workdir)).acquire()
   assert outside.read_text() == "precious"

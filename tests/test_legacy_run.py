@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from lenvm_jax import rundir
+from lenvm_jax.run import checkpoint_layout, config_history
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.train import trainer
@@ -31,7 +31,7 @@ def _copy(tmp_path) -> pathlib.Path:
 def test_legacy_config_loads_with_gamma_in_its_new_home():
   raw = json.loads((FIXTURE / "config.json").read_text())
   assert "gamma" in raw["model"] and "gamma" not in raw.get("loss", {})  # Really the old layout.
-  run = rundir.read_config(str(FIXTURE))
+  run = config_history.read_config(str(FIXTURE))
   assert run.loss.gamma == raw["model"]["gamma"] and run.model.num_layers == raw["model"]["num_layers"]
 
 
@@ -65,5 +65,5 @@ def test_legacy_run_resumes_from_its_checkpoint(tmp_path, tiny_config):
   steps = [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
            if r["split"] == "train"]
   assert steps == [5, 6]  # Continued after step 4; a restart from scratch would log steps 1 .. 6.
-  assert rundir.latest_step(str(workdir)) == 6
+  assert checkpoint_layout.latest_step(str(workdir)) == 6
   assert json.loads((workdir / "config.json").read_text())["loss"]["gamma"] == 0.98

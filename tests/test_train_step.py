@@ -218,12 +218,13 @@ def test_trainer_reports_nonfinite_losses_loudly(tiny_config, tmp_path, policy, 
     with pytest.raises(FloatingPointError, match="train.nonfinite='stop'"):
       trainer.train_and_evaluate(run_config(config), str(tmp_path))
     return
-  from lenvm_jax import errors, rundir
+  from lenvm_jax import errors
+  from lenvm_jax.run import checkpoint_layout
   ended = r"the run ended on 3 non-finite step\(s\) in a row \(step 4\): its state is not checkpointed"
   with caplog.at_level("WARNING"), pytest.raises(errors.NonFiniteError, match=ended):
     trainer.train_and_evaluate(run_config(config), str(tmp_path))
   assert "non-finite loss or gradient" in caplog.text
-  assert rundir.complete_steps(str(tmp_path)) == []  # The diverged weights were never checkpointed.
+  assert checkpoint_layout.complete_steps(str(tmp_path)) == []  # The diverged weights were never checkpointed.
   import json
   last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
   assert last["split"] == "train" and last["nonfinite_skips"] >= 1

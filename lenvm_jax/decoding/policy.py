@@ -1,6 +1,6 @@
 """A policy to sample from, placed on a mesh: a lenvm_jax run workdir or a Hugging Face causal-LM directory.
 
-A workdir (config.json + checkpoints/) loads its latest checkpoint's weights through rundir.restore_params; an HF
+A workdir (config.json + checkpoints/) loads its latest checkpoint's weights through checkpoint_restore.restore_params; an HF
 directory (config.json with `architectures`, safetensors) through model/hf_import.py. Runs do not know an EOS id
 (training needs none), so for them it must come from the caller; HF directories name theirs in
 generation_config.json or config.json (`eos_token_id`, an id or a list). A llama.cpp `.gguf` file loads through
@@ -13,7 +13,8 @@ import os
 
 import jax
 
-from lenvm_jax import gguf_file, rundir
+from lenvm_jax import gguf_file
+from lenvm_jax.run import checkpoint_restore, config_history
 from lenvm_jax.data import tokenizer as tokenizer_lib
 from lenvm_jax.model import hf_import
 from lenvm_jax.model_config import ModelConfig
@@ -48,7 +49,7 @@ def read_model_config(path: str) -> ModelConfig:
   """The policy's shape (vocabulary included) without its weights: relations between flags (the LenVM's vocabulary,
   EOS ids) are checked before anything heavy loads."""
   if is_run_workdir(path):
-    return rundir.read_config(path).model
+    return config_history.read_config(path).model
   if gguf_file.is_gguf_path(path) or os.path.isfile(os.path.join(path, "config.json")):
     return hf_import.load_model_config(path)
   raise FileNotFoundError(f"{path}: neither a run workdir (no checkpoints/), a Hugging Face directory "
@@ -61,7 +62,7 @@ def load_policy(path: str, mesh) -> Policy:
   graphdef, abstract = abstract_model(model_config)
   if is_run_workdir(path):
     with jax.set_mesh(mesh):
-      params, step = rundir.restore_params(path, rundir.abstract_params_on(abstract, mesh))
+      params, step = checkpoint_restore.restore_params(path, checkpoint_restore.abstract_params_on(abstract, mesh))
     return Policy(graphdef, params, model_config, (), f"run {path} step {step}")
   with jax.set_mesh(mesh):
     params = hf_import.load_params(path, model_config, mesh)

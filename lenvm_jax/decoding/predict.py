@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lenvm_jax import rundir, sharding
+from lenvm_jax import sharding
+from lenvm_jax.run import checkpoint_restore, config_history
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.sampler import bucket_width
 from lenvm_jax.model.transformer import abstract_model
@@ -20,13 +21,13 @@ class Predictor:
   run's checkpoint.keep_best) or a step number."""
 
   def __init__(self, workdir: str, step: int | str | None = None):
-    current = rundir.read_config(workdir)
+    current = config_history.read_config(workdir)
     mesh = sharding.make_mesh(1, 1, 1)
     with jax.set_mesh(mesh):
       _, abstract = abstract_model(current.model)
-      self.params, self.step = rundir.restore_params(workdir, rundir.abstract_params_on(abstract, mesh), step,
+      self.params, self.step = checkpoint_restore.restore_params(workdir, checkpoint_restore.abstract_params_on(abstract, mesh), step,
                                                      keep_best=current.checkpoint.keep_best)
-    self.config = rundir.read_config(workdir, self.step)  # A resumed run may have trained this step with another.
+    self.config = config_history.read_config(workdir, self.step)  # A resumed run may have trained this step with another.
     self.graphdef, _ = abstract_model(self.config.model)
     self.kind = Objective.from_config(self.config.loss).kind
     self._forward = jax.jit(self._values)

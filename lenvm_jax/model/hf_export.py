@@ -7,17 +7,22 @@ layout. Tokenizer and generation files are copied from a source HF directory whe
 Weights above `max_shard_bytes` are split as `save_pretrained` splits them: model-0000i-of-0000n.safetensors plus
 model.safetensors.index.json. Each shard is fetched from the devices and written before the next, so the host holds
 one shard, not the model.
+
+An export's output directory is checked before anything loads (check_export_dir: never a run directory, a non-empty
+one only with --overwrite) and emptied only once the model has loaded (remove_entries).
 """
 
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
 from safetensors.numpy import save_file
 
 from lenvm_jax import files, gguf_file
+from lenvm_jax.errors import UserError
 from lenvm_jax.data import tokenizer as tokenizer_lib
 from lenvm_jax.model import hf_config, hf_import, hf_layout
 from lenvm_jax.model_config import ModelConfig
@@ -29,6 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # transformers refuses safetensors files whose metadata does not name a framework layout; ours is PyTorch's.
 _METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB").
+# A training run's directory (run/checkpoint_layout.py, run/workdir_lock.py) is never an export's output.
+RUN_DIR_CHECKPOINTS, RUN_DIR_LOCK = "checkpoints", ".lock"
 
 
 def _host_tensors(mappings, params: dict) -> dict[str, np.ndarray]:
@@ -113,3 +120,33 @@ def export(params: dict, model_config: ModelConfig, output_dir: str, tokenizer_d
   if tokenizer_dir:
     written += copy_tokenizer_files(tokenizer_dir, output_dir)
   return written
+
+
+def check_export_dir(output: str, overwrite: bool) -> list[str]:
+  """For an export of a model (experiments/export_hf.py, convert_gguf.py): the entries a non-empty output holds (to
+  remove once the model has loaded); refuses a file, a run directory, or, without `overwrite`, any non-empty
+  directory."""
+  where = f"--output={output}"
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise UserError.at("the output is a file", where, "give a directory")
+  entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+  if not entries:
+    return []
+  if os.path.isdir(os.path.join(output, RUN_DIR_CHECKPOINTS)) or RUN_DIR_LOCK in entries:
+    raise UserError.at("the output is a training run directory", where, "export into another directory")
+  if not overwrite:
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise UserError.at(f"the output directory is not empty ({shown})", where,
+                       "choose a new or empty directory, or pass --overwrite to replace its contents")
+  return entries
+
+
+def remove_entries(directory: str, names: list[str]) -> None:
+  """Removes `names` (files, links or directories) from `directory`: what check_export_dir allowed --overwrite to
+  replace, once the new model has loaded. A link is removed, never followed."""
+  for name in names:
+    path = os.path.join(directory, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)

@@ -101,8 +101,10 @@ class ValueService:
     with self._lock:
       for prefix, ids in zip(sequences, lists):
         trajectory = Trajectory(np.asarray(prefix, np.int32), np.zeros(0, np.int32))
-        values = next_values(self.predictor, [trajectory], list(ids), scorer="next_state", batch_size=1)[0]
-        out.append(_z_from_value(values[0]).tolist())
+        width = max(8, 1 << (len(ids) - 1).bit_length())  # Few candidate counts, so few compiles.
+        padded = list(ids) + [ids[-1]] * (width - len(ids))
+        values = next_values(self.predictor, [trajectory], padded, scorer="next_state", batch_size=1, chunk=width)[0]
+        out.append(_z_from_value(values[0, :len(ids)]).tolist())
     return out
 
   def lengths(self, prompts) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,10 @@
-"""orbax checkpoints of the train state and the grain iterator: `<workdir>/checkpoints/<step>/` (see rundir.py).
+"""orbax checkpoints of the train state and the grain iterator: `<workdir>/checkpoints/<step>/` (see run/__init__.py).
 
 Faults a run survives:
   * a process killed mid-save (even kill -9) leaves a temporary directory, removed at the next start; resume takes
     the newest committed step (orbax's commit marker; a bare numeric directory is moved aside);
   * a process killed between orbax's commit and the checksum file leaves a step that cannot be verified: it does not
-    count (rundir.why_incomplete), is moved aside at the next start and the step before it restored;
+    count (run/checkpoint_layout.why_incomplete), is moved aside at the next start and the step before it restored;
   * a committed step whose files were changed afterwards (flipped bytes, a truncated or deleted file) fails the
     checksums written beside it once it was committed; it is moved aside and the step before it restored;
   * a save that fails for the disk (full, read-only, permissions) stops the run with one line that names the step
@@ -23,10 +23,10 @@ from jax.experimental import multihost_utils
 import jax
 import jax.numpy as jnp
 
-from lenvm_jax import distributed, errors, rundir
-from lenvm_jax.model import legacy_layers
+from lenvm_jax import distributed, errors
 from lenvm_jax.config import RunConfig
 from lenvm_jax.errors import CheckpointError
+from lenvm_jax.run import checkpoint_layout, checkpoint_restore, config_history
 from lenvm_jax.train import state as state_lib
 
 
@@ -65,7 +65,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool, keep_best: str = ""):
     self.workdir = workdir
-    self.directory = rundir.checkpoint_dir(workdir)
+    self.directory = checkpoint_layout.checkpoint_dir(workdir)
     self.every_steps = every_steps
     self.keep_best = keep_best
     if os.path.lexists(self.directory) and not os.path.isdir(self.directory):  # Before orbax's threads trip on it.
@@ -73,10 +73,10 @@ class Checkpointer:
                                "move that file out of the workdir (a run keeps its checkpoints there) or use another "
                                "--workdir")
     if distributed.is_leader():
-      rundir.require_checksums(workdir)  # Before the first save: from here on a step counts with its checksums.
-      for step in rundir.incomplete_steps(workdir):
-        why = rundir.why_incomplete(workdir, step)
-        moved = rundir.reject_step(workdir, step, why)
+      checkpoint_layout.require_checksums(workdir)  # Before the first save: from here on a step counts with its checksums.
+      for step in checkpoint_layout.incomplete_steps(workdir):
+        why = checkpoint_layout.why_incomplete(workdir, step)
+        moved = checkpoint_layout.reject_step(workdir, step, why)
         logging.warning("checkpoint step %d is incomplete (%s): moved to %s", step, why, moved)
     _sync("lenvm_checkpoints_scanned")
     self.manager = ocp.CheckpointManager(
@@ -87,10 +87,10 @@ class Checkpointer:
     self._unsealed: list[int] = []  # Saved steps whose checksums are not written yet.
 
   def latest_step(self) -> int | None:
-    return rundir.latest_step(self.workdir)
+    return checkpoint_layout.latest_step(self.workdir)
 
   def steps(self) -> list[int]:
-    return rundir.complete_steps(self.workdir)
+    return checkpoint_layout.complete_steps(self.workdir)
 
   def _failed(self, step: int, error: Exception) -> Exception:
     """A save that failed for the disk as a CheckpointError that names the step to resume from; else `error`."""
@@ -104,14 +104,14 @@ class Checkpointer:
 
   def _seal(self):
     """Checksums for the saved steps that orbax has committed since (the leader writes them): only then does a step
-    count (rundir.complete_steps)."""
+    count (checkpoint_layout.complete_steps)."""
     pending = []
-    committed = rundir.committed_steps(self.workdir)
+    committed = checkpoint_layout.committed_steps(self.workdir)
     for step in self._unsealed:
       if step in committed:
         if distributed.is_leader():
           try:
-            rundir.write_checksums(self.workdir, step)
+            checkpoint_layout.write_checksums(self.workdir, step)
           except FileNotFoundError:  # Removed meanwhile (keep): nothing to seal.
             pass
           except OSError as e:  # Without checksums the step does not count: the disk's fault stops the run.
@@ -163,21 +163,15 @@ class Checkpointer:
 
   def restore(self, step: int, target, data_iter=None):
     """The state pytree as saved, into the shardings that `target` (ShapeDtypeStructs with shardings) names; the
-    data iterator is restored in place when given (inference passes none)."""
-    items = {"state": ocp.args.StandardRestore(target)}
-    if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    data iterator is restored in place when given (inference passes none). Through the run's one restore core
+    (run/checkpoint_restore.py), which also reads checkpoints written before the decoder layers were stacked."""
+    return checkpoint_restore.restore_state(self.manager, step, target, data_iter=data_iter)
 
   def restore_train_state(self, step: int, abstract_state, data_iter=None):
     """A TrainState through the tree the checkpoint holds (state.checkpoint_target / from_checkpoint), so checkpoints
-    written with or without a weight EMA, or before TrainState had one, restore into either kind of run; one written
-    before the decoder layers were stacked is restored per layer and stacked (model/legacy_layers.py)."""
+    written with or without a weight EMA, or before TrainState had one, restore into either kind of run."""
     stored = self.manager.item_metadata(step).state
-    target = state_lib.checkpoint_target(abstract_state, stored)
-    if legacy_layers.stored_per_layer(stored["params"]):
-      target = legacy_layers.per_layer_target(target)
-    restored = legacy_layers.stack_layers(self.restore(step, target, data_iter))
+    restored = self.restore(step, state_lib.checkpoint_target(abstract_state, stored), data_iter)
     return state_lib.from_checkpoint(abstract_state, restored)
 
   def restore_newest(self, abstract_state, data_iter, run: RunConfig):
@@ -189,19 +183,19 @@ class Checkpointer:
 
     def restore(step):
       stored = self.manager.item_metadata(step).state
-      mismatch = rundir.tree_mismatch(stored["params"], abstract_state.params)
+      mismatch = checkpoint_restore.tree_mismatch(stored["params"], abstract_state.params)
       if mismatch:
         raise self._mismatch(step, mismatch, run)
       return self.restore_train_state(step, abstract_state, data_iter)
 
     try:
-      state, step, skipped = rundir.first_restorable(self.workdir, steps[::-1], restore)
+      state, step, skipped = checkpoint_restore.first_restorable(self.workdir, steps[::-1], restore)
     except CheckpointError as e:
       raise self._with_config_changes(e, steps[-1], run) from None
     if skipped:
       if distributed.is_leader():
         for bad, why in skipped:
-          moved = rundir.reject_step(self.workdir, bad, why)
+          moved = checkpoint_layout.reject_step(self.workdir, bad, why)
           logging.warning("checkpoint step %d is damaged (%s): moved to %s", bad, why, moved)
       _sync("lenvm_checkpoints_rejected")
       self.manager.reload()
@@ -214,12 +208,12 @@ class Checkpointer:
     trained = (f"it was trained with {'; '.join(changes)} (saved -> this run)" if changes
                else "the run's saved config does not say why")
     return CheckpointError.at(f"checkpoint step {step} does not match this run's model: {mismatch}; {trained}",
-                              rundir.step_dir(self.workdir, step),
+                              checkpoint_layout.step_dir(self.workdir, step),
                               "resume with the config the run was trained with, or use a new --workdir")
 
   def _config_changes(self, step: int, run: RunConfig) -> list[str]:
     try:
-      return rundir.differing_fields(rundir.read_config(self.workdir, step), run)
+      return config_history.differing_fields(config_history.read_config(self.workdir, step), run)
     except errors.UserError:
       return []
 

@@ -6,7 +6,7 @@ restores intact (train/checkpointing.py).
 
 Fail safe: the workdir is locked first (a second trainer refuses); then data, mesh and state are set up, and any
 user mistake among them (config, data, paths, devices, a checkpoint of another model) raises a UserError before the
-workdir changes; config.json is written only once all of that has worked (rundir.write_config keeps a config that a
+workdir changes; config.json is written only once all of that has worked (config_history.write_config keeps a config that a
 resume replaced).
 """
 
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lenvm_jax import config as config_lib, distributed, errors, rundir, sharding
+from lenvm_jax import config as config_lib, distributed, errors, sharding
+from lenvm_jax.run import config_history, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
 from lenvm_jax.model import hf_import, transformer
@@ -225,9 +226,9 @@ def _disk_failure(error: BaseException, workdir: str, ckpt) -> errors.UserError 
 def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
   """Trains to run.train.steps (resuming from the newest intact checkpoint in workdir); returns the last eval
   metrics."""
-  config_lib.check_workdir(workdir)
-  rundir.make_workdir(workdir)
-  with rundir.WorkdirLock(workdir) if distributed.is_leader() else contextlib.nullcontext():
+  workdir_checks.check_workdir(workdir)
+  workdir_checks.make_workdir(workdir)
+  with workdir_lock.WorkdirLock(workdir) if distributed.is_leader() else contextlib.nullcontext():
     if distributed.is_leader():
       metrics_log.check_workdir_files(workdir)  # A link planted for the logs is refused before any work.
     run, train_source = resolve_gamma(run)
@@ -301,7 +302,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
 
   # The run has started cleanly: from here on the workdir records it.
   if distributed.is_leader():
-    rundir.write_config(workdir, run, resume_step)
+    config_history.write_config(workdir, run, resume_step)
   log = MetricsLog(workdir)
   step = int(state.step)
   reported_skips = int(state.nonfinite_skips)
