@@ -25,7 +25,7 @@ from lenvm_jax.run import config_history
 from lenvm_jax.data import pipeline
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import candidate_scoring, policy as policy_lib
-from lenvm_jax.decoding.engine import Engine, Request
+from lenvm_jax.decoding.engine import Engine
 from lenvm_jax.decoding.eos import check_in_vocabulary, generator_eos_ids
 from lenvm_jax.decoding.guided import CONVENTIONS
 from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, check_same_vocabulary
@@ -152,7 +152,7 @@ def main(argv):
     engine = Engine(models, params, mesh, eos_ids=eos_ids, slots=_SLOTS.value, max_prompt_len=_MAX_PROMPT.value,
                     max_new_tokens=_MAX_TOKENS.value, num_candidates=_CANDIDATES.value, filter_style=_FILTER.value,
                     steps_per_call=_STEPS.value)
-  engine.generate([Request((eos_ids[0],), 1)])  # Compiles the decode program before the first client waits on it.
+  engine.warm_up()  # Compiles every admission shape and the decode program before the first client waits on them.
   runner = EngineRunner(engine, _MAX_WAITING.value)
   limits = Limits(max_body_bytes=_MAX_BODY.value, max_prompt_tokens=_MAX_PROMPT.value,
                   max_new_tokens=_MAX_TOKENS.value, max_n=_MAX_N.value)

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, assert_one_error_line, run_cli, run_config
+from tests.helpers import REPO, assert_one_error_line, run_cli, run_config
 
 openai = pytest.importorskip("openai")
 
@@ -64,7 +64,7 @@ def server(tmp_path_factory):
   process = subprocess.Popen(
       [sys.executable, "-m", "experiments.serve", f"--workdir={root / 'run'}",
        f"--tokenizer={_tokenizer_dir(root / 'tokenizer')}", f"--port={port}", f"--slots={SLOTS}",
-       f"--max_waiting={MAX_WAITING}", f"--max_tokens={MAX_TOKENS}", "--max_prompt_tokens=64", "--max_n=8",
+       f"--max_waiting={MAX_WAITING}", f"--max_tokens={MAX_TOKENS}", "--max_prompt_tokens=32", "--max_n=8",
        "--candidates=64", "--max_body_bytes=20000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
   url = f"http://127.0.0.1:{port}"
@@ -156,6 +156,39 @@ def test_n_choices_are_distinct_streams_of_one_seed(server):
   assert reply.usage.prompt_tokens == _prompt_tokens(MESSAGES)  # Once per prompt, whatever n.
 
 
+def test_stop_strings_cut_the_text_and_the_count(server):
+  client = _client(server)
+  plain = _chat(client, max_tokens=60, seed=21, temperature=1.0)
+  text = plain.choices[0].message.content
+  assert len(text) >= 12, text
+  two, one = text[8:10], text[5]  # A two-token stop string (decoded text), a one-token one (a stop id).
+  for stop in (two, one):
+    cut = text.index(stop)
+    for stream in (False, True):
+      reply = _chat(client, max_tokens=60, seed=21, temperature=1.0, stop=[stop, "never seen"], stream=stream,
+                    **({"stream_options": {"include_usage": True}} if stream else {}))
+      if stream:
+        chunks = list(reply)
+        got = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        reason = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+        usage = chunks[-1].usage
+      else:
+        got, reason, usage = reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage
+      assert (got, reason) == (text[:cut], "stop"), stop
+      assert usage.completion_tokens == cut + len(stop)  # Up to the token that completed the stop string.
+
+
+def test_completions_take_text_token_ids_and_lists_of_them(server):
+  client = _client(server)
+  reply = client.completions.create(model="run", prompt=[[5, 6, 7], "abc"], max_tokens=6, n=2, seed=4)
+  assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+  assert reply.usage.prompt_tokens == 6
+  alone = client.completions.create(model="run", prompt="abc", max_tokens=6, n=2, seed=4)
+  assert [c.text for c in reply.choices[2:]] == [c.text for c in alone.choices]
+  ids = client.completions.create(model="run", prompt=[CHARS.index(c) + 1 for c in "abc"], max_tokens=6, n=2, seed=4)
+  assert [c.text for c in ids.choices] == [c.text for c in alone.choices]
+
+
 def _lifebench(client, constraint, target, seed, **custom):
   """As the reference's LIFEBench runner sends a length instruction (token metric: target + 1 for the EOS)."""
   return _chat(client, max_tokens=MAX_TOKENS, seed=seed, temperature=1.0, top_p=1.0, extra_body={
@@ -198,7 +231,7 @@ def test_soft_rules_tilts_and_the_reference_rules_run(server):
 
 def test_concurrent_requests_equal_each_served_alone(server):
   client = _client(server)
-  settings = [dict(max_tokens=4 + (7 * i) % 60, seed=100 + i, temperature=0.7 + (i % 3) * 0.3,
+  settings = [dict(max_tokens=4 + (7 * i) % 40, seed=100 + i, temperature=0.7 + (i % 3) * 0.3,
                    messages=[{"role": "user", "content": "q" * (1 + i % 9)}],
                    extra_body={"custom_params": {"value_constraint": "eq", "target_length": 4 + i % 20}}
                    if i % 4 == 0 else {"top_k": 10 * (i % 3)}) for i in range(32)]
@@ -253,7 +286,8 @@ def test_value_endpoints_agree_with_each_other(server):
     ({"messages": MESSAGES, "temperature": 0, "custom_params": {"target_length": 5}}, "temperature"),
     ({"messages": MESSAGES, "stop": [""]}, "stop"),
     ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
-    ({"messages": MESSAGES, "frobnicate": 1}, "frobnicate"),
+    ({"messages": MESSAGES, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": MESSAGES, "n": 2, "stop_token_ids": list(range(2, 12))}, "stop_token_ids"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, field):
   status, reply = _post(server[0], "/v1/chat/completions", body)
@@ -266,6 +300,8 @@ def test_bad_bodies_and_other_requests_are_undisturbed(server):
   assert _post(url, "/v1/chat/completions", None, raw=b"{not json")[0] == 400
   assert _post(url, "/v1/completions", None, raw=json.dumps({"prompt": "x" * 30000}).encode())[0] == 413
   assert _post(url, "/v1/completions", {"prompt": [1, 2, 99]})[1]["error"]["param"] == "prompt"
+  # Extras a client of the reference's SGLang server may send are ignored, as there.
+  assert _post(url, "/v1/completions", {"prompt": "ab", "max_tokens": 2, "skip_special_tokens": True})[0] == 200
   assert _post(url, "/tree_value", {"input_ids": [[2, 3]], "candidate_ids": [[64]]})[1]["error"]["param"] == \
       "candidate_ids[0]"
   client = _client(server)

@@ -35,8 +35,13 @@ _CONSTRAINT_ALIASES = {**{a: "eq" for a in ("=", "==", "eq", "equal", "equals")}
                        **{a: "eq_soft" for a in ("eq_soft", "soft", "equal_soft")}}
 _GUIDANCE_KEYS = ("value_scale", "scale", "value_mode", "mode", "target_value", "target_length", "value_constraint",
                   "constraint", "cmp", "op")
-_IGNORED = ("model", "user", "frequency_penalty", "presence_penalty", "logit_bias", "stream_options", "response_format",
-            "service_tier", "store", "metadata", "parallel_tool_calls", "best_of", "suffix")
+# Fields this server cannot honour, with the values that ask for nothing (other unknown fields are ignored, as the
+# reference's SGLang server ignores them: a client written for it sends its own extras).
+_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "tools": (None, []),
+                "functions": (None, []), "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+                "repetition_penalty": (None, 1, 1.0), "logit_bias": (None, {}), "min_tokens": (None, 0),
+                "ignore_eos": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+                "response_format": (None, {"type": "text"}), "regex": (None,), "json_schema": (None,), "ebnf": (None,)}
 
 
 class RequestError(Exception):
@@ -210,9 +215,9 @@ def parse_generation(body, chat: bool, tokenizer, vocab_size: int, limits: Limit
   """The request body of /v1/chat/completions (chat) or /v1/completions as a Generation; RequestError if bad."""
   if not isinstance(body, dict):
     raise RequestError(None, "the request body must be a JSON object")
-  for field in ("logprobs", "top_logprobs", "echo", "tools", "functions"):
-    if body.get(field) not in (None, False, 0):
-      raise RequestError(field, "is not supported by this server")
+  for field, nothing in _UNSUPPORTED.items():
+    if body.get(field) not in nothing:
+      raise RequestError(field, f"is not supported by this server (leave it out or at {nothing[-1]!r})")
   prompts = prompts_of(body, chat, tokenizer, vocab_size)
   longest = max(map(len, prompts))
   if longest > limits.max_prompt_tokens:
@@ -222,10 +227,15 @@ def parse_generation(body, chat: bool, tokenizer, vocab_size: int, limits: Limit
   max_tokens = _number(body, max_field, min(16 if not chat else limits.max_new_tokens, limits.max_new_tokens), int,
                        1, limits.max_new_tokens)
   n = _number(body, "n", 1, int, 1, limits.max_n)
+  if n * len(prompts) > limits.max_n:
+    raise RequestError("n", f"{len(prompts)} prompts x n = {n} asks for more than this server's {limits.max_n} "
+                       "completions per request")
   stop = body.get("stop")
   stop = [stop] if isinstance(stop, str) else (stop or [])
   if not isinstance(stop, list) or len(stop) > limits.max_stop or not all(isinstance(s, str) and s for s in stop):
     raise RequestError("stop", f"must be a non-empty string or a list of at most {limits.max_stop} of them")
+  if stop and tokenizer is None:
+    raise RequestError("stop", "this server has no tokenizer (start it with --tokenizer): use stop_token_ids")
   stop_ids = body.get("stop_token_ids") or []
   stop_ids = token_ids(stop_ids, "stop_token_ids", vocab_size) if stop_ids else ()
   if tokenizer is not None:  # A stop string that is one token stops the engine on that token too.
@@ -235,11 +245,6 @@ def parse_generation(body, chat: bool, tokenizer, vocab_size: int, limits: Limit
     raise RequestError("stream_options", "must be an object")
   if not isinstance(body.get("stream", False), bool):
     raise RequestError("stream", "must be true or false")
-  for unknown in set(body) - set(_IGNORED) - {"messages", "prompt", "max_tokens", "max_completion_tokens", "n",
-                                             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream",
-                                             "stop_token_ids", "custom_params", "logprobs", "top_logprobs", "echo",
-                                             "tools", "functions", "length_rules"}:
-    raise RequestError(unknown, "unknown field")
   return Generation(
       prompts=prompts, n=n, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, float, 0.0, 100.0),
       top_p=_number(body, "top_p", 1.0, float, 1e-9, 1.0), top_k=max(_number(body, "top_k", 0, int, -1), 0),
