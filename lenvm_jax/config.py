@@ -30,6 +30,8 @@ UNFINISHED_POLICIES = ("drop", "infinite", "as_finished", "append_eos", "censore
 PROMPT_CUTS = ("tail", "head", "refuse")  # data.prompt_cut: how a prompt longer than data.max_prompt_len is cut.
 BATCHING = ("shuffled", "grouped")
 NONFINITE_POLICIES = ("skip", "stop")
+FEATURE_CACHE_MODES = ("off", "auto")  # train.feature_cache (lenvm_jax/train/feature_cache.py).
+FEATURE_CACHE_DTYPES = ("bfloat16", "float32")
 # The eval metrics a run logs that rank checkpoints (all lower-is-better; value/metrics.py computes them).
 EVAL_METRICS = ("loss", "value_mse", "length_mae", "length_mre") + tuple(
     f"length_{kind}_at_{fraction}" for kind in ("mae", "mre") for fraction in (0, 25, 50, 75))
@@ -228,6 +230,12 @@ class TrainConfig:
   # With nonfinite='skip': stop with an error once this many steps in a row were skipped (the run has diverged and
   # would only spin); 0 = never.
   max_nonfinite_streak: int = 20
+  # "auto": with frozen bottom layers (trainable_layers or freeze_trunk), their output is computed once per training
+  # record into an on-disk cache and the steps run only the layers above it (train/feature_cache.py; disk: hidden x
+  # 2 bytes per token in bfloat16); "off": every step runs the whole trunk.
+  feature_cache: str = "off"
+  feature_cache_dir: str = ""  # Where the cache lives; "" = <workdir>/feature_cache.
+  feature_cache_dtype: str = "bfloat16"  # float32: the frozen layers' output unrounded (float32 models, exact tests).
 
   def __post_init__(self):
     _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
@@ -244,6 +252,10 @@ class TrainConfig:
     _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
     _require(self.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
              f"must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+    _require(self.feature_cache in FEATURE_CACHE_MODES, "train.feature_cache",
+             f"must be one of {FEATURE_CACHE_MODES}, got {self.feature_cache!r}")
+    _require(self.feature_cache_dtype in FEATURE_CACHE_DTYPES, "train.feature_cache_dtype",
+             f"must be one of {FEATURE_CACHE_DTYPES}, got {self.feature_cache_dtype!r}")
     _require(isinstance(self.max_nonfinite_streak, int) and self.max_nonfinite_streak >= 0,
              "train.max_nonfinite_streak",
              f"must be an integer >= 0 (0 = never stop), got {self.max_nonfinite_streak!r}")

@@ -74,8 +74,38 @@ def length_sample(source) -> list:
   return [source[i] for i in range(0, len(source), stride)]
 
 
-def _is_finished(trajectory) -> bool:
-  return trajectory.finished
+def _is_finished(item) -> bool:
+  return (item[0] if isinstance(item, tuple) else item).finished
+
+
+# The row field of the frozen layers' cached output [n, H] (train/feature_cache.py); it travels with the tokens
+# through padding and packing.
+FEATURES = "features"
+
+
+class WithFeatures:
+  """A source whose record i comes with features[i], its frozen-trunk features [n, H] (train/feature_cache.py)."""
+
+  def __init__(self, source, features):
+    self.source, self.features = source, features
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    return self.source[index], self.features[index]
+
+
+def _row_with_features(item, to_row, max_len: int, pad: bool):
+  """to_row(trajectory) with the record's cached features [n, H] as the FEATURES field (padded like the rest)."""
+  trajectory, features = item
+  row = to_row(trajectory)
+  n = len(row[rows.TOKENS]) if not pad else int(np.count_nonzero(row[rows.SEGMENT_IDS]))
+  if len(features) != n:
+    raise ValueError(f"a cached feature record holds {len(features)} positions, its row {n} tokens: the feature "
+                     "cache does not belong to these records and settings (config.train.feature_cache_dir)")
+  row[FEATURES] = np.pad(features, ((0, max_len - n), (0, 0))) if pad else features
+  return row
 
 
 def _to_row(trajectory, max_len, unfinished, max_prompt_len, pad, eos_id=-1, prompt_cut="tail"):
@@ -94,20 +124,29 @@ def _from_packed(packed: dict) -> dict:
   return row
 
 
-def _rows(ds: grain.MapDataset, run: RunConfig, rows_per_batch: int) -> grain.IterDataset:
+def row_maker(run: RunConfig, pad: bool):
+  """trajectory -> row under the run's data settings (padded to data.max_len, or unpadded for packing): what training
+  reads and what the feature cache (train/feature_cache.py) computes its features from."""
+  data = run.data
+  return functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished,
+                           max_prompt_len=data.max_prompt_len, pad=pad, eos_id=data.eos_id, prompt_cut=data.prompt_cut)
+
+
+def _rows(ds: grain.MapDataset, run: RunConfig, rows_per_batch: int, with_features: bool = False) -> grain.IterDataset:
   """Trajectories -> fixed-length rows: padded one per row, or packed several per row into data.packing_bins open
   rows (default: one per row of the batch; more bins pack tighter, see experiments/data_stats.py --sweep_bins)."""
   data = run.data
   if data.unfinished == "drop":
     ds = ds.filter(_is_finished)
-  ds = ds.map(functools.partial(_to_row, max_len=data.max_len, unfinished=data.unfinished,
-                                max_prompt_len=data.max_prompt_len, pad=data.packing == "none", eos_id=data.eos_id,
-                                prompt_cut=data.prompt_cut))
+  to_row = row_maker(run, pad=data.packing == "none")
+  if with_features:  # Records come as (trajectory, features): WithFeatures.
+    to_row = functools.partial(_row_with_features, to_row=to_row, max_len=data.max_len, pad=data.packing == "none")
+  ds = ds.map(to_row)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
   if data.packing == "none":
     return ds
   fields = (rows.PACKED_FIELDS + ((rows.EXACT_VALUE,) if data.source == "synthetic" else ())
-            + ((rows.CENSORED,) if data.unfinished == "censored" else ()))
+            + ((rows.CENSORED,) if data.unfinished == "censored" else ()) + ((FEATURES,) if with_features else ()))
   lengths = {k: data.max_len for k in fields}
   packed = PACKERS[data.packing](ds, length_struct=lengths, num_packing_bins=data.packing_bins or rows_per_batch,
                                  seed=data.seed, shuffle_bins=False)
@@ -118,8 +157,11 @@ def _record_at(source, index):
   return source[index]
 
 
-def train_dataset(run: RunConfig, source) -> grain.IterDataset:
-  """Endless batches of this host's share of the global batch: records shuffled, or grouped by prompt."""
+def train_dataset(run: RunConfig, source, features=None) -> grain.IterDataset:
+  """Endless batches of this host's share of the global batch: records shuffled, or grouped by prompt. features:
+  record i's cached frozen-trunk features are features[i] (train/feature_cache.py); rows then carry FEATURES."""
+  if features is not None:
+    source = WithFeatures(source, features)
   per_host = run.train.batch_size // jax.process_count()
   if run.data.batching == "grouped":
     order = subsets.GroupedOrder(subsets.record_groups(source), run.data.seed)
@@ -128,7 +170,7 @@ def train_dataset(run: RunConfig, source) -> grain.IterDataset:
   else:
     ds = grain.MapDataset.source(source).seed(run.data.seed).shuffle().repeat(None)
   ds = ds[jax.process_index()::jax.process_count()]
-  ds = _rows(ds, run, per_host).batch(per_host, drop_remainder=True)
+  ds = _rows(ds, run, per_host, with_features=features is not None).batch(per_host, drop_remainder=True)
   if run.data.worker_count:
     # Worker processes run the pipeline above; the checkpointed iterator state covers what they prefetched.
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=run.data.worker_count))

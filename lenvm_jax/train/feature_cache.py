@@ -215,7 +215,8 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
     shards.append(name)
     buffer, filled = [], 0
 
-  chunk = 64 * rows_per_forward  # Records sorted by length within a chunk, so a forward pads little.
+  # Records are sorted by length within a chunk, so a forward pads little; a chunk's features stay in memory.
+  chunk = rows_per_forward * max(SHARD_BYTES // 2 // (rows_per_forward * run.data.max_len * hidden * 4), 1)
   for first in range(0, len(kept), chunk):
     ids = kept[first:first + chunk]
     tokens_of = {i: to_row(source[i])[rows_lib.TOKENS] for i in ids}

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from lenvm_jax.config import TrainConfig
+from lenvm_jax.data import pipeline
 from lenvm_jax.model import transformer
 from lenvm_jax.value import candidate, metrics
 from lenvm_jax.value.objective import LMHead, Objective
@@ -26,10 +27,16 @@ def forward_heads(graphdef, params, batch, *, freeze_trunk: bool, objective: Obj
   """The value logits z [B, T] (float32); when the LM term is on, its hidden states and head (objective.LMHead: the
   loss computes the logits chunk by chunk), else None; when the candidate loss is on, the candidate head's logit of
   each position's realised next token [B, T] (one gathered column per position; value/candidate.py), else None.
-  frozen_layers: the bottom layers (and embeddings) get no backward pass (train.trainable_layers)."""
+  frozen_layers: the bottom layers (and embeddings) get no backward pass (train.trainable_layers); a batch with
+  cached features (data/pipeline.FEATURES: their output, or under freeze_trunk the whole stack's) runs only the
+  layers above them."""
   model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key,
-                               frozen_layers=frozen_layers)
+  if pipeline.FEATURES in batch:  # The frozen layers' cached output (train/feature_cache.py): run the layers above.
+    hidden = model.hidden_states_from(batch[pipeline.FEATURES], batch["positions"], batch["segment_ids"],
+                                      frozen_layers or model.config.num_layers, dropout_key)
+  else:
+    hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key,
+                                 frozen_layers=frozen_layers)
   if freeze_trunk:
     hidden = jax.lax.stop_gradient(hidden)
   with_lm = objective.lm_weight > 0

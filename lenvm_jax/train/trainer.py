@@ -25,7 +25,7 @@ from lenvm_jax.run import config_history, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
 from lenvm_jax.model import hf_import, transformer
-from lenvm_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.train import checkpointing, feature_cache, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train import metrics_log
 from lenvm_jax.train.metrics_log import MetricsLog
 from lenvm_jax.value import gamma as gamma_lib, metrics
@@ -240,13 +240,14 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     if eval_source is not None:
       check_trainable(run, eval_source, "eval")
     logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
-    train_iter = iter(pipeline.train_dataset(run, train_source))
+    features = feature_cache.for_run(run, workdir, train_source)  # Checked and built once the weights exist.
+    train_iter = iter(pipeline.train_dataset(run, train_source, features and features.reader))
     ckpt = checkpointing.Checkpointer(workdir, run.checkpoint.every_steps, run.checkpoint.keep,
                                       run.checkpoint.async_save, run.checkpoint.keep_best)
     failed = True
     try:
       with jax.set_mesh(mesh):
-        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt)
+        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt, features)
       failed = False
       return last_eval
     except Exception as e:  # pylint: disable=broad-except
@@ -254,6 +255,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
         raise failure from None
       raise
     finally:
+      if features is not None:
+        features.reader.release()  # Prefetch threads waiting for a cache that the run never made ready stop.
       if hasattr(train_iter, "close"):
         train_iter.close()  # Stops grain worker processes.
       try:
@@ -264,7 +267,7 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
         logging.warning("the last checkpoint save did not complete either")  # The first failure is the one raised.
 
 
-def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) -> dict:
+def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, features=None) -> dict:
   """State (restored or fresh) -> compiled steps -> config.json and the metrics log -> the loop."""
   model_config = run.model
   objective = Objective.from_config(run.loss)
@@ -281,13 +284,16 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt) ->
                                                    ema=run.train.keeps_ema)
   else:
     state = restored
+  if features is not None:  # The frozen weights are known now: check the cache against them, or build it.
+    features.ready(state.params, mesh)
 
   accum = run.train.accum_steps
   first = next(train_iter)
   to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
   train_sh = sharding.batch_shardings(mesh, to_micro(first), leading=1)
   eval_rows = run.train.eval_batch_size // jax.process_count()
-  eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()}  # Also the pad.
+  eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()  # Also the pad.
+                  if k != pipeline.FEATURES}  # Eval runs the whole trunk.
   eval_sh = sharding.batch_shardings(mesh, eval_example, leading=0)
   compiled_train, compiled_eval = step_lib.compile_steps(
       graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
