@@ -7,6 +7,7 @@ exit status 2. Any other exception is a bug and keeps its traceback (exit status
 
 import contextlib
 import functools
+import importlib
 import importlib.machinery
 import logging as logging_std
 import math
@@ -22,7 +23,7 @@ from absl import app, flags, logging as absl_logging
 from ml_collections import config_dict
 from ml_collections.config_flags import config_flags
 
-from lenvm_jax import errors
+from lenvm_jax import errors, progress
 
 USER_ERROR_EXIT = 2
 STEP_CHOICES = ("latest", "best")
@@ -247,10 +248,53 @@ class _NoTracebackForUserFaults(logging_std.Filter):
     return True
 
 
+def libraries_verbose() -> bool:
+  """Whether the command line asked for the libraries' INFO records: --verbosity given, at 0 (INFO) or above."""
+  verbosity = flags.FLAGS["verbosity"]
+  return bool(verbosity.present) and verbosity.value >= 0
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Console output for a person: below WARNING, only this project's records (lenvm_jax/, experiments/) reach the
+  console; the libraries' INFO chatter (orbax: ~30 lines per restore; absl, grain, jax) shows when --verbosity is
+  given (0: their INFO too, 1: DEBUG as well, absl's levels).
+  Also drops the few library warnings that our own calls make certain (a read-only checkpoint manager for a restore).
+  Any record that passes first erases a progress line drawn in place (lenvm_jax/progress.py)."""
+
+  _OURS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (errors.__file__, __file__))
+  _EXPECTED_WARNINGS = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+                        'Item "data_iter" was found in the checkpoint, but could not be restored')
+
+  def filter(self, record):
+    if not libraries_verbose() and not os.path.abspath(record.pathname).startswith(self._OURS):
+      if record.levelno < logging_std.WARNING:
+        return False
+      if record.levelno == logging_std.WARNING and record.getMessage().startswith(self._EXPECTED_WARNINGS):
+        return False
+    progress.clear_active_line()
+    return True
+
+
 def run(main):
   threading.excepthook = _thread_excepthook(threading.excepthook)
   absl_logging.get_absl_handler().addFilter(_NoTracebackForUserFaults())
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(guard(main), flags_parser=parse_flags)
+
+
+def console_main():
+  """The entry point of the console scripts (pyproject.toml): `lenvm-<tool>` runs experiments/<tool>.py ('-' -> '_')
+  as `python -m experiments.<tool>` does."""
+  tool = os.path.basename(sys.argv[0]).removeprefix("lenvm-").removesuffix(".exe").replace("-", "_")
+  try:
+    module = importlib.import_module(f"experiments.{tool}")
+  except ModuleNotFoundError as e:
+    if e.name != f"experiments.{tool}":
+      raise
+    fail(f"{sys.argv[0]}: no tool experiments/{tool}.py (the console scripts are named lenvm-<tool>)")
+  for flag in flags.FLAGS.get_key_flags_for_module(module):  # --help lists the main module's: the tool's.
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  run(module.main)
 
 
 def define_step_flag():

@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import errors, files, sharding
+from lenvm_jax import errors, files, progress, sharding
 from lenvm_jax.run import config_history
 from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
@@ -106,12 +106,15 @@ def _side(samples, target: int, rule: str) -> dict:
           **length_scores.length_summary(lengths, [s.finished for s in samples])}
 
 
-def length_instruction(sampler, unguided, prompts, targets, options: sampling_flags.Sampling) -> dict:
-  """Every rule at every target under the chosen rules, next to the unguided samples of the same prompts."""
+def length_instruction(sampler, unguided, prompts, targets, options: sampling_flags.Sampling,
+                       on_step=lambda: None) -> dict:
+  """Every rule at every target under the chosen rules, next to the unguided samples of the same prompts
+  (on_step() after each rule's decode)."""
   report = {}
   for rule in length_scores.RULES:
     requests = [options.request(rule, t) for t in targets for _ in prompts]
     guided = sampler.generate(prompts * len(targets), requests, row_ids=list(range(len(prompts))) * len(targets))
+    on_step()
     report[rule] = {str(target): {"guided": _side(guided[i * len(prompts):(i + 1) * len(prompts)], target, rule),
                                   "unguided": _side(unguided, target, rule)} for i, target in enumerate(targets)}
     report[rule]["mean_score"] = {
@@ -120,10 +123,11 @@ def length_instruction(sampler, unguided, prompts, targets, options: sampling_fl
   return report
 
 
-def quality_vs_length(sampler, prompts, betas, options: sampling_flags.Sampling) -> list:
+def quality_vs_length(sampler, prompts, betas, options: sampling_flags.Sampling, on_step=lambda: None) -> list:
   out = []
   for beta in betas:
     samples = sampler.generate(prompts, [options.sweep_request(beta)] * len(prompts))
+    on_step()
     lengths = _lengths(samples)
     out.append({"beta": beta, "accuracy": float(np.mean([s.finished for s in samples])),
                 "mean_length": float(lengths.mean())})
@@ -243,10 +247,16 @@ def main(argv):
             "length_rules": options.length_rules, "num_candidates": options.candidates, "prompts": count,
             "sampling": options.describe()}
   limit = 2 * max(targets)
-  report["length_instruction"] = length_instruction(sampler(limit), unguided(limit), prompts, targets, options)
+  stages = progress.ProgressLine("evaluate", 2 + len(length_scores.RULES) + len(betas))  # Decodes + predictions.
+  baseline = unguided(limit)
+  stages.advance()
+  report["length_instruction"] = length_instruction(sampler(limit), baseline, prompts, targets, options,
+                                                    stages.advance)
   report["quality_vs_length"] = {"budget": _BUDGET.value, "accuracy": "emits EOS within the budget",
-                                 "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas, options)}
+                                 "sweep": quality_vs_length(sampler(_BUDGET.value), prompts, betas, options,
+                                                            stages.advance)}
   predictions = predictor.predict(trajectories, max_len=config.data.max_len)
+  stages.advance()
   report["length_tokens"] = length_tokens.length_tokens(
       ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,
       _THRESHOLD.value or max(0.01, 2 * (1 - gamma)))

@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 
 from experiments import cli, sampling_flags
-from lenvm_jax import sharding
+from lenvm_jax import progress, sharding
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib, rollouts
@@ -55,17 +55,16 @@ flags.mark_flags_as_required(["policy", "prompts", "output_dir"])
 
 
 class ProgressLine:
-  """One self-overwriting status line on stderr: samples done, rate, tokens/s, time left."""
+  """rollouts' on_progress as the console's progress line (lenvm_jax/progress.py): samples done, tokens/s, ETA; in a
+  log (no terminal) one line every 30 s."""
 
   def __init__(self):
-    self.start = time.perf_counter()
+    self.start, self.line = time.perf_counter(), None
 
   def __call__(self, done: int, total: int, tokens: int):
-    elapsed = max(time.perf_counter() - self.start, 1e-9)
-    rate = done / elapsed
-    left = (total - done) / rate if rate else float("inf")
-    print(f"\rgenerate: {done}/{total} samples ({done / max(total, 1):.0%}), {tokens / elapsed:,.0f} tokens/s, "
-          f"~{left:,.0f} s left", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    if self.line is None:
+      self.line = progress.ProgressLine("generate", total, line_every_s=30)
+    self.line.update(done, **{"tokens/s": tokens / max(time.perf_counter() - self.start, 1e-9)})
 
 
 def main(argv):

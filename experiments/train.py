@@ -10,9 +10,7 @@ other processes itself (--distributed=auto); elsewhere pass --coordinator_addres
 --process_id=i. The workdir must be storage that all hosts see (checkpoints are written by all of them).
 """
 
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -31,18 +29,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_library_logs():
-  """orbax logs every checkpoint internals at INFO; keep its warnings, drop the chatter."""
-  class _Filter(std_logging.Filter):
-    def filter(self, record):
-      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-  logging.get_absl_handler().addFilter(_Filter())
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

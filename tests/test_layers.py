@@ -13,7 +13,7 @@ LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "lenvm_jax"
 # lower ranks.
 RANKS = {"errors": 0, "sharding": 0, "distributed": 0, "sweep_spec": 0, "gguf_file": 0, "files": 1, "model_config": 1,
          "config": 2, "data": 3, "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6,
-         "serving": 7}
+         "serving": 7, "progress": 0}
 # Top-layer siblings that may use each other: evaluation scores what decoding produces. Nothing may import train.
 SIBLINGS = {("evaluation", "decoding")}
 

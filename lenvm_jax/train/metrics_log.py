@@ -161,7 +161,8 @@ class MetricsLog:
         self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
       self._tb.flush()
     shown = " ".join(f"{k}={float(v):.5g}" for k, v in values.items())
-    logging.info("[%s] step %d %s", split, step, shown)
+    # The console shows train progress as one line (lenvm_jax/progress.py); the whole train record with --verbosity=1.
+    logging.log(logging.DEBUG if split == "train" else logging.INFO, "[%s] step %d %s", split, step, shown)
 
   def close(self):
     if self._jsonl is not None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lenvm_jax import config as config_lib, distributed, errors, sharding
+from lenvm_jax import config as config_lib, distributed, errors, progress as progress_lib, sharding
 from lenvm_jax.run import config_history, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
@@ -314,6 +314,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
   reported_skips = int(state.nonfinite_skips)
   streak = longest_streak = jnp.zeros((), jnp.int32)
   stop = _StopRequest()
+  progress = progress_lib.ProgressLine("train", run.train.steps, start=step)  # The console's line (metrics: log).
   last_eval: dict = {}
   stopped = False
   window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
@@ -334,11 +335,14 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
         train_metrics.update(tokens_per_s=window_tokens / elapsed,
                              flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
         log.write(step, "train", train_metrics)
+        progress.update(step, loss=train_metrics["loss"], **{"tokens/s": train_metrics["tokens_per_s"]})
         window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
         if skips > reported_skips:
           _on_nonfinite(run, step, skips - reported_skips, finite, int(longest_streak))
           reported_skips = skips
         longest_streak = streak
+      else:
+        progress.update(step, show=progress.in_place)  # A terminal's line counts every step.
       step_eval = None
       if has_eval and run.train.eval_every and step % run.train.eval_every == 0 and step < run.train.steps:
         eval_start = time.perf_counter()
@@ -375,5 +379,6 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
     ckpt.wait()
   finally:
     stop.restore()
+    progress.close()
     log.close()
   return last_eval
