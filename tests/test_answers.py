@@ -18,7 +18,7 @@ from lenvm_jax.decoding import rollouts
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
-from tests.test_import import CHATML, build_tokenizer_json, chatml_tokenizer_dir
+from tests.helpers import CHATML, build_tokenizer_json, chatml_tokenizer_dir
 
 reasoning_gym = pytest.importorskip("reasoning_gym")
 
@@ -179,7 +179,7 @@ def test_evaluate_budget_command_end_to_end(tiny_config, tmp_path, tokenizer):
   import subprocess
   import sys
   from lenvm_jax.train import trainer
-  from tests.conftest import REPO, run_config
+  from tests.helpers import REPO, run_config
 
   tiny_config.model.vocab_size = tokenizer.vocab_size
   tiny_config.mesh.data = 1

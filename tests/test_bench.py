@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
 
 
 # bfloat16 (the accelerator default) runs the code path a GPU runs: our bf16 matmuls against PyTorch under autocast

@@ -15,7 +15,7 @@ from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value import candidate, targets
 from lenvm_jax.value.objective import Objective
-from tests.conftest import run_config
+from tests.helpers import run_config, tiny_model
 
 GAMMA = 0.9
 EOS = 1
@@ -230,12 +230,8 @@ def test_candidate_head_guidance_scores_from_the_cached_hidden_state():
   from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
   from lenvm_jax.decoding.sampler import SamplingConfig
 
-  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": "table"})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
   # Scaled-up weights and a random table: values spread over (-1, 0), choices are no near-ties.
-  init = lambda: jax.tree.map(lambda p: p * 3.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1]
-                              .to_pure_dict())
-  params = jax.jit(init)()
+  graphdef, params = tiny_model(64, seed=1, scale=3.0, candidate_head="table")
   params["candidate_head"]["table"] = jax.random.normal(jax.random.key(5), (64, config.hidden_size)) * 0.3
   kind = targets.TargetKind("discounted", 0.9, 1024.0)
   sampling = SamplingConfig(max_new_tokens=12, eos_ids=(1, 2), seed=0, top_p=0.95)
@@ -430,7 +426,7 @@ def test_a_run_with_the_head_checkpoints_resumes_and_predicts_next_values(tiny_c
   import sys
   from lenvm_jax.decoding.predict import Predictor
   from lenvm_jax.train import trainer
-  from tests.conftest import REPO
+  from tests.helpers import REPO
 
   tiny_config.model.candidate_head = "table"
   tiny_config.loss.candidate_weight = 1.0

@@ -20,8 +20,7 @@ import pytest
 from lenvm_jax import errors
 from lenvm_jax.run import checkpoint_layout, workdir_lock
 from lenvm_jax.train import checkpointing, trainer
-from tests.conftest import REPO, run_config
-from tests.test_resume import STEPS, _command, _final_params, _flatten, _logged, _wait_for
+from tests.helpers import REPO, TRAIN_STEPS, final_params, leaves, logged, run_config, train_command, wait_for
 
 
 def _data_iter():
@@ -218,7 +217,7 @@ def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, ca
 @pytest.mark.slow
 def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
   workdir, _ = trained_run
-  evals = {r["step"]: r["loss"] for r in _logged(workdir, "eval").values()}
+  evals = {r["step"]: r["loss"] for r in logged(workdir, "eval").values()}
   best = min(evals, key=lambda s: (evals[s], -s))
   assert checkpoint_layout.best_step(str(workdir), "loss") == best
   out = tmp_path / "p.jsonl"
@@ -234,7 +233,7 @@ def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
                           timeout=300)
   assert result.returncode == 2 and "no complete checkpoint of step 7 (there are 5, 10)" in result.stderr
   assert not (tmp_path / "hf").exists()
-  from tests.test_gguf import write_tiny_gguf
+  from tests.helpers import write_tiny_gguf
   write_tiny_gguf(str(tmp_path / "other.gguf"))  # Another model's tokenizer, more tokens than the run's 64.
   result = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={workdir}",
                            f"--output={tmp_path / 'hf'}", f"--tokenizer={tmp_path / 'other.gguf'}"], cwd=REPO,
@@ -261,7 +260,7 @@ def test_resuming_with_another_model_names_the_changed_fields(trained_run, tmp_p
 
 
 def _run(workdir, check=True):
-  result = subprocess.run(_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(train_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
   if check:
     assert result.returncode == 0, result.stderr[-3000:]
   return result
@@ -272,24 +271,24 @@ def straight(tmp_path_factory):
   """The uninterrupted run every interrupted one must match: its per-step train records and final params."""
   workdir = tmp_path_factory.mktemp("straight") / "run"
   _run(workdir)
-  return _logged(workdir), _final_params(workdir)
+  return logged(workdir), final_params(workdir)
 
 
 def _assert_exact(workdir, straight_run):
   want, final = straight_run
-  got = _logged(workdir)
-  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-  for step in range(1, STEPS + 1):
+  got = logged(workdir)
+  assert sorted(got) == sorted(want) == list(range(1, TRAIN_STEPS + 1))
+  for step in range(1, TRAIN_STEPS + 1):
     assert got[step]["loss"] == want[step]["loss"], step
-  for a, b in zip(_flatten(final), _flatten(_final_params(workdir))):
+  for a, b in zip(leaves(final), leaves(final_params(workdir))):
     np.testing.assert_array_equal(a, b)
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
 
 
 def _start(workdir, steps=None):
-  command = _command(workdir)
+  command = train_command(workdir)
   if steps:
-    command[command.index(f"--config.train.steps={STEPS}")] = f"--config.train.steps={steps}"
+    command[command.index(f"--config.train.steps={TRAIN_STEPS}")] = f"--config.train.steps={steps}"
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -301,12 +300,12 @@ def _committed(workdir, step):
 def test_sigterm_then_a_corrupted_latest_step_resumes_exactly(straight, tmp_path):
   workdir = tmp_path / "run"
   process = _start(workdir)
-  _wait_for(lambda: _committed(workdir, 10) and max(_logged(workdir), default=0) >= 12, process)
+  wait_for(lambda: _committed(workdir, 10) and max(logged(workdir), default=0) >= 12, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-2000:]
   newest = checkpoint_layout.latest_step(str(workdir))
-  assert newest is not None and 10 < newest < STEPS  # SIGTERM saved the step it stopped at.
+  assert newest is not None and 10 < newest < TRAIN_STEPS  # SIGTERM saved the step it stopped at.
   _flip_bytes(_largest_file(workdir / "checkpoints" / str(newest)))
   result = _run(workdir)
   assert f"checkpoint step {newest} is damaged" in result.stderr and "resuming from checkpoint step 10" in result.stderr
@@ -318,7 +317,7 @@ def test_sigterm_then_a_corrupted_latest_step_resumes_exactly(straight, tmp_path
 def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(straight, tmp_path):
   workdir = tmp_path / "run"
   process = _start(workdir)
-  _wait_for(lambda: _committed(workdir, 10) and max(_logged(workdir), default=0) >= 16, process)
+  wait_for(lambda: _committed(workdir, 10) and max(logged(workdir), default=0) >= 16, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert (workdir / workdir_lock.LOCK_FILE).exists()  # Left behind by the killed trainer.
@@ -355,7 +354,7 @@ cli.run(train.main)
 @pytest.mark.slow
 def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_path):
   workdir = tmp_path / "run"
-  command = [sys.executable, "-c", _KILLED_IN_THE_WINDOW] + _command(workdir)[3:]
+  command = [sys.executable, "-c", _KILLED_IN_THE_WINDOW] + train_command(workdir)[3:]
   killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert 10 in checkpoint_layout.committed_steps(str(workdir)) and checkpoint_layout.latest_step(str(workdir)) == 5
@@ -369,7 +368,7 @@ def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_pa
 def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(straight, tmp_path):
   workdir = tmp_path / "run"
   first = _start(workdir)
-  _wait_for(lambda: max(_logged(workdir), default=0) >= 3, first)
+  wait_for(lambda: max(logged(workdir), default=0) >= 3, first)
   first.send_signal(signal.SIGSTOP)  # Hold it mid-run while the second one tries.
   try:
     holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
@@ -384,7 +383,7 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(strai
   _, stderr = first.communicate(timeout=600)
   assert first.returncode == 0, stderr[-2000:]
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))  # Not interleaved.
+  assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, TRAIN_STEPS + 1))  # Not interleaved.
   _assert_exact(workdir, straight)
 
 
@@ -402,7 +401,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_exactly(straight, 
   try:
     workdir = disk / "run"
     process = _start(workdir)
-    _wait_for(lambda: _committed(workdir, 10) and max(_logged(workdir), default=0) >= 11, process)
+    wait_for(lambda: _committed(workdir, 10) and max(logged(workdir), default=0) >= 11, process)
     process.send_signal(signal.SIGSTOP)
     with open(disk / "ballast", "wb") as f:  # Fill the disk.
       try:

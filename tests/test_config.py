@@ -1,12 +1,9 @@
-import subprocess
-import sys
-
 import pytest
 
 from lenvm_jax import sharding
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import trainer
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_cli, run_config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -65,9 +62,7 @@ def test_url_workdir_is_refused_before_anything_is_written(tiny_config, tmp_path
 
 
 def _train_cli(*overrides, workdir):
-  return subprocess.run([sys.executable, "-m", "experiments.train", "--config", "experiments/configs/tiny.py",
-                         "--workdir", str(workdir), *overrides], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  return run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", workdir, *overrides)
 
 
 @pytest.mark.slow

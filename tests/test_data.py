@@ -6,7 +6,7 @@ import pytest
 from lenvm_jax.config import ConfigError
 from lenvm_jax.data import jsonl, pipeline, rows, synthetic
 from lenvm_jax.data.records import RecordError, Trajectory
-from tests.conftest import run_config
+from tests.helpers import run_config
 
 
 def test_row_targets_mask_and_truncation_keep_true_remaining_lengths():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from experiments.configs import synthetic as synthetic_config
 from lenvm_jax.data import pipeline
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.predict import Predictor
-from tests.conftest import REPO, optimized_env, run_config
+from tests.helpers import REPO, optimized_env, run_config
 
 # 180 of the main job's 1500 steps. Measured on 2 CPU cores: 180 steps close 94.1 % of the gap to Bayes-optimal
 # (300: 97.3 %, 1500: 99.9 %), and guidance lifts the Equal To score from 13 to 79 (the evaluate test asks for +20).

@@ -17,6 +17,7 @@ from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGener
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
+from tests.helpers import tiny_model
 
 VOCAB = 64
 EOS = 2
@@ -26,11 +27,7 @@ EOS = 2
 def model():
   """Tiny Qwen2-layout model, weights scaled so greedy choices are not near-ties; EOS made likely enough that rows
   end at different lengths."""
-  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": VOCAB, "qkv_bias": True})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
-  init = lambda: jax.tree.map(lambda p: p * 4.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(0)))[1]
-                              .to_pure_dict())
-  return graphdef, jax.jit(init)()
+  return tiny_model(VOCAB, scale=4.0, qkv_bias=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)

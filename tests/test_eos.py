@@ -11,7 +11,7 @@ import pytest
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
 from lenvm_jax.decoding.eos import eos_ids_of_data, generator_eos_ids
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_config
 
 REAL_EOS = 5  # Not the synthetic id (1): what a real tokenizer's EOS looks like to these tests.
 

@@ -19,7 +19,7 @@ from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import arrayrecord, jsonl, output_dir, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.train import trainer
-from tests.conftest import REPO, assert_one_error_line, run_cli, run_config
+from tests.helpers import REPO, assert_one_error_line, run_cli, run_config, tiny_model
 
 
 def _lines(path, lines, mode="w"):
@@ -443,7 +443,7 @@ def exported_model(tmp_path_factory):
   from lenvm_jax.model_config import ModelConfig, preset_fields
   from lenvm_jax.model.transformer import LengthValueModel
   config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "dtype": "float32"})
-  params = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1].to_pure_dict())()
+  _, params = tiny_model(64, seed=1, dtype="float32")
   directory = tmp_path_factory.mktemp("exported") / "hf"
   hf_export.export(params, config, str(directory))
   return directory, config
@@ -521,7 +521,7 @@ def test_a_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_convert_gguf_claims_its_output_like_export(tmp_path):
-  from tests.test_gguf import write_tiny_gguf
+  from tests.helpers import write_tiny_gguf
   source = tmp_path / "tiny.gguf"
   write_tiny_gguf(str(source))
   output = tmp_path / "hf"

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TOOLS = sorted(p.stem for p in (pathlib.Path(REPO) / "experiments").glob("*.py")
                if "cli.run(" in p.read_text(encoding="utf-8") and p.stem != "cli")

@@ -19,7 +19,7 @@ from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.hf_config import hf_config_from_model_config
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
-from tests.conftest import REPO, assert_one_error_line, run_cli
+from tests.helpers import REPO, assert_one_error_line, run_cli, tiny_model
 
 
 def _run(tmp_path, name="run", vocab_size=64):
@@ -56,10 +56,7 @@ def tiny_models():
   """Two tiny models of different vocabularies (graphdef, params)."""
   out = {}
   for vocab in (64, 96):
-    config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": vocab, "dtype": "float32"})
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda c=config: LengthValueModel(c, nnx.Rngs(0))))
-    params = jax.jit(lambda c=config: nnx.split(LengthValueModel(c, nnx.Rngs(0)))[1].to_pure_dict())()
-    out[vocab] = (graphdef, params)
+    out[vocab] = tiny_model(vocab, dtype="float32")
   return out
 
 

@@ -9,8 +9,8 @@ from lenvm_jax.data import champ, reference_jsonl
 from lenvm_jax.data.prepare import prepare
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.train import trainer
-from tests.conftest import run_config
-from tests.test_import import reference_line, write_lines
+from tests.helpers import run_config
+from tests.helpers import reference_line, write_lines
 
 
 def _train_on(config, data_dir, vocab_size, workdir, max_len=128, max_prompt_len=0):
@@ -32,7 +32,7 @@ def _train_on(config, data_dir, vocab_size, workdir, max_len=128, max_prompt_len
 
 @pytest.mark.slow
 def test_reference_jsonl_trains(tiny_config, tmp_path):
-  from tests.test_import import chatml_tokenizer_dir
+  from tests.helpers import chatml_tokenizer_dir
   (tmp_path / "tok").mkdir()
   tok = load_tokenizer(chatml_tokenizer_dir(tmp_path / "tok"))
   lines = [reference_line(i, completion="The answer is 42. " * (1 + i % 5), generator="g") for i in range(40)]

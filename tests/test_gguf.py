@@ -6,8 +6,6 @@ logits, greedy decoding and tokenization."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,76 +19,9 @@ from lenvm_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from lenvm_jax.decoding import policy as policy_lib  # noqa: E402
 from lenvm_jax.model import gguf_import, hf_import, hf_layout, placement  # noqa: E402
 from lenvm_jax.model_config import ModelConfig  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from tests.helpers import GGUF_SHAPE, gguf_tiny_tokens, run_cli, write_tiny_gguf  # noqa: E402
 
 QTYPE = gguf.GGMLQuantizationType
-SHAPE = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
-CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["h e", "l l", "he ll", "Ġ w", "o r", "2 0"]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def _byte_tokens() -> list[str]:
-  """The 256 single-byte tokens of a byte-level BPE vocabulary, spelled in GPT-2's printable alphabet."""
-  return [tokenizer_lib._byte_alphabet()[b] for b in range(256)]
-
-
-def tiny_tokens() -> list[str]:
-  return CONTROL_TOKENS + _byte_tokens() + [m.replace(" ", "") for m in MERGES]
-
-
-def write_tiny_gguf(path, arch="llama", *, tie=False, quant=None, seed=0, eos_id=2, pre="default",
-                    tokenizer_model="gpt2", metadata=None, tensors=None):
-  """A random tiny model of `arch` as llama.cpp's converter would store it (Llama q/k rows RoPE-interleaved);
-  2-D weights in `quant` (e.g. Q8_0) if given. `metadata` {key: (writer method, value)} and `tensors`
-  {gguf name: array or (raw bytes, type)} add or replace entries. Returns the HF-layout float32 tensors written."""
-  config = ModelConfig(vocab_size=len(tiny_tokens()), tie_embeddings=tie, qkv_bias=arch == "qwen2",
-                       qk_norm=arch == "qwen3", **SHAPE)
-  rng = np.random.default_rng(seed)
-  hf = {}
-  for m in hf_layout.trunk_mappings(config):  # Norm scales near 1, biases and weights around 0.
-    noise = rng.standard_normal(m.hf_shape)
-    hf[m.hf_name] = (1.0 + 0.1 * noise if "norm" in m.hf_name else 0.2 * noise).astype(np.float32)
-  writer = gguf.GGUFWriter(str(path), arch)
-  writer.add_block_count(config.num_layers)
-  writer.add_context_length(256)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.mlp_dim)
-  writer.add_head_count(config.num_heads)
-  writer.add_head_count_kv(config.num_kv_heads)
-  writer.add_rope_freq_base(10000.0)
-  writer.add_layer_norm_rms_eps(1e-6)
-  writer.add_rope_dimension_count(config.head_dim)
-  writer.add_tokenizer_model(tokenizer_model)
-  writer.add_tokenizer_pre(pre)
-  writer.add_token_list(tiny_tokens())
-  writer.add_token_types([3] * len(CONTROL_TOKENS) + [1] * (len(tiny_tokens()) - len(CONTROL_TOKENS)))
-  writer.add_token_merges(MERGES)
-  writer.add_bos_token_id(1)
-  writer.add_eos_token_id(eos_id)
-  writer.add_chat_template(CHATML)
-  for key, (method, value) in (metadata or {}).items():
-    getattr(writer, method)(key, value)
-  stored = {}
-  for hf_name, array in hf.items():
-    name = gguf_import.gguf_tensor_name(hf_name)
-    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-      array = gguf_import.permute_rope_rows(array, config.num_heads if ".attn_q." in name else config.num_kv_heads)
-    stored[name] = array
-  stored.update(tensors or {})
-  for name, array in stored.items():
-    if isinstance(array, tuple):
-      writer.add_tensor(name, array[0], raw_dtype=array[1])
-    elif quant is not None and array.ndim == 2:
-      writer.add_tensor(name, gguf.quants.quantize(array, quant), raw_dtype=quant)
-    else:
-      writer.add_tensor(name, array)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return hf
 
 
 def _host(params) -> dict:
@@ -106,8 +37,8 @@ def test_config_and_weights_of_each_architecture(tmp_path, arch, tie):
   path = str(tmp_path / f"{arch}.gguf")
   hf = write_tiny_gguf(path, arch, tie=tie)
   model_config = hf_import.load_model_config(path, dtype="float32")  # The dispatch in hf_import.
-  expected = dict(vocab_size=len(tiny_tokens()), rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=tie,
-                  qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **SHAPE)
+  expected = dict(vocab_size=len(gguf_tiny_tokens()), rope_theta=10000.0, rms_norm_eps=1e-6, tie_embeddings=tie,
+                  qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **GGUF_SHAPE)
   assert {f: getattr(model_config, f) for f in expected} == expected
   hf_import.check_run_matches(model_config, path)  # What model.init_from checks first.
   assert not hf_import.has_value_head(path)
@@ -127,7 +58,7 @@ def test_config_and_weights_of_each_architecture(tmp_path, arch, tie):
 def test_run_mismatch_names_the_gguf_file_and_field(tmp_path):
   path = str(tmp_path / "tiny.gguf")
   write_tiny_gguf(path)
-  wrong = ModelConfig(vocab_size=len(tiny_tokens()), **{**SHAPE, "mlp_dim": 48})
+  wrong = ModelConfig(vocab_size=len(gguf_tiny_tokens()), **{**GGUF_SHAPE, "mlp_dim": 48})
   with pytest.raises(ValueError, match=r"config.model.mlp_dim=48 but .*tiny.gguf gives 64"):
     hf_import.check_run_matches(wrong, path)
 
@@ -227,7 +158,7 @@ def test_tokenizer_eos_and_policy_of_a_tiny_file(tmp_path):
   write_tiny_gguf(path, eos_id=0)  # EOS <|endoftext|>, while the ChatML template ends turns with <|im_end|>.
   tokenizer = load_tokenizer(path)
   ids = tokenizer.encode("hello world")
-  assert [tiny_tokens()[i] for i in ids] == ["hell", "o", "Ġw", "or", "l", "d"]
+  assert [gguf_tiny_tokens()[i] for i in ids] == ["hell", "o", "Ġw", "or", "l", "d"]
   assert tokenizer.decode(ids) == "hello world"
   assert tokenizer.eos_id == 0
   assert tokenizer.prompt_ids([{"role": "user", "content": "hello"}]) == tokenizer.encode(
@@ -237,7 +168,7 @@ def test_tokenizer_eos_and_policy_of_a_tiny_file(tmp_path):
 
   policy = policy_lib.load_policy(path, sharding.make_mesh(1, 1, 1))
   assert policy.eos_ids == (0, 2) and policy.description == f"gguf {path}"
-  assert policy.model_config.vocab_size == len(tiny_tokens())
+  assert policy.model_config.vocab_size == len(gguf_tiny_tokens())
 
 
 @pytest.mark.parametrize("pre", ["default", "smollm", "qwen2", "llama-bpe"])
@@ -249,7 +180,7 @@ def test_each_pre_tokenizer_round_trips(tmp_path, pre):
   ids = tokenizer.encode(text)
   assert tokenizer.decode(ids) == text and ids[-1] == 2
   # The split rules differ on digits: qwen2 / smollm cut every digit alone, so the merge "2 0" never applies.
-  digits = [tiny_tokens()[i] for i in tokenizer.encode(" 2024")]
+  digits = [gguf_tiny_tokens()[i] for i in tokenizer.encode(" 2024")]
   assert digits == (["Ġ", "2", "0", "2", "4"] if pre in ("qwen2", "smollm") else ["Ġ", "20", "2", "4"])
 
 
@@ -263,8 +194,7 @@ def test_unsupported_tokenizer_names_the_field(tmp_path, pre, model, message):
 
 
 def _convert(*args):
-  return subprocess.run([sys.executable, "-m", "experiments.convert_gguf", *args], cwd=REPO, capture_output=True,
-                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return run_cli("convert_gguf", *args, timeout=None, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_convert_cli_writes_a_loadable_hf_directory(tmp_path):
@@ -391,7 +321,7 @@ def test_smollm_greedy_matches_transformers(smollm_path, smollm_policy, referenc
   import torch
 
   from lenvm_jax.decoding.generation import Sampler
-from lenvm_jax.decoding.sampler import SamplingConfig
+  from lenvm_jax.decoding.sampler import SamplingConfig
 
   policy, mesh = smollm_policy
   assert policy.eos_ids == (2,)  # <|im_end|>: EOS and the template's end of turn.

@@ -20,6 +20,7 @@ from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticSco
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind, logit_from_remaining
+from tests.helpers import tiny_model
 
 GAMMA = 0.98
 POLICY = SyntheticPolicy()
@@ -159,12 +160,8 @@ WIDTH = 64
 
 @pytest.fixture(scope="module")
 def tiny_model():
-  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "qkv_bias": True})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
   # Scaled-up weights: values spread over (-1, 0) and choices are not near-ties.
-  init = lambda: jax.tree.map(lambda p: p * 3.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(1)))[1]
-                              .to_pure_dict())
-  return graphdef, jax.jit(init)()
+  return tiny_model(64, seed=1, scale=3.0, qkv_bias=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -23,7 +23,7 @@ from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import trainer
 from tests import hf_models
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -3,8 +3,6 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,32 +12,8 @@ from lenvm_jax.data.arrayrecord import ArrayRecordTrajectories
 from lenvm_jax.data.prepare import prepare
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must not start with the assistant') }}"
-          "{% endif %}"
-          "{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def build_tokenizer_json(path, with_specials=True):
-  """A tiny byte-level BPE, trained offline; its post-processor adds <|endoftext|>, which encode() must not."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS if with_specials else [],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tokenizer.train_from_iterator(["Hello there, how are you?", "The answer is 42.", "You are a helpful assistant."],
-                                trainer)
-  if with_specials:
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.token_to_id("<|endoftext|>"))])
-  tokenizer.save(str(path))
-  return path
+from tests import helpers
+from tests.helpers import CHATML, CHATML_SPECIALS, build_tokenizer_json, reference_line, write_lines
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +38,6 @@ def sentencepiece_model():
   return path
 
 
-def reference_line(prompt_id=0, completion="The answer is 42.", finish_reason=None, **meta):
-  meta_info = {"lenvm_idx": prompt_id, "answer_token_length": 5, **meta}
-  if finish_reason is not None:
-    meta_info["finish_reason"] = finish_reason
-  return json.dumps({"conversations": [{"from": "system", "value": "You are a helpful assistant."},
-                                       {"from": "human", "value": "Hello there, how are you?"},
-                                       {"from": "gpt", "value": completion}], "meta_info": meta_info})
-
-
-def write_lines(path, lines):
-  path.write_text("".join(line + "\n" for line in lines))
-  return str(path)
-
-
 def test_chat_template_renders_generation_prompt_without_added_special_tokens(tok):
   messages = [{"role": "system", "content": "You are a helpful assistant."},
               {"role": "user", "content": "Hello there"}]
@@ -97,8 +57,8 @@ def test_chat_template_renders_generation_prompt_without_added_special_tokens(to
 # Chat templates in the styles of widely used model families (written for this test): BOS from the config, system
 # turns lifted out or defaulted, role checks through raise_exception, whitespace control, filters, a {% generation %}
 # block. HF_SPECIALS are their special tokens.
-HF_SPECIALS = SPECIALS + ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>",
-                          "<start_of_turn>", "<end_of_turn>", "<eos>"]
+HF_SPECIALS = CHATML_SPECIALS + ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                 "<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"]
 TEMPLATES = {
     "llama3": ("<|begin_of_text|>", "<|eot_id|>",
                "{{- bos_token }}\n{%- if messages[0]['role'] == 'system' %}\n"
@@ -137,7 +97,7 @@ def test_chat_templates_give_the_ids_of_transformers_apply_chat_template(tmp_pat
   from tokenizers import Tokenizer
   bos, eos, template = TEMPLATES[family]
   base = Tokenizer.from_file(str(build_tokenizer_json(tmp_path / "base.json")))
-  base.add_special_tokens(HF_SPECIALS[len(SPECIALS):])
+  base.add_special_tokens(HF_SPECIALS[len(CHATML_SPECIALS):])
   base.save(str(tmp_path / "tokenizer.json"))
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({
       "chat_template": template, "bos_token": bos, "eos_token": eos, "tokenizer_class": "PreTrainedTokenizerFast"}))
@@ -313,8 +273,7 @@ def test_tokenized_jsonl_importer_yields_errors_and_splits_by_prompt(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "experiments.prepare_data", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  return helpers.run_cli("prepare_data", *args, timeout=120)
 
 
 def test_cli_error_mode_exits_2_with_one_line(tmp_path, hf_dir):
@@ -348,10 +307,3 @@ def test_cli_rerun_keeps_shards_and_stats(tmp_path, hf_dir):
   result = json.loads(stats)
   assert sum(result["records"].values()) == 60
   assert result["splits"]["train"]["generators"]["tiny"]["unfinished_fraction"] == pytest.approx(1 / 3)
-
-
-def chatml_tokenizer_dir(directory):
-  """A tokenizer directory (the test BPE + the ChatML template, EOS <|im_end|>) for prompt and rollout tests."""
-  build_tokenizer_json(directory / "tokenizer.json")
-  (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
-  return str(directory)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, pinned_venv
+from tests.helpers import REPO, pinned_venv
 
 CONFIG = "experiments/configs/tiny.py"
 

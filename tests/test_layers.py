@@ -12,7 +12,7 @@ LIBRARY = pathlib.Path(__file__).resolve().parents[1] / "lenvm_jax"
 # Rank of each top-level module or package of lenvm_jax (one per package): a module may import its own package and
 # lower ranks.
 RANKS = {"errors": 0, "sharding": 0, "distributed": 0, "sweep_spec": 0, "gguf_file": 0, "files": 1, "model_config": 1,
-         "config": 2, "data": 3, "model": 4, "value": 5, "rundir": 5, "train": 6, "decoding": 6, "evaluation": 6,
+         "config": 2, "data": 3, "model": 4, "value": 5, "run": 5, "train": 6, "decoding": 6, "evaluation": 6,
          "serving": 7, "progress": 0}
 # Top-layer siblings that may use each other: evaluation scores what decoding produces. Nothing may import train.
 SIBLINGS = {("evaluation", "decoding")}
@@ -118,3 +118,23 @@ def test_no_import_cycle_between_modules():
 
 def test_each_package_has_one_rank():
   assert all("." not in unit for unit in RANKS), "a rank per package, not per module inside one"
+
+
+def test_no_test_module_imports_another_test_module():
+  """Tests share code through tests/helpers.py (or conftest fixtures), never by importing a test module or conftest
+  (pytest's own), so a test file can be read, moved or deleted alone."""
+  tests_dir = pathlib.Path(__file__).resolve().parent
+  bad = []
+  for path in sorted(tests_dir.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+      else:
+        continue
+      for name in names:
+        last = name.removeprefix("tests.").split(".")[0]
+        if (name.startswith("tests.") or "." not in name) and (last == "conftest" or last.startswith("test_")):
+          bad.append(f"{path.name}:{node.lineno} imports {name}")
+  assert not bad, "\n".join(sorted(set(bad)))

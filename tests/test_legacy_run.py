@@ -17,7 +17,7 @@ from lenvm_jax.run import checkpoint_layout, config_history
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.train import trainer
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_config
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "legacy_run"
 

@@ -42,8 +42,8 @@ def test_evaluate_budget_with_the_papers_tradeoff_settings_prints_intervals_and_
   from experiments.configs import tiny
   from lenvm_jax.data.tokenizer import load_tokenizer
   from lenvm_jax.train import trainer
-  from tests.conftest import REPO, run_config
-  from tests.test_import import chatml_tokenizer_dir
+  from tests.helpers import REPO, run_config
+  from tests.helpers import chatml_tokenizer_dir
 
   (tmp_path / "tok").mkdir()
   tokenizer = load_tokenizer(chatml_tokenizer_dir(tmp_path / "tok"))

@@ -9,7 +9,7 @@ from lenvm_jax.data import arrayrecord, prompt_groups
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.evaluation import headroom, length_eval, prompt_boundary
 from lenvm_jax.value import gamma as gamma_lib, targets
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _t(length, generator="a", prompt=(5,), prompt_id=None):

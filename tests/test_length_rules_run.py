@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_config
 
 TARGETS = (8, 16, 24)
 

@@ -10,7 +10,7 @@ from lenvm_jax.model import transformer
 from lenvm_jax import sharding
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import optimizer, state as state_lib, trainer
-from tests.conftest import run_config
+from tests.helpers import run_config
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 1)]
 

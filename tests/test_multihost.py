@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
 
 # Unpacked rows: the two hosts' slices then form exactly the rows of the single-process global batch (in another
 # order, which sums do not see). 65 eval records: hosts hold 33 and 32, i.e. 5 and 4 eval batches of 8 rows, so the

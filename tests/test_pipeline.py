@@ -10,7 +10,7 @@ from lenvm_jax.data import arrayrecord, pipeline, prepare, prompt_groups
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import checkpointing, trainer
 from lenvm_jax.value import gamma as gamma_lib
-from tests.conftest import run_config
+from tests.helpers import run_config
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.value.objective import Objective
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import state as state_lib, step as step_lib, trainer
-from tests.conftest import REPO, run_config
+from tests.helpers import REPO, run_config
 
 NUM_PROMPTS, NUM_SAMPLES, MAX_NEW = 48, 4, 32
 SAMPLING_FLAGS = ["--temperature=1.0", "--top_k=40", "--top_p=0.95", "--min_p=0.01", "--seed=3"]

@@ -11,8 +11,8 @@ from lenvm_jax.data import arrayrecord
 from lenvm_jax.data.prompts import load_prompts, read_prompt_jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.data.tokenizer import load_tokenizer
-from tests.conftest import REPO
-from tests.test_import import CHATML, build_tokenizer_json, chatml_tokenizer_dir
+from tests.helpers import REPO
+from tests.helpers import CHATML, build_tokenizer_json, chatml_tokenizer_dir
 
 
 def write_lines(path, objects):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, assert_one_error_line, run_cli
+from tests.helpers import REPO, assert_one_error_line, run_cli
 
 LEGACY_RUN = os.path.join(REPO, "tests", "fixtures", "legacy_run")  # A trained tiny synthetic run (vocabulary 64).
 

@@ -13,6 +13,7 @@ from lenvm_jax.decoding import sampler as sampler_lib
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
+from tests.helpers import tiny_model
 
 PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 3, 8, 1, 5: one batch, mixed.
 
@@ -20,11 +21,7 @@ PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 
 @pytest.fixture(scope="module")
 def model():
   """Tiny Qwen2-layout model; weights scaled up so greedy choices are not near-ties (a fair token-for-token test)."""
-  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "qkv_bias": True})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
-  init = lambda: jax.tree.map(lambda p: p * 4.0 + 0.01, nnx.split(LengthValueModel(config, nnx.Rngs(0)))[1]
-                              .to_pure_dict())
-  return graphdef, jax.jit(init)()  # Jitted: eager init costs seconds on a busy CPU.
+  return tiny_model(64, scale=4.0, qkv_bias=True)
 
 
 REFERENCE_WIDTH = 32

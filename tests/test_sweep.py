@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from tests.helpers import REPO
 from lenvm_jax import sweep_spec
 
 

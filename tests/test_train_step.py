@@ -13,7 +13,7 @@ from lenvm_jax.data import pipeline
 from lenvm_jax.value import objective as objective_lib
 from lenvm_jax.value.objective import Objective
 from lenvm_jax.train import state as state_lib, step as step_lib
-from tests.conftest import run_config
+from tests.helpers import run_config
 
 
 def _setup(config, tx):

@@ -13,7 +13,7 @@ import pytest
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.model import transformer
 from lenvm_jax.train import optimizer
-from tests.conftest import run_config
+from tests.helpers import run_config
 
 
 def _moment_elements(opt_state) -> int:
