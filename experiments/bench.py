@@ -6,7 +6,7 @@
 (a) peak: the best FLOP/s of a square matmul through JAX in the compute dtype (float32 on CPU, bfloat16 on
     accelerators), so MFU is measured against what this machine really does, not a datasheet.
 (b) ours: the trainer's compiled train step (lenvm_jax.train.step, AdamW, value-head regression on discounted
-    targets, spec section 3) on batches from our grain pipeline, split into --accum_steps micro-batches as the
+    targets, docs/method.md §6) on batches from our grain pipeline, split into --accum_steps micro-batches as the
     trainer splits them: tokens/s (B x T per step time), model FLOP/s from the standard count (6 x matmul params +
     attention, per token) and MFU = that / (a).
 (c) PyTorch: the same model (our initial weights exported with lenvm_jax.model.hf_export and loaded by
@@ -14,7 +14,7 @@
     ours / theirs.
     It runs where JAX runs: on CPU with --torch_threads threads, on a GPU as CUDA (needs a CUDA build of torch), and
     in our compute dtype: with bfloat16 (the accelerator default, or --dtype=bfloat16) its matmuls run under
-    torch.autocast(bfloat16) while the value head and loss stay float32, as ours do (spec section 2).
+    torch.autocast(bfloat16) while the value head and loss stay float32, as ours do (docs/method.md §3).
     The first-step losses of (b) and (c) are printed side by side: equal values show it is the same computation
     (to float32 rounding; less closely in bfloat16, where the two round different intermediates).
     Timing runs in rounds that alternate the two (--steps each); the ratio is the median of the per-round ratios,
@@ -76,7 +76,7 @@ def make_bench_config(preset: str, shape: dict, seq_len: int, batch: int, accum_
   config.data.packing = "none"  # One trajectory per row: the PyTorch baseline needs no segment-aware attention.
   config.data.synthetic.hazards = (1.0 / seq_len,)  # Mean completion = one row: rows are mostly full.
   config.data.synthetic.train_records = 4096
-  config.data.unfinished = "infinite"  # Keep long (cut) completions: target -1 (spec section 1).
+  config.data.unfinished = "infinite"  # Keep long (cut) completions: target -1 (docs/method.md §4).
   config.train.batch_size = batch
   config.train.accum_steps = accum_steps
   config.optim.warmup_steps = 0
@@ -200,7 +200,7 @@ def torch_runner(config, model_config, initial_params, data: list[dict], device:
     def forward(self, tokens, positions, attention_mask):
       with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):  # Our mixed precision: bf16 matmuls.
         hidden = self.trunk(input_ids=tokens, position_ids=positions, attention_mask=attention_mask).last_hidden_state
-      hidden = hidden.float()  # Value head and loss in float32 (spec section 2).
+      hidden = hidden.float()  # Value head and loss in float32 (docs/method.md §3).
       return self.summary(torch.nn.functional.silu(self.fc(hidden)))[..., 0]
 
   model = ValueModel().to(device).train()

@@ -1,4 +1,4 @@
-"""What a trained LenVM does at inference (spec section 5): a JSON report and PNG plots.
+"""What a trained LenVM does at inference (docs/method.md §9-§11): a JSON report and PNG plots.
 
   python -m experiments.evaluate --config experiments/configs/synthetic.py --workdir runs/synthetic
 

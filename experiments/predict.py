@@ -12,7 +12,7 @@ entries).
 --mode=prompts: input lines {"prompt_ids": [...]} (optional prompt_id, generator); each output line
 {"prompt_id", "generator", "value", "predicted_length"}: V(s_0) and L_hat = log(1 + V) / log(gamma).
 --mode=prompt_eval: input trajectories with several sampled completions per prompt (grouped by prompt_id, else by
-prompt tokens, and generator); writes a JSON report of spec section 4's prompt-boundary MRE, overall ("*") and per
+prompt tokens, and generator); writes a JSON report of prompt-boundary MRE (docs/method.md §8), overall ("*") and per
 generator, with every group's L_GT and L_hat.
 --mode=next_values: each output line {"token_ids": [...], "values": [[...], ...]}: for every position from the
 prompt's last token through the last completion token (s_0 .. s_L), the values V(s_t + x) of the listed next tokens

@@ -12,7 +12,7 @@ with 16 completions per prompt, about a minute per run on 2 CPU cores. --data po
 ArrayRecord directory from prepare_data or generate, with train/ and eval/ shards; several samples per prompt are
 needed for the prompt-boundary columns) with loss.gamma=auto unless a figure sweeps it.
 
-Each point is scored on the eval split: prompt-boundary MRE (spec section 4: |L_hat - L_GT| / L_GT per prompt
+Each point is scored on the eval split: prompt-boundary MRE (docs/method.md §8: |L_hat - L_GT| / L_GT per prompt
 group, L_GT the length of the mean return under the run's gamma; lenvm_jax/evaluation/length_eval.py) and MAE, the
 same MRE against the plain mean length of each group, and the trainer's per-token length MRE and MAE (every state
 of every held-out completion, rows cut at data.max_len). Figure 5a trains every target type with Huber loss at delta

@@ -52,7 +52,7 @@ def _is_number(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The value targets and the training objective (spec sections 1-3)."""
+  """The value targets and the training objective (docs/method.md §2-§6)."""
   # Discount of the length return G = -(1 - gamma ** n): a float in (0, 1), "auto" (0.01 ** (1 / L_p99) of the
   # training split) or "auto_mre" (least prompt-boundary MRE of a generator-only predictor on the training split).
   # The resolved value is what config.json records.

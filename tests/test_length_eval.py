@@ -44,7 +44,7 @@ def test_least_mre_gamma_makes_the_generator_mean_return_the_least_mre_length():
   pooled = {g: [n for (_, gen), ns in groups.items() if gen == g for n in ns] for g in "ab"}
   guess = {g: targets.prompt_boundary_length(v, gamma) for g, v in pooled.items()}
   assert mre == pytest.approx(prompt_boundary.prompt_boundary_mre(groups, lambda k: guess[k[1]], gamma)["*"], rel=1e-9)
-  # It is the best gamma: no better at the spec's p99 rule, nor at finer gammas nearby.
+  # It is the best gamma: no better at the p99 rule ("auto"), nor at finer gammas nearby.
   for other in (0.01 ** (1 / np.percentile([len(t.completion_ids) for t in train], 99)), gamma * 0.999,
                 1 - (1 - gamma) * 0.97, 1 - (1 - gamma) * 1.03):
     other_guess = {g: targets.prompt_boundary_length(v, other) for g, v in pooled.items()}

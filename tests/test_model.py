@@ -97,7 +97,7 @@ def test_real_presets_have_the_public_parameter_count(preset):
   assert trunk == PUBLIC_PARAM_COUNTS[preset]
   head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["value_head"]))
   h = config.hidden_size
-  assert head == h * h + h + h + 1  # Spec section 2: W1 [H, H], b1, W2 [1, H], b2.
+  assert head == h * h + h + h + 1  # docs/method.md §3: W1 [H, H], b1, W2 [1, H], b2.
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank():

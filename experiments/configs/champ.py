@@ -18,7 +18,7 @@ def get_config():
   # Chosen on a validation split carved from the training problems (experiments/carve_validation.py), not on the
   # held-out split: prompt-boundary MRE 0.402 (defaults) -> 0.386 (boundary weight 32) -> 0.380 (and GAE 0.99).
   config.loss.boundary_weight = 32.0  # s_0 is ~1/L of the token mean; the trunk otherwise confuses the generators.
-  config.loss.gae_lambda = 0.99  # Lower-variance targets from the model's own values (spec section 3, optional).
+  config.loss.gae_lambda = 0.99  # Lower-variance targets from the model's own values (docs/method.md §5, optional).
   config.data.source = "arrayrecord"
   config.data.train_path = "data/champ/train"
   config.data.eval_path = "data/champ/eval"

@@ -1,7 +1,7 @@
 """The base run of the paper's ablations (experiments/reproduce.py): a tiny LenVM on a synthetic world with 16
 completions per prompt, small enough that one run takes about a minute on 2 CPU cores.
 
-Every prompt has 16 sampled completions in both splits, so the held-out prompt-boundary L_GT (spec section 4) is the
+Every prompt has 16 sampled completions in both splits, so the held-out prompt-boundary L_GT (docs/method.md §8) is the
 mean return of 16 samples, as the paper's 16-sample rollouts; 64 held-out prompts. Rows of 64 tokens: longer
 completions are cut and keep their true remaining lengths. reproduce.py sweeps one field of this config per figure
 (and points data.* at real rollouts with --data).

@@ -3,7 +3,7 @@
 A prompt id may name a problem and a setting, "<problem>|<setting>" (CHAMP's own separator; settings may hold "/"),
 so that every setting of a problem can be kept on one side of a split (`problem_of`) and a prompt's setting can be
 told apart from the prompt itself (`cell_of`). A record without a prompt id is identified by its prompt tokens.
-A prompt-boundary group (spec section 4) is a (prompt, generator) pair: completions of one prompt by one generator.
+A prompt-boundary group (docs/method.md §8) is a (prompt, generator) pair: completions of one prompt by one generator.
 Train/eval splits are by prompt group too (`split_groups`), so no prompt's completions land on both sides.
 """
 
@@ -69,7 +69,7 @@ def group_by_prompt(trajectories) -> dict:
 
 
 def boundary_groups(trajectories, grouping: str = "finished", samples_per_prompt: int = 0) -> dict:
-  """{(prompt, generator): [completion lengths]} that the prompt-boundary MRE is measured on (spec section 4).
+  """{(prompt, generator): [completion lengths]} that the prompt-boundary MRE is measured on (docs/method.md §8).
 
   "finished" (the default): the finished completions of each group, however many; an unfinished completion has no
   known length, so it is left out (a group of long prompts then looks shorter than it is). "reference" (the

@@ -1,6 +1,6 @@
 """Importers for prepare(): the LenVM reference JSONL (text conversations) and pre-tokenized trajectory JSONL.
 
-Reference layout (spec section 6), one JSON object a line:
+Reference layout (docs/method.md §12), one JSON object a line:
   {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...],
    "meta_info": {"lenvm_idx": prompt id, "answer_token_length": int, "finish_reason": "stop"|"length"|{"type": ...},
                  "generator": optional str, sampling parameters ...}}

@@ -4,7 +4,7 @@ Row fields, each [max_len]:
   tokens             int32  prompt + completion, cut at max_len, then padding (0)
   positions          int32  position within its own sequence (RoPE)
   segment_ids        int32  1.. per packed sequence, 0 = padding (attention never crosses segments)
-  value_mask         bool   regression positions: the prompt's last token through EOS (spec section 1)
+  value_mask         bool   regression positions: the prompt's last token through EOS (docs/method.md §4)
   remaining          int32  n_t = L - t from the *untruncated* completion; -1 = unknown (unfinished, kept infinite)
   completion_index   int32  t at value positions (0 at the prompt's last token), -1 elsewhere
   completion_length  int32  L of the sequence at value positions (per-position metrics), 0 elsewhere

@@ -1,4 +1,4 @@
-"""Length-guided decoding (spec section 5): a generator proposes, a LenVM scores, a per-row rule chooses.
+"""Length-guided decoding (docs/method.md §9): a generator proposes, a LenVM scores, a per-row rule chooses.
 
 Each step, per row: the generator's logits go through the sampling filters (temperature, top-k, top-p, min-p;
 lenvm_jax/decoding/sampler.py), the `num_candidates` most likely surviving tokens are the candidates, and the LenVM

@@ -1,4 +1,4 @@
-"""Held-out length evaluation (spec section 4) next to baselines fit on the training split.
+"""Held-out length evaluation (docs/method.md §8) next to baselines fit on the training split.
 
 Two views, each with the model and two baselines computed on exactly the same states:
   * per-token length MAE: |n_hat - n| at every state s_t of every held-out completion (cut at max_len as in
@@ -66,7 +66,7 @@ def position_state(length: int, states: int, fraction: int, definition: str) -> 
 
 def prompt_boundary_report(predictor, trajectories, gamma: float, batch_size: int = 16,
                            max_prompt_len: int = 0, grouping: str = "finished", samples_per_prompt: int = 0) -> dict:
-  """Spec section 4 on sampled completions: group trajectories by (prompt, generator) (prompt_groups.boundary_groups:
+  """docs/method.md §8 on sampled completions: group trajectories by (prompt, generator) (prompt_groups.boundary_groups:
   finished ones, or the reference's rule), L_GT from the mean of gamma ** L_i, L_hat from the model's V(s_0); MRE
   overall ("*") and per generator, plus every group."""
   groups = boundary_groups(trajectories, grouping, samples_per_prompt)

@@ -1,4 +1,4 @@
-"""LIFEBench length-instruction scores (spec section 5): how well an output length follows a length instruction.
+"""LIFEBench length-instruction scores (docs/method.md §11): how well an output length follows a length instruction.
 
 Deviation d = (L_out - L_target) / L_target. Equal To scores 100 * exp(5 d) when too short (d < 0) and
 100 * exp(-2 d) when too long (d > 0): falling short is punished harder. At Most scores 100 whenever d <= 0 and

@@ -1,4 +1,4 @@
-"""Length tokens (spec section 5, paper 4.6): tokens after which the expected continuation jumps.
+"""Length tokens (docs/method.md §10, paper 4.6): tokens after which the expected continuation jumps.
 
 The TD residual of a step s_{t-1} -> s_t is s_t = r + gamma * V_t - V_{t-1} with r = -(1 - gamma): zero when the
 value is self-consistent, so |s_t| > threshold marks a token that changed the expected remaining length. Sign with

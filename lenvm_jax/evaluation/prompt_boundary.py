@@ -1,4 +1,4 @@
-"""Prompt-boundary evaluation (spec section 4): the MRE of L_hat against L_GT over prompt groups, and the
+"""Prompt-boundary evaluation (docs/method.md §8): the MRE of L_hat against L_GT over prompt groups, and the
 prompt-blind baselines it is compared with (the least-MRE constant, overall and per generator, and cell means).
 
 numpy only, on prompt groups ({(prompt, generator): [completion lengths]}, lenvm_jax/data/prompt_groups.py); L_GT and
@@ -45,7 +45,7 @@ def cell_mean_lengths(predicted: dict, cell_of, gamma: float) -> dict:
 
 
 def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
-  """Spec section 4 MRE: mean over prompt groups of |L_hat - L_GT| / L_GT, overall ("*") and per generator.
+  """The MRE of docs/method.md §8: mean over prompt groups of |L_hat - L_GT| / L_GT, overall ("*") and per generator.
 
   groups: {(prompt, generator): [lengths]} (prompt_groups.group_by_prompt); predicted: {same key: L_hat} or a
   function of the key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.

@@ -1,4 +1,4 @@
-"""Write LengthValueModel params as a LenVM in the reference interchange layout (spec section 6).
+"""Write LengthValueModel params as a LenVM in the reference interchange layout (docs/method.md §12).
 
 An HF causal-LM directory (config.json of the matching Llama / Qwen2 / Qwen3 class, model.safetensors written
 with safetensors.numpy, no torch) plus value_head.safetensors with the `v_head.*` tensors in PyTorch [out, in]

@@ -4,7 +4,7 @@ Tensors are read one at a time (safetensors `safe_open`, numpy) and each is plac
 (model/placement.py: a decoder layer's into its slice of the stacked array, on the devices), so the host holds at
 most one full tensor, never a second copy of the model. A file that is damaged, truncated, of other shapes, or an
 index that names files outside the directory is a ModelFileError naming the file. A `value_head.safetensors` (a
-LenVM in the reference layout, spec section 6) supplies the value head; without one it gets a fresh init. Every
+LenVM in the reference layout, docs/method.md §12) supplies the value head; without one it gets a fresh init. Every
 function that takes a directory also takes a llama.cpp `.gguf` file (model/gguf_import.py), and check_run_matches
 compares a run's model with either (model.init_from).
 """

@@ -3,7 +3,7 @@
 PyTorch Linear weights are [out, in]; ours are [in, out] with the head dims split out: q/k/v are
 [hidden, heads, head_dim] and o is [heads, head_dim, hidden], where the HF row (or column) index is
 head * head_dim + d (head-major), so a transpose followed by a reshape converts exactly. Biases and norm scales only
-reshape. The value head follows the LenVM reference (spec section 6): `value_head.safetensors` with `v_head.*`.
+reshape. The value head follows the LenVM reference (docs/method.md §12): `value_head.safetensors` with `v_head.*`.
 Our decoder layers are stacked (model/transformer.py): HF's `model.layers.{i}.*` is slice i of our `layers` arrays.
 """
 

@@ -274,7 +274,7 @@ def remat_policy(name: str):
 
 
 class ValueHead(nnx.Module):
-  """Spec section 2: z = W2 . SiLU(W1 . h + b1) + b2, in float32. The caller turns z into a prediction."""
+  """docs/method.md §3: z = W2 . SiLU(W1 . h + b1) + b2, in float32. The caller turns z into a prediction."""
 
   def __init__(self, hidden_size: int, rngs: nnx.Rngs):
     self.fc = _param(rngs, (hidden_size, hidden_size), ("embed", "value_hidden"))

@@ -78,8 +78,9 @@ def _add_to_window(window, step_metrics):
 
 
 def _window_metrics(window) -> dict:
-  """One train record from a window's sums: loss and grad_norm averaged over its finite steps, the spec metrics as
-  token means over all of its batches (metrics.finalize). All NaN if every step of the window was skipped."""
+  """One train record from a window's sums: loss and grad_norm averaged over its finite steps, the metrics of
+  docs/method.md §8 as token means over all of its batches (metrics.finalize). All NaN if every step of the window
+  was skipped."""
   values = jax.device_get(window)
   steps = float(values.pop("finite_steps"))
   out = {name: float(values.pop(name)) / max(steps, 1.0) for name in ("loss", "grad_norm")}

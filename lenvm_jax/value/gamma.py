@@ -18,7 +18,7 @@ from lenvm_jax.value.targets import prompt_boundary_lengths, relative_length_err
 
 
 def p99_gamma(p99_length: float) -> float:
-  """Spec section 1: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
+  """docs/method.md §7: gamma with 1 - gamma ** L_p99 = 0.99, i.e. gamma = 0.01 ** (1 / L_p99)."""
   return float(0.01 ** (1.0 / max(p99_length, 1.0)))
 
 
@@ -29,7 +29,7 @@ def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
 
   Such a LenVM's V(s_0) is the generator's mean return, so its L_hat is the log-mean of gamma ** L: a certainty
   equivalent that lies further below the mean length as gamma falls. MRE rewards the 1/L-weighted median, which lies
-  below the mean for right-skewed lengths, so the spec's p99 rule (made for per-token resolution) overshoots it.
+  below the mean for right-skewed lengths, so the p99 rule ("auto", made for per-token resolution) overshoots it.
   Searched over horizons 1 / (1 - gamma) from 2 tokens to 4x the longest completion, log-spaced.
   """
   if not groups:
@@ -56,7 +56,7 @@ def least_mre_gamma(groups: dict, horizons: int = 160) -> tuple[float, float]:
 def resolve(run: RunConfig, sample) -> RunConfig:
   """`run` with loss.gamma a number: unchanged if it is one; else from `sample`, trajectories of the training split.
 
-  "auto": gamma = 0.01 ** (1 / L_p99) of the finished completions (spec section 1). "auto_mre": the gamma with the
+  "auto": gamma = 0.01 ** (1 / L_p99) of the finished completions (docs/method.md §7). "auto_mre": the gamma with the
   least prompt-boundary MRE for a LenVM that knows only the generator (least_mre_gamma), for jobs judged by it.
   loss.length_normalizer = 0 under target_type 'normalized_length' becomes the longest completion in `sample`
   (finished or not: a cut completion's length is the generator's limit, the longest any can be).

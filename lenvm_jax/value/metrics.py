@@ -1,4 +1,4 @@
-"""Spec section 4 metrics, as sums that add up exactly across batches, devices and eval shards.
+"""The metrics of docs/method.md §8, as sums that add up exactly across batches, devices and eval shards.
 
 `metric_sums` returns {name: sum} plus {name + "/count": count}; `finalize` divides. Length metrics skip tokens
 whose true remaining length is unknown (unfinished completions kept as infinite, or censored ones: their

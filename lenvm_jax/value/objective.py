@@ -9,7 +9,7 @@ are packed at arbitrary offsets, so a fixed stride samples every completion posi
 
 boundary_weight > 1 counts each prompt-boundary state s_0 as that many tokens in the value MSE (a weighted token
 mean). The weight depends only on the state, so the minimiser at every state is still E[G | state]; it moves capacity
-toward the states that predict a whole completion's length before decoding (spec section 4), which the token mean
+toward the states that predict a whole completion's length before decoding (docs/method.md §8), which the token mean
 gives ~1/L of the loss. 1 (the default) is the paper's plain token mean.
 
 The LM term never holds the [tokens, vocab] logits whole (loss.lm_chunk, lm_cross_entropy_sum): at a 150k vocabulary

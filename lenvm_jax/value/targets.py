@@ -1,5 +1,5 @@
-"""Regression targets (spec sections 1 and 3), computed on device so gamma is only a config value; and, in numpy,
-the prompt-boundary length L_GT and relative length error (spec section 4) that evaluation and the gamma rules share.
+"""Regression targets (docs/method.md §2, §5), computed on device so gamma is only a config value; and, in numpy,
+the prompt-boundary length L_GT and relative length error (§8) that evaluation and the gamma rules share.
 
 `remaining` is the per-token count of tokens still to come, n_t = L - t, taken from the untruncated completion
 length; -1 marks an unknown (infinite) remaining length: a completion that never emitted EOS, kept as G = -1.
