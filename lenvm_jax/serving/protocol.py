@@ -120,12 +120,13 @@ def length_request(params, convention: str, max_tokens: int) -> LengthRequest | 
 
   def floats(*names, low=None, high=None):
     name, value = _first(params, *names)
-    return float("nan") if value is None else _number({name: value}, name, None, float, low, high, where)
+    return None if value is None else _number({name: value}, name, None, float, low, high, where)
 
   options = dict(gamma=floats("gamma", "length_gamma", low=1e-9, high=1 - 1e-9), value_min=floats("value_min"),
                  value_entropy_threshold=floats("value_entropy_threshold", "entropy_threshold", low=0.0))
+  options = {k: v for k, v in options.items() if v is not None}  # Unset: LengthRequest's own defaults.
   if not any(params.get(k) is not None for k in _GUIDANCE_KEYS):
-    return None if all(math.isnan(v) for v in options.values()) else LengthRequest(**options)
+    return LengthRequest(**options) if options else None
   name, constraint = _first(params, "value_constraint", "constraint", "cmp", "op")
   name, mode_name = f"{where}{name}", _first(params, "target_length_mode", "length_mode")
   has_target = params.get("target_length") is not None or params.get("target_value") is not None
@@ -140,13 +141,14 @@ def length_request(params, convention: str, max_tokens: int) -> LengthRequest | 
     if target and target != int(target):
       raise RequestError(f"{where}target_length", f"must be a whole number of tokens, got {target!r}")
     target_value = floats("target_value", low=0.0, high=1 - 1e-12)
-    if not math.isnan(target_value):
-      target = 0
+    if target_value is not None:
+      target, options["target_value"] = 0, target_value
     elif rule != "le" and int(target) > max_tokens and mode != "remaining":
       raise RequestError(f"{where}target_length", f"{int(target)} is above max_tokens ({max_tokens}): the answer "
                          "would be cut before it; raise max_tokens")
-    return LengthRequest.following(convention, CONSTRAINTS[rule], int(target), target_value=target_value,
-                                   target_mode="remaining" if mode == "remaining" else "total", **options)
+    if mode == "remaining":
+      options["target_mode"] = "remaining"
+    return LengthRequest.following(convention, CONSTRAINTS[rule], int(target), **options)
   if constraint is not None:
     raise RequestError(f"{where}target_length", f"{name} needs a target: give target_length (or target_value)")
   mode_key, value_mode = _first(params, "value_mode", "mode")
