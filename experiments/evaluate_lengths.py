@@ -19,7 +19,7 @@ from absl import flags
 
 from experiments import cli
 from lenvm_jax import files
-from lenvm_jax.data import pipeline, prompt_groups
+from lenvm_jax.data import cut_report, pipeline, prompt_groups
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding.predict import Predictor
 
@@ -63,6 +63,14 @@ def evaluate_run(workdir: str) -> dict:
   report_path = os.path.join(workdir, "length_eval.json")
   if count == 0:  # Before any work; an earlier report stays (files.write_report refuses 0 items too).
     files.write_report(report_path, "", items=0, what="eval records", where=f"--workdir={workdir}")
+  # What the run's data settings cut from both splits, and how unfinished completions were treated: one line each.
+  cuts = {"train": cut_report.count(train, config.data, "train"),
+          "eval": cut_report.count(evaluation, config.data, "eval", limit=0)}
+  unfinished = sum(not evaluation[i].finished for i in range(count))
+  print(f"data.unfinished={config.data.unfinished} in training; held-out: {unfinished} of {count} eval records are "
+        "unfinished (no EOS, length unknown): left out of the per-token metrics")
+  for report in cuts.values():
+    print(report.line())
   baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.loss.gamma)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.loss.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
@@ -70,6 +78,9 @@ def evaluate_run(workdir: str) -> dict:
                                 if _CELLS.value else None, grouping=_GROUPING.value,
                                 samples_per_prompt=_SAMPLES.value)
   report["checkpoint_step"] = predictor.step
+  report["unfinished_policy"] = config.data.unfinished
+  report["prompt_cut"] = config.data.prompt_cut
+  report["data_cuts"] = {split: cut.to_dict() for split, cut in cuts.items()}
   files.write_report(report_path, json.dumps(report, indent=2), items=count, what="eval records",
                      where=f"--workdir={workdir}")
   return report

@@ -213,7 +213,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 1000
+  steps: int = 1000  # Optimizer steps; 0 with train.epochs > 0 (exactly one of them is set).
+  # > 0 (with train.steps=0): train this many passes over the training records that become rows (dropped unfinished
+  # ones do not count); the trainer derives the steps from the split's size (packed: records per row from a packing
+  # simulation, lenvm_jax/data/cut_report.py) and records them in config.json as train.steps.
+  epochs: float = 0.0
   batch_size: int = 32  # Global batch, in rows.
   accum_steps: int = 1  # Micro-batches per step (gradient accumulation); must divide batch_size.
   eval_batch_size: int = 64
@@ -238,7 +242,13 @@ class TrainConfig:
   feature_cache_dtype: str = "bfloat16"  # float32: the frozen layers' output unrounded (float32 models, exact tests).
 
   def __post_init__(self):
-    _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+    _require(self.steps >= 0 and self.epochs >= 0, "train.steps" if self.steps < 0 else "train.epochs",
+             f"must be >= 0, got {self.steps if self.steps < 0 else self.epochs}")
+    _require(self.steps > 0 or self.epochs > 0, "train.steps",
+             "must be positive, or 0 with train.epochs > 0 (passes over the training split), got 0")
+    _require(not (self.steps > 0 and self.epochs > 0), "train.epochs",
+             f"is {self.epochs} and train.steps is {self.steps}: set exactly one (train.steps=0 sizes the run by "
+             "epochs)")
     _require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
     _require(self.accum_steps > 0 and self.batch_size % self.accum_steps == 0, "train.accum_steps",
              f"must divide train.batch_size ({self.batch_size}), got {self.accum_steps}")

@@ -11,7 +11,8 @@ are cut but keep their true remaining lengths; prompts keep their last 256 token
 from experiments.configs import base
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """arg: data_dir=DIR reads DIR/train and DIR/eval (default data/champ; base.set_data_dir)."""
   config = base.get_config("small")
   config.model.vocab_size = 32000  # mistral-common's SentencePiece v1 tokenizer (prepare_data's champ default).
   config.loss.gamma = "auto"  # 0.01 ** (1 / L_p99) of the training transcripts.
@@ -20,8 +21,7 @@ def get_config():
   config.loss.boundary_weight = 32.0  # s_0 is ~1/L of the token mean; the trunk otherwise confuses the generators.
   config.loss.gae_lambda = 0.99  # Lower-variance targets from the model's own values (docs/method.md §5, optional).
   config.data.source = "arrayrecord"
-  config.data.train_path = "data/champ/train"
-  config.data.eval_path = "data/champ/eval"
+  base.set_data_dir(config, arg, "data/champ")
   # Attention dominates the step on CPU at these lengths: 512-token rows (p50 prompt + completion is ~900 tokens) keep
   # the run inside 20 minutes; cut sequences keep their true remaining lengths.
   config.data.max_len = 512

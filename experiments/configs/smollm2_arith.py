@@ -12,15 +12,15 @@ temperature 0.5 (on GSM-style questions it answers none correctly, so accuracy u
 with $PROMPTS = PROMPTS below and $GGUF = smollm2_gsm.smollm2_gguf().
 """
 
-from experiments.configs import smollm2_gsm
+from experiments.configs import base, smollm2_gsm
 
 PROMPTS = "reasoning_gym:basic_arithmetic:240:0:max_terms=2;max_digits=1;allow_parentheses=False;allow_negation=False"
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """arg: data_dir=DIR reads DIR/train and DIR/eval (default data/smollm2_arith/rollouts)."""
   config = smollm2_gsm.get_config()
-  config.data.train_path = "data/smollm2_arith/rollouts/train"
-  config.data.eval_path = "data/smollm2_arith/rollouts/eval"
+  base.set_data_dir(config, arg, "data/smollm2_arith/rollouts")
   config.data.max_len = 256  # Prompt (~40 tokens) + up to 160 generated; two completions share a row on average.
   config.data.max_prompt_len = 96
   config.train.batch_size = 8

@@ -3,6 +3,7 @@
   python -m experiments.generate --policy=$GGUF --tokenizer=$GGUF --prompts=reasoning_gym:gsm_symbolic:48 \
       --num_samples=4 --max_new_tokens=256 --eval_fraction=0.25 --output_dir=data/smollm2_gsm/rollouts
   python -m experiments.train --config experiments/configs/smollm2_gsm.py --workdir runs/smollm2_gsm
+  python -m experiments.train --config experiments/configs/smollm2_gsm.py:data_dir=OTHER_DIR --workdir runs/other
   python -m experiments.evaluate_lengths --workdir runs/smollm2_gsm
 
 $GGUF is smollm2_gguf() below. Several samples per prompt, split by problem (generate's --eval_fraction). Only the top
@@ -27,7 +28,8 @@ def smollm2_gguf() -> str:
   return os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """arg: data_dir=DIR reads DIR/train and DIR/eval (default data/smollm2_gsm/rollouts; base.set_data_dir)."""
   config = base.get_config("small")
   # SmolLM2-135M (Llama): the shapes its GGUF metadata names; model.init_from checks they match.
   config.model.vocab_size = 49152
@@ -45,8 +47,7 @@ def get_config():
   config.train.trainable_layers = 2
   config.loss.gamma = "auto"  # 0.01 ** (1 / L_p99) of the training completions.
   config.data.source = "arrayrecord"
-  config.data.train_path = "data/smollm2_gsm/rollouts/train"
-  config.data.eval_path = "data/smollm2_gsm/rollouts/eval"
+  base.set_data_dir(config, arg, "data/smollm2_gsm/rollouts")
   config.data.max_len = 416  # Prompt (~80 - 160 tokens with SmolLM2's system line) + up to 256 generated.
   config.data.max_prompt_len = 160
   config.data.unfinished = "drop"  # Cut at max_new_tokens: the true length is unknown.

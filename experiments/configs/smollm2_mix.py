@@ -14,7 +14,7 @@ reads it (experiments/smollm2_gsm/README.md, section 1b).
 with $PROMPTS = PROMPTS below and $GGUF = smollm2_gsm.smollm2_gguf().
 """
 
-from experiments.configs import smollm2_arith
+from experiments.configs import base, smollm2_arith
 
 PROMPTS = ("reasoning_gym:chain_sum:40:0:min_terms=2;max_terms=2;max_digits=1"
            "+spell_backward:40:0"
@@ -22,8 +22,8 @@ PROMPTS = ("reasoning_gym:chain_sum:40:0:min_terms=2;max_terms=2;max_digits=1"
            "+basic_arithmetic:40:0:max_terms=2;max_digits=1;allow_parentheses=False;allow_negation=False")
 
 
-def get_config():
+def get_config(arg: str | None = None):
+  """arg: data_dir=DIR reads DIR/train and DIR/eval (default data/smollm2_mix/rollouts)."""
   config = smollm2_arith.get_config()
-  config.data.train_path = "data/smollm2_mix/rollouts/train"
-  config.data.eval_path = "data/smollm2_mix/rollouts/eval"
+  base.set_data_dir(config, arg, "data/smollm2_mix/rollouts")
   return config

@@ -9,6 +9,7 @@ from flax import nnx
 
 from lenvm_jax import sharding
 from lenvm_jax.run import checkpoint_restore, config_history
+from lenvm_jax.data import rows
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.decoding.sampler import bucket_width
 from lenvm_jax.model.transformer import abstract_model
@@ -39,15 +40,17 @@ class Predictor:
     return self.kind.value_estimate(self.kind.predict(z)), self.kind.remaining_from_logit(z)
 
   def predict(self, trajectories: list[Trajectory], batch_size: int = 16, max_len: int | None = None,
-              max_prompt_len: int = 0):
+              max_prompt_len: int = 0, prompt_cut: str | None = None):
     """For each trajectory: (values, remaining) at s_0 .. s_L, i.e. len(completion_ids) + 1 entries each.
 
     With max_len, sequences are cut at max_len tokens (as in training) and only the states present are returned;
-    max_prompt_len > 0 keeps only each prompt's last tokens (data.max_prompt_len in training).
+    max_prompt_len > 0 cuts longer prompts as training did (prompt_cut: the run's data.prompt_cut unless given).
     Sequences are batched by length (least padding) and returned in input order.
     """
     if max_prompt_len:
-      trajectories = [dataclasses.replace(t, prompt_ids=t.prompt_ids[-max_prompt_len:]) for t in trajectories]
+      prompt_cut = prompt_cut or self.config.data.prompt_cut
+      trajectories = [dataclasses.replace(t, prompt_ids=rows.cut_prompt(t.prompt_ids, max_prompt_len, prompt_cut))
+                      for t in trajectories]
     out = [None] * len(trajectories)
     order = sorted(range(len(trajectories)),
                    key=lambda i: len(trajectories[i].prompt_ids) + len(trajectories[i].completion_ids))
