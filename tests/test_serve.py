@@ -231,10 +231,11 @@ def test_soft_rules_tilts_and_the_reference_rules_run(server):
 
 def test_concurrent_requests_equal_each_served_alone(server):
   client = _client(server)
-  settings = [dict(max_tokens=4 + (7 * i) % 40, seed=100 + i, temperature=0.7 + (i % 3) * 0.3,
+  lengths = [4 + (7 * i) % 40 for i in range(32)]  # Mixed: 4 .. 43 tokens; every fourth with a length rule.
+  settings = [dict(max_tokens=n, seed=100 + i, temperature=0.7 + (i % 3) * 0.3,
                    messages=[{"role": "user", "content": "q" * (1 + i % 9)}],
-                   extra_body={"custom_params": {"value_constraint": "eq", "target_length": 4 + i % 20}}
-                   if i % 4 == 0 else {"top_k": 10 * (i % 3)}) for i in range(32)]
+                   extra_body={"custom_params": {"value_constraint": "eq", "target_length": 2 + i % (n - 1)}}
+                   if i % 4 == 0 else {"top_k": 10 * (i % 3)}) for i, n in enumerate(lengths)]
   answer = lambda kwargs: (lambda r: (r.choices[0].message.content, r.choices[0].finish_reason,
                                       r.usage.completion_tokens))(_chat(client, **kwargs))
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
