@@ -26,6 +26,7 @@ from lenvm_jax import sharding
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.data.synthetic import EOS_ID  # A random model speaks the synthetic ids: 0 pad, 1 EOS, prompts >= 2.
 from lenvm_jax.errors import UserError
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
@@ -69,7 +70,7 @@ def _random_model(config: ModelConfig, seed: int):
 def main(argv):
   del argv
   # A never-emitted EOS id would need a vocabulary change; instead count decode steps (see the module docstring).
-  sampling = sampling_flags.resolve().config(_NEW_TOKENS.value, (1,), 0)  # Bad filter values fail first.
+  sampling = sampling_flags.resolve().config(_NEW_TOKENS.value, (EOS_ID,), 0)  # Bad filter values fail first.
   vocab_size = _VOCAB.value or preset_fields(_PRESET.value).get("vocab_size") or 64
   unknown = sorted(set(_SCORERS.value) - set(candidate_scoring.SCORERS))
   if unknown:

@@ -149,7 +149,7 @@ def run_guided(preset, num_layers, vocab_size, batch, prompt_len, new_tokens, ca
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LengthValueModel(config, nnx.Rngs(0))))
   params = jax.jit(lambda: nnx.split(LengthValueModel(config, nnx.Rngs(0)))[1].to_pure_dict())()
   mesh = sharding.make_mesh(1, 1, 1)
-  sampling = SamplingConfig(max_new_tokens=new_tokens, eos_ids=(1,), seed=0)
+  sampling = SamplingConfig(max_new_tokens=new_tokens, eos_ids=(EOS_ID,), seed=0)
   prompts = np.random.default_rng(0).integers(2, vocab_size, size=(batch, prompt_len)).tolist()
   kind = TargetKind("discounted", 0.997, 1024.0)
   plain = Sampler(graphdef, params, sampling, mesh, batch_size=batch)

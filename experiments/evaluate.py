@@ -88,11 +88,12 @@ def _models(predictor: Predictor, config: RunConfig, kind: str):
 
 def eos_ids_for(models, trajectories) -> tuple[int, ...]:
   """The generator's EOS ids (decoding/eos.py): --eos_ids, else the synthetic policy's own, else --tokenizer's, else
-  the data's (the last tokens of the finished completions among `trajectories`)."""
+  the run's (recorded in its config.json; a run from before the record: the last tokens of the finished completions
+  among `trajectories`)."""
   synthetic = isinstance(models, Pair) and isinstance(models.generator, SyntheticGenerator)
   tokenizer_eos = load_tokenizer(_TOKENIZER.value).eos_id if _TOKENIZER.value else None
   return generator_eos_ids("synthetic" if synthetic else "shared", cli.int_list("eos_ids", _EOS.value), tokenizer_eos,
-                           trajectories)
+                           trajectories, workdir=_WORKDIR.value)
 
 
 def _lengths(samples):

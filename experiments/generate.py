@@ -12,7 +12,7 @@ policy.py). --prompts: a prompt JSONL (lenvm_jax/data/prompts.py: prompt_ids, me
 `reasoning_gym:TASK[:N[:SEED[:KEY=VALUE;...]]]` (seeded problems with answers; KEY=VALUE are the task's config
 fields; "+" mixes tasks), or `arrayrecord:PATH`. Prompts with answers add "answer" and "correct" (the checker on
 the decoded completion) to each record's meta and the accuracy to stats.json.
-EOS ids: --eos_ids, else the HF directory's, else the tokenizer's.
+EOS ids: --eos_ids, else the HF directory's, else the tokenizer's, else a run's own (its config.json's record).
 Writes <output_dir>/{train,eval}-*.array_record, stats.json and generation.json; rerunning the same command skips
 finished shards (lenvm_jax/decoding/rollouts.py). A directory that holds another import or rollouts with other
 settings is refused (--overwrite replaces them). Bad input: one line "error: ..." and exit code 2.
@@ -78,10 +78,13 @@ def main(argv):
     policy_eos = () if explicit_eos else policy_lib.read_eos_ids(_POLICY.value)
     check_in_vocabulary(policy_eos, vocab_size, f"--policy={_POLICY.value}, its eos_token_id")
     tokenizer = load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value else None
-    eos_ids = explicit_eos or policy_eos or ((tokenizer.eos_id,) if tokenizer else ())
+    # A run as the policy: after the caller's tokenizer, the ids its config.json records (run/eos.py).
+    recorded = () if explicit_eos or policy_eos or tokenizer else policy_lib.run_eos_ids(_POLICY.value)
+    eos_ids = explicit_eos or policy_eos or ((tokenizer.eos_id,) if tokenizer else ()) or recorded
     if not eos_ids:
       raise ValueError(f"--eos_ids is needed: {_POLICY.value} names no EOS id and no --tokenizer was given")
-    check_in_vocabulary(eos_ids, vocab_size, f"--tokenizer={_TOKENIZER.value}, its EOS")
+    check_in_vocabulary(eos_ids, vocab_size, f"--policy={_POLICY.value}, its recorded EOS ids" if recorded else
+                        f"--tokenizer={_TOKENIZER.value}, its EOS")
     policy = policy_lib.load_policy(_POLICY.value, mesh)
     sampling = sampling_flags.resolve().config(_MAX_NEW.value, eos_ids, _SEED.value)
     prompts = prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer,

@@ -9,7 +9,8 @@ workdir, a Hugging Face directory or a .gguf, lenvm_jax/decoding/policy.py) gene
 continuous batching; clients pick the length rule per request with `custom_params`, as for the reference server.
 The tokenizer (chat template, text prompts, stop strings): --tokenizer, else the policy's own files (HF directory,
 .gguf), else the run's model.init_from; without one, only token-id prompts are served.
-EOS ids: --eos_ids, else the policy's, else the tokenizer's, else the run's data (decoding/eos.py).
+EOS ids: --eos_ids, else the policy's, else the tokenizer's, else the run's (its config.json's record, else its data;
+decoding/eos.py).
 SIGTERM (or Ctrl-C): stop admitting (503), finish what is in flight, exit 0; a second signal exits at once.
 """
 
@@ -99,7 +100,7 @@ def _eos_ids(predictor, policy_eos, tokenizer) -> tuple[int, ...]:
     source = pipeline.load_source(config, "eval")
     trajectories = [source[i] for i in range(min(256, len(source)))]
   return generator_eos_ids("synthetic" if synthetic else "shared", (), tokenizer.eos_id if tokenizer else None,
-                           trajectories)
+                           trajectories, workdir=_WORKDIR.value)
 
 
 class _DrainingServer:

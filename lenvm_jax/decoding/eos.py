@@ -1,26 +1,23 @@
-"""Which token ids end a completion when a tool decodes with a run's model: one rule for evaluate and benchmarks.
+"""Which token ids end a completion when a tool decodes with a run's model: one rule for evaluate, serve and benchmarks.
 
-Runs do not record a tokenizer (training needs no EOS id), so the id comes, in order, from: ids the caller names
-(--eos_ids), the caller's tokenizer (--tokenizer), or the run's own data: a finished completion ends with EOS by
-definition (data/records.py), so the last tokens of the finished completions are the ids the LenVM was trained to
-value 0. The synthetic policy has its own fixed id.
+In order: ids the caller names (--eos_ids), the synthetic policy's fixed id when it generates, the caller's tokenizer
+(--tokenizer), else the run's own (run/eos.py: recorded in its config.json at train time; a run from before the
+record reads them from its data: the last tokens of its finished completions, the ids the LenVM was trained to value
+0).
 """
 
 from typing import Iterable, Sequence
 
 from lenvm_jax.data.synthetic import EOS_ID as SYNTHETIC_EOS_ID
 from lenvm_jax.errors import UserError
-
-
-def eos_ids_of_data(trajectories: Iterable) -> tuple[int, ...]:
-  """The distinct last tokens of the finished completions, sorted (empty when none finished)."""
-  return tuple(sorted({int(t.completion_ids[-1]) for t in trajectories if t.finished and len(t.completion_ids)}))
+from lenvm_jax.run import eos as run_eos
 
 
 def generator_eos_ids(generator: str, explicit: Sequence[int] = (), tokenizer_eos: int | None = None,
-                      trajectories: Iterable = ()) -> tuple[int, ...]:
+                      trajectories: Iterable = (), workdir: str | None = None) -> tuple[int, ...]:
   """EOS ids for `generator` ("synthetic": the synthetic policy; anything else: a model speaking the data's
-  tokenizer), from the first source that names any: explicit ids, the tokenizer's, the data's finished completions.
+  tokenizer), from the first source that names any: explicit ids, the tokenizer's, the run's at `workdir`
+  (run_eos.run_eos_ids), else the data's finished completions among `trajectories`.
   """
   if explicit:
     return tuple(int(i) for i in explicit)
@@ -28,7 +25,8 @@ def generator_eos_ids(generator: str, explicit: Sequence[int] = (), tokenizer_eo
     return (SYNTHETIC_EOS_ID,)
   if tokenizer_eos is not None:
     return (int(tokenizer_eos),)
-  found = eos_ids_of_data(trajectories)
+  found = (run_eos.run_eos_ids(workdir, trajectories) if workdir is not None else
+           run_eos.eos_ids_of_data(trajectories() if callable(trajectories) else trajectories))
   if not found:
     raise ValueError("no EOS id: the data has no finished completion to read it from; pass --eos_ids (or "
                      "--tokenizer, whose EOS is used)")

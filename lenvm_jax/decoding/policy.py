@@ -1,10 +1,11 @@
 """A policy to sample from, placed on a mesh: a lenvm_jax run workdir or a Hugging Face causal-LM directory.
 
-A workdir (config.json + checkpoints/) loads its latest checkpoint's weights through checkpoint_restore.restore_params; an HF
-directory (config.json with `architectures`, safetensors) through model/hf_import.py. Runs do not know an EOS id
-(training needs none), so for them it must come from the caller; HF directories name theirs in
-generation_config.json or config.json (`eos_token_id`, an id or a list). A llama.cpp `.gguf` file loads through
-model/gguf_import.py; its EOS ids are the metadata's EOS plus the chat template's end-of-turn token.
+A workdir (config.json + checkpoints/) loads its latest checkpoint's weights through
+checkpoint_restore.restore_params; an HF directory (config.json with `architectures`, safetensors) through
+model/hf_import.py. A run's EOS ids come from the caller (--eos_ids, --tokenizer), else from its config.json's record
+(run/eos.py); HF directories name theirs in generation_config.json or config.json (`eos_token_id`, an id or a
+list). A llama.cpp `.gguf` file loads through model/gguf_import.py; its EOS ids are the metadata's EOS plus the chat
+template's end-of-turn token.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ import os
 import jax
 
 from lenvm_jax import gguf_file
-from lenvm_jax.run import checkpoint_restore, config_history
+from lenvm_jax.run import checkpoint_restore, config_history, eos as run_eos
 from lenvm_jax.data import tokenizer as tokenizer_lib
 from lenvm_jax.model import hf_import
 from lenvm_jax.model_config import ModelConfig
@@ -71,7 +72,13 @@ def load_policy(path: str, mesh) -> Policy:
 
 
 def read_eos_ids(path: str) -> tuple[int, ...]:
-  """The EOS ids the policy's files name (none for a run), read without its weights."""
+  """The EOS ids the policy's files name (none for a run: a caller's tokenizer comes first, then the run's own,
+  run/eos.py), read without its weights."""
   if is_run_workdir(path):
     return ()
   return tuple(tokenizer_lib.gguf_eos_ids(path)) if gguf_file.is_gguf_path(path) else hf_eos_ids(path)
+
+
+def run_eos_ids(path: str) -> tuple[int, ...]:
+  """A run workdir's own EOS ids (run/eos.py: its config.json's record; a synthetic run's id); () for the rest."""
+  return run_eos.run_eos_ids(path) if is_run_workdir(path) else ()

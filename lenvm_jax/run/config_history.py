@@ -1,5 +1,8 @@
 """The configs a run trained with: config.json (the current one) and config.<step>.json (one a resumed run replaced,
-which trained the steps up to <step>), so every checkpoint is read with the config that wrote it."""
+which trained the steps up to <step>), so every checkpoint is read with the config that wrote it.
+
+Beside the RunConfig's sections, config.json holds the run's record (`run_record`: its EOS ids and tokenizer,
+run/eos.py), which is no config field: a user never sets it, the trainer writes what it found."""
 
 import json
 import os
@@ -11,6 +14,7 @@ from lenvm_jax.config import RunConfig
 from lenvm_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
+RECORD_KEY = "run_record"  # config.json's record of what the run found at its start (run/eos.py).
 
 
 def replaced_config_steps(workdir: str) -> list[int]:
@@ -43,24 +47,39 @@ def read_config(workdir: str, step: int | None = None) -> RunConfig:
     raise UserError.at("no such run directory", os.path.abspath(workdir), "check the --workdir path")
   try:
     with open(path, encoding="utf-8") as f:
-      return RunConfig.from_dict(json.load(f))
+      return RunConfig.from_dict(_without_record(json.load(f)))
   except ValueError as e:
     if isinstance(e, UserError):
       raise
     raise UserError.at(f"the run's config is not valid JSON ({e})", path, "restore the file from the run") from None
 
 
+def _without_record(saved):
+  return {k: v for k, v in saved.items() if k != RECORD_KEY} if isinstance(saved, dict) else saved
+
+
+def read_record(workdir: str) -> dict:
+  """The run's record in its config.json ({} for a run from before the record, or without a readable config)."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+      record = json.load(f).get(RECORD_KEY)
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 def _same_config(path: str, run: RunConfig) -> bool:
   try:
     with open(path, encoding="utf-8") as f:
-      return RunConfig.from_dict(json.load(f)) == run
+      return RunConfig.from_dict(_without_record(json.load(f))) == run
   except (OSError, ValueError):
     return False
 
 
-def write_config(workdir: str, run: RunConfig, resumed_from: int | None = None):
-  """config.json := run (atomically). When a resumed run changes the config, the one that trained up to its resume
-  step is kept as config.<resumed_from>.json (the first such: a later one trained no checkpoint of that step)."""
+def write_config(workdir: str, run: RunConfig, resumed_from: int | None = None, record: dict | None = None):
+  """config.json := run (+ the run's `record` under RECORD_KEY), atomically. When a resumed run changes the config,
+  the one that trained up to its resume step is kept as config.<resumed_from>.json (the first such: a later one
+  trained no checkpoint of that step)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if resumed_from is not None and os.path.isfile(path) and not _same_config(path, run):
     kept = os.path.join(workdir, f"config.{resumed_from}.json")
@@ -70,7 +89,9 @@ def write_config(workdir: str, run: RunConfig, resumed_from: int | None = None):
       os.replace(path, kept)
       logging.info("the config changed at resume: the one that trained steps up to %d is kept in %s", resumed_from,
                    kept)
-  files.write_atomic(path, run.to_json())
+  text = run.to_json() if record is None else json.dumps({**run.to_dict(), RECORD_KEY: record}, indent=2,
+                                                         sort_keys=True)
+  files.write_atomic(path, text)
 
 
 def differing_fields(saved: RunConfig, run: RunConfig, limit: int = 4) -> list[str]:

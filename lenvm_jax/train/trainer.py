@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from lenvm_jax import config as config_lib, distributed, errors, progress as progress_lib, sharding
-from lenvm_jax.run import config_history, workdir_checks, workdir_lock
+from lenvm_jax.run import config_history, eos as run_eos, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, records
 from lenvm_jax.model import hf_import, transformer
@@ -236,6 +236,7 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     mesh = make_mesh(run)
     config_lib.check_batch_fits_mesh(run, mesh, jax.process_count())
     check_trainable(run, train_source, "train")
+    record = run_eos.record(run, train_source)  # The run's EOS ids and tokenizer, kept in its config.json.
     check_held_out(run)
     eval_source = load_split(run, "eval") if run.data.has_eval else None
     if eval_source is not None:
@@ -248,7 +249,7 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     failed = True
     try:
       with jax.set_mesh(mesh):
-        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt, features)
+        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt, features, record=record)
       failed = False
       return last_eval
     except Exception as e:  # pylint: disable=broad-except
@@ -268,7 +269,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
         logging.warning("the last checkpoint save did not complete either")  # The first failure is the one raised.
 
 
-def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, features=None) -> dict:
+def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, features=None, *,
+           record: dict | None = None) -> dict:
   """State (restored or fresh) -> compiled steps -> config.json and the metrics log -> the loop."""
   model_config = run.model
   objective = Objective.from_config(run.loss)
@@ -309,7 +311,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
 
   # The run has started cleanly: from here on the workdir records it.
   if distributed.is_leader():
-    config_history.write_config(workdir, run, resume_step)
+    config_history.write_config(workdir, run, resume_step, record)
   log = MetricsLog(workdir)
   step = int(state.step)
   reported_skips = int(state.nonfinite_skips)
