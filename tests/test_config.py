@@ -2,6 +2,7 @@ import pytest
 
 from lenvm_jax import sharding
 from lenvm_jax import config as config_lib
+from lenvm_jax.run import workdir_checks
 from lenvm_jax.train import trainer
 from tests.helpers import REPO, run_cli, run_config
 
