@@ -202,6 +202,7 @@ def write_tiny_gguf(path, arch="llama", *, tie=False, quant=None, seed=0, eos_id
   2-D weights in `quant` (e.g. Q8_0) if given. `metadata` {key: (writer method, value)} and `tensors`
   {gguf name: array or (raw bytes, type)} add or replace entries. Returns the HF-layout float32 tensors written."""
   import gguf  # pylint: disable=g-import-not-at-top  # Only the tests that write GGUF files need the package.
+  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from lenvm_jax.model import gguf_import, hf_layout  # pylint: disable=g-import-not-at-top
   from lenvm_jax.model_config import ModelConfig  # pylint: disable=g-import-not-at-top

@@ -230,6 +230,7 @@ def test_candidate_head_guidance_scores_from_the_cached_hidden_state():
   from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
   from lenvm_jax.decoding.sampler import SamplingConfig
 
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": "table"})
   # Scaled-up weights and a random table: values spread over (-1, 0), choices are no near-ties.
   graphdef, params = tiny_model(64, seed=1, scale=3.0, candidate_head="table")
   params["candidate_head"]["table"] = jax.random.normal(jax.random.key(5), (64, config.hidden_size)) * 0.3

@@ -14,8 +14,6 @@ from lenvm_jax.decoding import sampler as sampler_lib
 from lenvm_jax.decoding.engine import Engine, Request
 from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
-from lenvm_jax.model_config import ModelConfig, preset_fields
-from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
 from tests.helpers import tiny_model
 

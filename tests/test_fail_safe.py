@@ -437,11 +437,8 @@ def test_cli_readers_of_a_run_without_checkpoints_or_config(tmp_path):
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory):
   """A tiny model exported as an HF directory (weights + value head), and its ModelConfig."""
-  import jax
-  from flax import nnx
   from lenvm_jax.model import hf_export
   from lenvm_jax.model_config import ModelConfig, preset_fields
-  from lenvm_jax.model.transformer import LengthValueModel
   config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "dtype": "float32"})
   _, params = tiny_model(64, seed=1, dtype="float32")
   directory = tmp_path_factory.mktemp("exported") / "hf"

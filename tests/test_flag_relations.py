@@ -5,9 +5,7 @@ config but no weights, so a check that came after loading would fail with anothe
 
 import json
 
-import jax
 import pytest
-from flax import nnx
 
 from lenvm_jax import errors, sharding
 from lenvm_jax.config import RunConfig
@@ -17,7 +15,6 @@ from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, Transfo
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.hf_config import hf_config_from_model_config
-from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
 from tests.helpers import REPO, assert_one_error_line, run_cli, tiny_model
 

@@ -17,10 +17,8 @@ from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
-from lenvm_jax.model_config import ModelConfig, preset_fields
-from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind, logit_from_remaining
-from tests.helpers import tiny_model
+from tests.helpers import tiny_model as build_tiny_model
 
 GAMMA = 0.98
 POLICY = SyntheticPolicy()
@@ -161,7 +159,7 @@ WIDTH = 64
 @pytest.fixture(scope="module")
 def tiny_model():
   # Scaled-up weights: values spread over (-1, 0) and choices are not near-ties.
-  return tiny_model(64, seed=1, scale=3.0, qkv_bias=True)
+  return build_tiny_model(64, seed=1, scale=3.0, qkv_bias=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

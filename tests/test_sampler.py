@@ -11,8 +11,6 @@ from flax import nnx
 from lenvm_jax import sharding
 from lenvm_jax.decoding import sampler as sampler_lib
 from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
-from lenvm_jax.model_config import ModelConfig, preset_fields
-from lenvm_jax.model.transformer import LengthValueModel
 from tests.helpers import tiny_model
 
 PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 3, 8, 1, 5: one batch, mixed.
