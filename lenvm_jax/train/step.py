@@ -81,9 +81,15 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
         state.params, micro, jax.random.fold_in(dropout_rng, index))
     return jax.tree.map(jnp.add, grads, micro_grads), (loss, aux)
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
   micro_index = jnp.arange(batch["tokens"].shape[0])  # Each micro-batch draws its own dropout masks.
-  grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, micro_index))
+  if batch["tokens"].shape[0] == 1:  # One micro-batch: no zero-filled carry of every parameter's gradient (a pass
+    # over all of them that a step on cached features would mostly spend on frozen zeros).
+    (losses, (sums, metric_sums)), grads = jax.value_and_grad(micro_loss, has_aux=True)(
+        state.params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(dropout_rng, micro_index[0]))
+    losses, sums, metric_sums = jax.tree.map(lambda x: x[None], (losses, sums, metric_sums))
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, micro_index))
   loss = jnp.sum(losses)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
