@@ -27,19 +27,24 @@ def _unit(path: pathlib.Path) -> str:
   return _unit_of(path.relative_to(LIBRARY).parts)
 
 
-def _imported_units(path: pathlib.Path):
+def _imported_names(path: pathlib.Path):
+  """(dotted name, line) of every import statement, also those inside functions: `from a.b import c` gives both
+  a.b and a.b.c (a module or a name in it)."""
   for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-    names = []
     if isinstance(node, ast.Import):
-      names = [alias.name for alias in node.names]
+      yield from ((alias.name, node.lineno) for alias in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      names = [f"{node.module}.{alias.name}" for alias in node.names]
-    for name in names:
-      parts = name.split(".")
-      if parts[0] in ("experiments", "launch"):
-        yield parts[0], node.lineno
-      elif parts[0] == "lenvm_jax" and len(parts) > 1:
-        yield _unit_of(parts[1:]), node.lineno
+      yield node.module, node.lineno
+      yield from ((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+
+
+def _imported_units(path: pathlib.Path):
+  for name, line in _imported_names(path):
+    parts = name.split(".")
+    if parts[0] in ("experiments", "launch"):
+      yield parts[0], line
+    elif parts[0] == "lenvm_jax" and len(parts) > 1:
+      yield _unit_of(parts[1:]), line
 
 
 def test_every_library_module_has_a_layer():
@@ -72,15 +77,8 @@ def _module_of(dotted: str):
 
 
 def _module_imports(path: pathlib.Path) -> set[str]:
-  found = set()
-  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-    names = []
-    if isinstance(node, ast.Import):
-      names = [alias.name for alias in node.names]
-    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      names = [f"{node.module}.{alias.name}" for alias in node.names]
-    found |= {m for m in map(_module_of, (n for n in names if n.startswith("lenvm_jax."))) if m}
-  return found - {path.relative_to(LIBRARY).as_posix()}
+  found = {_module_of(name) for name, _ in _imported_names(path) if name.startswith("lenvm_jax.")}
+  return found - {None, path.relative_to(LIBRARY).as_posix()}
 
 
 def test_no_import_cycle_between_modules():
@@ -124,17 +122,10 @@ def test_no_test_module_imports_another_test_module():
   """Tests share code through tests/helpers.py (or conftest fixtures), never by importing a test module or conftest
   (pytest's own), so a test file can be read, moved or deleted alone."""
   tests_dir = pathlib.Path(__file__).resolve().parent
-  bad = []
+  bad = set()
   for path in sorted(tests_dir.glob("*.py")):
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-      if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-      elif isinstance(node, ast.ImportFrom) and node.module:
-        names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-      else:
-        continue
-      for name in names:
-        last = name.removeprefix("tests.").split(".")[0]
-        if (name.startswith("tests.") or "." not in name) and (last == "conftest" or last.startswith("test_")):
-          bad.append(f"{path.name}:{node.lineno} imports {name}")
-  assert not bad, "\n".join(sorted(set(bad)))
+    for name, line in _imported_names(path):
+      first = name.removeprefix("tests.").split(".")[0]
+      if (name.startswith("tests.") or "." not in name) and (first == "conftest" or first.startswith("test_")):
+        bad.add(f"{path.name}:{line} imports {name}")
+  assert not bad, "\n".join(sorted(bad))
