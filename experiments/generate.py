@@ -59,12 +59,12 @@ class ProgressLine:
   log (no terminal) one line every 30 s."""
 
   def __init__(self):
-    self.start, self.line = time.perf_counter(), None
+    self.start, self.line = time.monotonic(), None
 
   def __call__(self, done: int, total: int, tokens: int):
     if self.line is None:
-      self.line = progress.ProgressLine("generate", total, line_every_s=30)
-    self.line.update(done, **{"tokens/s": tokens / max(time.perf_counter() - self.start, 1e-9)})
+      self.line = progress.ProgressLine("generate", total, started_at=self.start, line_every_s=30)
+    self.line.update(done, **{"tokens/s": tokens / max(time.monotonic() - self.start, 1e-9)})
 
 
 def main(argv):

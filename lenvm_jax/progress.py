@@ -57,19 +57,20 @@ class ProgressLine:
   """`label done/total (pct) name value ... ETA 5m07s`.
 
   start: where counting starts (a resumed run's step); the first `update` sets the point the rate is measured from.
+  started_at: when the work began (clock time; default: now), for the "done in" of the last line.
   refresh_s: a terminal's line is redrawn at most this often; line_every_s: elsewhere, at most one line this often
   (0: every update shown). The last update (done = total) is always drawn.
   """
 
-  def __init__(self, label: str, total: int, *, start: int = 0, stream: TextIO | None = None,
-               in_place: bool | None = None, refresh_s: float = 0.5, line_every_s: float = 0.0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(self, label: str, total: int, *, start: int = 0, started_at: float | None = None,
+               stream: TextIO | None = None, in_place: bool | None = None, refresh_s: float = 0.5,
+               line_every_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
     self.label, self.total = label, int(total)
     self._stream = stream if stream is not None else sys.stderr
     self.in_place = _is_terminal(self._stream) if in_place is None else in_place
     self._every_s = refresh_s if self.in_place else line_every_s
     self._clock = clock
-    self._start_done, self._start_time = int(start), clock()
+    self._start_done, self._start_time = int(start), clock() if started_at is None else started_at
     self.done = int(start)
     self._first: tuple[int, float] | None = None
     self._drawn_at: float | None = None

@@ -95,5 +95,12 @@ def test_a_log_line_every_n_seconds():
   assert [l.split()[1] for l in out.getvalue().splitlines()] == ["1/100", "31/100", "61/100", "91/100", "100/100"]
 
 
+def test_done_in_counts_from_when_the_work_began():
+  clock, out = Clock(100.0), io.StringIO()
+  line = progress.ProgressLine("generate", 8, started_at=40.0, stream=out, in_place=False, clock=clock)
+  line.update(8)  # Made at the first batch (its total known only then), 60 s after the work began.
+  assert out.getvalue() == "generate 8/8 (100%)  done in 1m00s\n"
+
+
 def test_the_line_goes_in_place_only_on_a_terminal():
   assert not progress.ProgressLine("x", 1, stream=io.StringIO()).in_place
