@@ -27,10 +27,12 @@ def test_export_prints_its_one_line_and_the_libraries_records_only_with_verbosit
   assert plain.stdout.startswith("exported checkpoint step 4 of ")
   # Only our own records (here: the 8 fake test devices of which the export uses 1) reach the console.
   assert ABSL_RECORD.findall(plain.stderr) and not _library_records(plain.stderr), plain.stderr[-3000:]
-  verbose = run_cli("export_hf", f"--workdir={workdir}", f"--output={tmp_path / 'hf2'}", "--verbosity=0")
-  assert verbose.returncode == 0, verbose.stderr[-3000:]
-  library = _library_records(verbose.stderr)
-  assert len(library) >= 10 and "checkpoint_manager.py" in library, verbose.stderr[-3000:]  # orbax's restore.
+  for verbosity in (0, 1):  # absl's levels: INFO, then DEBUG too.
+    verbose = run_cli("export_hf", f"--workdir={workdir}", f"--output={tmp_path / f'hf{verbosity}'}",
+                      f"--verbosity={verbosity}")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    library = _library_records(verbose.stderr)
+    assert len(library) >= 10 and "checkpoint_manager.py" in library, verbose.stderr[-3000:]  # orbax's restore.
 
 
 @pytest.mark.slow
