@@ -45,8 +45,11 @@ def _ready(run: RunConfig, params, path, source=None):
   return cache
 
 
-def test_cached_features_give_the_full_forward_loss_and_gradients(tmp_path):
-  run = _run()
+@pytest.mark.parametrize("train, frozen_layers", [({}, 2), ({"trainable_layers": 0, "freeze_trunk": True}, 3)])
+def test_cached_features_give_the_full_forward_loss_and_gradients(tmp_path, train, frozen_layers):
+  """K = 1 of 3 layers trains (2 cached), or freeze_trunk (all 3 cached, only the final norm and heads run)."""
+  run = _run(train=train)
+  assert feature_cache.frozen_layers(run) == frozen_layers
   state = _state(run)
   source = pipeline.load_source(run, "train")
   cache = _ready(run, state.params, tmp_path, source)
@@ -62,14 +65,14 @@ def test_cached_features_give_the_full_forward_loss_and_gradients(tmp_path):
   graphdef, _ = transformer.abstract_model(run.model)
   objective = Objective.from_config(run.loss)
   frozen = step_lib.frozen_layers(run.train, state.params)
-  assert frozen == 2
+  freeze_trunk = run.train.freeze_trunk
 
   @jax.jit
   def loss_and_grads(params, batch):
     value_count, lm_count = objective.token_counts(batch)
     def loss(p):
-      z, lm_head, candidate_z = step_lib.forward_heads(graphdef, p, batch, freeze_trunk=False, objective=objective,
-                                                       frozen_layers=frozen)
+      z, lm_head, candidate_z = step_lib.forward_heads(graphdef, p, batch, freeze_trunk=freeze_trunk,
+                                                       objective=objective, frozen_layers=frozen)
       return objective.loss(objective.sums(z, lm_head, batch, candidate_z), value_count, lm_count, None)
     return jax.value_and_grad(loss)(params)
 
@@ -78,9 +81,10 @@ def test_cached_features_give_the_full_forward_loss_and_gradients(tmp_path):
   assert float(cached_loss) == pytest.approx(float(full_loss), rel=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(grads)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-  top = [np.asarray(x[frozen:]) for x in jax.tree.leaves(grads["layers"])]
-  assert all(np.any(x) for x in top)  # The top layer trains; the bottom ones and the embedding get zeros.
-  assert not any(np.any(np.asarray(x[:frozen])) for x in jax.tree.leaves(grads["layers"]))
+  cached_layers = 3 - run.train.trainable_layers  # The top layer trains; the cached ones get zeros.
+  assert all(np.any(np.asarray(x[cached_layers:])) for x in jax.tree.leaves(grads["layers"])) or freeze_trunk
+  assert not any(np.any(np.asarray(x[:cached_layers])) for x in jax.tree.leaves(grads["layers"]))
+  assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(grads["value_head"]))
 
 
 def test_manifest_states_the_disk_cost_and_bfloat16_halves_it(tmp_path):
