@@ -2,6 +2,7 @@
 (float32, packed rows), a cache of other weights or records is refused, and a run trains and resumes on it."""
 
 import json
+import pickle
 import shutil
 
 import jax
@@ -98,6 +99,9 @@ def test_manifest_states_the_disk_cost_and_bfloat16_halves_it(tmp_path):
   assert features.dtype == jnp.bfloat16 and features.shape[1] == run.model.hidden_size
   exact = _ready(_run(), state.params, tmp_path / "f32").reader[0]
   np.testing.assert_array_equal(features, exact.astype(jnp.bfloat16))
+  # A grain worker process gets a pickled reader (maybe before the trainer attached it): it reads from disk alone.
+  unattached = feature_cache.FeatureReader(cache.path)
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(unattached))[0], features)
 
 
 def test_a_cache_of_other_weights_or_records_is_refused_and_the_top_layers_do_not_matter(tmp_path):
