@@ -24,8 +24,9 @@ from flax import nnx
 from experiments import cli, sampling_flags
 from lenvm_jax import sharding
 from lenvm_jax.decoding import candidate_scoring
-from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
-from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.generation import GuidedSampler
+from lenvm_jax.decoding.guided import LengthRequest
+from lenvm_jax.decoding.generation import Sampler
 from lenvm_jax.data.synthetic import EOS_ID  # A random model speaks the synthetic ids: 0 pad, 1 EOS, prompts >= 2.
 from lenvm_jax.errors import UserError
 from lenvm_jax.model_config import ModelConfig, preset_fields

@@ -114,10 +114,10 @@ def _compile(jitted, args, capacity, lowered: bool = False):
 
 
 def _compile_decode(run: RunConfig, mesh, graphdef, params_shape, capacity) -> dict:
-  """Compiles guided generation as lenvm_jax/decoding/guided.py runs it (prefill, then the decode loop: top-k
-  candidates scored by the LenVM over its KV cache, the chosen one committed, the generator's next step) for
+  """Compiles the decode engine's step program (lenvm_jax/decoding/engine.py) with guidance on: top-k candidates
+  scored by the LenVM over its KV cache, the chosen one committed, the generator's next step, for
   --decode_slots rows of --decode_len cache slots, with the params in their stored dtype, as policies load them."""
-  from lenvm_jax.decoding import guided, guided_models, sampler  # pylint: disable=g-import-not-at-top
+  from lenvm_jax.decoding import generation, guided_models, sampler  # pylint: disable=g-import-not-at-top
   if not 0 < _DECODE_PROMPT.value < _DECODE_LEN.value:
     raise app.UsageError(f"--decode_prompt_len must lie in (0, --decode_len={_DECODE_LEN.value}), "
                          f"got {_DECODE_PROMPT.value}")
@@ -132,9 +132,9 @@ def _compile_decode(run: RunConfig, mesh, graphdef, params_shape, capacity) -> d
   # The EOS id is a value inside the program, not a shape: any id compiles the same program.
   settings = sampler.SamplingConfig(max_new_tokens=_DECODE_LEN.value - _DECODE_PROMPT.value, eos_ids=(0,), top_k=15)
   with cli.user_errors(ValueError):  # Slots the mesh does not divide, candidates beyond the vocabulary.
-    generation = guided.GuidedSampler(models, params, settings, mesh, num_candidates=_CANDIDATES.value,
+    guided = generation.GuidedSampler(models, params, settings, mesh, num_candidates=_CANDIDATES.value,
                                       batch_size=_SLOTS.value)
-  report, _ = _compile(generation.lower(_DECODE_PROMPT.value), (), capacity, lowered=True)
+  report, _ = _compile(guided.lower(_DECODE_PROMPT.value), (), capacity, lowered=True)
   report.update(slots=_SLOTS.value, cache_len=_DECODE_LEN.value, prompt_len=_DECODE_PROMPT.value,
                 candidates=_CANDIDATES.value, models=_DECODE_MODELS.value)
   return report

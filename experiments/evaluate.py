@@ -35,11 +35,12 @@ from lenvm_jax.data import pipeline
 from lenvm_jax.evaluation import length_scores, length_tokens
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding.eos import check_in_vocabulary, generator_eos_ids
-from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.generation import GuidedSampler
+from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding import candidate_scoring
 from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.generation import Sampler
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer
 from lenvm_jax.value.targets import remaining_from_value
 
@@ -231,7 +232,7 @@ def main(argv):
   def unguided(max_new_tokens):
     """The baseline: the whole filtered distribution (--unguided=full), or the guided run's candidates."""
     if options.unguided == "candidates":
-      return sampler(max_new_tokens).generate(prompts, [LengthRequest()] * len(prompts))
+      return sampler(max_new_tokens).generate(prompts, [options.unguided_request()] * len(prompts))
     if name == "shared trunk":
       return Sampler(predictor.graphdef, predictor.params, options.config(max_new_tokens, eos_ids, _SEED.value), mesh,
                      batch_size=batch).generate(prompts)

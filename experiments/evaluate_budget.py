@@ -33,11 +33,12 @@ from lenvm_jax.run import config_history
 from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib
-from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.generation import GuidedSampler
+from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding.eos import check_in_vocabulary
 from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.generation import Sampler
 from lenvm_jax.evaluation.budget import correct_flags, held_out, paired_test, score, wilson_interval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The LenVM's training workdir.")
@@ -159,6 +160,8 @@ def main(argv):
     else:
       sampler = GuidedSampler(models, params, sampling, mesh, num_candidates=options.candidates,
                               batch_size=_BATCH.value)
+      if request.rule == "none":  # --unguided=candidates: the base among the k candidates.
+        request = options.unguided_request()
       samples = sampler.generate(prompt_ids, [request] * len(prompt_ids))
     return samples, [tokenizer.decode(s.completion_ids.tolist()) for s in samples]
 

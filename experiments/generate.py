@@ -30,7 +30,7 @@ from lenvm_jax.data import prompts as prompts_lib
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.eos import check_in_vocabulary
-from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.generation import Sampler
 
 _POLICY = flags.DEFINE_string("policy", None, "Run workdir or Hugging Face model directory to sample from.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Prompt JSONL, 'champ', "
@@ -103,6 +103,10 @@ def main(argv):
     overall = split_stats["overall"]
     print(f"{split}: completion length p50 {overall.get('p50', 0):.0f}, p99 {overall.get('p99', 0):.0f}, "
           f"unfinished {overall['unfinished_fraction']:.1%}")
+    # Nothing is dropped here; a cut completion is kept unfinished (training's data.unfinished decides its fate).
+    print(f"{split}: {overall['unfinished']} of {overall['records']} completions cut at --max_new_tokens="
+          f"{_MAX_NEW.value} ({overall['unfinished'] * _MAX_NEW.value} tokens in them, kept with finished=false); "
+          "0 prompts cut (prompts are sampled whole)")
   for split, scored in result.get("answers", {}).items():
     print(f"{split}: {scored['correct']}/{scored['scored']} completions correct ({scored['accuracy']:.1%})")
   print(f"wrote {os.path.join(_OUTPUT.value, 'stats.json')}")

@@ -66,6 +66,11 @@ class Sampling:
   def describe(self) -> dict:
     return dataclasses.asdict(self)
 
+  def unguided_request(self) -> LengthRequest:
+    """The unguided baseline's request for a guided sampler: no rule (the whole filtered distribution), or with
+    --unguided=candidates the base distribution restricted to the k candidates (a tilt with beta 0)."""
+    return LengthRequest("tilt", beta=0.0) if self.unguided == "candidates" else LengthRequest()
+
   def _options(self) -> dict:
     unset = lambda v: float("nan") if v is None else v
     return dict(value_entropy_threshold=unset(self.value_entropy_threshold), value_min=unset(self.value_min),

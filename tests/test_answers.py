@@ -15,7 +15,8 @@ from lenvm_jax.data.prompts import Prompt, load_prompts, read_prompt_jsonl
 from lenvm_jax.data.records import RecordError
 from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.decoding import rollouts
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from tests.helpers import CHATML, build_tokenizer_json, chatml_tokenizer_dir
@@ -159,7 +160,7 @@ def test_rollout_records_keep_the_answer_and_whether_the_completion_is_correct(t
 
 def test_budget_evaluation_counts_an_answer_only_when_it_ends_within_the_budget():
   from lenvm_jax.evaluation import budget as evaluate_budget
-  from lenvm_jax.decoding.guided import GuidedSample
+  from lenvm_jax.decoding.generation import GuidedSample
   sample = lambda n, finished: GuidedSample(np.arange(n), np.zeros(n), finished)
   prompts = [Prompt(np.asarray([1]), str(i), answer=answers.Answer("7")) for i in range(3)]
   samples = [sample(5, True), sample(12, True), sample(20, False)]

@@ -227,7 +227,8 @@ def test_candidate_head_guidance_scores_from_the_cached_hidden_state():
   """Guided decoding with scorer='candidate_head' (shared trunk, and as the LenVM of a Pair): every recorded value is
   Q(s_t, chosen token) of the cache-free forward's hidden state at s_t; both layouts make the same choices."""
   from lenvm_jax.decoding import candidate_scoring
-  from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+  from lenvm_jax.decoding.generation import GuidedSampler
+  from lenvm_jax.decoding.guided import LengthRequest
   from lenvm_jax.decoding.sampler import SamplingConfig
 
   config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 64, "candidate_head": "table"})

@@ -12,6 +12,7 @@ from flax import nnx
 from lenvm_jax import sharding
 from lenvm_jax.decoding import sampler as sampler_lib
 from lenvm_jax.decoding.engine import Engine, Request
+from lenvm_jax.decoding.generation import Sampler
 from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
 from lenvm_jax.value.targets import TargetKind
@@ -85,7 +86,7 @@ def test_a_sample_does_not_depend_on_its_batch_and_matches_the_sampler_streams(m
     np.testing.assert_array_equal(again.tokens, expected.tokens)
   # One setting for all rows: the static sampler's draws, row id = sample id.
   sampling = sampler_lib.SamplingConfig(max_new_tokens=10, eos_ids=(EOS,), temperature=0.8, top_k=7, seed=3)
-  static = sampler_lib.Sampler(graphdef, params, sampling, sharding.make_mesh(1, 1, 1), batch_size=2)
+  static = Sampler(graphdef, params, sampling, sharding.make_mesh(1, 1, 1), batch_size=2)
   engine = Engine(generator, params, sharding.make_mesh(1, 1, 1), eos_ids=(EOS,), slots=2, max_prompt_len=16,
                   max_new_tokens=10)
   plain = engine.generate([Request(tuple(p), 10, temperature=0.8, top_k=7, seed=3, sample_id=i)

@@ -10,9 +10,10 @@ import pytest
 from lenvm_jax import errors, sharding
 from lenvm_jax.config import RunConfig
 from lenvm_jax.decoding.eos import check_in_vocabulary
-from lenvm_jax.decoding.guided import GuidedSampler
+from lenvm_jax.decoding.generation import GuidedSampler
 from lenvm_jax.decoding.guided_models import Pair, TransformerGenerator, TransformerScorer
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.hf_config import hf_config_from_model_config
 from lenvm_jax.value.targets import TargetKind

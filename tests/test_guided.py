@@ -13,7 +13,8 @@ from lenvm_jax import sharding
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
 from lenvm_jax.decoding import guided
 from lenvm_jax.evaluation import length_scores
-from lenvm_jax.decoding.guided import GuidedSampler, LengthRequest
+from lenvm_jax.decoding.generation import GuidedSampler
+from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding.guided_models import Pair, SharedTrunk, TransformerGenerator, TransformerScorer
 from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticScorer

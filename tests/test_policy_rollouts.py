@@ -24,7 +24,8 @@ from lenvm_jax.data import arrayrecord, pipeline, rows as rows_lib
 from lenvm_jax.data.synthetic import EOS_ID, SyntheticPolicy
 from lenvm_jax.decoding import policy as policy_lib, rollouts
 from lenvm_jax.decoding.predict import Predictor
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.value.objective import Objective
 from lenvm_jax import config as config_lib
 from lenvm_jax.train import state as state_lib, step as step_lib, trainer

@@ -10,7 +10,8 @@ from flax import nnx
 
 from lenvm_jax import sharding
 from lenvm_jax.decoding import sampler as sampler_lib
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig
+from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig
 from tests.helpers import tiny_model
 
 PROMPTS = [[5, 6, 7], list(range(9, 17)), [3], [40, 41, 42, 43, 44]]  # Lengths 3, 8, 1, 5: one batch, mixed.

@@ -8,7 +8,8 @@ pytest.importorskip("transformers")
 
 from lenvm_jax import sharding  # noqa: E402
 from lenvm_jax.decoding import policy as policy_lib  # noqa: E402
-from lenvm_jax.decoding.sampler import Sampler, SamplingConfig  # noqa: E402
+from lenvm_jax.decoding.generation import Sampler
+from lenvm_jax.decoding.sampler import SamplingConfig  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 60, 8, 91, 4], [12], [70, 71, 72], [40, 2, 41, 9, 13]]

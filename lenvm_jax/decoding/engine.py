@@ -259,8 +259,9 @@ class Engine:
       return dict(slots=self.slots, busy_slots=sum(r is not None for r in self._in_slot),
                   waiting=len(self._waiting), generated_tokens=self.generated_tokens)
 
-  def generate(self, requests: Sequence[Request]) -> list[Completion]:
-    """Every request to its end, returned in input order (the offline use: rollouts, evaluation)."""
+  def generate(self, requests: Sequence[Request], on_completion: Callable | None = None) -> list[Completion]:
+    """Every request to its end, returned in input order (the offline use: rollouts, evaluation);
+    on_completion(completion) hears each as it ends (progress)."""
     for request in requests:
       self.check(request)
     ids = [self.submit(request) for request in requests]
@@ -268,7 +269,30 @@ class Engine:
     while len(done) < len(ids):
       for completion in self.step():
         done[completion.request_id] = completion
+        if on_completion:
+          on_completion(completion)
     return [done[i] for i in ids]
+
+  def warm_up(self, prompt_lengths: Sequence[int] = ()) -> None:
+    """Compiles every admission shape for prompts of these lengths (default: every width up to max_prompt_len) and
+    the decode program, without touching a slot: a server answers its first requests, and a benchmark times its
+    run, without compiling."""
+    if any(r is not None for r in self._in_slot):
+      raise RuntimeError("warm_up runs before any request takes a slot")
+    if self._device_slots is None:
+      self._device_slots = self._empty_slots()
+    widths = sorted({sampler.bucket_width(n, 8) for n in prompt_lengths} or
+                    [w for w in (8 << i for i in range(24)) if w <= self.max_prompt_width])
+    for group in sorted({self._group_size(n) for n in range(1, self.slots + 1)}):
+      settings = self._settings([Request((sampler.PAD_ID,), 1)] * group)
+      for width in widths:
+        rows = np.full(group, self.slots, np.int32)  # Every row out of range: dropped, nothing admitted.
+        with jax.set_mesh(self.mesh):
+          self._device_slots = self._admit(self.params, self._device_slots, rows, np.zeros((group, width), np.int32),
+                                           np.ones(group, np.int32), settings)
+    with jax.set_mesh(self.mesh):
+      self._device_slots = self._decode(self.params, self._device_slots,
+                                        jax.device_put(np.zeros(self.slots, bool), self._per_row), False)[0]
 
   # The loop.
   def step(self) -> list[Completion]:
@@ -331,8 +355,7 @@ class Engine:
         self._in_slot[slot] = running
     if not taken:
       return
-    # Few shapes, so few compiles: the group size and the prompt width are both bucketed.
-    group = min(self.slots, 1 << (len(taken) - 1).bit_length())
+    group = self._group_size(len(taken))
     width = sampler.bucket_width(max(len(r.request.prompt) for r in taken), 8)
     fill = group - len(taken)
     requests = [r.request for r in taken] + [Request((sampler.PAD_ID,), 1)] * fill
@@ -341,6 +364,10 @@ class Engine:
     settings = self._settings(requests)
     with jax.set_mesh(self.mesh):
       self._device_slots = self._admit(self.params, self._device_slots, rows, tokens, lengths, settings)
+
+  def _group_size(self, admitted: int) -> int:
+    """Rows prefilled together for `admitted` requests: a power of 4 (or all slots), so few shapes compile."""
+    return min(self.slots, 1 << (2 * ((admitted - 1).bit_length() + 1 >> 1)))
 
   def _settings(self, requests: Sequence[Request]) -> dict:
     column = lambda get, dtype: np.asarray([get(r) for r in requests], dtype)

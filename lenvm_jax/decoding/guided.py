@@ -49,19 +49,13 @@ reference does. `LengthRequest.following(convention, ...)` sets selection, space
 """
 
 import dataclasses
-import functools
 from typing import Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenvm_jax import sharding
-from lenvm_jax.value.targets import log1p_value_from_logit, remaining_from_logit
-from lenvm_jax.decoding.eos import check_in_vocabulary
-from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary
-from lenvm_jax.decoding.sampler import (PAD_ID, SamplingConfig, check_batch_size, filter_logits, prompt_batches,
-                                        row_keys, step_keys)
+from lenvm_jax.value.targets import log1p_value_from_logit
 
 RULES = ("none", "equal_to", "at_most", "at_least", "tilt", "eq_soft", "expectation")
 _NONE, _EQUAL_TO, _AT_MOST, _AT_LEAST, _TILT, _EQ_SOFT, _EXPECTATION = range(len(RULES))
@@ -339,119 +333,3 @@ def choose(candidate_logits, logits, is_eos, generated, keys, rows: dict, gamma:
   scores = guided_logits(candidate_logits, logits, is_eos, generated, rows, gamma)
   gumbel = jax.vmap(lambda key: jax.random.gumbel(key, scores.shape[-1:]))(keys)
   return jnp.argmax(scores + gumbel, axis=-1).astype(jnp.int32)
-
-
-def guided_decode(models: GuidedModels, params, prompt_tokens, prompt_lengths, row_ids, rows: dict, *,
-                  sampling: SamplingConfig, num_candidates: int):
-  """Pure guided generation of one batch (prompt_tokens [B, P] left-padded; rows: per-row request arrays [B], see
-  `request_arrays`).
-
-  Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), logits [B, max_new_tokens] (the LenVM's z of the
-  state after each chosen token; -inf, i.e. V = 0, for an EOS and after the end), lengths [B] (EOS included) and
-  finished [B].
-  """
-  batch, width = prompt_tokens.shape
-  steps = sampling.max_new_tokens
-  eos_ids = jnp.asarray(sampling.eos_ids, jnp.int32)
-  keys = row_keys(sampling.seed, row_ids)
-  state, logits = models.start(params, prompt_tokens, prompt_lengths, width + steps)
-
-  def keep_going(carry):
-    step, _, _, _, _, done, _ = carry
-    return (step < steps) & ~jnp.all(done)
-
-  def step_once(carry):
-    step, state, logits, out, out_z, done, lengths = carry
-    candidate_logits, candidates = jax.lax.top_k(filter_logits(logits, sampling), num_candidates)
-    positions = prompt_lengths + step
-    z, pending = models.score(params, state, candidates, positions)
-    is_eos = jnp.isin(candidates, eos_ids)
-    choice = choose(candidate_logits, z, is_eos, lengths, step_keys(keys, step), rows, models.gamma)
-    token = jnp.where(done, PAD_ID, jnp.take_along_axis(candidates, choice[:, None], axis=1)[:, 0])
-    chosen_z = jnp.where(jnp.isin(token, eos_ids), -jnp.inf, jnp.take_along_axis(z, choice[:, None], axis=1)[:, 0])
-    out, out_z = out.at[:, step].set(token), out_z.at[:, step].set(jnp.where(done, -jnp.inf, chosen_z))
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, eos_ids)
-    state, logits = models.commit(params, state, pending, choice, token, positions)
-    return step + 1, state, logits, out, out_z, done, lengths
-
-  carry = (jnp.zeros((), jnp.int32), state, logits, jnp.full((batch, steps), PAD_ID, jnp.int32),
-           jnp.full((batch, steps), -jnp.inf, jnp.float32), jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-  _, _, _, out, out_z, done, lengths = jax.lax.while_loop(keep_going, step_once, carry)
-  return out, out_z, lengths, done
-
-
-@dataclasses.dataclass(frozen=True)
-class GuidedSample:
-  completion_ids: np.ndarray  # Generated tokens, ending with an EOS id when finished.
-  values: np.ndarray  # V after each generated token (the LenVM's view of the remaining length along the way).
-  finished: bool
-  logits: np.ndarray | None = None  # The LenVM's z after each token (-inf at EOS): exact lengths where V rounds to -1.
-
-  def remaining(self, gamma: float) -> np.ndarray:
-    """The LenVM's expected remainder after each generated token, from z (exact past float32's V)."""
-    source = self.logits if self.logits is not None else np.log(-np.minimum(self.values, -1e-38)) - np.log1p(
-        self.values)
-    return np.asarray(remaining_from_logit(source, gamma))
-
-
-class GuidedSampler:
-  """Guided generation for many prompts in fixed-size batches on a mesh (batch over data x fsdp)."""
-
-  def __init__(self, models: GuidedModels, params, sampling: SamplingConfig, mesh, num_candidates: int = 5,
-               batch_size: int = 16):
-    check_batch_size(mesh, batch_size)
-    if sampling.temperature == 0.0:
-      raise ValueError("guided decoding samples among candidates: sampling temperature must be > 0")
-    if not 1 <= num_candidates <= models.vocab_size:
-      raise ValueError(f"num_candidates must lie in [1, {models.vocab_size}], got {num_candidates}")
-    check_in_vocabulary(sampling.eos_ids, models.vocab_size, "sampling eos_ids", "the generator")
-    lenvm = params[1] if isinstance(models, Pair) and isinstance(params, tuple) else None
-    if isinstance(lenvm, dict) and "embedding" in lenvm:
-      check_same_vocabulary(models.vocab_size, lenvm["embedding"].shape[0], "the generator", "the LenVM's params")
-    self.models, self.params, self.sampling, self.mesh = models, params, sampling, mesh
-    self.batch_size = batch_size
-    self._rows = sharding.batch_sharding(mesh, 2)
-    self._per_row = sharding.batch_sharding(mesh, 1)
-    self._decode = jax.jit(functools.partial(guided_decode, models, sampling=sampling,
-                                             num_candidates=num_candidates))
-
-  def lower(self, prompt_width: int, request: "LengthRequest | None" = None):
-    """The batch program lowered for prompts of prompt_width tokens, without running it: self.params may be
-    ShapeDtypeStructs. experiments/compile_check.py compiles it for a TPU topology (--steps=decode)."""
-    rows = request_arrays([request or LengthRequest()] * self.batch_size)
-    per_row = lambda dtype: jax.ShapeDtypeStruct((self.batch_size,), dtype, sharding=self._per_row)
-    with jax.set_mesh(self.mesh):
-      return self._decode.lower(
-          self.params, jax.ShapeDtypeStruct((self.batch_size, prompt_width), np.int32, sharding=self._rows),
-          per_row(np.int32), per_row(np.int32), {name: per_row(values.dtype) for name, values in rows.items()})
-
-  def generate(self, prompts: Sequence[Sequence[int]], requests: Sequence[LengthRequest],
-               row_ids: Sequence[int] | None = None) -> list[GuidedSample]:
-    """One guided sample per prompt, in input order; requests[i] is prompt i's length instruction."""
-    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-    if not len(row_ids) == len(requests) == len(prompts):
-      raise ValueError(f"got {len(prompts)} prompts, {len(requests)} requests and {len(row_ids)} row_ids")
-    limit = self.sampling.max_new_tokens
-    for i, request in enumerate(requests):  # A length the decode cannot reach would be cut, and scored, silently.
-      if request.rule in ("equal_to", "at_least", "eq_soft") and request.target > limit and not np.isfinite(
-          request.target_value):
-        raise ValueError(f"request {i}: {request.rule} {request.target} tokens cannot be met within max_new_tokens "
-                         f"= {limit}; raise max_new_tokens or lower the target")
-    out: list[GuidedSample | None] = [None] * len(prompts)
-    filler = LengthRequest()
-    for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.models.vocab_size):
-      fill = self.batch_size - len(chunk)
-      rows = request_arrays([requests[i] for i in chunk] + [filler] * fill)
-      per_row = lambda values: jax.device_put(values, self._per_row)
-      ids = np.asarray([row_ids[i] for i in chunk] + [0] * fill, np.int32)
-      with jax.set_mesh(self.mesh):
-        generated, logits, counts, finished = jax.device_get(self._decode(
-            self.params, jax.device_put(tokens, self._rows), per_row(lengths), per_row(ids),
-            {name: per_row(values) for name, values in rows.items()}))
-      values = -0.5 * (1.0 + np.tanh(0.5 * logits.astype(np.float64)))  # V = -sigmoid(z); EOS, padding: 0.
-      for row, i in enumerate(chunk):
-        n = counts[row]
-        out[i] = GuidedSample(generated[row, :n].copy(), values[row, :n].astype(np.float32), bool(finished[row]),
-                              logits[row, :n].copy())
-    return out

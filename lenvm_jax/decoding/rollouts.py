@@ -23,7 +23,7 @@ from lenvm_jax.data.prompt_groups import SPLITS, split_groups
 from lenvm_jax.data.prompts import Prompt
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.data.tokenizer import Tokenizer
-from lenvm_jax.decoding.sampler import Sampler
+from lenvm_jax.decoding.generation import Sampler
 
 SETTINGS_FILE = "generation.json"
 
@@ -54,7 +54,7 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
   """Writes the shards that do not exist yet and stats.json; returns the stats.
 
   settings (policy, sampling, ...) go to generation.json and, with the sampling settings, into every record's meta.
-  on_progress(samples done, samples total, tokens generated in this run) is called after every batch.
+  on_progress(samples done, samples total, tokens generated in this run) is called every batch_size samples.
   overwrite: replace another import (or rollouts with other settings) in output_dir instead of refusing.
   """
   if num_samples <= 0 or shard_size <= 0:
@@ -76,19 +76,17 @@ def generate_rollouts(sampler: Sampler, prompts: Sequence[Prompt], output_dir: s
       if os.path.exists(path):  # Finished by an earlier run.
         done += len(items)
         continue
-      by_length = sorted(range(len(items)), key=lambda i: len(prompts[items[i][0]].prompt_ids))
-      samples = [None] * len(items)
-      for start in range(0, len(by_length), sampler.batch_size):
-        batch = by_length[start:start + sampler.batch_size]
-        out = sampler.generate([prompts[items[i][0]].prompt_ids.tolist() for i in batch],
-                               row_ids=[items[i][0] * num_samples + items[i][1] for i in batch])
-        for i, sample in zip(batch, out):
-          samples[i] = sample
-          tokens += len(sample.completion_ids)
-        done += len(batch)
-        if on_progress:
+      # The whole shard at once: the engine refills a slot as soon as its row ends (no batch waits for its
+      # longest row), and each row's stream depends only on its row id.
+      def heard(sample):
+        nonlocal done, tokens, reported
+        done, tokens = done + 1, tokens + len(sample.completion_ids)
+        if on_progress and (done % sampler.batch_size == 0 or done == total):
           on_progress(done, total, tokens)
           reported = done
+
+      samples = sampler.generate([prompts[p].prompt_ids.tolist() for p, _ in items],
+                                 row_ids=[p * num_samples + s for p, s in items], on_sample=heard)
       records = []
       for (prompt_index, sample_index), sample in zip(items, samples):
         prompt = prompts[prompt_index]

@@ -1,12 +1,13 @@
-"""Batched autoregressive sampling with a KV cache, under one jit: prefill, then fixed-shape decode steps.
+"""The pieces every decode loop is built from: sampling settings and filters, per-row random streams, left
+padding to bucketed widths, and the KV-cache prefill / one-token advance. The loop itself is the decode engine's
+(lenvm_jax/decoding/engine.py); batch generation over it is lenvm_jax/decoding/generation.py.
 
-Prompts of different lengths share a batch: they are left-padded to a common width (a power of two, so a few
+Prompts of different lengths share a prefill: they are left-padded to a common width (a power of two, so a few
 shapes cover all batches), keep their own RoPE positions, and never attend to padding (lenvm_jax/model/kv_cache.py).
-Decoding runs in a `lax.while_loop` that stops at `max_new_tokens` or when every row has emitted an EOS id; a row
-that has finished emits padding (0) from then on.
 
 Sampling filters are small pure functions applied in the order temperature -> top-k -> top-p -> min-p (the order
-of Hugging Face `generate`); temperature 0 is greedy (argmax of the raw logits, first index on ties). Two semantics
+of Hugging Face `generate`); temperature 0 is greedy (argmax of the raw logits, first index on ties). Each setting
+is one number for all rows or one value per row (the engine's requests each bring theirs). Two semantics
 (SamplingConfig.filter_style): "hf" (default) keeps top-k ties and measures top-p on the distribution renormalised
 after top-k, keeping a token while the mass before it is below p; "reference" (the LenVM reference server) keeps
 exactly k tokens and measures top-p on the un-renormalised top-k probabilities, keeping a token while the mass
@@ -14,9 +15,6 @@ before it is at most p. They differ at settings like LIFEBench's top_k 15, top_p
 tail is cut and the raw one is not.
 Randomness is per row: row i's key is fold_in(key(seed), row_id[i]) and step t uses fold_in(row key, t), so a
 sample does not depend on which other rows share its batch or on the batch size.
-
-Batching (prompt_batches, bucket_width, left_pad) and the prefill are shared with guided decoding
-(lenvm_jax/decoding/guided.py) and, for the bucketed width, the Predictor.
 """
 
 import dataclasses
@@ -26,10 +24,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lenvm_jax import sharding
-from lenvm_jax.decoding.eos import check_in_vocabulary
 from lenvm_jax.model.kv_cache import KVCache
 
 PAD_ID = 0
@@ -180,19 +175,12 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int) -> tuple[np.ndarray, 
   return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
-def prompt_batches(prompts: Sequence[Sequence[int]], batch_size: int, vocab_size: int):
-  """Checks the prompts, then yields (indices, tokens [batch_size, width], lengths [batch_size]) per batch: similar
-  lengths share a batch, left-padded to a bucketed width; a short last batch is filled with one-token rows."""
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
   for i, prompt in enumerate(prompts):
     if not len(prompt):
       raise ValueError(f"prompt {i} is empty")
     if min(prompt) < 0 or max(prompt) >= vocab_size:
       raise ValueError(f"prompt {i} has a token id outside the model's vocabulary [0, {vocab_size})")
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    rows = [prompts[i] for i in chunk] + [[PAD_ID]] * (batch_size - len(chunk))
-    yield (chunk, *left_pad(rows, bucket_width(max(map(len, rows)), 8)))
 
 
 def check_batch_size(mesh, batch_size: int) -> None:
@@ -201,17 +189,27 @@ def check_batch_size(mesh, batch_size: int) -> None:
     raise ValueError(f"batch_size ({batch_size}) must be a multiple of mesh data x fsdp = {shards}")
 
 
-def prefill(model, prompt_tokens, prompt_lengths, cache_len):
+PREFILL_CHUNK = 512  # Prompts wider than this are prefilled in chunks: attention scores stay [chunk, cache].
+
+
+def prefill(model, prompt_tokens, prompt_lengths, cache_len, chunk: int = PREFILL_CHUNK):
   """Left-padded prompts [B, P] through a fresh cache of cache_len slots: (hidden states [B, P, H], cache). Every
-  prompt keeps its own positions and ends in the last column."""
+  prompt keeps its own positions and ends in the last column. A prompt wider than `chunk` goes through in chunks
+  (each sees the cache the earlier ones wrote), so a long prompt never builds a [P, P] score matrix."""
   batch, width = prompt_tokens.shape
   cache = KVCache.create(model.config, batch, cache_len)
   padding = (width - prompt_lengths)[:, None]
   slots = jnp.arange(width)[None]
   valid = slots >= padding
-  hidden, new_kv = model.cached_hidden_states(prompt_tokens, jnp.maximum(slots - padding, 0), cache.mask(valid),
-                                              cache)
-  return hidden, cache.append(new_kv, valid)
+  positions = jnp.maximum(slots - padding, 0)
+  hidden = []
+  for start in range(0, width, chunk):
+    part = slice(start, min(start + chunk, width))
+    h, new_kv = model.cached_hidden_states(prompt_tokens[:, part], positions[:, part], cache.mask(valid[:, part]),
+                                           cache)
+    cache = cache.append(new_kv, valid[:, part])
+    hidden.append(h)
+  return jnp.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0], cache
 
 
 def advance(model, cache, tokens, positions):
@@ -230,72 +228,3 @@ def row_keys(seed: int, row_ids):
 def step_keys(keys, step):
   """[B] keys of decode step `step` from the rows' keys."""
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-
-
-def decode(graphdef, params, prompt_tokens, prompt_lengths, row_ids, *, sampling: SamplingConfig):
-  """Pure generation of one batch. prompt_tokens [B, P] left-padded, prompt_lengths [B], row_ids [B] int32.
-
-  Returns tokens [B, max_new_tokens] (PAD_ID after a row's end), lengths [B] (tokens generated, EOS included) and
-  finished [B] (an EOS id was generated).
-  """
-  model = nnx.merge(graphdef, params)
-  batch, width = prompt_tokens.shape
-  steps = sampling.max_new_tokens
-  eos_ids = jnp.asarray(sampling.eos_ids, jnp.int32)
-  keys = row_keys(sampling.seed, row_ids)
-  hidden, cache = prefill(model, prompt_tokens, prompt_lengths, width + steps)
-  logits = model.lm_logits(hidden[:, -1:])[:, 0]  # Left padding: every prompt ends in the last column.
-
-  def keep_going(carry):
-    step, _, _, _, done, _ = carry
-    return (step < steps) & ~jnp.all(done)
-
-  def step_once(carry):
-    step, cache, logits, out, done, lengths = carry
-    token = jnp.where(done, PAD_ID, next_tokens(logits, step_keys(keys, step), sampling))
-    out = out.at[:, step].set(token)
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, eos_ids)
-    cache, hidden = advance(model, cache, token, prompt_lengths + step)
-    return step + 1, cache, model.lm_logits(hidden), out, done, lengths
-
-  carry = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((batch, steps), PAD_ID, jnp.int32),
-           jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-  _, _, _, out, done, lengths = jax.lax.while_loop(keep_going, step_once, carry)
-  return out, lengths, done
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  completion_ids: np.ndarray  # Generated tokens, ending with an EOS id when finished.
-  finished: bool  # An EOS id was generated (else the row was cut at max_new_tokens).
-
-
-class Sampler:
-  """Generates completions for many prompts in fixed-size batches on a mesh (batch over data x fsdp)."""
-
-  def __init__(self, graphdef, params, sampling: SamplingConfig, mesh, batch_size: int = 16):
-    check_batch_size(mesh, batch_size)
-    self.graphdef, self.params, self.sampling, self.mesh = graphdef, params, sampling, mesh
-    self.batch_size = batch_size
-    self.vocab_size = params["embedding"].shape[0]
-    check_in_vocabulary(sampling.eos_ids, self.vocab_size, "sampling eos_ids")
-    self._rows = sharding.batch_sharding(mesh, 2)
-    self._per_row = sharding.batch_sharding(mesh, 1)
-    self._decode = jax.jit(functools.partial(decode, graphdef, sampling=sampling))
-
-  def generate(self, prompts: Sequence[Sequence[int]], row_ids: Sequence[int] | None = None) -> list[Sample]:
-    """One sample per prompt, in input order. row_ids (default 0..n-1) pick each row's random stream."""
-    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-    if len(row_ids) != len(prompts):
-      raise ValueError(f"got {len(row_ids)} row_ids for {len(prompts)} prompts")
-    out: list[Sample | None] = [None] * len(prompts)
-    for chunk, tokens, lengths in prompt_batches(prompts, self.batch_size, self.vocab_size):
-      ids = np.asarray([row_ids[i] for i in chunk] + [0] * (self.batch_size - len(chunk)), np.int32)
-      with jax.set_mesh(self.mesh):
-        generated, counts, finished = jax.device_get(self._decode(
-            self.params, jax.device_put(tokens, self._rows), jax.device_put(lengths, self._per_row),
-            jax.device_put(ids, self._per_row)))
-      for row, i in enumerate(chunk):
-        out[i] = Sample(generated[row, :counts[row]].copy(), bool(finished[row]))
-    return out
