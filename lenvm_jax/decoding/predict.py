@@ -73,7 +73,7 @@ class Predictor:
     return out
 
   def predict_prompts(self, prompts: list[Trajectory], batch_size: int = 16, max_prompt_len: int = 0):
-    """(V(s_0) [N], L_hat [N]): the value and predicted completion length at each prompt's boundary (spec 4)."""
+    """(V(s_0) [N], L_hat [N]): value and predicted completion length at each prompt boundary (docs/method.md §8)."""
     empty = [dataclasses.replace(t, completion_ids=t.completion_ids[:0]) for t in prompts]
     out = self.predict(empty, batch_size=batch_size, max_prompt_len=max_prompt_len)
     return np.asarray([v[0] for v, _ in out]), np.asarray([n[0] for _, n in out])
