@@ -60,13 +60,24 @@ def server(tmp_path_factory):
   config.loss.lm_weight = 1.0  # The shared trunk generates with its LM head.
   root = tmp_path_factory.mktemp("serve")
   trainer.train_and_evaluate(run_config(config), str(root / "run"))
+  _tokenizer_dir(root / "tokenizer")
+  url, process, log = _start(root, f"--workdir={root / 'run'}", f"--slots={SLOTS}", f"--max_waiting={MAX_WAITING}",
+                             f"--max_tokens={MAX_TOKENS}", "--max_prompt_tokens=32", "--max_n=8", "--candidates=64",
+                             "--max_body_bytes=20000")
+  yield url, process, log, root
+  if process.poll() is None:
+    process.kill()
+    process.wait()
+
+
+def _start(root, *flags):
+  """`python -m experiments.serve` on a free port with the test tokenizer, once /health says ok: (url, process, log
+  path). Its output goes to a file (a pipe nobody reads could fill and stall it)."""
   port = _free_port()
-  process = subprocess.Popen(
-      [sys.executable, "-m", "experiments.serve", f"--workdir={root / 'run'}",
-       f"--tokenizer={_tokenizer_dir(root / 'tokenizer')}", f"--port={port}", f"--slots={SLOTS}",
-       f"--max_waiting={MAX_WAITING}", f"--max_tokens={MAX_TOKENS}", "--max_prompt_tokens=32", "--max_n=8",
-       "--candidates=64", "--max_body_bytes=20000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+  log = root / f"server_{port}.log"
+  with open(log, "w") as out:
+    process = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--tokenizer={root / 'tokenizer'}",
+                                f"--port={port}", *flags], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
@@ -75,11 +86,8 @@ def server(tmp_path_factory):
         break
     except OSError:
       time.sleep(0.3)
-  assert process.poll() is None, process.stdout.read()[-3000:]
-  yield url, process
-  if process.poll() is None:
-    process.kill()
-    process.wait()
+  assert process.poll() is None, log.read_text()[-3000:]
+  return url, process, log
 
 
 def _get(url, path):
@@ -377,9 +385,30 @@ def test_a_run_without_an_lm_head_needs_a_policy():
   assert_one_error_line(result, "lm_weight", "--policy")
 
 
+@pytest.mark.slow
+def test_a_policy_generates_and_the_run_scores(server):
+  """--policy: a separate generator (here the run itself as a policy workdir) paired with the run's LenVM."""
+  root = server[3]
+  url, process, _ = _start(root, f"--workdir={root / 'run'}", f"--policy={root / 'run'}", "--slots=4",
+                           "--max_tokens=24", "--max_prompt_tokens=32", "--candidates=64")
+  try:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    for constraint, check in (("eq", lambda n: n == 12), ("le", lambda n: 1 <= n <= 12), ("ge", lambda n: n >= 12)):
+      reply = client.chat.completions.create(model="run", messages=MESSAGES, max_tokens=24, seed=0, extra_body={
+          "top_k": -1, "custom_params": {"value_constraint": constraint, "target_length": 13}})
+      assert check(len(reply.choices[0].message.content)), (constraint, reply)
+    # The same weights generate as on the shared trunk: an unguided greedy answer is the module server's.
+    greedy = dict(model="run", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert client.chat.completions.create(**greedy).choices[0].message.content == \
+        _client(server).chat.completions.create(**greedy).choices[0].message.content
+  finally:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(server):
   """Last: it ends the module's server."""
-  url, process = server
+  url, process, log, _ = server
   client = _client(server)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:  # Two rounds of full slots: ~200 decode steps in flight.
     in_flight = [pool.submit(_lifebench, client, "eq", MAX_TOKENS - 1, seed, n=SLOTS) for seed in (2, 3)]
@@ -395,4 +424,4 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(server):
     assert reply.usage.completion_tokens == SLOTS * MAX_TOKENS
     assert {c.finish_reason for c in reply.choices} == {"stop"}
   assert process.wait(timeout=60) == 0
-  assert "server stopped" in process.stdout.read()
+  assert "server stopped" in log.read_text()
