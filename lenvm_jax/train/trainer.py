@@ -11,6 +11,7 @@ resume replaced).
 """
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ from absl import logging
 from lenvm_jax import config as config_lib, distributed, errors, progress as progress_lib, sharding
 from lenvm_jax.run import config_history, eos as run_eos, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
-from lenvm_jax.data import pipeline, records
+from lenvm_jax.data import cut_report, pipeline, records
 from lenvm_jax.model import hf_import, transformer
 from lenvm_jax.train import checkpointing, feature_cache, optimizer, state as state_lib, step as step_lib
 from lenvm_jax.train import metrics_log
@@ -192,6 +193,38 @@ def check_trainable(run: RunConfig, source, split: str):
                       "on; set data.unfinished='as_finished' or 'infinite', or use finished completions")
 
 
+# Synthetic records are drawn (with exact values) when read: count the cuts on this many spread over the split.
+_SYNTHETIC_CUT_COUNT = 1000
+
+
+def report_cuts(run: RunConfig, train_source, eval_source) -> dict:
+  """{split: CutReport}: what data.max_prompt_len / prompt_cut, data.max_len and data.unfinished cut or drop from
+  each split (data/cut_report.py), said as one line each, so that no cut is silent; data.prompt_cut='refuse' raises
+  here for the first long prompt."""
+  limit = _SYNTHETIC_CUT_COUNT if run.data.source == "synthetic" else cut_report.COUNT_LIMIT
+  cuts = {}
+  for split, source in (("train", train_source), ("eval", eval_source)):
+    if source is not None:
+      cuts[split] = report = cut_report.count(source, run.data, split, limit)
+      counts = report.to_dict()
+      anything = counts["prompts_cut"] or counts["rows_cut"] or counts["unfinished"]
+      (logging.warning if anything else logging.info)("data %s", report.line())
+  return cuts
+
+
+def size_by_epochs(run: RunConfig, train_cuts: cut_report.CutReport) -> tuple[RunConfig, float]:
+  """(run with train.steps derived from train.epochs when that is set, passes over the training data per step)."""
+  rows_open = run.train.batch_size // jax.process_count()
+  per_step = run.train.batch_size * cut_report.records_per_row(train_cuts, run.data, rows_open)
+  passes_per_step = per_step / max(train_cuts.kept, 1)
+  if not run.train.epochs:
+    return run, passes_per_step
+  steps = cut_report.steps_for_epochs(run.train.epochs, train_cuts, run.data, run.train.batch_size, rows_open)
+  logging.info("train.epochs=%g: %d steps of %.1f records over %d training records (train.steps in config.json)",
+               run.train.epochs, steps, per_step, train_cuts.kept)
+  return dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps, epochs=0.0)), passes_per_step
+
+
 def resolve_gamma(run: RunConfig):
   """(run with loss.gamma a number, its training source): "auto" / "auto_mre" are resolved from the training split's
   lengths (value/gamma.py), read once, before anything else is built."""
@@ -241,6 +274,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     eval_source = load_split(run, "eval") if run.data.has_eval else None
     if eval_source is not None:
       check_trainable(run, eval_source, "eval")
+    cuts = report_cuts(run, train_source, eval_source)
+    run, passes_per_step = size_by_epochs(run, cuts["train"])
     logging.info("mesh %s on %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
     features = feature_cache.for_run(run, workdir, train_source)  # Checked and built once the weights exist.
     train_iter = iter(pipeline.train_dataset(run, train_source, features and features.reader))
@@ -249,7 +284,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
     failed = True
     try:
       with jax.set_mesh(mesh):
-        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt, features, record=record)
+        last_eval = _train(run, workdir, mesh, train_iter, eval_source, ckpt, features, cuts=cuts,
+                           passes_per_step=passes_per_step, record=record)
       failed = False
       return last_eval
     except Exception as e:  # pylint: disable=broad-except
@@ -269,8 +305,8 @@ def train_and_evaluate(run: RunConfig, workdir: str) -> dict:
         logging.warning("the last checkpoint save did not complete either")  # The first failure is the one raised.
 
 
-def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, features=None, *,
-           record: dict | None = None) -> dict:
+def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, features=None, *, cuts=None,
+           passes_per_step: float = 0.0, record: dict | None = None) -> dict:
   """State (restored or fresh) -> compiled steps -> config.json and the metrics log -> the loop."""
   model_config = run.model
   objective = Objective.from_config(run.loss)
@@ -314,6 +350,8 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
     config_history.write_config(workdir, run, resume_step, record)
   log = MetricsLog(workdir)
   step = int(state.step)
+  for split, report in (cuts or {}).items():  # What the data settings cut or dropped: data_train, data_eval.
+    log.write(step, f"data_{split}", report.to_dict())
   reported_skips = int(state.nonfinite_skips)
   streak = longest_streak = jnp.zeros((), jnp.int32)
   stop = _StopRequest()
@@ -336,9 +374,11 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
         finite = bool(jax.device_get(step_metrics["finite"]))
         skips = int(state.nonfinite_skips)
         train_metrics.update(tokens_per_s=window_tokens / elapsed,
-                             flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips)
+                             flops_per_s=flops_per_step * window_steps / elapsed, nonfinite_skips=skips,
+                             epochs=step * passes_per_step)
         log.write(step, "train", train_metrics)
-        progress.update(step, loss=train_metrics["loss"], **{"tokens/s": train_metrics["tokens_per_s"]})
+        progress.update(step, loss=train_metrics["loss"], **{"tokens/s": train_metrics["tokens_per_s"],
+                                                              "passes": step * passes_per_step})
         window_start, window_tokens, window_steps, window = time.perf_counter(), 0.0, 0, None
         if skips > reported_skips:
           _on_nonfinite(run, step, skips - reported_skips, finite, int(longest_streak))
@@ -380,6 +420,7 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
           + "; resume with a smaller config.optim.lr or check the data")
     ckpt.save(step, state, train_iter, force=True, metrics=step_eval)
     ckpt.wait()
+    logging.info("trained %d steps: %.2f passes over the training data", step, step * passes_per_step)
   finally:
     stop.restore()
     progress.close()
