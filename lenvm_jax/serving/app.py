@@ -73,8 +73,9 @@ class _Choices:
       return None
     text = self.texts[i]
     if kind == "tokens":
-      for token in (payload if self.stop_strings else [payload]):  # One at a time: usage stops at the stop string.
-        text.add([token] if self.stop_strings else token)
+      # With stop strings one token at a time, so the text and the usage end at the token that completes one.
+      for ids in ([token] for token in payload) if self.stop_strings else [payload]:
+        text.add(ids)
         if text.stopped:
           self.finish[i] = "stop"
           self.runner.cancel([request_id])
