@@ -14,6 +14,7 @@ import pytest
 
 from lenvm_jax.decoding import guided
 from lenvm_jax.decoding.guided import CONVENTIONS, LengthRequest
+from lenvm_jax.value.targets import remaining_from_logit
 
 GAMMA = 0.997
 
@@ -295,7 +296,7 @@ def test_every_target_kind_reaches_guidance_as_an_exact_discounted_logit():
     z = (prediction + jnp.log(-jnp.expm1(-prediction)) if prediction is not None else
          jnp.asarray([logit_of(float(n)) for n in lengths], jnp.float32))
     np.testing.assert_allclose(np.asarray(kind.remaining_from_logit(z)), lengths, rtol=1e-3)
-    np.testing.assert_allclose(np.asarray(guided.remaining_from_logit(kind.discounted_logit(z), GAMMA)), lengths,
+    np.testing.assert_allclose(np.asarray(remaining_from_logit(kind.discounted_logit(z), GAMMA)), lengths,
                                rtol=1e-3)
 
 

@@ -392,11 +392,11 @@ class Engine:
     settings = self._settings(dummy)
     tokens, lengths = sampler.left_pad([r.prompt for r in dummy], 8)
 
-    def empty(params):
+    def empty_slots(params):
       state, logits = self.models.start(params, tokens, lengths, self.cache_len)
       return {"state": _per_row_caches(state), "logits": logits, "positions": jnp.zeros(self.slots, jnp.int32),
               "generated": jnp.zeros(self.slots, jnp.int32), "live": jnp.zeros(self.slots, bool), **settings}
-    return empty
+    return empty_slots
 
   def _empty_slots(self) -> dict:
     with jax.set_mesh(self.mesh):

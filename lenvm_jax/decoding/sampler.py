@@ -71,6 +71,12 @@ def _per_row(setting, logits, dtype):
   return jnp.broadcast_to(jnp.asarray(setting, dtype), logits.shape[:1])[:, None]
 
 
+def _if_any_row(on, apply, logits):
+  """apply(logits) when some row has the filter on, else logits untouched: a filter no row asked for costs no sort
+  of the vocabulary (apply leaves the rows where it is off unchanged)."""
+  return jax.lax.cond(jnp.any(on), apply, lambda x: x, logits)
+
+
 def scale_by_temperature(logits, temperature):
   """Logits over temperature; a row at temperature 0 (greedy: next_tokens takes its raw argmax) is left unscaled."""
   t = _per_row(temperature, logits, jnp.float32)
@@ -86,8 +92,8 @@ def top_k_filter(logits, k):
     return jnp.where(logits < jax.lax.top_k(logits, k)[0][..., -1:], -jnp.inf, logits)
   k = _per_row(k, logits, jnp.int32)
   on = (k > 0) & (k < logits.shape[-1])
-  kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.clip(k - 1, 0, logits.shape[-1] - 1), axis=-1)
-  return jnp.where(on & (logits < kth), -jnp.inf, logits)
+  kth = lambda x: jnp.take_along_axis(-jnp.sort(-x, axis=-1), jnp.clip(k - 1, 0, x.shape[-1] - 1), axis=-1)
+  return _if_any_row(on, lambda x: jnp.where(on & (x < kth(x)), -jnp.inf, x), logits)
 
 
 def top_p_filter(logits, p):
@@ -95,12 +101,15 @@ def top_p_filter(logits, p):
   if isinstance(p, float) and p >= 1.0:
     return logits
   p = _per_row(p, logits, jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
-  mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # Probability of all more likely tokens.
-  kept = mass_before < p
-  threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where((p < 1.0) & (probs < threshold), -jnp.inf, logits)
+
+  def apply(logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # Probability of all more likely tokens.
+    kept = mass_before < p
+    threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((p < 1.0) & (probs < threshold), -jnp.inf, logits)
+  return _if_any_row(p < 1.0, apply, logits)
 
 
 def min_p_filter(logits, min_p):
@@ -108,8 +117,11 @@ def min_p_filter(logits, min_p):
   if isinstance(min_p, float) and min_p <= 0.0:
     return logits
   min_p = _per_row(min_p, logits, jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+
+  def apply(logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+  return _if_any_row(min_p > 0.0, apply, logits)
 
 
 def reference_filter(logits, top_k, top_p, min_p):
@@ -120,15 +132,19 @@ def reference_filter(logits, top_k, top_p, min_p):
   vocab = logits.shape[-1]
   top_k, top_p = _per_row(top_k, logits, jnp.int32), _per_row(top_p, logits, jnp.float32)
   min_p = _per_row(min_p, logits, jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  sorted_probs, order = jax.lax.top_k(probs, vocab)
-  rank = jnp.arange(vocab)
-  kept = jnp.where((top_k > 0) & (top_k < vocab), sorted_probs * (rank < top_k), sorted_probs)
-  kept = jnp.where((top_p < 1.0) & (jnp.cumsum(kept, axis=-1) - kept > top_p), 0.0, kept)
-  kept = jnp.where((min_p > 0.0) & (kept < min_p * kept[..., :1]), 0.0, kept)
-  keep = (kept > 0) | (rank == 0)
-  keep = jnp.put_along_axis(jnp.zeros(probs.shape, bool), order, keep, axis=-1, inplace=False)
-  return jnp.where(keep, logits, -jnp.inf)
+
+  def apply(logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs, order = jax.lax.top_k(probs, vocab)
+    rank = jnp.arange(vocab)
+    kept = jnp.where((top_k > 0) & (top_k < vocab), sorted_probs * (rank < top_k), sorted_probs)
+    kept = jnp.where((top_p < 1.0) & (jnp.cumsum(kept, axis=-1) - kept > top_p), 0.0, kept)
+    kept = jnp.where((min_p > 0.0) & (kept < min_p * kept[..., :1]), 0.0, kept)
+    keep = (kept > 0) | (rank == 0)
+    keep = jnp.put_along_axis(jnp.zeros(probs.shape, bool), order, keep, axis=-1, inplace=False)
+    return jnp.where(keep | ~on, logits, -jnp.inf)
+  on = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0) | (min_p > 0.0)
+  return _if_any_row(on, apply, logits)
 
 
 def filter_rows(logits, temperature, top_k, top_p, min_p, filter_style: str = "hf"):
