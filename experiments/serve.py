@@ -48,7 +48,8 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "The model id /v1/models r
 _SLOTS = flags.DEFINE_integer("slots", 16, "Sequences decoded at once (the engine's slots).")
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 64, "Sequences that may wait for a slot; beyond them 429.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", 512, "Longest prompt in tokens.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Largest max_tokens a request may ask for.")
+_MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Largest max_tokens a request may ask for (sizes the KV "
+                                   "cache with --max_prompt_tokens).")
 _MAX_N = flags.DEFINE_integer("max_n", 16, "Largest n (choices per prompt).")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body in bytes; beyond it 413.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 9, "Candidates per guided step (the most likely tokens surviving "

@@ -62,7 +62,7 @@ def server(tmp_path_factory):
   trainer.train_and_evaluate(run_config(config), str(root / "run"))
   _tokenizer_dir(root / "tokenizer")
   url, process, log = _start(root, f"--workdir={root / 'run'}", f"--slots={SLOTS}", f"--max_waiting={MAX_WAITING}",
-                             f"--max_tokens={MAX_TOKENS}", "--max_prompt_tokens=32", "--max_n=8", "--candidates=64",
+                             f"--max_new_tokens={MAX_TOKENS}", "--max_prompt_tokens=32", "--max_n=8", "--candidates=64",
                              "--max_body_bytes=20000")
   yield url, process, log, root
   if process.poll() is None:
@@ -195,6 +195,14 @@ def test_completions_take_text_token_ids_and_lists_of_them(server):
   assert [c.text for c in reply.choices[2:]] == [c.text for c in alone.choices]
   ids = client.completions.create(model="run", prompt=[CHARS.index(c) + 1 for c in "abc"], max_tokens=6, n=2, seed=4)
   assert [c.text for c in ids.choices] == [c.text for c in alone.choices]
+  # Ours: sample_id picks the random stream (choice j of n draws stream j), return_token_ids the generated ids.
+  second = client.completions.create(model="run", prompt="abc", max_tokens=6, seed=4,
+                                     extra_body={"sample_id": 1, "return_token_ids": True}).choices[0]
+  assert second.text == alone.choices[1].text
+  assert "".join(CHARS[i - 1] if i > 1 else CHARS[0] for i in second.token_ids if i != 1) == second.text
+  streamed = client.completions.create(model="run", prompt="abc", max_tokens=6, seed=4, stream=True,
+                                       extra_body={"sample_id": 1, "return_token_ids": True})
+  assert sum((getattr(c.choices[0], "token_ids", None) or [] for c in streamed), []) == second.token_ids
 
 
 def _lifebench(client, constraint, target, seed, n=1, **custom):
@@ -390,7 +398,7 @@ def test_a_policy_generates_and_the_run_scores(server):
   """--policy: a separate generator (here the run itself as a policy workdir) paired with the run's LenVM."""
   root = server[3]
   url, process, _ = _start(root, f"--workdir={root / 'run'}", f"--policy={root / 'run'}", "--slots=4",
-                           "--max_tokens=24", "--max_prompt_tokens=32", "--candidates=64")
+                           "--max_new_tokens=24", "--max_prompt_tokens=32", "--candidates=64")
   try:
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
     for constraint, check in (("eq", lambda n: n == 12), ("le", lambda n: 1 <= n <= 12), ("ge", lambda n: n >= 12)):

@@ -63,6 +63,13 @@ class _Choices:
     self.finish: list[str | None] = [None] * len(ids)
     self.stop_strings = bool(gen.stop)
     self.runner = server.runner
+    self._ids_sent = [0] * len(ids)
+
+  def new_ids(self, i: int) -> list[int]:
+    """Choice i's generated ids not yet streamed."""
+    tokens = self.texts[i].tokens
+    out, self._ids_sent[i] = tokens[self._ids_sent[i]:], len(tokens)
+    return out
 
   def take(self, kind: str, request_id, payload) -> int | None:
     """Applies one queue item; the choice index it touched (None if nothing new)."""
@@ -137,8 +144,9 @@ def create_app(server: Server) -> FastAPI:
     body = await _body(request, limits)
     gen = protocol.parse_generation(body, chat, server.tokenizer, server.vocab_size, limits, server.length_rules)
     seed = gen.seed if isinstance(body, dict) and body.get("seed") is not None else secrets.randbelow(2**31)
-    requests = [EngineRequest(prompt, gen.max_tokens, gen.temperature, gen.top_k, gen.top_p, gen.min_p, seed, sample,
-                              gen.length, gen.stop_token_ids) for prompt in gen.prompts for sample in range(gen.n)]
+    requests = [EngineRequest(prompt, gen.max_tokens, gen.temperature, gen.top_k, gen.top_p, gen.min_p, seed,
+                              gen.sample_id + sample, gen.length, gen.stop_token_ids)
+                for prompt in gen.prompts for sample in range(gen.n)]
     ids, queue = runner.submit_all(requests)
     metrics.prompt_tokens.inc(sum(map(len, gen.prompts)) * gen.n)
     choices = _Choices(server, gen, ids)
@@ -179,9 +187,10 @@ def create_app(server: Server) -> FastAPI:
       finally:
         runner.cancel(choices.unfinished())
       metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+      ids = lambda t: t.tokens if gen.return_token_ids else None
       return JSONResponse(protocol.response(request_id, server.model_name, chat, [
-          protocol.choice(i, t.new_text(final=True), choices.finish[i], chat) for i, t in enumerate(choices.texts)],
-                                            usage()))
+          protocol.choice(i, t.new_text(final=True), choices.finish[i], chat, token_ids=ids(t))
+          for i, t in enumerate(choices.texts)], usage()))
 
     def event(choice_list, usage_=None):
       chunk = protocol.response(request_id, server.model_name, chat, choice_list, usage_, chunk=True)
@@ -200,8 +209,9 @@ def create_app(server: Server) -> FastAPI:
           if i is None:
             continue
           text = choices.texts[i].new_text(final=choices.finish[i] is not None)
-          if text:
-            yield event([protocol.choice(i, text, None, chat, delta=True)])
+          new_ids = choices.new_ids(i) if gen.return_token_ids else None
+          if text or new_ids:
+            yield event([protocol.choice(i, text, None, chat, delta=True, token_ids=new_ids)])
           if choices.finish[i] is not None:
             yield event([protocol.choice(i, "", choices.finish[i], chat, delta=True)])
         if gen.include_usage:

@@ -80,6 +80,8 @@ class Generation:
   stream: bool
   include_usage: bool
   length: LengthRequest | None
+  sample_id: int = 0  # Choice j draws random stream sample_id + j of the seed (ours: matches offline rows).
+  return_token_ids: bool = False  # Ours: each choice (and streamed chunk) also carries its generated ids.
 
 
 def _number(body: dict, field: str, default, kind=float, low=None, high=None, where: str = ""):
@@ -253,6 +255,8 @@ def parse_generation(body, chat: bool, tokenizer, vocab_size: int, limits: Limit
       min_p=_number(body, "min_p", 0.0, float, 0.0, 1.0 - 1e-9), seed=_number(body, "seed", 0, int, 0, 2**31 - 1),
       stop=tuple(stop), stop_token_ids=tuple(dict.fromkeys(stop_ids)), stream=body.get("stream", False),
       include_usage=bool(stream_options.get("include_usage")),
+      sample_id=_number(body, "sample_id", 0, int, 0, 2**31 - 1 - limits.max_n),
+      return_token_ids=bool(body.get("return_token_ids", False)),
       length=length_request(body.get("custom_params"), body.get("length_rules", convention), max_tokens))
 
 
@@ -265,11 +269,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
           "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(index: int, text: str, finish_reason: str | None, chat: bool, delta: bool = False) -> dict:
+def choice(index: int, text: str, finish_reason: str | None, chat: bool, delta: bool = False,
+           token_ids: list | None = None) -> dict:
   if not chat:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-  message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-  return {"index": index, "delta" if delta else "message": message, "logprobs": None, "finish_reason": finish_reason}
+    out = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+  else:
+    message = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+    out = {"index": index, "delta" if delta else "message": message, "logprobs": None, "finish_reason": finish_reason}
+  if token_ids is not None:
+    out["token_ids"] = token_ids
+  return out
 
 
 def response(request_id: str, model: str, chat: bool, choices: list, usage_: dict | None, chunk: bool = False) -> dict:
