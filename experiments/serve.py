@@ -53,7 +53,8 @@ _MAX_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Largest max_tokens a 
 _MAX_N = flags.DEFINE_integer("max_n", 16, "Largest n (choices per prompt).")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body in bytes; beyond it 413.")
 _CANDIDATES = flags.DEFINE_integer("candidates", 9, "Candidates per guided step (the most likely tokens surviving "
-                                   "the filters) that the LenVM scores.")
+                                   "the filters) that the LenVM scores (0 = plain generation: the cheapest decode "
+                                   "step, length rules are refused).")
 _SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS), "How the LenVM values candidates.")
 _FILTER = flags.DEFINE_enum("filter_style", "hf", list(FILTER_STYLES), "Top-k / top-p semantics (hf or reference).")
 _RULES = flags.DEFINE_enum("length_rules", "default", list(CONVENTIONS), "How eq / le / ge choose unless a request "
@@ -75,18 +76,26 @@ def _tokenizer_path() -> str | None:
 
 
 def _models(predictor: Predictor, mesh):
-  """(models, params, policy EOS ids, description): a Pair with --policy, else the run's shared trunk."""
+  """(models, params, policy EOS ids, description): a Pair with --policy, else the run's shared trunk; with
+  --candidates=0 only the generator."""
   scorer_args = (_SCORER.value, predictor.graphdef, predictor.kind, predictor.config.model)
+  plain = _CANDIDATES.value == 0
   if _POLICY.value:
     vocab = policy_lib.read_model_config(_POLICY.value).vocab_size
     check_same_vocabulary(vocab, predictor.config.model.vocab_size, f"--policy={_POLICY.value}",
                           f"--workdir={_WORKDIR.value}")
     policy = policy_lib.load_policy(_POLICY.value, mesh)
-    models = Pair(TransformerGenerator(policy.graphdef, vocab), candidate_scoring.lenvm_scorer(*scorer_args))
+    generator = TransformerGenerator(policy.graphdef, vocab)
+    if plain:
+      return generator, policy.params, policy.eos_ids, policy.description
+    models = Pair(generator, candidate_scoring.lenvm_scorer(*scorer_args))
     return models, (policy.params, predictor.params), policy.eos_ids, policy.description
   if predictor.config.loss.lm_weight <= 0:
     raise ValueError(f"--workdir={_WORKDIR.value}: the run was trained with loss.lm_weight = 0, so its LM head cannot "
                      "generate; give a --policy to generate with")
+  if plain:
+    return (TransformerGenerator(predictor.graphdef, predictor.config.model.vocab_size), predictor.params, (),
+            f"run {_WORKDIR.value} (plain generation)")
   return candidate_scoring.shared_trunk(*scorer_args), predictor.params, (), f"run {_WORKDIR.value} (shared trunk)"
 
 
@@ -149,8 +158,8 @@ def main(argv):
                         "tokenizer or data (give --eos_ids)", "the generator")
     if tokenizer is not None and tokenizer.vocab_size > models.vocab_size:
       logging.warning("the tokenizer has %d tokens, the model %d rows", tokenizer.vocab_size, models.vocab_size)
-    if not 1 <= _CANDIDATES.value <= models.vocab_size:
-      raise ValueError(f"--candidates must lie in [1, {models.vocab_size}], got {_CANDIDATES.value}")
+    if not 0 <= _CANDIDATES.value <= models.vocab_size:
+      raise ValueError(f"--candidates must lie in [0, {models.vocab_size}], got {_CANDIDATES.value}")
     engine = Engine(models, params, mesh, eos_ids=eos_ids, slots=_SLOTS.value, max_prompt_len=_MAX_PROMPT.value,
                     max_new_tokens=_MAX_TOKENS.value, num_candidates=_CANDIDATES.value, filter_style=_FILTER.value,
                     steps_per_call=_STEPS.value)
