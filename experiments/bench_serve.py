@@ -9,7 +9,7 @@ The workload is what a rollout job decodes: reasoning-gym prompts through SmolLM
   static        the pre-engine sampler (prompts sorted by length into batches of --slots rows; a batch decodes
                 until its longest row ends), kept here verbatim as the baseline;
   engine        lenvm_jax/decoding/engine.py offline: --slots slots, a finished row's slot refilled at once;
-  server        experiments/serve.py on 127.0.0.1 (the GGUF converted into a run: its LM head generates) under
+  server        experiments/serve.py --policy=GGUF on 127.0.0.1 (plain generation through the same engine) under
                 --clients concurrent `openai` clients (time to first token from streaming, p50 / p99 latency);
   transformers  AutoModelForCausalLM.generate on the same GGUF, batches of --slots rows (left-padded; a batch also
                 runs until its longest row ends), float32, torch on the same cores.
@@ -51,7 +51,7 @@ _SAMPLES = flags.DEFINE_integer("samples", 4, "Samples per prompt.")
 _SLOTS = flags.DEFINE_integer("slots", 64, "Rows in flight: engine slots, static / transformers batch size.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 160, "Token budget per completion.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.5, "Sampling temperature (rollouts' setting).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SEED = cli.seed_flag()
 _MODES = flags.DEFINE_list("modes", ["static", "engine", "server", "transformers"], "What to measure.")
 _CLIENTS = flags.DEFINE_integer("clients", 16, "Concurrent HTTP clients (server mode).")
 _PARITY = flags.DEFINE_integer("parity_prompts", 8, "Prompts decoded greedily by static and engine (0 = skip).")
@@ -170,13 +170,15 @@ def _free_port() -> int:
 
 
 def run_server(path, prompts, sampling, slots, clients):
-  """experiments/serve.py over a run converted from the GGUF, driven by `clients` threads of openai clients with
+  """experiments/serve.py serving the GGUF, driven by `clients` threads of openai clients with
   token-id prompts (so every mode decodes the same tokens). Returns (completions, wall, latencies, ttfts)."""
   import openai  # pylint: disable=g-import-not-at-top
   workdir = tempfile.mkdtemp(prefix="bench_serve_")
   port = _free_port()
-  server = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--workdir={path}",
-                             f"--port={port}", f"--slots={slots}", f"--max_new_tokens={sampling.max_new_tokens}"],
+  longest = sampler.bucket_width(max(map(len, prompts)), 8)
+  server = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--policy={path}", f"--port={port}",
+                             f"--slots={slots}", f"--max_new_tokens={sampling.max_new_tokens}", "--steps_per_call=16",
+                             f"--max_prompt_tokens={longest}", f"--max_waiting={len(prompts)}"],
                             stdout=open(os.path.join(workdir, "server.log"), "w"), stderr=subprocess.STDOUT)
   try:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)

@@ -2,6 +2,7 @@
 
   python -m experiments.serve --workdir=runs/lm_and_value --tokenizer=HF_DIR [--host=127.0.0.1] [--port=8000]
   python -m experiments.serve --workdir=runs/lenvm --policy=M.gguf [--slots=16] [--candidates=9]
+  python -m experiments.serve --policy=M.gguf      (plain generation through the engine: no LenVM, no length rules)
 
 The run's model generates and scores on one trunk (a run trained with loss.lm_weight > 0), or --policy (a run
 workdir, a Hugging Face directory or a .gguf, lenvm_jax/decoding/policy.py) generates and the run's LenVM scores
@@ -63,7 +64,6 @@ _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per engine call
 _EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion.")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "uvicorn's log level.")
 _STEP = cli.define_step_flag()
-flags.mark_flags_as_required(["workdir"])
 
 
 def _tokenizer_path() -> str | None:
@@ -71,13 +71,19 @@ def _tokenizer_path() -> str | None:
     return _TOKENIZER.value
   if _POLICY.value and not policy_lib.is_run_workdir(_POLICY.value):
     return _POLICY.value
+  if not _WORKDIR.value:
+    return None
   init_from = config_history.read_config(_WORKDIR.value).model.init_from
   return init_from if init_from and os.path.exists(init_from) else None
 
 
-def _models(predictor: Predictor, mesh):
+def _models(predictor: Predictor | None, mesh):
   """(models, params, policy EOS ids, description): a Pair with --policy, else the run's shared trunk; with
-  --candidates=0 only the generator."""
+  --candidates=0 only the generator; without a run (--policy alone) the policy generates plainly."""
+  if predictor is None:
+    policy = policy_lib.load_policy(_POLICY.value, mesh)
+    return (TransformerGenerator(policy.graphdef, policy.model_config.vocab_size), policy.params, policy.eos_ids,
+            f"{policy.description} (plain generation, no LenVM)")
   scorer_args = (_SCORER.value, predictor.graphdef, predictor.kind, predictor.config.model)
   plain = _CANDIDATES.value == 0
   if _POLICY.value:
@@ -144,32 +150,43 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import uvicorn
 
+  if not _WORKDIR.value and not _POLICY.value:
+    raise app.UsageError("--workdir (a run: its LenVM, and its LM head unless --policy) or --policy (a generator "
+                         "served without a LenVM) is required")
+  if not _WORKDIR.value and _CANDIDATES.present and _CANDIDATES.value:
+    raise app.UsageError(f"--candidates={_CANDIDATES.value}: length rules need a LenVM (--workdir)")
   explicit_eos = cli.int_list("eos_ids", _EOS.value)
   with cli.user_errors(ValueError, FileNotFoundError):
-    run_config = config_history.read_config(_WORKDIR.value)
-    check_in_vocabulary(explicit_eos, run_config.model.vocab_size, f"--eos_ids={','.join(_EOS.value or ())}")
+    vocab = (config_history.read_config(_WORKDIR.value).model if _WORKDIR.value else
+             policy_lib.read_model_config(_POLICY.value)).vocab_size
+    check_in_vocabulary(explicit_eos, vocab, f"--eos_ids={','.join(_EOS.value or ())}")
     tokenizer_path = _tokenizer_path()
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
-    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value)) if _WORKDIR.value else None
     models, params, policy_eos, description = _models(predictor, mesh)
-    eos_ids = _eos_ids(predictor, policy_eos, tokenizer)
+    if predictor is None:  # No run to fall back on: the flag, the policy's own, else its tokenizer's.
+      eos_ids = tuple(explicit_eos) or tuple(policy_eos) or ((tokenizer.eos_id,) if tokenizer else ())
+    else:
+      eos_ids = _eos_ids(predictor, policy_eos, tokenizer)
     check_in_vocabulary(eos_ids, models.vocab_size, "--eos_ids" if explicit_eos else "the EOS ids of the policy, "
                         "tokenizer or data (give --eos_ids)", "the generator")
     if tokenizer is not None and tokenizer.vocab_size > models.vocab_size:
       logging.warning("the tokenizer has %d tokens, the model %d rows", tokenizer.vocab_size, models.vocab_size)
-    if not 0 <= _CANDIDATES.value <= models.vocab_size:
-      raise ValueError(f"--candidates must lie in [0, {models.vocab_size}], got {_CANDIDATES.value}")
+    candidates = _CANDIDATES.value if predictor is not None else 0
+    if not 0 <= candidates <= models.vocab_size:
+      raise ValueError(f"--candidates must lie in [0, {models.vocab_size}], got {candidates}")
     engine = Engine(models, params, mesh, eos_ids=eos_ids, slots=_SLOTS.value, max_prompt_len=_MAX_PROMPT.value,
-                    max_new_tokens=_MAX_TOKENS.value, num_candidates=_CANDIDATES.value, filter_style=_FILTER.value,
+                    max_new_tokens=_MAX_TOKENS.value, num_candidates=candidates, filter_style=_FILTER.value,
                     steps_per_call=_STEPS.value)
   engine.warm_up()  # Compiles every admission shape and the decode program before the first client waits on them.
   runner = EngineRunner(engine, _MAX_WAITING.value)
   limits = Limits(max_body_bytes=_MAX_BODY.value, max_prompt_tokens=_MAX_PROMPT.value,
                   max_new_tokens=_MAX_TOKENS.value, max_n=_MAX_N.value)
-  name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
+  name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value or _POLICY.value))
+  values = ValueService(predictor, tokenizer, _MAX_PROMPT.value + _MAX_TOKENS.value) if predictor else None
   server = Server(runner, tokenizer=tokenizer, limits=limits, model_name=name, length_rules=_RULES.value,
-                  values=ValueService(predictor, tokenizer, _MAX_PROMPT.value + _MAX_TOKENS.value))
+                  values=values)
   config = uvicorn.Config(create_app(server), host=_HOST.value, port=_PORT.value, log_level=_LOG_LEVEL.value,
                           timeout_graceful_shutdown=600)
   http = _DrainingServer(config, runner)
