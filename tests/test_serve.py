@@ -414,6 +414,27 @@ def test_a_policy_generates_and_the_run_scores(server):
     assert process.wait(timeout=60) == 0
 
 
+@pytest.mark.slow
+def test_a_policy_alone_serves_plain_generation(server):
+  """--policy without --workdir: the generator through the engine, no LenVM: greedy answers equal the run's own,
+  a length rule and the value endpoints are refused."""
+  root = server[3]
+  url, process, _ = _start(root, f"--policy={root / 'run'}", "--slots=2", "--max_new_tokens=12",
+                           "--max_prompt_tokens=32", "--eos_ids=1")
+  try:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    greedy = dict(model="run", messages=MESSAGES, max_tokens=12, temperature=0)
+    assert client.chat.completions.create(**greedy).choices[0].message.content == \
+        _client(server).chat.completions.create(**greedy).choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="custom_params"):
+      client.chat.completions.create(**greedy, extra_body={"custom_params": {"value_constraint": "le",
+                                                                             "target_length": 4}})
+    assert _post(url, "/v1/length", {"prompt": [3, 4, 5]})[0] >= 400
+  finally:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(server):
   """Last: it ends the module's server."""
   url, process, log, _ = server
