@@ -15,14 +15,12 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax.data import pipeline
-from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.evaluation import candidate_quality
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir of a synthetic run (config.json + checkpoints).")
+_RUN = cli.run_flags("Training workdir of a synthetic run (config.json + checkpoints).", step=False)
 _TRAJECTORIES = flags.DEFINE_integer("trajectories", 256, "Eval trajectories to score.")
 _SCORERS = flags.DEFINE_list("scorer", ["next_state", "candidate_head"], "Scorers to compare.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
-flags.mark_flags_as_required(["workdir"])
+_BATCH = cli.batch_size_flag(16)
 
 
 def format_report(report: dict) -> str:
@@ -41,17 +39,17 @@ def format_report(report: dict) -> str:
 
 def main(argv):
   del argv
-  predictor = Predictor(_WORKDIR.value)
+  predictor = cli.load_predictor(_RUN)
   config = predictor.config
   if config.data.source != "synthetic":
-    raise app.UsageError(f"{_WORKDIR.value}: not a synthetic run (data.source={config.data.source!r}); exact values "
+    raise app.UsageError(f"{_RUN.workdir.value}: not a synthetic run (data.source={config.data.source!r}); exact values "
                          "are known only for the synthetic generator")
   source = pipeline.load_source(config, "eval")
   trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
   report = {"checkpoint_step": predictor.step, "trajectories": len(trajectories),
             **candidate_quality.evaluate(predictor, pipeline.synthetic_policy(config), trajectories,
                                          tuple(_SCORERS.value), _BATCH.value)}
-  path = os.path.join(_WORKDIR.value, "candidate_quality.json")
+  path = os.path.join(_RUN.workdir.value, "candidate_quality.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   print(format_report(report))

@@ -23,7 +23,7 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the new train and eval 
 _FRACTION = flags.DEFINE_float("fraction", 0.2, "Share of prompt groups that go to validation.")
 _SEPARATOR = flags.DEFINE_string("group_separator", prompt_groups.PROMPT_ID_SEPARATOR,
                                  "A group is the prompt_id up to this; empty: the prompt_id.")
-_SEED = flags.DEFINE_integer("seed", 1, "Seed of the group permutation (prepare_data's CHAMP split uses 0).")
+_SEED = cli.seed_flag(1, "Seed of the group permutation (prepare_data's CHAMP split uses 0).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace another import in --output_dir instead of refusing.")
 flags.mark_flags_as_required(["input_dir", "output_dir"])
 

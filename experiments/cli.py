@@ -6,6 +6,7 @@ exit status 2. Any other exception is a bug and keeps its traceback (exit status
 """
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.machinery
@@ -295,6 +296,56 @@ def console_main():
   for flag in flags.FLAGS.get_key_flags_for_module(module):  # --help lists the main module's: the tool's.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   run(module.main)
+
+
+# The flag registry: the groups that several tools share (run selection, batching, seed, output; sampling and
+# guidance in experiments/sampling_flags.py), defined here once so every tool gets the same names, defaults and
+# checks. A tool calls each group once at import and keeps the handles it returns.
+
+RUN_HELP = "Training workdir (config.json + checkpoints)."
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+  """Handles of the run selection group: --workdir and (for the tools that read a checkpoint) --step."""
+  workdir: flags.FlagHolder
+  step: flags.FlagHolder | None = None
+
+  def step_value(self) -> str | int | None:
+    """--step as restore_params takes it (None without the flag: the Predictor's default, the latest)."""
+    return step_value(self.step.value) if self.step is not None else None
+
+
+def run_flags(workdir_help: str = RUN_HELP, *, step: bool = True, required: bool = True) -> RunFlags:
+  """--workdir (a run directory; required unless told) and --step (which of its checkpoints)."""
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  if required:
+    flags.mark_flag_as_required("workdir")
+  return RunFlags(workdir, define_step_flag() if step else None)
+
+
+def load_predictor(run: RunFlags, workdir: str | None = None):
+  """The Predictor of the selected run and checkpoint (`workdir` overrides --workdir: a run the tool made)."""
+  from lenvm_jax.decoding.predict import Predictor  # pylint: disable=g-import-not-at-top  (jax: only when used)
+  return Predictor(workdir or run.workdir.value, run.step_value())
+
+
+def batch_size_flag(default: int, help_text: str = "Sequences per forward pass."):
+  """--batch_size: rows processed together (each tool keeps its own default: its memory / speed trade-off)."""
+  return flags.DEFINE_integer("batch_size", default, help_text)
+
+
+def seed_flag(default: int = 0, help_text: str = "Sampling seed."):
+  """--seed."""
+  return flags.DEFINE_integer("seed", default, help_text)
+
+
+def output_flag(help_text: str, default: str | None = None, *, required: bool = False):
+  """--output: the file or directory a tool writes."""
+  holder = flags.DEFINE_string("output", default, help_text)
+  if required:
+    flags.mark_flag_as_required("output")
+  return holder
 
 
 def define_step_flag():

@@ -25,7 +25,7 @@ from lenvm_jax.data import output_dir as output_dir_lib, tokenizer as tokenizer_
 from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
 _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the Hugging Face model into (created if needed).")
+_OUTPUT = cli.output_flag("Directory to write the Hugging Face model into (created if needed).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
                                    "Split the weights into safetensors shards of at most this size (+ index).")
 flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")

@@ -30,7 +30,7 @@ _PACKING = flags.DEFINE_enum("packing", "first_fit", packing_stats.POLICIES, "Pa
 _OPEN_BINS = flags.DEFINE_integer("open_bins", 32, "Rows packed at once (the pipeline: per-host train.batch_size).")
 _UNFINISHED = flags.DEFINE_enum("unfinished", "drop", rows.UNFINISHED_POLICIES,
                                 "data.unfinished: drop leaves unfinished completions out of the packing.")
-_SEED = flags.DEFINE_integer("seed", 0, "Shuffle seed of the train split's packing order (data.seed).")
+_SEED = cli.seed_flag(0, "Shuffle seed of the train split's packing order (data.seed).")
 _SWEEP_BINS = flags.DEFINE_list("sweep_bins", ["8", "16", "32", "64", "128", "256"],
                                 "Bin counts of the train split's packing sweep (both policies); empty: no sweep.")
 _OUTPUT_PNG = flags.DEFINE_string("output_png", None, "Histogram path; default DIR/lengths.png.")

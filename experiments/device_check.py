@@ -42,7 +42,7 @@ from lenvm_jax.model.transformer import Attention, LengthValueModel, attention_m
 from lenvm_jax.value.targets import TargetKind
 
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny shapes (seconds on CPU), to test this script.")
-_OUTPUT = flags.DEFINE_string("output", "device_check.json", "Where to write the JSON.")
+_OUTPUT = cli.output_flag("Where to write the JSON.", "device_check.json")
 _BUDGET = flags.DEFINE_float("time_budget_s", 420.0, "Skip the parts that would start after this many seconds.")
 
 # Accelerator sizes: a Qwen2.5-1.5B-wide model cut to 4 layers (compiles in about a minute), 2048-token rows.

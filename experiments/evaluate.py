@@ -45,7 +45,7 @@ from lenvm_jax.decoding.synthetic_models import SyntheticGenerator, SyntheticSco
 from lenvm_jax.value.targets import remaining_from_value
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: <workdir>/config.json).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_RUN = cli.run_flags()
 _GENERATOR = flags.DEFINE_enum("generator", "auto", ["auto", "synthetic", "shared"],
                                "auto: the synthetic policy for a synthetic run, else the run's own LM head.")
 _TARGETS = flags.DEFINE_list("targets", ["16", "32", "64", "128"], "Length targets in tokens (EOS included).")
@@ -57,19 +57,17 @@ _TRAJECTORIES = flags.DEFINE_integer("trajectories", 256, "Eval trajectories for
 _THRESHOLD = flags.DEFINE_float(
     "length_token_threshold", 0.0, "|TD residual| that marks a length token; 0 = max(0.01, 2 (1 - gamma)): a "
     "token that only survives one step moves the residual by up to (1 - gamma), which passes 0.01 once gamma < 0.99.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Rows decoded together.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BATCH = cli.batch_size_flag(64, "Rows decoded together.")
+_SEED = cli.seed_flag()
 _EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion; default: the synthetic policy's, else "
                          "--tokenizer's, else the last tokens of the run's finished eval completions.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (HF dir, tokenizer.json, SentencePiece) whose EOS id "
                                  "ends completions of the shared generator.")
 sampling_flags.define()
-_STEP = cli.define_step_flag()
 _SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS),
                              "How the LenVM values the candidates: next_state (run through its trunk) or "
                              "candidate_head (read off the state's hidden vector; a run with loss.candidate_weight > 0). "
                              "Reports of other scorers than next_state go to <workdir>/evaluate_<scorer>/.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def _models(predictor: Predictor, config: RunConfig, kind: str):
@@ -94,7 +92,7 @@ def eos_ids_for(models, trajectories) -> tuple[int, ...]:
   synthetic = isinstance(models, Pair) and isinstance(models.generator, SyntheticGenerator)
   tokenizer_eos = load_tokenizer(_TOKENIZER.value).eos_id if _TOKENIZER.value else None
   return generator_eos_ids("synthetic" if synthetic else "shared", cli.int_list("eos_ids", _EOS.value), tokenizer_eos,
-                           trajectories, workdir=_WORKDIR.value)
+                           trajectories, workdir=_RUN.workdir.value)
 
 
 def _lengths(samples):
@@ -193,9 +191,9 @@ def main(argv):
   del argv
   explicit_eos = cli.int_list("eos_ids", _EOS.value)
   # EOS ids the run's model cannot emit are refused before anything loads (again below against the generator).
-  check_in_vocabulary(explicit_eos, config_history.read_config(_WORKDIR.value).model.vocab_size,
+  check_in_vocabulary(explicit_eos, config_history.read_config(_RUN.workdir.value).model.vocab_size,
                       f"--eos_ids={','.join(_EOS.value or ())}")
-  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+  predictor = cli.load_predictor(_RUN)
   gamma = predictor.kind.gamma  # The trained value's discount ("auto" resolved at training).
   config = predictor.config if _CONFIG.value is None else RunConfig.from_dict(_CONFIG.value).with_gamma(gamma)
   targets = [int(t) for t in _TARGETS.value]
@@ -206,7 +204,7 @@ def main(argv):
     eos_ids = eos_ids_for(models, [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))])
   # A --config of another vocabulary makes a synthetic generator the LenVM cannot read; EOS ids must be emittable.
   check_same_vocabulary(models.vocab_size, predictor.config.model.vocab_size,
-                        f"--config ({name})" if _CONFIG.value is not None else name, f"--workdir={_WORKDIR.value}",
+                        f"--config ({name})" if _CONFIG.value is not None else name, f"--workdir={_RUN.workdir.value}",
                         "give a --config with the run's model.vocab_size, or leave --config out (the run's own)")
   check_in_vocabulary(eos_ids, models.vocab_size, "--eos_ids" if explicit_eos else
                       "the synthetic policy's EOS id" if name == "synthetic policy" else
@@ -214,7 +212,7 @@ def main(argv):
                       "the EOS ids read from the run's eval data (give --eos_ids)", "the generator")
   count = min(_PROMPTS.value, len(source))
   if count == 0:  # Before any generation: a report from no prompts would say nothing.
-    raise errors.UserError.at("the eval split has no prompts", f"--workdir={_WORKDIR.value}",
+    raise errors.UserError.at("the eval split has no prompts", f"--workdir={_RUN.workdir.value}",
                               "evaluate a run whose data has an eval split (data.eval_path)")
   trajectories = [source[i] for i in range(min(_TRAJECTORIES.value, len(source)))]
   prompts = [source[i].prompt_ids.tolist() for i in range(count)]
@@ -263,11 +261,11 @@ def main(argv):
       ((t.completion_ids[:len(v) - 1], v) for t, (v, _) in zip(trajectories, predictions)), gamma,
       _THRESHOLD.value or max(0.01, 2 * (1 - gamma)))
   report["scorer"] = _SCORER.value
-  out_dir = os.path.join(_WORKDIR.value, "evaluate" if _SCORER.value == "next_state" else f"evaluate_{_SCORER.value}")
+  out_dir = os.path.join(_RUN.workdir.value, "evaluate" if _SCORER.value == "next_state" else f"evaluate_{_SCORER.value}")
   os.makedirs(out_dir, exist_ok=True)
   report["plots"] = _plots(out_dir, report, trajectories, predictions, gamma)
   files.write_report(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), items=count, what="prompts",
-                     where=f"--workdir={_WORKDIR.value}")
+                     where=f"--workdir={_RUN.workdir.value}")
   print(format_report(report))
   print(f"report and plots in {out_dir}")
 

@@ -37,11 +37,10 @@ from lenvm_jax.decoding.generation import GuidedSampler
 from lenvm_jax.decoding.guided import LengthRequest
 from lenvm_jax.decoding.eos import check_in_vocabulary
 from lenvm_jax.decoding.guided_models import Pair, check_same_vocabulary, TransformerGenerator, TransformerScorer
-from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.decoding.generation import Sampler
 from lenvm_jax.evaluation.budget import correct_flags, held_out, paired_test, score, wilson_interval
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The LenVM's training workdir.")
+_RUN = cli.run_flags("The LenVM's training workdir.")
 _POLICY = flags.DEFINE_string("policy", None, "The generator: a .gguf file, Hugging Face directory or run workdir.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (default: --policy), for prompts and the checker.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Problems with answers, e.g. reasoning_gym:gsm_symbolic:48.")
@@ -55,10 +54,9 @@ _AT_MOST = flags.DEFINE_list("at_most", ["default"], "At Most B rule conventions
 _BASE_TOKENS = flags.DEFINE_integer("base_tokens", 256, "The unguided run's own limit (at least the largest budget): "
                                     "its accuracy without a budget is reported as unbounded_base.")
 sampling_flags.define(length_rules=False)
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Rows decoded together.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = cli.define_step_flag()
-flags.mark_flags_as_required(["workdir", "policy", "prompts"])
+_BATCH = cli.batch_size_flag(16, "Rows decoded together.")
+_SEED = cli.seed_flag()
+flags.mark_flags_as_required(["policy", "prompts"])
 
 
 def format_table(report: dict) -> str:
@@ -121,8 +119,8 @@ def main(argv):
                                 "--base_tokens", "give at least the largest of --budgets (or leave it out)")
     # Relations between the models, before any weight loads: one vocabulary, EOS ids inside it.
     vocab_size = policy_lib.read_model_config(_POLICY.value).vocab_size
-    check_same_vocabulary(vocab_size, config_history.read_config(_WORKDIR.value).model.vocab_size,
-                          f"--policy={_POLICY.value}", f"--workdir={_WORKDIR.value}")
+    check_same_vocabulary(vocab_size, config_history.read_config(_RUN.workdir.value).model.vocab_size,
+                          f"--policy={_POLICY.value}", f"--workdir={_RUN.workdir.value}")
     candidates = sampling_flags.resolve().candidates
     if candidates > vocab_size:
       raise ValueError(f"--candidates must lie in [1, {vocab_size}] (the policy's vocabulary), got {candidates}")
@@ -131,7 +129,7 @@ def main(argv):
     tokenizer = load_tokenizer(_TOKENIZER.value or _POLICY.value)
     if not policy_eos:
       check_in_vocabulary((tokenizer.eos_id,), vocab_size, f"--tokenizer={_TOKENIZER.value or _POLICY.value}, its EOS")
-    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+    predictor = cli.load_predictor(_RUN)
     policy = policy_lib.load_policy(_POLICY.value, mesh)
     problems = held_out(prompts_lib.load_prompts(_PROMPTS.value, policy.model_config.vocab_size, tokenizer),
                         _SPLIT.value, _EVAL_FRACTION.value)
@@ -196,7 +194,7 @@ def main(argv):
     report["budgets"][str(budget)] = runs
     print(format_table({**report, "budgets": {str(budget): runs}}), flush=True)
   report["unbounded_base"] = {"max_new_tokens": base_tokens, **score(base, base_texts, problems, base_tokens)}
-  out_dir = os.path.join(_WORKDIR.value, "evaluate_budget")
+  out_dir = os.path.join(_RUN.workdir.value, "evaluate_budget")
   os.makedirs(out_dir, exist_ok=True)
   plot(os.path.join(out_dir, "budget.png"), report)
   files.write_report(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), items=len(problems),

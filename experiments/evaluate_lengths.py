@@ -21,12 +21,10 @@ from experiments import cli
 from lenvm_jax import files
 from lenvm_jax.data import cut_report, pipeline, prompt_groups
 from lenvm_jax.evaluation import length_eval
-from lenvm_jax.decoding.predict import Predictor
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_RUN = cli.run_flags()
 _MAX_EVAL = flags.DEFINE_integer("max_eval_records", 0, "Evaluate on the first N eval records (0 = all).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
-_STEP = cli.define_step_flag()
+_BATCH = cli.batch_size_flag(16)
 _CELLS = flags.DEFINE_string(
     "cell_separator", "", "prompt_id = <problem><separator><cell> (CHAMP: |): also print the MRE of the model's "
     "L_hat averaged within each (generator, cell), which shows whether its prompt-specific part helps.")
@@ -37,13 +35,12 @@ _GROUPING = flags.DEFINE_enum(
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
                                 "most common count).")
 _COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the same way; a summary table follows.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   reports = {}
-  for workdir in [_WORKDIR.value, *_COMPARE.value]:
+  for workdir in [_RUN.workdir.value, *_COMPARE.value]:
     if _COMPARE.value:
       print(f"== {workdir}")
     reports[workdir] = evaluate_run(workdir)
@@ -55,7 +52,7 @@ def main(argv):
 
 def evaluate_run(workdir: str) -> dict:
   """A run's held-out report, also written to <workdir>/length_eval.json."""
-  predictor = Predictor(workdir, cli.step_value(_STEP.value))
+  predictor = cli.load_predictor(_RUN, workdir)
   config = predictor.config
   train = pipeline.load_source(config, "train")
   evaluation = pipeline.load_source(config, "eval")

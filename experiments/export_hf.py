@@ -14,27 +14,24 @@ from absl import app, flags
 
 from experiments import cli
 from lenvm_jax.data import output_dir, tokenizer as tokenizer_lib
-from lenvm_jax.decoding.predict import Predictor
 from lenvm_jax.model import hf_export
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write the LenVM into (new or empty).")
+_RUN = cli.run_flags("Training workdir (its config and checkpoints).")
+_OUTPUT = cli.output_flag("Directory to write the LenVM into (new or empty).", required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF directory whose tokenizer files to include "
                                  "(default: the run's model.init_from).")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
                                    "Split the weights into safetensors shards of at most this size (+ index).")
 flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")
-_STEP = cli.define_step_flag()
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Empty a non-empty --output before writing.")
-flags.mark_flags_as_required(["workdir", "output"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  output_dir.refuse_same_directory(_WORKDIR.value, _OUTPUT.value, "--workdir", "--output", emptied=_OVERWRITE.value)
+  output_dir.refuse_same_directory(_RUN.workdir.value, _OUTPUT.value, "--workdir", "--output", emptied=_OVERWRITE.value)
   replaced = hf_export.check_export_dir(_OUTPUT.value, _OVERWRITE.value)
-  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+  predictor = cli.load_predictor(_RUN)
   model_config = predictor.config.model
   if _TOKENIZER.value:  # Another model's tokenizer would pair ids with embedding rows the model does not have.
     try:
@@ -50,7 +47,7 @@ def main(argv):
     written = hf_export.export(predictor.params, model_config, _OUTPUT.value,
                                tokenizer_dir=_TOKENIZER.value or model_config.init_from,
                                max_shard_bytes=int(_MAX_SHARD_GB.value * 1e9))
-  print(f"exported checkpoint step {predictor.step} of {_WORKDIR.value} to {_OUTPUT.value}: {', '.join(written)}")
+  print(f"exported checkpoint step {predictor.step} of {_RUN.workdir.value} to {_OUTPUT.value}: {', '.join(written)}")
 
 
 if __name__ == "__main__":

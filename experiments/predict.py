@@ -32,15 +32,13 @@ from lenvm_jax.evaluation import prompt_boundary
 from lenvm_jax.data import jsonl, prompts
 from lenvm_jax.evaluation import length_eval
 from lenvm_jax.decoding import candidate_scoring, next_values
-from lenvm_jax.decoding.predict import Predictor
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its config and checkpoints).")
-_STEP = cli.define_step_flag()
+_RUN = cli.run_flags("Training workdir (its config and checkpoints).")
 _INPUT = flags.DEFINE_string("input", None, "Trajectory JSONL (schema in README), or prompts for --mode=prompts.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the predictions (JSONL) or report (JSON).")
+_OUTPUT = cli.output_flag("Where to write the predictions (JSONL) or report (JSON).", required=True)
 _MODE = flags.DEFINE_enum("mode", "tokens", ["tokens", "prompts", "prompt_eval", "next_values"],
                           "What to predict (see above).")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+_BATCH = cli.batch_size_flag(16)
 _GROUPING = flags.DEFINE_enum("grouping", "finished", ["finished", "reference"],
                               "--mode=prompt_eval groups: finished completions per prompt, or the reference's rule "
                               "(every sample, a cut one with its token count; prompts with exactly "
@@ -51,7 +49,7 @@ _TOKEN_IDS = flags.DEFINE_string("token_ids", "all", "--mode=next_values: the ne
                                  f"(vocabularies up to {next_values.MAX_ALL_TOKENS}) or ID,ID,...")
 _SCORER = flags.DEFINE_enum("scorer", "next_state", list(candidate_scoring.SCORERS),
                             "--mode=next_values: how V(s_t + x) is computed (see above).")
-flags.mark_flags_as_required(["workdir", "input", "output"])
+flags.mark_flags_as_required(["input"])
 
 
 def main(argv):
@@ -66,7 +64,7 @@ def main(argv):
   if _SAMPLES.present and _GROUPING.value != "reference":
     raise UserError.at("--samples_per_prompt applies to --grouping=reference only", "--samples_per_prompt",
                        "add --grouping=reference, or leave it out")
-  predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value))
+  predictor = cli.load_predictor(_RUN)
   config = predictor.config
   max_prompt_len = config.data.max_prompt_len
   if _MODE.value == "next_values":

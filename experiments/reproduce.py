@@ -71,7 +71,7 @@ _PRESET = flags.DEFINE_string("preset", None, "Model preset for the runs (defaul
 _OUT = flags.DEFINE_string("out_dir", None, "Sweep directory (default runs/reproduce/<figure>).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0 = the config's, 300).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at the same time.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Sequences per forward pass when scoring prompts.")
+_BATCH = cli.batch_size_flag(64, "Sequences per forward pass when scoring prompts.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Runs per variant, with init seeds 0 .. seeds - 1 (same data); the table "
                               "shows each metric's mean and [min, max] over them (1: one run, no spread).")
 

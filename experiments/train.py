@@ -20,13 +20,13 @@ from lenvm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics.jsonl, TensorBoard, config.")
+_RUN = cli.run_flags("Output directory: checkpoints, metrics.jsonl, TensorBoard, config.", step=False)
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
                                   "Start jax.distributed: auto = when a coordinator is given or a cluster is detected.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -36,7 +36,7 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  trainer.train_and_evaluate(RunConfig.from_dict(_CONFIG.value), _WORKDIR.value)  # User errors: cli.run's line.
+  trainer.train_and_evaluate(RunConfig.from_dict(_CONFIG.value), _RUN.workdir.value)  # User errors: cli.run's line.
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def test_exactly_one_of_steps_and_epochs():
     DataConfig(prompt_cut="middle")
 
 
+@pytest.mark.slow
 def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
   rng = np.random.default_rng(0)
   lines = []
@@ -122,6 +123,7 @@ def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
   assert (saved["train"]["steps"], saved["train"]["epochs"]) == (5, 0.0)
 
 
+@pytest.mark.slow
 def test_a_job_config_takes_its_data_directory_from_one_argument(tmp_path):
   missing = tmp_path / "nowhere"
   result = run_cli("train", f"--config=experiments/configs/smollm2_gsm.py:data_dir={missing}",
