@@ -5,7 +5,7 @@
 
 (1) bench: the matmul peak, our compiled train step's tokens/s and MFU against that peak, and, where PyTorch runs
     on this device (CPU, or CUDA with a CUDA build of torch), the same model, batches and loss in eager PyTorch
-    (experiments/bench.py's functions; the --tiny run skips PyTorch).
+    (experiments/bench_parts.py, as experiments/bench.py; the --tiny run skips PyTorch).
 (2) attention: the attention kernel of this platform (model/attention.py: splash on TPU, the Pallas GPU kernel on
     GPU, interpret mode on CPU) against the XLA attention on the device: relative error of the output-weighted loss
     and its gradients (params and input) on packed rows with padding and grouped-query heads, in float32, and the
@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from experiments import bench, cli
+from experiments import bench_parts, cli
 from lenvm_jax import sharding
 from lenvm_jax.data.synthetic import EOS_ID  # A random model speaks the synthetic ids: 0 pad, 1 EOS, prompts >= 2.
 from lenvm_jax.decoding import candidate_scoring
@@ -72,21 +72,21 @@ def _best_seconds(fn, repeats: int = 3) -> float:
 
 
 def run_bench(preset, shape, seq_len, batch, accum_steps, steps, rounds, matmul_size, torch) -> dict:
-  """Part (1), through experiments/bench.py: peak, our step, the PyTorch baseline where it runs."""
-  config = bench.make_bench_config(preset, shape, seq_len, batch, accum_steps, "auto")
+  """Part (1), through experiments/bench_parts.py: peak, our step, the PyTorch baseline where it runs."""
+  config = bench_parts.make_bench_config(preset, shape, seq_len, batch, accum_steps, "auto")
   model_config = config.model
-  peak = bench.matmul_peak(matmul_size, model_config.compute_dtype)
-  data = bench.batches(config, bench.WARMUP + steps)
-  initial_params, first_loss, xla_flops, our_step = bench.ours_runner(config, model_config, data)
+  peak = bench_parts.matmul_peak(matmul_size, model_config.compute_dtype)
+  data = bench_parts.batches(config, bench_parts.WARMUP + steps)
+  initial_params, first_loss, xla_flops, our_step = bench_parts.ours_runner(config, model_config, data)
   runners = {"ours": our_step}
-  device, torch_note = bench.torch_device(jax.default_backend()) if torch else ("", "skipped (--tiny)")
+  device, torch_note = bench_parts.torch_device(jax.default_backend()) if torch else ("", "skipped (--tiny)")
   if device:
-    torch_loss, runners["torch"] = bench.torch_runner(config, model_config, initial_params, data, device,
-                                                      os.cpu_count())
-  seconds = bench.timed_rounds(runners, steps, rounds)
+    torch_loss, runners["torch"] = bench_parts.torch_runner(config, model_config, initial_params, data, device,
+                                                            os.cpu_count())
+  seconds = bench_parts.timed_rounds(runners, steps, rounds)
   step_s = float(np.median(seconds["ours"]))
   tokens_per_s = batch * seq_len / step_s
-  model_flops = bench.model_flops_per_token(model_config, seq_len) * tokens_per_s
+  model_flops = bench_parts.model_flops_per_token(model_config, seq_len) * tokens_per_s
   out = {"model": {"preset": preset, **shape, "dtype": jnp.dtype(model_config.compute_dtype).name},
          "seq_len": seq_len, "batch": batch, "matmul_peak_flops": peak, "step_seconds": step_s,
          "tokens_per_s": tokens_per_s, "model_flops_per_s": model_flops, "xla_flops_per_s": xla_flops / step_s,
