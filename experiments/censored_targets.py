@@ -1,6 +1,7 @@
 """Cut answers on the synthetic world: data.unfinished = drop | as_finished | censored against the exact value function.
 
   python -m experiments.censored_targets --workdir runs/censored_targets [--steps=600 --seeds=0,1 --cut_share=0.3]
+      [--policies=drop,as_finished,censored,censored_bootstrap]
 
 The synthetic generator's value function is known exactly (lenvm_jax/data/synthetic.py). Its training split is cut
 at a budget chosen so that about --cut_share of the completions are longer (data.synthetic.train_budget: the long
@@ -9,7 +10,8 @@ and seed is trained with everything else equal (seeds, steps, gamma), and each i
 completions: exact_value_mse is its MSE against the exact V(s_t) (the gap to the exact value function), value_mse
 its MSE against the realised returns (bayes_value_mse is the exact values' own, const_value_mse the best constant's),
 gap_closed = (const - value_mse) / (const - bayes). Prints the policies side by side and writes
-<workdir>/censored_targets.json; each run's files are under <workdir>/<policy>_seed<k>.
+<workdir>/censored_targets.json; each run's files are under <workdir>/<policy>_seed<k> (a rerun into the same workdir
+only re-evaluates the finished runs). censored_bootstrap is censored with loss.censored_bootstrap.
 """
 
 import json
@@ -23,9 +25,10 @@ from lenvm_jax.config import RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.train import trainer
 
-POLICIES = ("drop", "as_finished", "censored")
+POLICIES = ("drop", "as_finished", "censored", "censored_bootstrap")  # The last: censored + loss.censored_bootstrap.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: one training run per policy and seed.")
-_POLICIES = flags.DEFINE_list("policies", list(POLICIES), "data.unfinished policies to compare.")
+_POLICIES = flags.DEFINE_list("policies", list(POLICIES[:3]), "data.unfinished policies to compare "
+                               "(censored_bootstrap: censored with loss.censored_bootstrap).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (model init and data order); every policy runs each.")
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps of every run.")
 _CUT_SHARE = flags.DEFINE_float("cut_share", 0.3, "Share of training completions the budget cuts (the longest).")
@@ -64,7 +67,8 @@ def budget_for(run: RunConfig, cut_share: float, sample: int = 4000) -> tuple[in
 def run_config(run: RunConfig, policy: str, seed: int, budget: int) -> RunConfig:
   config = run.to_dict()
   config["seed"] = seed
-  config["data"].update(unfinished=policy, seed=seed)
+  config["data"].update(unfinished=policy.removesuffix("_bootstrap"), seed=seed)
+  config["loss"]["censored_bootstrap"] = policy == "censored_bootstrap"
   config["data"]["synthetic"]["train_budget"] = budget
   return RunConfig.from_dict(config)
 
@@ -78,14 +82,14 @@ def scores(final_eval: dict) -> dict:
 
 def format_table(results: dict, seeds) -> str:
   policies = list(results)
-  lines = [f"{'':<26}" + "".join(f"{p:>14}" for p in policies)]
+  lines = [f"{'':<26}" + "".join(f"{p:>19}" for p in policies)]
   for metric in REPORTED:
     for seed in seeds:
       lines.append(f"{metric + f' (seed {seed})':<26}"
-                   + "".join(f"{results[p][str(seed)][metric]:14.5f}" for p in policies))
+                   + "".join(f"{results[p][str(seed)][metric]:19.5f}" for p in policies))
     if len(seeds) > 1:
       lines.append(f"{metric + ' (mean)':<26}" + "".join(
-          f"{np.mean([results[p][str(s)][metric] for s in seeds]):14.5f}" for p in policies))
+          f"{np.mean([results[p][str(s)][metric] for s in seeds]):19.5f}" for p in policies))
   return "\n".join(lines)
 
 

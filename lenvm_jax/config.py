@@ -81,6 +81,10 @@ class LossConfig:
   # Weight of the candidate-value loss (needs model.candidate_head): Q(s_t, a) of the realised next token a regresses
   # on the next state's target, a token mean like the value loss. 0 = off (no head, today's graph).
   candidate_weight: float = 0.0
+  # data.unfinished='censored' only: instead of the one-sided bound alone, a cut completion's positions regress on the
+  # return bootstrapped from the model's own value at its last kept state (a time limit, not an end), capped by the
+  # bound (value/targets.py censored_bootstrap_targets). Discounted target only.
+  censored_bootstrap: bool = False
 
   def __post_init__(self):
     gamma = self.gamma
@@ -337,6 +341,8 @@ class RunConfig:
     _require(self.data.unfinished != "infinite" or self.loss.target_type == "discounted", "data.unfinished",
              "'infinite' (target -1) needs loss.target_type='discounted'; length targets have no infinity")
     censored = self.data.unfinished == "censored"
+    _require(not self.loss.censored_bootstrap or (censored and self.loss.target_type == "discounted"),
+             "loss.censored_bootstrap", "needs data.unfinished='censored' and loss.target_type='discounted'")
     _require(not censored or self.loss.gae_lambda == 1.0, "data.unfinished",
              "'censored' bounds the Monte-Carlo return; GAE targets (loss.gae_lambda < 1) are not bounds: set one")
     _require(not censored or self.loss.candidate_weight == 0.0, "data.unfinished",

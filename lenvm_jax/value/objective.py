@@ -22,7 +22,9 @@ sequence weighs by its token count, not 1/L (paper appendix E). No 0.5 factor (t
 data.unfinished='censored': the value positions of a cut completion (rows.CENSORED) know only that at least n more
 tokens followed (n = the tokens left in the kept completion + 1), so their loss is one-sided (TargetKind.bound_loss:
 only a prediction of a shorter remainder than the bound is penalised), with the same weights and token counts as
-the rest of the value loss. The LM term reads such rows as ordinary text.
+the rest of the value loss. The LM term reads such rows as ordinary text. loss.censored_bootstrap instead regresses
+them on the return bootstrapped from the model's own value at the last kept state (the cut is a time limit), capped
+by the bound (targets.censored_bootstrap_targets): the bound alone cannot say how far past it an answer went.
 """
 
 import dataclasses
@@ -85,6 +87,7 @@ class Objective:
   candidate_weight: float = 0.0  # > 0: the model has a candidate-value head, trained as value/candidate.py says.
   lm_chunk: int = 0  # Positions per row whose LM logits exist at once (lm_cross_entropy_sum); 0 = the whole row.
   unroll_lm_chunks: bool = False  # Lower the chunk loop unrolled (FLOP counting only).
+  censored_bootstrap: bool = False  # Censored positions regress on targets.censored_bootstrap_targets.
 
   @classmethod
   def from_config(cls, loss: LossConfig) -> "Objective":
@@ -95,7 +98,8 @@ class Objective:
     kind = targets.TargetKind(loss.target_type, loss.gamma, loss.length_normalizer, loss.kind, loss.huber_delta,
                               loss.length_activation)
     return cls(kind, loss.gae_lambda, loss.lm_weight, loss.value_weight, loss.boundary_weight, loss.lm_stride,
-               candidate_weight=loss.candidate_weight, lm_chunk=loss.lm_chunk)
+               candidate_weight=loss.candidate_weight, lm_chunk=loss.lm_chunk,
+               censored_bootstrap=loss.censored_bootstrap)
 
   def lm_positions(self, x, axis: int = -1):
     """The positions (along the time axis) that the LM term is taken on: every lm_stride-th."""
@@ -115,7 +119,11 @@ class Objective:
     target = jax.lax.stop_gradient(self.value_targets(prediction, batch))
     # "value_sq_err": the summed per-token loss (squared error, or Huber under loss.kind = "huber").
     per_token = self.kind.regression_loss(prediction, target)
-    if rows.CENSORED in batch:  # data.unfinished='censored': a cut completion's target is a bound (one-sided loss).
+    if rows.CENSORED in batch and self.censored_bootstrap:  # Bootstrapped from the last kept state, under the bound.
+      bootstrapped = targets.censored_bootstrap_targets(prediction, batch[rows.REMAINING], batch[rows.CENSORED],
+                                                        batch[rows.SEGMENT_IDS], self.kind.gamma)
+      per_token = jnp.where(batch[rows.CENSORED], self.kind.regression_loss(prediction, bootstrapped), per_token)
+    elif rows.CENSORED in batch:  # data.unfinished='censored': a cut completion's target is a bound (one-sided loss).
       per_token = jnp.where(batch[rows.CENSORED], self.kind.bound_loss(prediction, target), per_token)
     out = {"value_sq_err": jnp.sum(self.value_weights(batch) * per_token)}
     if lm_head is not None:

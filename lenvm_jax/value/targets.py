@@ -172,6 +172,24 @@ class TargetKind:
     return discounted_return(self.remaining_estimate(prediction), self.gamma)
 
 
+def censored_bootstrap_targets(values, remaining, censored, segment_ids, gamma: float):
+  """Targets of a cut completion's positions that bootstrap from the model's own value at its last kept state: the cut
+  is a time limit, not an end, so G_t = -(1 - gamma ** k) + gamma ** k V(s_last) with k = the tokens from t to that
+  state (the last censored position of the sequence in the row), and no more than the bound G(remaining) that the
+  cut itself proves. values [B, T] are held fixed (stop-gradient); elsewhere the result is meaningless (masked)."""
+  values = jax.lax.stop_gradient(values.astype(jnp.float32))
+  censored = censored.astype(bool)
+  same = censored[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])
+  is_last = censored & ~jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+  length = censored.shape[1]
+  index = jnp.broadcast_to(jnp.arange(length), censored.shape)
+  last = jnp.minimum(jax.lax.cummin(jnp.where(is_last, index, length), axis=1, reverse=True), length - 1)
+  steps = (remaining - jnp.take_along_axis(remaining, last, axis=1)).astype(jnp.float32)
+  weight = jnp.exp(steps * jnp.log(jnp.float32(gamma)))
+  bootstrapped = -(1.0 - weight) + weight * jnp.take_along_axis(values, last, axis=1)
+  return jnp.minimum(bootstrapped, discounted_return(remaining, gamma))
+
+
 def gae_targets(values, remaining, value_mask, segment_ids, gamma: float, lam: float):
   """GAE(lambda) value targets (lambda-returns), with the values held fixed (stop-gradient).
 
