@@ -61,6 +61,28 @@ def ema_update(ema_params, params, step, decay: float):
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
 
 
+def _is_stacked(path) -> bool:
+  return bool(path) and getattr(path[0], "key", None) == "layers"
+
+
+def _below_cut(grads, frozen_layers: int):
+  """The gradient without the stacked layers' bottom frozen_layers slices (zero there): what its norm needs."""
+  if not frozen_layers:
+    return grads
+  return jax.tree_util.tree_map_with_path(lambda path, g: g[frozen_layers:] if _is_stacked(path) else g, grads)
+
+
+def _apply_updates(params, updates, finite, frozen_layers: int):
+  """params + updates where the step is finite (else params). With frozen_layers, the stacked layers' updates are
+  zero below the cut, so only their top slices are written: a step does not rewrite the frozen weights."""
+  def one(path, p, u):
+    if frozen_layers and _is_stacked(path):
+      top = p[frozen_layers:]
+      return p.at[frozen_layers:].set(jnp.where(finite, (top + u[frozen_layers:]).astype(p.dtype), top))
+    return jnp.where(finite, (p + u).astype(p.dtype), p)
+  return jax.tree_util.tree_map_with_path(one, params, updates)
+
+
 def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: optax.GradientTransformation,
                freeze_trunk: bool, ema_decay: float = 0.0, frozen_layers: int = 0):
   value_count, lm_count = objective.token_counts(batch)
@@ -91,17 +113,17 @@ def train_step(state: TrainState, batch, *, graphdef, objective: Objective, tx: 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (losses, (sums, metric_sums)) = jax.lax.scan(accumulate, zeros, (batch, micro_index))
   loss = jnp.sum(losses)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.global_norm(_below_cut(grads, frozen_layers))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = None if state.ema_params is None else ema_update(state.ema_params, params, state.step, ema_decay)
   # Non-finite guard: the update is dropped (state kept) and counted; the trainer reports it or stops.
+  params = _apply_updates(state.params, updates, finite, frozen_layers)
+  ema_params = None if state.ema_params is None else ema_update(state.ema_params, params, state.step, ema_decay)
   keep_new = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(
       step=state.step + 1,
-      params=keep_new(params, state.params),
+      params=params,
       opt_state=keep_new(opt_state, state.opt_state),
       rng=jax.random.key_data(next_rng),
       nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32),
