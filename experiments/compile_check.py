@@ -57,8 +57,8 @@ from lenvm_jax.data import rows  # noqa: E402
 from lenvm_jax.value.objective import Objective  # noqa: E402
 from lenvm_jax import config as config_lib  # noqa: E402
 from lenvm_jax.config import RunConfig  # noqa: E402
-from lenvm_jax.model import attention, flops as flops_lib, transformer  # noqa: E402
-from lenvm_jax.train import aot, optimizer, state as state_lib, step as step_lib  # noqa: E402
+from lenvm_jax.model import attention, flops as flops_lib  # noqa: E402
+from lenvm_jax.train import aot, program as program_lib, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 flags.DEFINE_integer("fake_devices", 8, "Fake CPU devices to compile for (0 = the real devices); not with --topology.")
@@ -149,18 +149,13 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
   accum, t = run.train.accum_steps, run.data.max_len
   device = mesh.devices.flat[0]
   capacity = aot.available_hbm_bytes(device) if devices is not None else None
-  objective = Objective.from_config(run.loss)
   with jax.set_mesh(mesh):
-    graphdef, abstract = transformer.abstract_model(model_config)
-    tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
-    state_shape, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initialize=False,
-                                                         ema=run.train.keeps_ema)  # The EMA's memory too.
+    program, state_shape = program_lib.build(run, mesh, initialize=False)  # The EMA's memory too.
     train_batch, train_sh = batch_structs(run, mesh, run.train.batch_size,
                                           (accum, run.train.batch_size // accum), leading=1)
     eval_batch, eval_sh = batch_structs(run, mesh, run.train.eval_batch_size,
                                         (run.train.eval_batch_size,), leading=0)
-    train, evaluate = step_lib.jit_steps(graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh,
-                                         state_shape)
+    train, evaluate = program.jit_steps(state_shape, train_sh, eval_sh)
     kernel = attention.implementation(model_config, t)  # Under the mesh: the platform compiled for.
     reports = {}
     if steps in ("both", "train", "all"):
@@ -168,16 +163,15 @@ def compile_report(run: RunConfig, devices=None, steps: str = "both") -> dict:
     if steps in ("both", "eval", "all"):
       reports["eval"], _ = _compile(evaluate, (state_shape.params, eval_batch), capacity)
     if steps in ("decode", "all"):
-      reports["decode"] = _compile_decode(run, mesh, graphdef, state_shape.params, capacity)
+      reports["decode"] = _compile_decode(run, mesh, program.graphdef, state_shape.params, capacity)
   lm_share = 1.0 / run.loss.lm_stride if run.loss.lm_weight > 0 else 0.0
   per_token = flops_lib.train_flops_per_token(model_config, t, lm_share)
   if "train" in reports:
-    reports["train"]["compiler_flops_per_device"] = step_lib.train_step_flops(
-        model_config, objective, tx, run.train, state_shape, train_batch) / mesh.size
+    reports["train"]["compiler_flops_per_device"] = program.train_step_flops(state_shape, train_batch) / mesh.size
     reports["train"]["model_flops_per_device"] = per_token * run.train.batch_size * t / mesh.size
   if "eval" in reports:
     reports["eval"]["compiler_flops_per_device"] = step_lib.eval_step_flops(
-        model_config, objective, state_shape.params, eval_batch) / mesh.size
+        model_config, program.objective, state_shape.params, eval_batch) / mesh.size
     reports["eval"]["model_flops_per_device"] = per_token / 3 * run.train.eval_batch_size * t / mesh.size
   return {
       "topology": _TOPOLOGY.value or None, "platform": device.platform,

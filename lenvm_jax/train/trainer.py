@@ -25,12 +25,11 @@ from lenvm_jax import config as config_lib, distributed, errors, progress as pro
 from lenvm_jax.run import config_history, eos as run_eos, workdir_checks, workdir_lock
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import cut_report, pipeline, records
-from lenvm_jax.model import hf_import, transformer
-from lenvm_jax.train import checkpointing, feature_cache, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.model import hf_import
+from lenvm_jax.train import checkpointing, feature_cache, program as program_lib, state as state_lib
 from lenvm_jax.train import metrics_log
 from lenvm_jax.train.metrics_log import MetricsLog
 from lenvm_jax.value import gamma as gamma_lib, metrics
-from lenvm_jax.value.objective import Objective
 
 
 class _StopRequest:
@@ -309,38 +308,33 @@ def _train(run: RunConfig, workdir: str, mesh, train_iter, eval_source, ckpt, fe
            passes_per_step: float = 0.0, record: dict | None = None) -> dict:
   """State (restored or fresh) -> compiled steps -> config.json and the metrics log -> the loop."""
   model_config = run.model
-  objective = Objective.from_config(run.loss)
-  graphdef, abstract = transformer.abstract_model(model_config)
-  tx = optimizer.make_optimizer(run, abstract.to_pure_dict())
-  state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initialize=False,
-                                                 ema=run.train.keeps_ema)
+  program, state = program_lib.build(run, mesh, initialize=False)  # The restore target.
+  objective = program.objective
   resume_step, restored = ckpt.restore_newest(state, train_iter, run)
   if resume_step is None:
     initial_params = None
     if model_config.init_from:  # A resumed run takes its weights from the checkpoint.
       initial_params = _params_from_hf(model_config.init_from, model_config, mesh, run.seed)
-    state, state_sh = state_lib.create_train_state(model_config, tx, mesh, run.seed, initial_params=initial_params,
-                                                   ema=run.train.keeps_ema)
+    state = program.fresh_state(initial_params)
   else:
     state = restored
   if features is not None:  # The frozen weights are known now: check the cache against them, or build it.
     features.ready(state.params, mesh)
 
-  accum = run.train.accum_steps
   first = next(train_iter)
-  to_micro = lambda b: {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in b.items()}
-  train_sh = sharding.batch_shardings(mesh, to_micro(first), leading=1)
+  to_micro = program.micro_batches
+  train_sh = program.train_batch_shardings(to_micro(first))
   eval_rows = run.train.eval_batch_size // jax.process_count()
   eval_example = {k: np.zeros((eval_rows,) + v.shape[1:], v.dtype) for k, v in first.items()  # Also the pad.
                   if k != pipeline.FEATURES}  # Eval runs the whole trunk.
-  eval_sh = sharding.batch_shardings(mesh, eval_example, leading=0)
-  compiled_train, compiled_eval = step_lib.compile_steps(
-      graphdef, objective, tx, run.train, state_sh, train_sh, eval_sh, state_shape=state_lib.shape_structs(state),
+  eval_sh = program.eval_batch_shardings(eval_example)
+  compiled_train, compiled_eval = program.compile_steps(
+      state_lib.shape_structs(state), train_sh, eval_sh,
       train_batch_shape=_global_shapes(to_micro(first), train_sh, leading=1),
       eval_batch_shape=_global_shapes(eval_example, eval_sh, leading=0))
   # Per device, every scan (layers, micro-batches) multiplied out: the compiled step's own count has each once.
-  flops_per_step = step_lib.train_step_flops(model_config, objective, tx, run.train, state_lib.shape_structs(state),
-                                             _global_shapes(to_micro(first), train_sh, leading=1)) / mesh.size
+  flops_per_step = program.train_step_flops(state_lib.shape_structs(state),
+                                            _global_shapes(to_micro(first), train_sh, leading=1)) / mesh.size
   has_eval = eval_source is not None
   evaluate_state = lambda s: evaluate(compiled_eval, state_lib.eval_params(s), objective, run, eval_source,
                                       eval_sh, eval_example)
