@@ -136,7 +136,8 @@ def _train(workdir, *extra):
   result = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir),
                    f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=2", "--config.train.eval_every=0",
                    "--config.train.trainable_layers=1", "--config.train.feature_cache=auto",
-                   "--config.data.synthetic.train_records=256", "--config.data.packing=first_fit", *extra)
+                   "--config.data.synthetic.train_records=256", "--config.data.packing=first_fit",
+                   "--config.train.accum_steps=2", "--config.train.batch_size=16", *extra)  # 2 x 8 rows, 8 devices.
   return result
 
 
