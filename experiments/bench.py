@@ -38,7 +38,7 @@ from experiments import bench_parts, cli
 from lenvm_jax import files
 from lenvm_jax.data import pipeline
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model preset (lenvm_jax/model_config.py PRESETS).")
+_PRESET = cli.preset_flag()
 _HIDDEN = flags.DEFINE_integer("hidden_size", 256, "Overrides the preset; 0 keeps it.")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "Overrides the preset; 0 keeps it.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Overrides the preset; 0 keeps it.")

@@ -33,7 +33,7 @@ from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import LengthValueModel
 from lenvm_jax.value.targets import TargetKind
 
-_PRESET = flags.DEFINE_string("preset", "small", "Model shape (lenvm_jax/model_config.py PRESETS).")
+_PRESET = cli.preset_flag(help_text="Model shape (lenvm_jax/model_config.py PRESETS).")
 _LENVM_PRESET = flags.DEFINE_string("lenvm_preset", "", "Shape of the separate LenVM in the two-model layout "
                                     "(same vocabulary); empty = the generator's.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary rows; 0 = the preset's (64 for the CPU presets).")

@@ -348,6 +348,20 @@ def output_flag(help_text: str, default: str | None = None, *, required: bool = 
   return holder
 
 
+def preset_flag(default: str | None = "small", help_text: str = "Model preset (lenvm_jax/model_config.py PRESETS)."):
+  """--preset: the model shape of a tool that builds its own run."""
+  return flags.DEFINE_string("preset", default, help_text)
+
+
+def max_shard_flag():
+  """--max_shard_size_gb: safetensors shard size of an exported Hugging Face model (positive)."""
+  from lenvm_jax.model import hf_export  # pylint: disable=g-import-not-at-top  (jax: only the exporting tools)
+  holder = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
+                              "Split the weights into safetensors shards of at most this size (+ index).")
+  flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")
+  return holder
+
+
 def define_step_flag():
   """--step: which checkpoint of a run to use (latest, best by checkpoint.keep_best, or a step number)."""
   return flags.DEFINE_string("step", "latest", "Checkpoint to use: latest (the newest that restores intact), best "

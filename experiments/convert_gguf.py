@@ -26,9 +26,7 @@ from lenvm_jax.model import gguf_import, hf_config, hf_export, hf_layout
 
 _INPUT = flags.DEFINE_string("input", None, "The .gguf file to convert.")
 _OUTPUT = cli.output_flag("Directory to write the Hugging Face model into (created if needed).")
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
-                                   "Split the weights into safetensors shards of at most this size (+ index).")
-flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")
+_MAX_SHARD_GB = cli.max_shard_flag()
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the contents of a non-empty --output.")
 flags.mark_flags_as_required(["input", "output"])
 

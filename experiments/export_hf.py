@@ -20,9 +20,7 @@ _RUN = cli.run_flags("Training workdir (its config and checkpoints).")
 _OUTPUT = cli.output_flag("Directory to write the LenVM into (new or empty).", required=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF directory whose tokenizer files to include "
                                  "(default: the run's model.init_from).")
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_size_gb", hf_export.DEFAULT_MAX_SHARD_BYTES / 1e9,
-                                   "Split the weights into safetensors shards of at most this size (+ index).")
-flags.register_validator("max_shard_size_gb", lambda gb: gb > 0, "must be a positive size in GB")
+_MAX_SHARD_GB = cli.max_shard_flag()
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Empty a non-empty --output before writing.")
 
 

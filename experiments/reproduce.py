@@ -67,7 +67,7 @@ _FIGURE = flags.DEFINE_enum("figure", None, list(FIGURES), "Which figure to repr
 flags.mark_flags_as_required(["figure"])
 _DATA = flags.DEFINE_string("data", None, "ArrayRecord rollouts directory (train/, eval/); default: synthetic.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Model vocabulary for --data (the tokenizer's size, padded).")
-_PRESET = flags.DEFINE_string("preset", None, "Model preset for the runs (default: the config's, tiny).")
+_PRESET = cli.preset_flag(None, "Model preset for the runs (default: the config's, tiny).")
 _OUT = flags.DEFINE_string("out_dir", None, "Sweep directory (default runs/reproduce/<figure>).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per run (0 = the config's, 300).")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at the same time.")
