@@ -300,9 +300,11 @@ def console_main():
 
 # The flag registry: the groups that several tools share (run selection, batching, seed, output; sampling and
 # guidance in experiments/sampling_flags.py), defined here once so every tool gets the same names, defaults and
-# checks. A tool calls each group once at import and keeps the handles it returns.
+# checks. A tool calls each group once at import and keeps the handles it returns; the flags count as the tool's own
+# (its --help lists them: disclaim_key_flags below).
 
 RUN_HELP = "Training workdir (config.json + checkpoints)."
+flags.disclaim_key_flags()  # The flags this module defines from here on are the calling tool's key flags.
 
 
 @dataclasses.dataclass(frozen=True)

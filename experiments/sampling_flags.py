@@ -97,6 +97,7 @@ class Sampling:
 
 
 _defined = {}
+flags.disclaim_key_flags()  # The shared flags count as the calling tool's own: its --help lists them.
 
 
 def define(candidates: bool = True, length_rules: bool = True, guidance: bool = True) -> None:
