@@ -1,6 +1,6 @@
 """What the launchers ship from this checkout: its root, config paths relative to it, its jax pin.
 
-(Whether a workdir is a URL: lenvm_jax.config.is_url, which imports no jax, as the launcher venv has none.)
+(Whether a workdir is a URL: lenvm_jax.run.workdir_checks.is_url, which imports no jax, as the launcher venv has none.)
 """
 
 import os

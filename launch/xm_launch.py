@@ -21,7 +21,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script: find `launch`.
 
 from launch import repo  # noqa: E402  pylint: disable=g-import-not-at-top
-from lenvm_jax.config import is_url  # noqa: E402  pylint: disable=g-import-not-at-top
+from lenvm_jax.run.workdir_checks import is_url  # noqa: E402  pylint: disable=g-import-not-at-top
 from lenvm_jax import sweep_spec  # noqa: E402  pylint: disable=g-import-not-at-top
 
 REPO = repo.REPO
