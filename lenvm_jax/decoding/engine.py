@@ -16,6 +16,8 @@ equals plain sampling with the same seed. The program runs up to `steps_per_call
 (lax.while_loop) and, when requests are waiting, stops as soon as a slot ends so the host can refill it.
 
 Threads: one thread calls step() (the server's engine thread, or generate()); others may submit() and cancel().
+Longer than most modules (~400 lines): the device program and the host bookkeeping share the slot layout, so the
+one decode loop stays in one file.
 """
 
 import collections

@@ -10,6 +10,9 @@ Layers: the decoder layers are one DecoderLayer whose parameters carry a leading
 jax.lax.scan. The compiler sees one layer body whatever the depth (compile time stays flat), and with remat the
 backward pass recomputes one layer at a time: a Python loop of layers let XLA's scheduler hoist every layer's
 recompute, so remat saved no peak memory on TPU (docs/scaling.md).
+
+Longer than most modules (~400 lines) because the whole model is here, as in the Flax NNX examples: layers, trunk,
+heads and the cached forward read top to bottom in one file.
 """
 
 import math
