@@ -26,7 +26,7 @@ from lenvm_jax.data import pipeline
 from lenvm_jax.train import trainer
 
 POLICIES = ("drop", "as_finished", "censored", "censored_bootstrap")  # The last: censored + loss.censored_bootstrap.
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: one training run per policy and seed.")
+_RUN = cli.run_flags("Output directory: one training run per policy and seed.", step=False)
 _POLICIES = flags.DEFINE_list("policies", list(POLICIES[:3]), "data.unfinished policies to compare "
                                "(censored_bootstrap: censored with loss.censored_bootstrap).")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (model init and data order); every policy runs each.")
@@ -37,9 +37,8 @@ _GAMMA = flags.DEFINE_float("gamma", 0.98, "loss.gamma, the same for every polic
 _TRAIN_RECORDS = flags.DEFINE_integer("train_records", 20_000, "Synthetic training records.")
 _EVAL_RECORDS = flags.DEFINE_integer("eval_records", 1024, "Synthetic held-out records (whole, never cut).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 64, "data.max_len (rows; longer sequences keep their true targets).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "train.batch_size (rows).")
+_BATCH = cli.batch_size_flag(32, "train.batch_size (rows).")
 _LR = flags.DEFINE_float("lr", 2e-3, "optim.lr.")
-flags.mark_flags_as_required(["workdir"])
 
 REPORTED = ("exact_value_mse", "value_mse", "gap_closed", "length_mae")
 
@@ -108,10 +107,10 @@ def main(argv):
   for policy in _POLICIES.value:
     results[policy] = {}
     for seed in seeds:
-      workdir = os.path.join(_WORKDIR.value, f"{policy}_seed{seed}")
+      workdir = os.path.join(_RUN.workdir.value, f"{policy}_seed{seed}")
       results[policy][str(seed)] = scores(trainer.train_and_evaluate(run_config(run, policy, seed, budget), workdir))
   report = {"budget": budget, "cut_share": cut, "steps": _STEPS.value, "seeds": list(seeds), "results": results}
-  with open(os.path.join(_WORKDIR.value, "censored_targets.json"), "w", encoding="utf-8") as f:
+  with open(os.path.join(_RUN.workdir.value, "censored_targets.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   print(format_table(results, seeds))
 
