@@ -3,6 +3,10 @@
 What a user can cause (a flag, a config field, a path, a permission, a full or read-only disk, bad data, a checkpoint
 that is missing, corrupt or of another model, a busy workdir) ends as one line on stderr, `error: <message>`, and
 exit status 2. Any other exception is a bug and keeps its traceback (exit status 1).
+
+Also the flag registry (run_flags, batch_size_flag, seed_flag, output_flag, preset_flag, max_shard_flag): the flags
+several tools share, defined once. Over ~350 lines because both are what every tool imports first, one module each
+tool already names.
 """
 
 import contextlib
