@@ -1,5 +1,8 @@
 """The candidate-value head (model/candidate_head.py) and its loss (value/candidate.py): targets, masks, the head's
-two token-vector layouts, config checks, sharding."""
+two token-vector layouts, config checks, sharding.
+
+Over ~350 lines: the head, its loss, its scorer and its run, one concept end to end.
+"""
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,10 @@
 """Checkpoint faults a run survives (issue 19): only committed steps count, checksums catch damaged files and the
 newest intact step is restored instead, a checkpoint of another model names the changed config fields, keep_best
 keeps the best step beside the last ones, and kill -9 / SIGTERM / a damaged latest step / a full disk / a second
-trainer each leave a run that resumes exactly (the pattern of tests/test_resume.py)."""
+trainer each leave a run that resumes exactly (the pattern of tests/test_resume.py).
+
+Over ~350 lines: one fault per test over one shared trained run.
+"""
 
 import json
 import os

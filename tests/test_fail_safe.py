@@ -1,5 +1,8 @@
 """Fail safe (issue 19): every user error is one line `error: ...` naming the culprit with exit status 2, nothing a
-user did is lost, and no run clobbers another. In-process checks first; the CLI probes run subprocesses (slow)."""
+user did is lost, and no run clobbers another. In-process checks first; the CLI probes run subprocesses (slow).
+
+One file (~700 lines) because it is one table of tools x bad inputs; split by tool it would repeat its probes.
+"""
 
 import errno
 import json

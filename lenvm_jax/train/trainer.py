@@ -8,6 +8,8 @@ Fail safe: the workdir is locked first (a second trainer refuses); then data, me
 user mistake among them (config, data, paths, devices, a checkpoint of another model) raises a UserError before the
 workdir changes; config.json is written only once all of that has worked (config_history.write_config keeps a config that a
 resume replaced).
+
+One readable trainer in one file, as big_vision's: the loop and its setup read top to bottom (~400 lines).
 """
 
 import contextlib
