@@ -38,7 +38,9 @@ from lenvm_jax.serving.protocol import Limits
 from lenvm_jax.serving.runner import EngineRunner
 from lenvm_jax.serving.values import ValueService
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run whose LenVM scores (and, without --policy, generates).")
+_RUN = cli.run_flags("The run whose LenVM scores (and, without --policy, generates); optional with --policy.",
+                     required=False)
+_WORKDIR = _RUN.workdir
 _POLICY = flags.DEFINE_string("policy", None, "Generator: a run workdir, Hugging Face directory or .gguf (default: the "
                               "run's own LM head on the shared trunk).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "HF tokenizer directory, tokenizer.json, SentencePiece model or "
@@ -63,7 +65,6 @@ _RULES = flags.DEFINE_enum("length_rules", "default", list(CONVENTIONS), "How eq
 _STEPS = flags.DEFINE_integer("steps_per_call", 8, "Decode steps per engine call (tokens stream in groups of this).")
 _EOS = flags.DEFINE_list("eos_ids", None, "Token ids that end a completion.")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"], "uvicorn's log level.")
-_STEP = cli.define_step_flag()
 
 
 def _tokenizer_path() -> str | None:
@@ -163,7 +164,7 @@ def main(argv):
     tokenizer_path = _tokenizer_path()
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
     mesh = sharding.make_mesh(1, 1, 1)  # The Predictor's: its params live on one device.
-    predictor = Predictor(_WORKDIR.value, cli.step_value(_STEP.value)) if _WORKDIR.value else None
+    predictor = cli.load_predictor(_RUN) if _WORKDIR.value else None
     models, params, policy_eos, description = _models(predictor, mesh)
     if predictor is None:  # No run to fall back on: the flag, the policy's own, else its tokenizer's.
       eos_ids = tuple(explicit_eos) or tuple(policy_eos) or ((tokenizer.eos_id,) if tokenizer else ())

@@ -285,7 +285,7 @@ class Engine:
       self._device_slots = self._empty_slots()
     widths = sorted({sampler.bucket_width(n, 8) for n in prompt_lengths} or
                     [w for w in (8 << i for i in range(24)) if w <= self.max_prompt_width])
-    for group in sorted({self._group_size(n) for n in range(1, self.slots + 1)}):
+    for group in sorted({size for n in range(1, self.slots + 1) for size in self._group_sizes(n)}):
       settings = self._settings([Request((sampler.PAD_ID,), 1)] * group)
       for width in widths:
         rows = np.full(group, self.slots, np.int32)  # Every row out of range: dropped, nothing admitted.
@@ -357,19 +357,27 @@ class Engine:
         self._in_slot[slot] = running
     if not taken:
       return
-    group = self._group_size(len(taken))
-    width = sampler.bucket_width(max(len(r.request.prompt) for r in taken), 8)
-    fill = group - len(taken)
-    requests = [r.request for r in taken] + [Request((sampler.PAD_ID,), 1)] * fill
-    tokens, lengths = sampler.left_pad([r.prompt for r in requests], width)
-    rows = np.asarray(free[:len(taken)] + [self.slots] * fill, np.int32)
-    settings = self._settings(requests)
-    with jax.set_mesh(self.mesh):
-      self._device_slots = self._admit(self.params, self._device_slots, rows, tokens, lengths, settings)
+    # Prefill costs what its padded tokens cost: requests sorted by prompt length go in power-of-two groups (5 =
+    # 4 + 1), each left-padded to its own bucketed width, so no row is padding and widths stay tight; few shapes.
+    order = sorted(range(len(taken)), key=lambda i: len(taken[i].request.prompt))
+    start = 0
+    for group in self._group_sizes(len(taken)):
+      chunk = order[start:start + group]
+      start += group
+      requests = [taken[i].request for i in chunk]
+      tokens, lengths = sampler.left_pad([r.prompt for r in requests],
+                                         sampler.bucket_width(max(len(r.prompt) for r in requests), 8))
+      rows = np.asarray([free[i] for i in chunk], np.int32)
+      with jax.set_mesh(self.mesh):
+        self._device_slots = self._admit(self.params, self._device_slots, rows, tokens, lengths,
+                                         self._settings(requests))
 
-  def _group_size(self, admitted: int) -> int:
-    """Rows prefilled together for `admitted` requests: a power of 4 (or all slots), so few shapes compile."""
-    return min(self.slots, 1 << (2 * ((admitted - 1).bit_length() + 1 >> 1)))
+  def _group_sizes(self, admitted: int) -> list[int]:
+    """Powers of two summing to `admitted`, largest first (at most the largest power of two <= slots)."""
+    largest = 1 << (self.slots.bit_length() - 1)
+    sizes = [largest] * (admitted // largest)
+    rest = admitted % largest
+    return sizes + [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
 
   def _settings(self, requests: Sequence[Request]) -> dict:
     column = lambda get, dtype: np.asarray([get(r) for r in requests], dtype)
