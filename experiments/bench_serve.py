@@ -228,7 +228,7 @@ def main(_):
   order = np.random.default_rng(_SEED.value).permutation(len(prompts))  # Mix the tasks (the source lists by task).
   prompts = [prompts[i] for i in order[:_NUM_PROMPTS.value]]
   rows = [p.prompt_ids.tolist() for p in prompts for _ in range(_SAMPLES.value)]
-  row_ids = [i for i in range(len(rows))]
+  row_ids = list(range(len(rows)))
   eos = policy.eos_ids
   sampling = sampler.SamplingConfig(_MAX_NEW.value, eos, _TEMPERATURE.value, seed=_SEED.value)
   print(f"workload: {len(prompts)} prompts x {_SAMPLES.value} samples = {len(rows)} rows, prompts "

@@ -242,6 +242,9 @@ class Engine:
   def submit(self, request: Request, on_tokens: Callable | None = None) -> int:
     """Queues a request (checked first); on_tokens(request_id, new_ids, new_logits) hears its tokens as they come."""
     self.check(request)
+    return self._queue(request, on_tokens)
+
+  def _queue(self, request: Request, on_tokens: Callable | None = None) -> int:
     with self._lock:
       request_id = next(self._ids)
       self._waiting.append(_Running(request_id, request, on_tokens))
@@ -264,9 +267,12 @@ class Engine:
   def generate(self, requests: Sequence[Request], on_completion: Callable | None = None) -> list[Completion]:
     """Every request to its end, returned in input order (the offline use: rollouts, evaluation);
     on_completion(completion) hears each as it ends (progress)."""
-    for request in requests:
-      self.check(request)
-    ids = [self.submit(request) for request in requests]
+    for i, request in enumerate(requests):  # All checked before any is queued; the error names the request.
+      try:
+        self.check(request)
+      except ValueError as e:
+        raise ValueError(f"request {i}: {e}") from None
+    ids = [self._queue(request) for request in requests]
     done = {}
     while len(done) < len(ids):
       for completion in self.step():

@@ -128,14 +128,8 @@ class GuidedSampler:
     engine_requests = _requests(prompts, row_ids, self.sampling, list(requests))
     if not prompts:
       return []
-    engine = self._engines.for_prompts(prompts)
-    for i, request in enumerate(engine_requests):  # A length the decode cannot reach would be cut, and scored.
-      try:
-        engine.check(request)
-      except ValueError as e:
-        raise ValueError(f"request {i}: {e}") from None
-    out = []
-    for c in engine.generate(engine_requests):
+    out = []  # engine.generate refuses a length the decode cannot reach (it would be cut, and scored), by index.
+    for c in self._engines.for_prompts(prompts).generate(engine_requests):
       values = -0.5 * (1.0 + np.tanh(0.5 * c.logits.astype(np.float64)))  # V = -sigmoid(z); EOS: 0.
       out.append(GuidedSample(c.tokens, values.astype(np.float32), c.finish_reason == "stop", c.logits))
     return out
