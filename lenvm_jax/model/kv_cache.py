@@ -11,8 +11,9 @@ the earlier valid new tokens: prefill, decode steps) or as alternatives (each se
 candidate next tokens per row scored against one shared prefix, without committing any; see
 LengthValueModel.cached_hidden_states). `append` commits new tokens' keys and values.
 
-Keys and values are stacked over layers ([layers, B, S, kv_heads, head_dim]), as the model's parameters are, so the
-model's scan over layers reads each layer's cache as its slice.
+Keys and values are stacked over layers ([layers, B, kv_heads, S, head_dim]), as the model's parameters are, so the
+model's scan over layers reads each layer's cache as its slice; heads before slots, so each (row, head) is one
+contiguous [S, head_dim] block that attention multiplies in place (Attention.with_cache).
 """
 
 import flax.struct
@@ -22,19 +23,19 @@ import jax.numpy as jnp
 from lenvm_jax.model_config import ModelConfig
 from lenvm_jax.sharding import constrain
 
-_KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-  keys: jax.Array  # [layers, B, S, kv_heads, head_dim], compute dtype.
+  keys: jax.Array  # [layers, B, kv_heads, S, head_dim], compute dtype.
   values: jax.Array
   valid: jax.Array  # [B, S] bool: the slot holds a real token.
   index: jax.Array  # int32 scalar: the next slot to write.
 
   @classmethod
   def create(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     empty = lambda: constrain(jnp.zeros(shape, config.compute_dtype), _KV_AXES)
     return cls(keys=empty(), values=empty(), valid=jnp.zeros((batch_size, max_len), bool),
                index=jnp.zeros((), jnp.int32))
@@ -52,20 +53,21 @@ class KVCache:
     return jnp.concatenate([to_cache, to_new], axis=-1)[:, None, None]
 
   def append(self, new_kv, new_valid) -> "KVCache":
-    """Writes T new tokens' (keys, values), each [layers, B, T, ...], at slots index .. index + T - 1 (caller keeps
-    it in range). With a per-row index ([B], `per_row`), each row writes at its own slots; writes past the end
-    are dropped (a free slot of the decode engine keeps stepping until a request takes it)."""
+    """Writes T new tokens' (keys, values), each [layers, B, kv_heads, T, head_dim], at slots index .. index + T - 1
+    (caller keeps it in range). With a per-row index ([B], `per_row`), each row writes at its own slots; writes past
+    the end are dropped (a free slot of the decode engine keeps stepping until a request takes it)."""
     new_keys, new_values = new_kv
     t = new_valid.shape[1]
     if self.index.ndim:
       rows = jnp.arange(self.valid.shape[0])[:, None]
       columns = self.index[:, None] + jnp.arange(t)[None]
-      write = lambda cache, new: constrain(cache.at[:, rows, columns].set(new.astype(cache.dtype), mode="drop"),
-                                           _KV_AXES)
+      # Indices split by a slice put their [B, T] dims first: the written block is [B, T, layers, kv_heads, D].
+      write = lambda cache, new: constrain(cache.at[:, rows, :, columns].set(
+          new.astype(cache.dtype).transpose(1, 3, 0, 2, 4), mode="drop"), _KV_AXES)
       valid = self.valid.at[rows, columns].set(new_valid, mode="drop")
     else:
       write = lambda cache, new: constrain(
-          jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=2), _KV_AXES)
+          jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), self.index, axis=3), _KV_AXES)
       valid = jax.lax.dynamic_update_slice_in_dim(self.valid, new_valid, self.index, axis=1)
     return KVCache(keys=write(self.keys, new_keys), values=write(self.values, new_values), valid=valid,
                    index=self.index + t)
@@ -85,7 +87,7 @@ class KVCache:
 
 
 def take_alternative(new_kv, choice):
-  """The (keys, values) [layers, B, 1, ...] of one alternative per row (choice [B] int) out of new tokens' (keys,
-  values) [layers, B, T, ...]: what a guided decoder commits after scoring T candidates."""
-  pick = lambda x: jnp.take_along_axis(x, choice[None, :, None, None, None], axis=2)
+  """The (keys, values) [layers, B, kv_heads, 1, D] of one alternative per row (choice [B] int) out of new tokens'
+  (keys, values) [layers, B, kv_heads, T, D]: what a guided decoder commits after scoring T candidates."""
+  pick = lambda x: jnp.take_along_axis(x, choice[None, :, None, None, None], axis=3)
   return tuple(pick(x) for x in new_kv)

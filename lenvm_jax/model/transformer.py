@@ -186,13 +186,31 @@ class Attention(nnx.Module):
     return dense(out, self.o[...].astype(self.config.compute_dtype), contract=2)
 
   def with_cache(self, x, rope, mask, cached_k, cached_v):
-    """New tokens attend to cached keys [B, S, ...] followed by their own; mask [B, 1, 1, T, S + T].
+    """New tokens attend to cached keys and values [B, kv_heads, S, D] followed by their own; mask
+    [B, 1, 1, T, S + T].
 
-    Returns the output and the new tokens' (k, v); the caller decides whether to write them to the cache.
+    Returns the output and the new tokens' (k, v) in the cache's layout [B, kv_heads, T, D]; the caller decides
+    whether to write them to the cache. The cache is read where it lies: scores against it and against the new
+    tokens are two matmuls joined before one softmax, with the cache as the left operand as it is stored, so a decode
+    step never copies, concatenates or transposes the cache (on CPU that halves the time of a decode step's
+    attention, which reads the whole cache each step).
     """
+    c = self.config
     q, k, v = self.project(x, rope)
-    out = self.attend(q, jnp.concatenate([cached_k, k], axis=1), jnp.concatenate([cached_v, v], axis=1), mask)
-    return out, (k, v)
+    b, t, _, d = q.shape
+    kv_heads, group = c.num_kv_heads, c.num_heads // c.num_kv_heads
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, T, D]: the cache's layout.
+    q = (q * (d ** -0.5)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
+    s = cached_k.shape[2]
+    # Scores slot-major, [B, kv_heads, S + T, group x T]: the cache is the matmul's left operand as it is stored.
+    scores = jnp.concatenate([jnp.einsum("bhsd,bhqd->bhsq", cached_k, q), jnp.einsum("bhtd,bhqd->bhtq", k, q)],
+                             axis=2).astype(jnp.float32).reshape(b, kv_heads, s + t, group, t)
+    seen = mask[:, :, 0].swapaxes(-1, -2)[:, :, :, None, :]  # [B, 1, S + T, 1, T]
+    scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(q.dtype).reshape(b, kv_heads, s + t, group * t)
+    out = jnp.einsum("bhsq,bhsd->bhqd", probs[:, :, :s], cached_v) + jnp.einsum("bhtq,bhtd->bhqd", probs[:, :, s:], v)
+    out = out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, d)
+    return dense(out, self.o[...].astype(c.compute_dtype), contract=2), (k, v)
 
 
 class MLP(nnx.Module):
@@ -373,7 +391,7 @@ class LengthValueModel(nnx.Module):
     """Final hidden states [B, T, H] of new tokens that attend to a KV cache (lenvm_jax/model/kv_cache.py).
 
     mask [B, 1, 1, T, S + T] says what each new token sees among the S cache slots and the T new tokens (built by
-    KVCache.mask). Returns the hidden states and the new tokens' (keys, values), each [layers, B, T, kv_heads, D],
+    KVCache.mask). Returns the hidden states and the new tokens' (keys, values), each [layers, B, kv_heads, T, D],
     which the caller may commit with KVCache.append (decoding) or drop (scoring alternative next tokens against a
     shared prefix).
     """
