@@ -159,9 +159,8 @@ def _decode(models, num_candidates: int, filter_style: str, gamma: float, max_st
 
 
 def _take_rows(slots: dict, rows):
-  """The slots `rows` ([b]) as a b-slot device state (batch on axis 0, KV caches on axis 1)."""
-  take = lambda x: (x.replace(keys=x.keys[:, rows], values=x.values[:, rows], valid=x.valid[rows], index=x.index[rows])
-                    if isinstance(x, KVCache) else x[rows])
+  """The slots `rows` ([b]) as a b-slot device state (batch on axis 0, KV caches on their own layout)."""
+  take = lambda x: x.take_rows(rows) if isinstance(x, KVCache) else x[rows]
   return jax.tree.map(take, slots, is_leaf=lambda x: isinstance(x, KVCache))
 
 
@@ -169,9 +168,7 @@ def _decode_rows(decode, params, slots: dict, rows, keep, stop_early):
   """`decode` over only the slots `rows` ([b], b < B): when few slots are busy, a step costs b rows, not B (the
   tail of a workload, where the last long answers run alone). Returns what decode returns, rows in `rows` order."""
   part, tokens, logits, emitted, steps = decode(params, _take_rows(slots, rows), keep[rows], stop_early)
-  put = lambda mine, theirs: (mine.put_rows(rows, theirs) if isinstance(mine, KVCache) else
-                              mine.at[rows].set(theirs))
-  return jax.tree.map(put, slots, part, is_leaf=lambda x: isinstance(x, KVCache)), tokens, logits, emitted, steps
+  return _put_rows(slots, part, rows), tokens, logits, emitted, steps
 
 
 def _admit(models, cache_len: int, params, slots: dict, rows, prompt_tokens, prompt_lengths, settings: dict):
@@ -189,10 +186,9 @@ def _fork(slots: dict, rows, sources, prompt_lengths, settings: dict):
   end = slots["prompt_end"][sources]
 
   def prompt_part(cache):
+    part = cache.take_rows(sources)
     before_end = jnp.arange(cache.max_len)[None] < end[:, None]
-    part = KVCache(keys=cache.keys[:, sources], values=cache.values[:, sources], valid=cache.valid[sources] &
-                   before_end, index=end)
-    return cache.put_rows(rows, part)
+    return cache.put_rows(rows, part.replace(valid=part.valid & before_end, index=end))
   state = jax.tree.map(prompt_part, slots["state"], is_leaf=lambda x: isinstance(x, KVCache))
   return _start_rows(slots, state, rows, slots["prompt_logits"][sources], prompt_lengths, end, settings)
 
@@ -239,10 +235,9 @@ class Engine:
     self._per_row = sharding.batch_sharding(mesh, 1)
     self._rows = sharding.batch_sharding(mesh, 2)
     gamma = getattr(models, "gamma", 1.0) if num_candidates else 1.0
-    self._decode = jax.jit(functools.partial(_decode, models, num_candidates, filter_style, gamma, steps_per_call),
-                           donate_argnums=1)
-    self._decode_rows = jax.jit(functools.partial(_decode_rows, functools.partial(
-        _decode, models, num_candidates, filter_style, gamma, steps_per_call)), donate_argnums=1)
+    decode = functools.partial(_decode, models, num_candidates, filter_style, gamma, steps_per_call)
+    self._decode = jax.jit(decode, donate_argnums=1)
+    self._decode_rows = jax.jit(functools.partial(_decode_rows, decode), donate_argnums=1)
     self._admit = jax.jit(functools.partial(_admit, models, self.cache_len), donate_argnums=1)
     self._fork = jax.jit(_fork, donate_argnums=0)
     # A request whose prompt a slot already holds (n samples of one prompt, rollouts) copies that slot's prompt
@@ -346,13 +341,13 @@ class Engine:
                     [w for w in (8 << i for i in range(24)) if w <= self.max_prompt_width])
     for group in sorted({size for n in range(1, self.slots + 1) for size in self._group_sizes(n)}):
       rows = np.full(group, self.slots, np.int32)  # Every row out of range: dropped, nothing admitted.
+      settings, ones = self._settings([Request((sampler.PAD_ID,), 1)] * group), np.ones(group, np.int32)
       with jax.set_mesh(self.mesh):
         for width in widths:
           self._device_slots = self._admit(self.params, self._device_slots, rows, np.zeros((group, width), np.int32),
-                                           np.ones(group, np.int32), self._settings([Request((sampler.PAD_ID,), 1)] * group))
+                                           ones, settings)
         if self.share_prompts:
-          self._device_slots = self._fork(self._device_slots, rows, np.zeros(group, np.int32),
-                                          np.ones(group, np.int32), self._settings([Request((sampler.PAD_ID,), 1)] * group))
+          self._device_slots = self._fork(self._device_slots, rows, 0 * ones, ones, settings)
     with jax.set_mesh(self.mesh):
       keep = jax.device_put(np.zeros(self.slots, bool), self._per_row)
       self._device_slots = self._decode(self.params, self._device_slots, keep, False)[0]
@@ -454,7 +449,8 @@ class Engine:
         self._device_slots = self._fork(
             self._device_slots, np.asarray([slot for slot, _ in chunk], np.int32),
             np.asarray([holder[r.request.prompt] for _, r in chunk], np.int32),
-            np.asarray([len(r.request.prompt) for _, r in chunk], np.int32), self._settings([r.request for _, r in chunk]))
+            np.asarray([len(r.request.prompt) for _, r in chunk], np.int32),
+            self._settings([r.request for _, r in chunk]))
     self.prefilled_prompts += len(fresh)
     self.shared_prompts += len(forks)
 

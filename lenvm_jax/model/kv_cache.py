@@ -76,6 +76,11 @@ class KVCache:
     """The same cache with one write index per row, so rows can hold sequences admitted at different times."""
     return self.replace(index=jnp.broadcast_to(self.index, self.valid.shape[:1]).astype(jnp.int32))
 
+  def take_rows(self, rows) -> "KVCache":
+    """Rows `rows` ([b]) of this per-row cache as a b-row cache."""
+    return KVCache(keys=self.keys[:, rows], values=self.values[:, rows], valid=self.valid[rows],
+                   index=self.index[rows])
+
   def put_rows(self, rows, other: "KVCache") -> "KVCache":
     """This per-row cache with rows[i] replaced by row i of `other` (same max_len); rows out of range are dropped
     (padding of a partly filled admission)."""
