@@ -155,6 +155,21 @@ class Attention(nnx.Module):
       out = self.attend_block(q, k, v, mask)
     return dense(out, self.o[...].astype(self.config.compute_dtype), contract=2)
 
+  def fold_query_groups(self, q):
+    """q [B, T, heads, D] -> [B, kv_heads, group x T, D], scaled by 1/sqrt(D): each kv head's query group folded into
+    the query axis, so grouped-query k and v are never repeated (the scale goes on q, smaller than the scores)."""
+    b, t, _, d = q.shape
+    kv_heads = self.config.num_kv_heads
+    group = self.config.num_heads // kv_heads
+    return (q * (d ** -0.5)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads,
+                                                                                                  group * t, d)
+
+  def unfold_query_groups(self, out, t: int):
+    """fold_query_groups' inverse on attention outputs: [B, kv_heads, group x T, D] -> [B, T, heads, D]."""
+    b, kv_heads, _, d = out.shape
+    group = self.config.num_heads // kv_heads
+    return out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kv_heads * group, d)
+
   def attend_block(self, q, k, v, mask):
     """Attention output [B, T, heads, D] before the output projection.
 
@@ -164,17 +179,15 @@ class Attention(nnx.Module):
     """
     c = self.config
     dtype = c.compute_dtype
-    b, t, _, d = q.shape
+    b, t = q.shape[:2]
     s = k.shape[1]
     kv_heads, group = c.num_kv_heads, c.num_heads // c.num_kv_heads
-    # The 1/sqrt(D) scale goes on q, which is smaller than the scores when S > D.
-    q = (q * (d ** -0.5)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
+    q = self.fold_query_groups(q)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, S, D]
     scores = (q @ k.swapaxes(-1, -2)).astype(jnp.float32).reshape(b, kv_heads, group, t, s)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv_heads, group * t, s)
-    out = (probs @ v).reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, t, c.num_heads, d)
+    return self.unfold_query_groups(probs @ v, t)
 
   def __call__(self, x, rope, mask, segment_ids=None, impl: str = "xla"):
     """Self-attention of x [B, T, H]: by `mask` (Attention.attend, impl "xla") or by a kernel over `segment_ids`
@@ -197,10 +210,10 @@ class Attention(nnx.Module):
     """
     c = self.config
     q, k, v = self.project(x, rope)
-    b, t, _, d = q.shape
+    b, t = q.shape[:2]
     kv_heads, group = c.num_kv_heads, c.num_heads // c.num_kv_heads
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, T, D]: the cache's layout.
-    q = (q * (d ** -0.5)).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
+    q = self.fold_query_groups(q)
     s = cached_k.shape[2]
     # Scores slot-major, [B, kv_heads, S + T, group x T]: the cache is the matmul's left operand as it is stored.
     scores = jnp.concatenate([jnp.einsum("bhsd,bhqd->bhsq", cached_k, q), jnp.einsum("bhtd,bhqd->bhtq", k, q)],
@@ -209,8 +222,7 @@ class Attention(nnx.Module):
     scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=2).astype(q.dtype).reshape(b, kv_heads, s + t, group * t)
     out = jnp.einsum("bhsq,bhsd->bhqd", probs[:, :, :s], cached_v) + jnp.einsum("bhtq,bhtd->bhqd", probs[:, :, s:], v)
-    out = out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, d)
-    return dense(out, self.o[...].astype(c.compute_dtype), contract=2), (k, v)
+    return dense(self.unfold_query_groups(out, t), self.o[...].astype(c.compute_dtype), contract=2), (k, v)
 
 
 class MLP(nnx.Module):
