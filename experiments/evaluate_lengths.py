@@ -8,7 +8,9 @@ Baselines are fit on the run's training split (config data.*), the evaluation us
 printed and written to <workdir>/length_eval.json. See lenvm_jax/evaluation/length_eval.py for the definitions.
 --compare evaluates more runs the same way (each writes its own length_eval.json) and ends with one table of every
 run's all-generator numbers: prompt-boundary MRE against the least-MRE constant, per-token MAE against the position
-baseline, and whether the model beats each.
+baseline, and whether the model beats each, then every predictor with its bootstrap interval over held-out problems.
+The prompt-only predictors (a task's least-MRE length, a within-task fit on prompt features) read the prompt's text
+through --tokenizer (default: the run's model.init_from, when it is a GGUF or an HF directory with a tokenizer).
 """
 
 import functools
@@ -20,6 +22,7 @@ from absl import flags
 from experiments import cli
 from lenvm_jax import files
 from lenvm_jax.data import cut_report, pipeline, prompt_groups
+from lenvm_jax.data.tokenizer import load_tokenizer
 from lenvm_jax.evaluation import length_eval
 
 _RUN = cli.run_flags()
@@ -34,6 +37,10 @@ _GROUPING = flags.DEFINE_enum(
     "with exactly --samples_per_prompt samples).")
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: samples a prompt must have (0 = the "
                                 "most common count).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer (GGUF, HF dir, tokenizer.json, SentencePiece) that decodes prompts for the feature "
+    "predictor's numbers and words; default the run's model.init_from; '' = prompt token counts only.")
+_BOOTSTRAP_SEED = flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resamples over problems.")
 _COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the same way; a summary table follows.")
 
 
@@ -48,6 +55,21 @@ def main(argv):
   if _COMPARE.value:
     print("summary (all generators, held-out):")
     print(length_eval.format_summary(reports))
+
+
+def prompt_describer(config):
+  """prompt ids -> text for the feature predictor, from --tokenizer or the run's model.init_from; None: none given."""
+  path = _TOKENIZER.value if _TOKENIZER.value is not None else config.model.init_from
+  if not path:
+    return None
+  try:
+    tokenizer = load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    if _TOKENIZER.value:  # Asked for by name: a wrong path is the user's mistake.
+      raise ValueError(f"--tokenizer={path}: {e}") from None
+    print(f"no tokenizer in model.init_from={path} ({e}): the feature predictor reads prompt token counts only")
+    return None
+  return tokenizer.decode
 
 
 def evaluate_run(workdir: str) -> dict:
@@ -68,12 +90,14 @@ def evaluate_run(workdir: str) -> dict:
         "unfinished (no EOS, length unknown): left out of the per-token metrics")
   for report in cuts.values():
     print(report.line())
-  baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.loss.gamma)
+  describe = prompt_describer(config)
+  baselines = length_eval.fit_baselines([train[i] for i in range(len(train))], config.loss.gamma, describe)
   report = length_eval.evaluate(predictor, [evaluation[i] for i in range(count)], baselines, config.loss.gamma,
                                 config.data.max_len, _BATCH.value, config.data.max_prompt_len,
                                 cell_of=functools.partial(prompt_groups.cell_of, separator=_CELLS.value)
                                 if _CELLS.value else None, grouping=_GROUPING.value,
-                                samples_per_prompt=_SAMPLES.value)
+                                samples_per_prompt=_SAMPLES.value, describe=describe,
+                                bootstrap_seed=_BOOTSTRAP_SEED.value)
   report["checkpoint_step"] = predictor.step
   report["unfinished_policy"] = config.data.unfinished
   report["prompt_cut"] = config.data.prompt_cut

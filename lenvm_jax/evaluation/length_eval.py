@@ -10,7 +10,10 @@ Two views, each with the model and two baselines computed on exactly the same st
   * prompt-boundary MRE: per (prompt, generator) group, L_GT = log(1 - mean(1 - gamma ** L_i)) / log(gamma), the
     model's L_hat from V(s_0); baselines: the one L, and one L per generator, with the least MRE on the training
     groups (a 1/L_GT-weighted median: lower, so stronger, than the L_GT of the pooled training groups, which is what a
-    prompt-blind LenVM would predict).
+    prompt-blind LenVM would predict), and two prompt-only predictors (evaluation/prompt_features.py): the task's
+    least-MRE length, and a within-task fit on surface features of the prompt.
+Both views come with bootstrap intervals over held-out problems (evaluation/bootstrap.py), per predictor and paired
+against the model.
 """
 
 import collections
@@ -19,14 +22,32 @@ import dataclasses
 import numpy as np
 
 from lenvm_jax.data.prompt_groups import (BOUNDARY_GROUPINGS, boundary_groups, generator_of, group_by_prompt,
-                                          group_key)
+                                          group_key, problem_of)
+from lenvm_jax.evaluation import bootstrap
 from lenvm_jax.evaluation.prompt_boundary import (ALL_GENERATORS, cell_mean_lengths, least_mre_by_generator,
-                                                  least_mre_length, prompt_boundary_mre, scope_label)
+                                                  least_mre_length, prompt_boundary_errors, prompt_boundary_mre,
+                                                  scope_label)
+from lenvm_jax.evaluation.prompt_features import PromptPredictors, fit_prompt_predictors, prompt_features
 from lenvm_jax.value.metrics import POSITION_FRACTIONS
 from lenvm_jax.value.targets import prompt_boundary_length
 
 # Position buckets 0, 1-2, 3-6, 7-14, ...: fine where lengths change fast, coarse in the long tail.
 position_bucket = lambda t: np.floor(np.log2(np.asarray(t) + 1)).astype(np.int64)
+
+
+def problem_unit(key):
+  """The bootstrap's unit for a group key: its problem (all settings and generators of it together)."""
+  return problem_of(key[0]) if isinstance(key[0], str) else key[0]
+
+
+def group_features(trajectories, describe=None) -> dict:
+  """{group key: prompt_features} of each group's prompt; describe(prompt_ids) -> text adds the text features."""
+  features = {}
+  for t in trajectories:
+    key = group_key(t)
+    if key not in features:
+      features[key] = prompt_features(t.prompt_ids, describe(t.prompt_ids.tolist()) if describe else None)
+  return features
 
 
 # How each definition computes the per-token MRE (printed beside the numbers).
@@ -92,6 +113,7 @@ class LengthBaselines:
   position_remaining: dict  # generator (or ALL_GENERATORS) -> median remaining length per position bucket
   constant_prompt_length: float
   generator_prompt_length: dict
+  prompt_predictors: PromptPredictors  # The task-only and within-task feature predictors at the prompt boundary.
 
   def remaining_by_position(self, generator: str, t: np.ndarray) -> np.ndarray:
     table = self.position_remaining.get(generator, self.position_remaining[ALL_GENERATORS])
@@ -101,7 +123,9 @@ class LengthBaselines:
     return np.where(np.isnan(picked), fallback[np.minimum(buckets, len(fallback) - 1)], picked)
 
 
-def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
+def fit_baselines(trajectories, gamma: float, describe=None) -> LengthBaselines:
+  """Every baseline from the training trajectories; describe(prompt_ids) -> text lets the feature predictor read
+  numbers and words (without it, only the prompt's token count)."""
   finished = [t for t in trajectories if t.finished]
   if not finished:
     raise ValueError("baselines need finished training completions")
@@ -127,16 +151,19 @@ def fit_baselines(trajectories, gamma: float) -> LengthBaselines:
   return LengthBaselines(
       constant_remaining=float(np.median(remaining)), position_remaining=position,
       constant_prompt_length=least_mre_length(list(truths.values())),
-      generator_prompt_length=least_mre_by_generator(truths))
+      generator_prompt_length=least_mre_by_generator(truths),
+      prompt_predictors=fit_prompt_predictors(truths, group_features(finished, describe)))
 
 
 def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, max_len: int,
              batch_size: int = 16, max_prompt_len: int = 0, cell_of=None, grouping: str = "finished",
-             samples_per_prompt: int = 0) -> dict:
+             samples_per_prompt: int = 0, describe=None, bootstrap_seed: int = 0) -> dict:
   """{"token_mae": {...}, "prompt_mre": {...}}, each {"model", "constant", "position" or "generator"} overall and
   per generator, on the finished held-out trajectories; "prompt_calibration": {"model", "true"} mean-return lengths
   at s_0. cell_of(group key) adds a "cell_mean" MRE: the model's L_hat averaged (in return) within each cell.
-  grouping / samples_per_prompt pick the prompt-boundary groups (prompt_groups.boundary_groups)."""
+  grouping / samples_per_prompt pick the prompt-boundary groups (prompt_groups.boundary_groups). describe: as in
+  fit_baselines (use the same). "intervals": bootstrap intervals over held-out problems of the all-generator per-token
+  MAE and prompt-boundary MRE of every predictor, and of each one's difference from the model's (paired)."""
   finished = [t for t in trajectories if t.finished]
   predictions = predictor.predict(finished, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
   errors = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -146,12 +173,16 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
               for d in TOKEN_MRE_DEFINITIONS}
   relative_at = {d: {f: collections.defaultdict(lambda: [0.0, 0]) for f in POSITION_FRACTIONS}
                  for d in TOKEN_MRE_DEFINITIONS}
+  token_units, token_sums = [], collections.defaultdict(list)  # Per completion: its problem, (|error| sum, states).
   for t, (_, n_hat) in zip(finished, predictions):
     steps = np.arange(len(n_hat))
     length = len(t.completion_ids)
     n = length - steps
     guesses = {"model": np.asarray(n_hat, np.float64), "constant": np.full(len(n), baselines.constant_remaining),
                "position": baselines.remaining_by_position(generator_of(t), steps)}
+    token_units.append(problem_unit(group_key(t)))
+    for name, guess in guesses.items():
+      token_sums[name].append((float(np.abs(guess - n).sum()), len(n)))
     for scope in (ALL_GENERATORS, generator_of(t)):
       boundary_lengths[scope]["model"].append(n_hat[0])
       boundary_lengths[scope]["true"].append(length)
@@ -188,20 +219,23 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
     if unscored:
       _, lengths = predictor.predict_prompts(list(unscored.values()), batch_size, max_prompt_len)
       boundary.update(zip(unscored, map(float, lengths)))
+    features = group_features([t for t in trajectories if group_key(t) in groups_], describe)
+    predictors = baselines.prompt_predictors
     guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
                "generator": lambda key: baselines.generator_prompt_length.get(key[1],
-                                                                              baselines.constant_prompt_length)}
+                                                                              baselines.constant_prompt_length),
+               "task": predictors.task, "features": lambda key: predictors.features(key, features[key])}
     if cell_of is not None:
       guesses["cell_mean"] = cell_mean_lengths(boundary, cell_of, gamma)
-    return groups_, {name: prompt_boundary_mre(groups_, guess, gamma) for name, guess in guesses.items()}
+    return groups_, {name: prompt_boundary_mre(groups_, guess, gamma) for name, guess in guesses.items()}, guesses
 
-  groups, by_name = boundary_mre(grouping)
+  groups, by_name, boundary_guesses = boundary_mre(grouping)
   prompt_mre = {scope: {name: by_name[name][scope] for name in by_name} for scope in by_name["model"]}
   # Both definitions side by side (all generators): ours (finished completions) and the reference's (every sample,
   # a cut one at its token count); they differ where many answers were cut.
   both = {grouping: (groups, by_name)}
   other = next(g for g in BOUNDARY_GROUPINGS if g != grouping)
-  both[other] = boundary_mre(other)
+  both[other] = boundary_mre(other)[:2]
   prompt_mre_by_grouping = {g: {"groups": len(gs), **{name: v.get(ALL_GENERATORS, float("nan")) for name, v in
                                                        names.items() if name in ("model", "constant")}}
                             for g, (gs, names) in both.items()}
@@ -213,8 +247,19 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
   counts = {"trajectories": len(finished), "prompt_groups": len(groups),
             "tokens": int(sum(len(p[1]) for p in predictions)),
             "eos_states": sum(len(p[1]) == len(t.completion_ids) + 1 for t, p in zip(finished, predictions))}
+  intervals = {"unit": "problem", "resamples": bootstrap.RESAMPLES, "level": bootstrap.LEVEL, "seed": bootstrap_seed}
+  units, sums, states = bootstrap.per_unit_sums(token_units, token_sums)
+  intervals["token_mae"] = {"problems": len(units), **bootstrap.ratio_intervals(sums, states, "model",
+                                                                                  seed=bootstrap_seed)}
+  units, sums, count = bootstrap.per_unit_sums(
+      [problem_unit(key) for key in groups],
+      {name: [(error, 1) for error in prompt_boundary_errors(groups, guess, gamma)]
+       for name, guess in boundary_guesses.items()})
+  intervals["prompt_mre"] = {"problems": len(units), **bootstrap.ratio_intervals(sums, count, "model",
+                                                                                   seed=bootstrap_seed)}
   return {"token_mae": token_mae, "prompt_mre": prompt_mre, "prompt_calibration": calibration, "counts": counts,
-          "prompt_mre_by_grouping": prompt_mre_by_grouping, "token_mre": token_mre, "token_mre_at": token_mre_at}
+          "prompt_mre_by_grouping": prompt_mre_by_grouping, "token_mre": token_mre, "token_mre_at": token_mre_at,
+          "intervals": intervals, "prompt_predictors": baselines.prompt_predictors.describe()}
 
 
 def format_report(report: dict) -> str:
@@ -255,14 +300,42 @@ def format_report(report: dict) -> str:
         values = report["token_mre_at"][definition][f]
         lines.append(f"  {f + '%':<24} {definition:<10} " + " ".join(f"{values.get(c, float('nan')):10.4g}"
                                                                  for c in columns))
+  if "intervals" in report:
+    lines.extend(format_intervals(report))
   return "\n".join(lines)
 
 
+def format_intervals(report: dict) -> list[str]:
+  """Each predictor's all-generator metric, its bootstrap interval and its paired difference from the model's."""
+  intervals = report["intervals"]
+  lines = [f"prompt predictors (least-MRE length per task on the training groups): {report['prompt_predictors']}",
+           f"bootstrap {intervals['level']:.0%} intervals over held-out problems ({intervals['resamples']} resamples, "
+           "seed {}); 'minus model' > 0: the model is better".format(intervals["seed"])]
+  for metric, title in (("token_mae", "per-token MAE"), ("prompt_mre", "prompt-boundary MRE")):
+    values = report[metric][ALL_GENERATORS]
+    lines.append(f"  {title} ({intervals[metric]['problems']} problems): value [interval], minus model [interval]")
+    for name, interval in intervals[metric]["interval"].items():
+      paired = intervals[metric]["minus_reference"].get(name)
+      lines.append(f"    {name:<10} {values[name]:8.4g} {bootstrap.format_interval(interval):<22}"
+                   + (f" {bootstrap.format_interval(paired)}" if paired else ""))
+  return lines
+
+
 def format_summary(reports: dict) -> str:
-  """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat."""
+  """One line per run (workdir -> report): the all-generator MRE and MAE next to the baselines they must beat, then
+  (reports with intervals) every predictor's value and bootstrap interval per run."""
   lines = [f"{'run':<36} {'MRE':>8} {'const':>8} {'beats':>6}   {'MAE':>8} {'position':>8} {'beats':>6}"]
   for workdir, report in reports.items():
     mre, mae = report["prompt_mre"][ALL_GENERATORS], report["token_mae"][ALL_GENERATORS]
     lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
                  f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
+  for metric, title in (("prompt_mre", "prompt-boundary MRE"), ("token_mae", "per-token MAE")):
+    with_intervals = {w: r for w, r in reports.items() if "intervals" in r}
+    if not with_intervals:
+      break
+    lines.append(f"{title} with bootstrap intervals over held-out problems:")
+    for workdir, report in with_intervals.items():
+      cells = [f"{name} {report[metric][ALL_GENERATORS][name]:.4g} {bootstrap.format_interval(interval)}"
+               for name, interval in report["intervals"][metric]["interval"].items()]
+      lines.append(f"  {workdir}: " + "; ".join(cells))
   return "\n".join(lines)

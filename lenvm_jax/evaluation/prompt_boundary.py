@@ -50,10 +50,15 @@ def prompt_boundary_mre(groups: dict, predicted: dict, gamma: float) -> dict:
   groups: {(prompt, generator): [lengths]} (prompt_groups.group_by_prompt); predicted: {same key: L_hat} or a
   function of the key. L_GT below 1 token counts as 1 so a prompt answered by EOS alone does not divide by ~0.
   """
-  guess = predicted if callable(predicted) else predicted.__getitem__
   relative = collections.defaultdict(list)
-  for key, truth in zip(groups, groups_boundary_lengths(groups, gamma).tolist()):
-    error = relative_length_error(guess(key), truth)
+  for key, error in zip(groups, prompt_boundary_errors(groups, predicted, gamma)):
     relative[ALL_GENERATORS].append(error)
     relative[key[1]].append(error)
   return {scope: float(np.mean(v)) for scope, v in relative.items()}
+
+
+def prompt_boundary_errors(groups: dict, predicted, gamma: float) -> list[float]:
+  """|L_hat - L_GT| / L_GT of every group, in the dict's order (what prompt_boundary_mre averages)."""
+  guess = predicted if callable(predicted) else predicted.__getitem__
+  return [float(relative_length_error(guess(key), truth))
+          for key, truth in zip(groups, groups_boundary_lengths(groups, gamma).tolist())]
