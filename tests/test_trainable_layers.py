@@ -120,7 +120,7 @@ def test_train_step_with_trainable_layers_moves_only_the_top(tiny_config):
   state, _ = state_lib.create_train_state(run.model, tx, sharding.make_mesh(1, 1, 1), seed=0)
   batch = next(iter(pipeline.train_dataset(run, pipeline.load_source(run, "train"))))
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  # Jitted, as the trainer runs it: one compile, not an eager dispatch (and compile) per op (89 -> ~10 s).
+  # Jitted, as the trainer runs it: one compile, not an eager dispatch (and compile) per op.
   step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, objective=Objective.from_config(run.loss),
                                    tx=tx, freeze_trunk=False,
                                    frozen_layers=step_lib.frozen_layers(run.train, state.params)))
