@@ -13,6 +13,7 @@ The prompt-only predictors (a task's least-MRE length, a within-task fit on prom
 through --tokenizer (default: the run's model.init_from, when it is a GGUF or an HF directory with a tokenizer).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -40,6 +41,9 @@ _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 0, "--grouping=reference: 
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "Tokenizer (GGUF, HF dir, tokenizer.json, SentencePiece) that decodes prompts for the feature "
     "predictor's numbers and words; default the run's model.init_from; '' = prompt token counts only.")
+_EVAL_PATH = flags.DEFINE_string(
+    "eval_path", None, "Held-out records to evaluate on, read as the run's data.source reads data.eval_path (default: "
+    "the run's own data.eval_path; e.g. a run trained with data.eval_path='' to skip the trainer's own eval).")
 _BOOTSTRAP_SEED = flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resamples over problems.")
 _COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the same way; a summary table follows.")
 
@@ -77,6 +81,10 @@ def evaluate_run(workdir: str) -> dict:
   predictor = cli.load_predictor(_RUN, workdir)
   config = predictor.config
   train = pipeline.load_source(config, "train")
+  if _EVAL_PATH.value is not None:
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, eval_path=_EVAL_PATH.value))
+  if not config.data.has_eval:
+    raise ValueError(f"--workdir={workdir}: the run has no eval split (data.eval_path is empty): pass --eval_path")
   evaluation = pipeline.load_source(config, "eval")
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
   report_path = os.path.join(workdir, "length_eval.json")
