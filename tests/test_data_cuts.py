@@ -121,6 +121,11 @@ def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
   assert train[-1]["epochs"] == pytest.approx(5 * 8 / 20)
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert (saved["train"]["steps"], saved["train"]["epochs"]) == (5, 0.0)
+  # The run trained without an eval split: evaluate_lengths reads held-out records from --eval_path instead.
+  result = run_cli("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((tmp_path / "run" / "length_eval.json").read_text())
+  assert report["counts"]["trajectories"] == 20 and report["intervals"]["prompt_mre"]["problems"] > 1
 
 
 @pytest.mark.slow
