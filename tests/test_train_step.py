@@ -157,7 +157,9 @@ def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_co
   graphdef, _, _ = _setup(tiny_config, tx)
   objective = Objective.from_config(run_config(tiny_config).loss)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  step = lambda g, s: step_lib.train_step(s, micro, graphdef=g, objective=objective, tx=tx, freeze_trunk=False)[0]
+  jitted = {id(g): jax.jit(functools.partial(step_lib.train_step, graphdef=g, objective=objective, tx=tx,
+                                             freeze_trunk=False)) for g in (graphdef, graphdef_plain)}
+  step = lambda g, s: jitted[id(g)](s, micro)[0]
   # The trunk's update: the value head's bias gradient barely depends on the masks.
   update = lambda new, old: np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(new.params["layers"]),
                                                                            jax.tree.leaves(old.params["layers"]))])
@@ -179,8 +181,9 @@ def test_nonfinite_update_is_skipped_and_counted(tiny_config):
   poisoned = state.replace(params={**state.params, "value_head": jax.tree.map(
       lambda p: jnp.full_like(p, jnp.nan), state.params["value_head"])})
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  new_state, out = step_lib.train_step(poisoned, micro, graphdef=graphdef, objective=Objective.from_config(run_config(config).loss),
-                                       tx=tx, freeze_trunk=False)
+  new_state, out = jax.jit(functools.partial(
+      step_lib.train_step, graphdef=graphdef, objective=Objective.from_config(run_config(config).loss), tx=tx,
+      freeze_trunk=False))(poisoned, micro)
   assert not bool(out["finite"]) and int(new_state.nonfinite_skips) == 1 and int(new_state.step) == 1
   for a, b in zip(jax.tree.leaves(new_state.params["layers"]), jax.tree.leaves(poisoned.params["layers"])):
     np.testing.assert_array_equal(a, b)
@@ -197,9 +200,10 @@ def test_frozen_trunk_trains_only_the_value_head(tiny_config):
   graphdef, state, batch = _setup(config, tx)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
   new_state = state
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef,
+                                   objective=Objective.from_config(run_config(config).loss), tx=tx, freeze_trunk=True))
   for _ in range(2):  # The warmup schedule starts at lr 0: the second step moves the head.
-    new_state, _ = step_lib.train_step(new_state, micro, graphdef=graphdef, objective=Objective.from_config(run_config(config).loss),
-                                       tx=tx, freeze_trunk=True)
+    new_state, _ = step(new_state, micro)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_state.params, state.params)
   assert all(jax.tree.leaves(changed["value_head"]))
   assert not any(jax.tree.leaves({k: v for k, v in changed.items() if k != "value_head"}))
@@ -271,8 +275,10 @@ def test_ema_follows_the_parameters_with_a_ramped_decay_and_skips_nonfinite_step
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
   batch = next(iter(pipeline.train_dataset(run_config(tiny_config), pipeline.load_source(run_config(tiny_config), "train"))))
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
-  step = lambda s: step_lib.train_step(s, micro, graphdef=graphdef, objective=Objective.from_config(run_config(tiny_config).loss),
-                                       tx=tx, freeze_trunk=False, ema_decay=0.99)[0]
+  step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef,
+                                   objective=Objective.from_config(run_config(tiny_config).loss), tx=tx,
+                                   freeze_trunk=False, ema_decay=0.99))
+  step = lambda s, step=step: step(s, micro)[0]
   # (1 + t) / (10 + t) caps the decay at the first updates: 0.1 after update 0, 2 / 11 after update 1.
   expected = state.params
   for rate in (0.1, 2 / 11):
