@@ -44,6 +44,9 @@ _TOKENIZER = flags.DEFINE_string(
 _EVAL_PATH = flags.DEFINE_string(
     "eval_path", None, "Held-out records to evaluate on, read as the run's data.source reads data.eval_path (default: "
     "the run's own data.eval_path; e.g. a run trained with data.eval_path='' to skip the trainer's own eval).")
+_REUSE = flags.DEFINE_bool(
+    "reuse", False, "Read a run's length_eval.json instead of evaluating again when it was written for the same "
+    "checkpoint step and the same evaluation flags (a job that evaluated each run as it finished, then compares).")
 _BOOTSTRAP_SEED = flags.DEFINE_integer("bootstrap_seed", 0, "Seed of the bootstrap resamples over problems.")
 _COMPARE = flags.DEFINE_list("compare", [], "More run workdirs, evaluated the same way; a summary table follows.")
 
@@ -88,6 +91,15 @@ def evaluate_run(workdir: str) -> dict:
   evaluation = pipeline.load_source(config, "eval")
   count = len(evaluation) if not _MAX_EVAL.value else min(_MAX_EVAL.value, len(evaluation))
   report_path = os.path.join(workdir, "length_eval.json")
+  settings = {"eval_path": config.data.eval_path, "records": count, "grouping": _GROUPING.value,
+              "samples_per_prompt": _SAMPLES.value, "cell_separator": _CELLS.value, "tokenizer": _TOKENIZER.value,
+              "bootstrap_seed": _BOOTSTRAP_SEED.value}
+  if _REUSE.value and os.path.isfile(report_path):
+    with open(report_path, encoding="utf-8") as f:
+      earlier = json.load(f)
+    if earlier.get("checkpoint_step") == predictor.step and earlier.get("settings") == settings:
+      print(f"--reuse: {report_path} holds this evaluation of step {predictor.step}")
+      return earlier
   if count == 0:  # Before any work; an earlier report stays (files.write_report refuses 0 items too).
     files.write_report(report_path, "", items=0, what="eval records", where=f"--workdir={workdir}")
   # What the run's data settings cut from both splits, and how unfinished completions were treated: one line each.
@@ -107,6 +119,7 @@ def evaluate_run(workdir: str) -> dict:
                                 samples_per_prompt=_SAMPLES.value, describe=describe,
                                 bootstrap_seed=_BOOTSTRAP_SEED.value)
   report["checkpoint_step"] = predictor.step
+  report["settings"] = settings
   report["unfinished_policy"] = config.data.unfinished
   report["prompt_cut"] = config.data.prompt_cut
   report["data_cuts"] = {split: cut.to_dict() for split, cut in cuts.items()}

@@ -126,6 +126,11 @@ def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "run" / "length_eval.json").read_text())
   assert report["counts"]["trajectories"] == 20 and report["intervals"]["prompt_mre"]["problems"] > 1
+  # --reuse reads that report back for the same step and flags, and evaluates again when a flag differs.
+  for seed, reused in ((0, True), (1, False)):
+    result = run_cli("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}",
+                     "--reuse", f"--bootstrap_seed={seed}")
+    assert result.returncode == 0 and ("--reuse:" in result.stdout) == reused, result.stdout[-2000:]
 
 
 @pytest.mark.slow
