@@ -28,7 +28,11 @@ def main(argv):
   print(f"{'task':<22} {'split':<6} {'problems':>8} {'samples':>8} {'p10':>5} {'p50':>5} {'p90':>5} {'cut':>6} "
         f"{'correct':>8}")
   for split in SPLITS:
-    source = arrayrecord.ArrayRecordTrajectories(os.path.join(_ROLLOUTS.value, split))
+    try:
+      source = arrayrecord.ArrayRecordTrajectories(os.path.join(_ROLLOUTS.value, split))
+    except FileNotFoundError:  # A split generate has not written yet.
+      print(f"{split}: no shards yet")
+      continue
     by_task = collections.defaultdict(list)
     for record in read_records(source):
       by_task[task_of(record["prompt_id"])].append(record)
