@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from flax import nnx
 
-from lenvm_jax import files, sharding
+from lenvm_jax import files, progress, sharding
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline, rows as rows_lib
 from lenvm_jax.model import transformer
@@ -215,6 +215,8 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
     shards.append(name)
     buffer, filled = [], 0
 
+  # The build runs the frozen layers over every record once (minutes to an hour on a CPU): a progress line.
+  line = progress.ProgressLine("feature cache", len(kept), line_every_s=30)
   # Records are sorted by length within a chunk, so a forward pads little; a chunk's features stay in memory.
   chunk = rows_per_forward * max(SHARD_BYTES // 2 // (rows_per_forward * run.data.max_len * hidden * 4), 1)
   for first in range(0, len(kept), chunk):
@@ -235,6 +237,7 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
       out = np.asarray(jax.device_get(out), np.float32).astype(cast).view(store)
       for r, i in enumerate(group):
         features[i] = out[r, :len(tokens_of[i])]
+      line.update(first + b + len(group))
     for i in ids:
       if filled + len(features[i]) > per_shard:
         flush()
