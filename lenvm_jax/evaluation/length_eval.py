@@ -173,16 +173,12 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
               for d in TOKEN_MRE_DEFINITIONS}
   relative_at = {d: {f: collections.defaultdict(lambda: [0.0, 0]) for f in POSITION_FRACTIONS}
                  for d in TOKEN_MRE_DEFINITIONS}
-  token_units, token_sums = [], collections.defaultdict(list)  # Per completion: its problem, (|error| sum, states).
   for t, (_, n_hat) in zip(finished, predictions):
     steps = np.arange(len(n_hat))
     length = len(t.completion_ids)
     n = length - steps
     guesses = {"model": np.asarray(n_hat, np.float64), "constant": np.full(len(n), baselines.constant_remaining),
                "position": baselines.remaining_by_position(generator_of(t), steps)}
-    token_units.append(problem_unit(group_key(t)))
-    for name, guess in guesses.items():
-      token_sums[name].append((float(np.abs(guess - n).sum()), len(n)))
     for scope in (ALL_GENERATORS, generator_of(t)):
       boundary_lengths[scope]["model"].append(n_hat[0])
       boundary_lengths[scope]["true"].append(length)
@@ -219,7 +215,6 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
     if unscored:
       _, lengths = predictor.predict_prompts(list(unscored.values()), batch_size, max_prompt_len)
       boundary.update(zip(unscored, map(float, lengths)))
-    features = group_features([t for t in trajectories if group_key(t) in groups_], describe)
     predictors = baselines.prompt_predictors
     guesses = {"model": boundary, "constant": lambda key: baselines.constant_prompt_length,
                "generator": lambda key: baselines.generator_prompt_length.get(key[1],
@@ -229,6 +224,7 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
       guesses["cell_mean"] = cell_mean_lengths(boundary, cell_of, gamma)
     return groups_, {name: prompt_boundary_mre(groups_, guess, gamma) for name, guess in guesses.items()}, guesses
 
+  features = group_features(trajectories, describe)  # Both groupings' groups are among these.
   groups, by_name, boundary_guesses = boundary_mre(grouping)
   prompt_mre = {scope: {name: by_name[name][scope] for name in by_name} for scope in by_name["model"]}
   # Both definitions side by side (all generators): ours (finished completions) and the reference's (every sample,
@@ -248,7 +244,11 @@ def evaluate(predictor, trajectories, baselines: LengthBaselines, gamma: float, 
             "tokens": int(sum(len(p[1]) for p in predictions)),
             "eos_states": sum(len(p[1]) == len(t.completion_ids) + 1 for t, p in zip(finished, predictions))}
   intervals = {"unit": "problem", "resamples": bootstrap.RESAMPLES, "level": bootstrap.LEVEL, "seed": bootstrap_seed}
-  units, sums, states = bootstrap.per_unit_sums(token_units, token_sums)
+  # errors[ALL_GENERATORS][name] holds one array per finished completion, in `finished` order.
+  units, sums, states = bootstrap.per_unit_sums(
+      [problem_unit(group_key(t)) for t in finished],
+      {name: [(float(e.sum()), len(e)) for e in per_completion]
+       for name, per_completion in errors[ALL_GENERATORS].items()})
   intervals["token_mae"] = {"problems": len(units), **bootstrap.ratio_intervals(sums, states, "model",
                                                                                   seed=bootstrap_seed)}
   units, sums, count = bootstrap.per_unit_sums(
@@ -329,10 +329,8 @@ def format_summary(reports: dict) -> str:
     mre, mae = report["prompt_mre"][ALL_GENERATORS], report["token_mae"][ALL_GENERATORS]
     lines.append(f"{workdir:<36} {mre['model']:8.4f} {mre['constant']:8.4f} {str(mre['model'] < mre['constant']):>6}"
                  f"   {mae['model']:8.3f} {mae['position']:8.3f} {str(mae['model'] < mae['position']):>6}")
-  for metric, title in (("prompt_mre", "prompt-boundary MRE"), ("token_mae", "per-token MAE")):
-    with_intervals = {w: r for w, r in reports.items() if "intervals" in r}
-    if not with_intervals:
-      break
+  with_intervals = {w: r for w, r in reports.items() if "intervals" in r}
+  for metric, title in (("prompt_mre", "prompt-boundary MRE"), ("token_mae", "per-token MAE")) if with_intervals else ():
     lines.append(f"{title} with bootstrap intervals over held-out problems:")
     for workdir, report in with_intervals.items():
       cells = [f"{name} {report[metric][ALL_GENERATORS][name]:.4g} {bootstrap.format_interval(interval)}"
