@@ -26,9 +26,11 @@ def _setup(config, tx):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lm_weight,boundary_weight,lm_stride", [(0.0, 1.0, 1), (0.5, 8.0, 1), (0.5, 1.0, 3)])
+# The value term alone, then with the LM term on every third position and weighted boundary states (one compile per
+# split each: the cost of this test).
+@pytest.mark.parametrize("lm_weight,boundary_weight,lm_stride", [(0.0, 1.0, 1), (0.5, 8.0, 3)])
 def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weight, boundary_weight, lm_stride):
-  """Token-mean over the global batch: 1, 2 or 4 micro-batches give the same loss and the same SGD update."""
+  """Token-mean over the global batch: 1 or 4 micro-batches give the same loss and the same SGD update."""
   config = tiny_config
   config.loss.lm_weight = lm_weight
   config.loss.boundary_weight = boundary_weight
@@ -42,7 +44,7 @@ def test_gradient_does_not_depend_on_how_the_batch_is_split(tiny_config, lm_weig
   # Jitted, as the trainer runs it: one compile per split, not an eager dispatch (and compile) per op.
   step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, objective=objective, tx=tx,
                                    freeze_trunk=False))
-  for accum in (1, 2, 4):
+  for accum in (1, 4):  # Rows of unequal valid tokens in every micro-batch split (2 would be the same program).
     micro = {k: jnp.asarray(v.reshape((accum, -1) + v.shape[1:])) for k, v in batch.items()}
     new_state, out = step(state, micro)
     results.append((float(out["loss"]), new_state.params))
@@ -79,28 +81,32 @@ def test_boundary_weight_counts_each_prompt_boundary_state_that_many_times(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stride", [1, 4])
-def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_config, stride):
-  """The LM term against a numpy cross-entropy over the masked positions 0, k, 2k, ... of each row."""
-  tiny_config.loss.lm_weight, tiny_config.loss.value_weight, tiny_config.loss.lm_stride = 1.0, 0.0, stride
+def test_lm_term_is_the_mean_cross_entropy_of_every_stride_th_position(tiny_config):
+  """The LM term against a numpy cross-entropy over the masked positions 0, k, 2k, ... of each row (k = 1 and 4)."""
+  tiny_config.loss.lm_weight, tiny_config.loss.value_weight = 1.0, 0.0
   graphdef, state, batch = _setup(tiny_config, optax.sgd(1.0))
   objective = Objective.from_config(run_config(tiny_config).loss)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  z, lm_head, _ = step_lib.forward_heads(graphdef, state.params, batch, freeze_trunk=False, objective=objective)
-  loss = objective.loss(objective.sums(z, lm_head, batch), *objective.token_counts(batch))
 
-  _, full_head, _ = step_lib.forward_heads(graphdef, state.params, batch, freeze_trunk=False,
-                                           objective=dataclasses.replace(objective, lm_stride=1))
-  logits = np.asarray(transformer.lm_logits(full_head.hidden, full_head.weight), np.float64)
+  @functools.partial(jax.jit, static_argnums=0)
+  def lm_term(stride, params):  # Jitted: one compile per stride, not a dispatch (and compile) per op.
+    strided = dataclasses.replace(objective, lm_stride=stride)
+    z, lm_head, _ = step_lib.forward_heads(graphdef, params, batch, freeze_trunk=False, objective=strided)
+    return strided.loss(strided.sums(z, lm_head, batch), *strided.token_counts(batch)), lm_head.hidden, lm_head.weight
+
+  _, full_hidden, weight = lm_term(1, state.params)
+  logits = np.asarray(transformer.lm_logits(full_hidden, weight), np.float64)
   log_probs = logits - logits.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   targets, mask = np.asarray(batch["lm_targets"]), np.asarray(batch["lm_mask"]).astype(bool)
-  picked = np.zeros_like(mask)
-  picked[:, ::stride] = True
   ce = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-  assert (mask & ~picked).any() or stride == 1  # The stride drops some LM positions.
-  assert float(loss) == pytest.approx(ce[mask & picked].mean(), rel=1e-5)
-  assert lm_head.hidden.shape[1] == -(-batch["tokens"].shape[1] // stride)
+  for stride in (1, 4):
+    loss, hidden, _ = lm_term(stride, state.params)
+    picked = np.zeros_like(mask)
+    picked[:, ::stride] = True
+    assert (mask & ~picked).any() or stride == 1  # The stride drops some LM positions.
+    assert float(loss) == pytest.approx(ce[mask & picked].mean(), rel=1e-5), stride
+    assert hidden.shape[1] == -(-batch["tokens"].shape[1] // stride)
 
 
 def test_chunked_lm_cross_entropy_equals_the_whole_rows_with_its_gradients():
@@ -128,24 +134,26 @@ def test_chunked_lm_cross_entropy_equals_the_whole_rows_with_its_gradients():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lm_stride", [1, 3])
-def test_train_step_with_a_chunked_lm_term_equals_the_unchunked_one(tiny_config, lm_stride):
-  """The whole train step (value + LM term, two micro-batches): the same loss and SGD update for every loss.lm_chunk."""
-  tiny_config.loss.lm_weight, tiny_config.loss.lm_stride = 0.5, lm_stride
+def test_train_step_with_a_chunked_lm_term_equals_the_unchunked_one(tiny_config):
+  """The whole train step (value + LM term, two micro-batches): the same loss and SGD update for every loss.lm_chunk.
+  Every position (48 per row: chunks of 1 and 16 divide it) and every third (16: chunks of 7 do not divide it); the
+  chunk lengths' edge cases are test_chunked_lm_cross_entropy_equals_the_whole_rows_with_its_gradients's."""
+  tiny_config.loss.lm_weight = 0.5
   tx = optax.sgd(1.0)
   graphdef, state, batch = _setup(tiny_config, tx)
   micro = {k: jnp.asarray(v.reshape((2, -1) + v.shape[1:])) for k, v in batch.items()}
   objective = Objective.from_config(run_config(tiny_config).loss)
-  results = {}
-  for chunk in (0, 1, 7, 16):
-    step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, freeze_trunk=False,
-                                     objective=dataclasses.replace(objective, lm_chunk=chunk)))
-    new_state, out = step(state, micro)
-    results[chunk] = (float(out["loss"]), new_state.params)
-  for chunk, (loss, params) in results.items():
-    assert loss == pytest.approx(results[0][0], rel=1e-6), chunk
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][1])):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"chunk {chunk}")
+  for lm_stride, chunks in ((1, (0, 1, 16)), (3, (0, 7))):
+    results = {}
+    for chunk in chunks:
+      step = jax.jit(functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, freeze_trunk=False,
+                                       objective=dataclasses.replace(objective, lm_chunk=chunk, lm_stride=lm_stride)))
+      new_state, out = step(state, micro)
+      results[chunk] = (float(out["loss"]), new_state.params)
+    for chunk, (loss, params) in results.items():
+      assert loss == pytest.approx(results[0][0], rel=1e-6), (lm_stride, chunk)
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"stride {lm_stride}, chunk {chunk}")
 
 
 @pytest.mark.slow
@@ -154,7 +162,7 @@ def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_co
   tiny_config.model.dropout_rate = 0.0
   graphdef_plain, state, batch = _setup(tiny_config, tx)
   tiny_config.model.dropout_rate = 0.3
-  graphdef, _, _ = _setup(tiny_config, tx)
+  graphdef, _ = transformer.abstract_model(run_config(tiny_config).model)
   objective = Objective.from_config(run_config(tiny_config).loss)
   micro = {k: jnp.asarray(v[None]) for k, v in batch.items()}
   jitted = {id(g): jax.jit(functools.partial(step_lib.train_step, graphdef=g, objective=objective, tx=tx,
@@ -168,8 +176,8 @@ def test_train_step_drops_out_with_the_state_rng_and_evaluation_does_not(tiny_co
   differs = lambda a, b: np.linalg.norm(a - b) > 0.05 * np.linalg.norm(b)
   assert differs(update(dropped, state), update(plain, state))
   assert differs(update(step(graphdef, dropped.replace(params=state.params)), state), update(dropped, state))
-  evaluate = lambda g: step_lib.eval_step(state.params, {k: jnp.asarray(v) for k, v in batch.items()}, graphdef=g,
-                                          objective=objective)["objective/value_sq_err"]
+  evaluate = lambda g: jax.jit(functools.partial(step_lib.eval_step, graphdef=g, objective=objective))(
+      state.params, {k: jnp.asarray(v) for k, v in batch.items()})["objective/value_sq_err"]
   assert float(evaluate(graphdef)) == float(evaluate(graphdef_plain))
 
 
