@@ -11,11 +11,17 @@ from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
                                          attention_mask, dense)
 from lenvm_jax.model.transformer import abstract_model
+from tests.helpers import tiny_model
 
 
 def _model(**overrides):
-  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50, **overrides})
-  return LengthValueModel(config, nnx.Rngs(0))
+  """The tiny model, initialised under jit (eager init is a compile per op and shape: seconds on a cold cache)."""
+  return nnx.merge(*tiny_model(50, **overrides))
+
+
+def _forward(model):
+  """model(tokens, positions, segments), jitted: one compile per shape, not an eager compile per op."""
+  return functools.partial(nnx.jit(lambda model, *inputs: model(*inputs)), model)
 
 
 LAYOUTS = [dict(), dict(qkv_bias=True), dict(qk_norm=True, tie_embeddings=True)]
@@ -25,8 +31,7 @@ LAYOUTS = [dict(), dict(qkv_bias=True), dict(qk_norm=True, tie_embeddings=True)]
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["llama", "qwen2", "qwen3"])
 def test_packed_sequences_match_separate_rows(layout):
   """Two sequences packed in one row (segment ids, restarting positions) give the outputs they give alone."""
-  model = nnx.jit(lambda model, *inputs: model(*inputs))  # One compile per shape, not an eager compile per op.
-  model = functools.partial(model, _model(**layout))
+  model = _forward(_model(**layout))
   rng = np.random.default_rng(0)
   a, b = rng.integers(1, 50, 7), rng.integers(1, 50, 5)
   packed = jnp.asarray(np.concatenate([a, b, [0, 0, 0, 0]]))[None]
@@ -57,7 +62,7 @@ def test_causal_query_blocks_equal_one_block():
 
 
 def test_causal_future_tokens_do_not_change_the_past():
-  model = _model()
+  model = _forward(_model())
   tokens = jnp.asarray(np.random.default_rng(1).integers(1, 50, (1, 10)))
   changed = tokens.at[0, 6:].set(3)
   pos, seg = jnp.arange(10)[None], jnp.ones((1, 10), jnp.int32)
@@ -70,8 +75,8 @@ def test_causal_future_tokens_do_not_change_the_past():
 def test_value_head_is_float32_in_bf16_compute_and_close_to_fp32():
   tokens = jnp.asarray(np.random.default_rng(2).integers(1, 50, (2, 12)))
   pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
-  z32 = _model()(tokens, pos, seg)
-  z16 = _model(dtype="bfloat16")(tokens, pos, seg)
+  z32 = _forward(_model())(tokens, pos, seg)
+  z16 = _forward(_model(dtype="bfloat16"))(tokens, pos, seg)
   assert z16.dtype == jnp.float32
   np.testing.assert_allclose(z16, z32, atol=5e-2)
 
