@@ -57,7 +57,8 @@ def _assert_close(reference, kernel):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl, mesh_shape", [
-    ("splash", None),
+    # Splash on one device (grouped-query heads in the kernel) is the model test's below: the same 4 / 2 heads, packed
+    # rows and 128-token blocks, its gradients through every attention parameter.
     # Heads over tensor = 4: the 2 kv heads do not divide, so each query head gets its own copy (per-shard GQA).
     ("splash", (2, 1, 4)),
     ("pallas_gpu", None),
