@@ -2,6 +2,7 @@
 (float32, packed rows), a cache of other weights or records is refused, and a run trains and resumes on it."""
 
 import json
+import logging
 import pickle
 import shutil
 
@@ -15,9 +16,8 @@ from lenvm_jax import sharding
 from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import pipeline
 from lenvm_jax.model import transformer
-from lenvm_jax.train import feature_cache, optimizer, state as state_lib, step as step_lib
+from lenvm_jax.train import feature_cache, optimizer, state as state_lib, step as step_lib, trainer
 from lenvm_jax.value.objective import Objective
-from tests.helpers import assert_one_error_line, run_cli
 
 
 def _run(**changes) -> RunConfig:
@@ -132,13 +132,20 @@ def test_dropout_in_frozen_layers_is_a_config_error():
 STEPS = 4
 
 
-def _train(workdir, *extra):
-  result = run_cli("train", "--config", "experiments/configs/tiny.py", "--workdir", str(workdir),
-                   f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=2", "--config.train.eval_every=0",
-                   "--config.train.trainable_layers=1", "--config.train.feature_cache=auto",
-                   "--config.data.synthetic.train_records=256", "--config.data.packing=first_fit",
-                   "--config.train.accum_steps=2", "--config.train.batch_size=16", *extra)  # 2 x 8 rows, 8 devices.
-  return result
+def _train(workdir, tiny_config, seed: int | None = None, cache_dir: str | None = None):
+  """The trainer in this process (the run, not the CLI, is under test): the tiny config, K = 1 on the cache, 2 x 8
+  packed rows over the 8 devices, a checkpoint every 2 steps."""
+  config = tiny_config.copy_and_resolve_references()
+  config.train.update(steps=STEPS, eval_every=0, trainable_layers=1, feature_cache="auto", accum_steps=2,
+                      batch_size=16)
+  config.checkpoint.every_steps = 2
+  config.data.synthetic.train_records = 256
+  config.data.packing = "first_fit"
+  if seed is not None:
+    config.seed = seed
+  if cache_dir is not None:
+    config.train.feature_cache_dir = cache_dir
+  return trainer.train_and_evaluate(RunConfig.from_dict(config), str(workdir))
 
 
 def _params_at(workdir, step):
@@ -148,19 +155,20 @@ def _params_at(workdir, step):
   return state["params"]
 
 
-@pytest.mark.slow  # Three trainer subprocesses (~100 s on 2 busy cores).
-def test_a_run_trains_on_the_cache_resumes_on_it_and_refuses_a_stale_one(tmp_path):
+@pytest.mark.slow  # Three trainer runs (one refused before its first step).
+def test_a_run_trains_on_the_cache_resumes_on_it_and_refuses_a_stale_one(tmp_path, tiny_config, caplog):
   workdir = tmp_path / "run"
-  first = _train(workdir)
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert "feature cache: 256 records" in first.stderr
+  with caplog.at_level(logging.INFO):
+    _train(workdir, tiny_config)
+  assert "feature cache: 256 records" in caplog.text
   straight = _params_at(workdir, STEPS)
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # Back to step 2: the rerun resumes there, on the same cache.
-  second = _train(workdir)
-  assert second.returncode == 0, second.stderr[-3000:]
-  assert "feature cache: reusing" in second.stderr and "resuming from checkpoint step 2" in second.stderr
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    _train(workdir, tiny_config)
+  assert "feature cache: reusing" in caplog.text and "resuming from checkpoint step 2" in caplog.text
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(_params_at(workdir, STEPS))):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
-  stale = _train(tmp_path / "other", f"--config.train.feature_cache_dir={workdir / 'feature_cache'}",
-                 "--config.seed=7")
-  assert_one_error_line(stale, "config.train.feature_cache_dir", "stale: its frozen weights")
+  # A user error (the CLIs print it as one line, exit 2), raised before any step.
+  with pytest.raises(ConfigError, match=r"config.train.feature_cache_dir: .* stale: its frozen weights"):
+    _train(tmp_path / "other", tiny_config, seed=7, cache_dir=str(workdir / "feature_cache"))
