@@ -17,7 +17,8 @@ from lenvm_jax.decoding.sampler import SamplingConfig
 from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.hf_config import hf_config_from_model_config
 from lenvm_jax.value.targets import TargetKind
-from tests.helpers import REPO, assert_one_error_line, run_cli, tiny_model
+from tests.cli_server import CliServers
+from tests.helpers import REPO, assert_one_error_line, tiny_model
 
 
 def _run(tmp_path, name="run", vocab_size=64):
@@ -94,66 +95,76 @@ def test_a_length_the_decode_cannot_reach_is_refused_before_decoding(tiny_models
 
 # ------------------------------------------------------------------------------------- the CLIs (subprocesses)
 
+# Each tool call is a process of its own, forked from one server per tool (tests/cli_server.py) instead of paying
+# python + jax imports per call.
+
+
+@pytest.fixture(scope="module")
+def clis(tmp_path_factory):
+  servers = CliServers(tmp_path_factory.mktemp("cli_servers"))
+  yield servers
+  servers.close()
+
 
 @pytest.mark.slow
-def test_generate_refuses_eos_ids_outside_the_policy_vocabulary_before_loading(tmp_path):
+def test_generate_refuses_eos_ids_outside_the_policy_vocabulary_before_loading(tmp_path, clis):
   policy = _run(tmp_path, vocab_size=64)
   out = tmp_path / "out"
   base = ("generate", f"--policy={policy}", "--prompts=x.jsonl", f"--output_dir={out}")
-  assert_one_error_line(run_cli(*base, "--eos_ids=2,64"), "EOS id 64 outside the policy's vocabulary [0, 64)",
+  assert_one_error_line(clis.run(*base, "--eos_ids=2,64"), "EOS id 64 outside the policy's vocabulary [0, 64)",
                   "--eos_ids=2,64")
-  assert_one_error_line(run_cli(*base, "--eos_ids=two"), "--eos_ids=two: expected comma-separated integers")
+  assert_one_error_line(clis.run(*base, "--eos_ids=two"), "--eos_ids=two: expected comma-separated integers")
   hf = _hf_dir(tmp_path, "hf", 64, eos_token_id=[2, 100])
-  assert_one_error_line(run_cli("generate", f"--policy={hf}", "--prompts=x.jsonl", f"--output_dir={out}"),
+  assert_one_error_line(clis.run("generate", f"--policy={hf}", "--prompts=x.jsonl", f"--output_dir={out}"),
                   "EOS id 100 outside", f"--policy={hf}, its eos_token_id")
   assert not out.exists()
 
 
 @pytest.mark.slow
-def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_base_run(tmp_path):
+def test_evaluate_budget_refuses_another_vocabulary_a_foreign_eos_and_a_short_base_run(tmp_path, clis):
   lenvm = _run(tmp_path, vocab_size=64)
   base = ("evaluate_budget", f"--workdir={lenvm}", "--prompts=reasoning_gym:gsm_symbolic:8")
-  assert_one_error_line(run_cli(*base, f"--policy={_hf_dir(tmp_path, 'wide', 128, eos_token_id=2)}"),
+  assert_one_error_line(clis.run(*base, f"--policy={_hf_dir(tmp_path, 'wide', 128, eos_token_id=2)}"),
                   "the policy's vocabulary (128 tokens) differs from the LenVM's (64)", "--policy=", "--workdir=")
-  assert_one_error_line(run_cli(*base, f"--policy={_hf_dir(tmp_path, 'eos', 64, eos_token_id=70)}"),
+  assert_one_error_line(clis.run(*base, f"--policy={_hf_dir(tmp_path, 'eos', 64, eos_token_id=70)}"),
                   "EOS id 70 outside the policy's vocabulary", "its eos_token_id")
-  assert_one_error_line(run_cli(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
+  assert_one_error_line(clis.run(*base, f"--policy={lenvm}", "--budgets=64,128", "--base_tokens=100"),
                   "--base_tokens=100 is below the largest budget 128")
-  assert_one_error_line(run_cli(*base, f"--policy={lenvm}", "--candidates=65"),
+  assert_one_error_line(clis.run(*base, f"--policy={lenvm}", "--candidates=65"),
                   "--candidates must lie in [1, 64] (the policy's vocabulary), got 65")
   assert not (tmp_path / "run" / "evaluate_budget").exists()
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_eos_ids_outside_the_run_vocabulary_before_loading(tmp_path):
+def test_evaluate_refuses_eos_ids_outside_the_run_vocabulary_before_loading(tmp_path, clis):
   run = _run(tmp_path, vocab_size=64)
-  assert_one_error_line(run_cli("evaluate", f"--workdir={run}", "--eos_ids=1,500"), "EOS id 500 outside", "--eos_ids=1,500")
+  assert_one_error_line(clis.run("evaluate", f"--workdir={run}", "--eos_ids=1,500"), "EOS id 500 outside", "--eos_ids=1,500")
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_synthetic_generator_of_another_vocabulary_before_generating(tmp_path):
+def test_evaluate_refuses_a_synthetic_generator_of_another_vocabulary_before_generating(tmp_path, clis):
   """--config of another vocabulary: the synthetic policy would emit ids the LenVM never saw (legacy_run: 64)."""
   import shutil
   run = tmp_path / "run"
   shutil.copytree(f"{REPO}/tests/fixtures/legacy_run", run)
-  assert_one_error_line(run_cli("evaluate", f"--workdir={run}", "--config=experiments/configs/tiny.py",
+  assert_one_error_line(clis.run("evaluate", f"--workdir={run}", "--config=experiments/configs/tiny.py",
                        "--config.model.vocab_size=96", "--prompts=4"),
                   "vocabulary (96 tokens) differs from the LenVM's (64)", "--config", "model.vocab_size")
   assert not (run / "evaluate").exists()
 
 
 @pytest.mark.slow
-def test_bench_guided_refuses_more_candidates_than_tokens_before_building_models():
-  assert_one_error_line(run_cli("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
+def test_bench_guided_refuses_more_candidates_than_tokens_before_building_models(clis):
+  assert_one_error_line(clis.run("bench_guided", "--preset=tiny", "--vocab_size=16", "--candidates=5,20"),
                   "--candidates=5,20: 20 candidates exceed the vocabulary of 16 tokens")
-  assert_one_error_line(run_cli("bench_guided", "--preset=tiny", "--vocab_size=2"), "--vocab_size=2: must be at least 3")
+  assert_one_error_line(clis.run("bench_guided", "--preset=tiny", "--vocab_size=2"), "--vocab_size=2: must be at least 3")
 
 
 @pytest.mark.slow
-def test_predict_refuses_flags_of_another_mode(tmp_path):
+def test_predict_refuses_flags_of_another_mode(tmp_path, clis):
   run = _run(tmp_path)
   base = ("predict", f"--workdir={run}", "--input=x.jsonl", f"--output={tmp_path / 'p.jsonl'}")
-  assert_one_error_line(run_cli(*base, "--token_ids=1,2"), "--token_ids has no effect with --mode=tokens")
-  assert_one_error_line(run_cli(*base, "--mode=prompt_eval", "--samples_per_prompt=4"),
+  assert_one_error_line(clis.run(*base, "--token_ids=1,2"), "--token_ids has no effect with --mode=tokens")
+  assert_one_error_line(clis.run(*base, "--mode=prompt_eval", "--samples_per_prompt=4"),
                   "--samples_per_prompt applies to --grouping=reference only")
-  assert_one_error_line(run_cli(*base, "--mode=prompts", "--grouping=reference"), "--grouping has no effect")
+  assert_one_error_line(clis.run(*base, "--mode=prompts", "--grouping=reference"), "--grouping has no effect")
