@@ -122,7 +122,8 @@ def test_every_bad_flag_value_is_one_error_line_naming_the_flag(fuzzed):
 # A flag whose help speaks of a file or a directory takes a path; the tool's main runs on a missing one and on one of
 # the other kind (a file where its help says directory, else a directory), the other required flags given paths that
 # do not exist (so a tool stops at its first check: the case must then be one error line or handled, never a
-# traceback). Each case runs in a forked child of one process that imported the tool (no second import).
+# traceback). Each case runs in a forked child of one process that imported the tool (no second import); one still
+# running after 2 s finishes its 20 s in the background while the next cases run.
 _PATH_PROBE = r"""
 import contextlib, importlib, json, os, re, signal, sys, tempfile, time, traceback
 from absl import flags
@@ -137,16 +138,15 @@ PATHY = re.compile(r"\b(file|directory|dir|workdir|path|folder)\b", re.I)
 def kind(flag):
   return "enum" if hasattr(flag.parser, "enum_values") else flag.flag_type()
 
-def placeholder(flag):
+def placeholder(flag, case):
   return {"config object": "experiments/configs/tiny.py", "enum": (getattr(flag.parser, "enum_values", None) or
-          [""])[0], "int": "1", "float": "0.5", "bool": "false"}.get(kind(flag), os.path.join(scratch, "missing_" +
-                                                                                               flag.name))
+          [""])[0], "int": "1", "float": "0.5", "bool": "false"}.get(kind(flag), os.path.join(scratch, f"missing_{case}_"
+                                                                                               + flag.name))
 
 def required(flag):
   return any("must have a value other than None" in getattr(v, "message", "") for v in flag.validators)
 
-def run_case(module, argv):
-  out = os.path.join(scratch, "out.txt")
+def start_case(module, argv, out):
   pid = os.fork()
   if pid == 0:
     os.setpgid(0, 0)  # Its own process group: a tool that starts trainers (sweep, reproduce) is stopped whole.
@@ -164,23 +164,50 @@ def run_case(module, argv):
       traceback.print_exc()
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(code)
-  deadline = time.time() + 20
-  while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-      code = os.waitstatus_to_exitcode(status)
-      break
-    if time.time() > deadline:  # Past its checks and working on the path (an output it may create): handled.
-      os.killpg(pid, signal.SIGKILL)
-      os.waitpid(pid, 0)
-      code = "working"
-      break
-    time.sleep(0.05)
-  with contextlib.suppress(ProcessLookupError):  # Anything the tool started, if it left early.
-    os.killpg(pid, signal.SIGKILL)
-  return code, open(out, errors="replace").read()
+  return pid
 
-results = []
+def poll_case(case):  # The case's result once it exited or ran past its 20 s (then stopped), else None.
+  done, status = os.waitpid(case["pid"], os.WNOHANG)
+  if done:
+    code = os.waitstatus_to_exitcode(status)
+  elif time.time() > case["deadline"]:  # Past its checks and working on the path (an output it may create): handled.
+    os.killpg(case["pid"], signal.SIGKILL)
+    os.waitpid(case["pid"], 0)
+    code = "working"
+  else:
+    return None
+  with contextlib.suppress(ProcessLookupError):  # Anything the tool started, if it left early.
+    os.killpg(case["pid"], signal.SIGKILL)
+  return {**case["record"], "code": code, "output": open(case["out"], errors="replace").read()[-2000:]}
+
+# A case still running after 2 s waits in the background for the rest of its 20 s while the next cases run (each its
+# own paths), so the few that work on their path until stopped cost 20 s together, not 20 s each.
+results, waiting = [], []
+
+def reap(until_done=False):
+  while True:
+    for case in list(waiting):
+      result = poll_case(case)
+      if result is not None:
+        waiting.remove(case)
+        results.append(result)
+    if not (until_done and waiting):
+      return
+    time.sleep(0.05)
+
+def run_case(module, argv, record):
+  n = len(results) + len(waiting)
+  case = {"pid": start_case(module, argv, os.path.join(scratch, f"out_{n}.txt")), "deadline": time.time() + 20,
+          "out": os.path.join(scratch, f"out_{n}.txt"), "record": record}
+  until = time.time() + 2
+  while time.time() < until:
+    result = poll_case(case)
+    if result is not None:
+      results.append(result)
+      return
+    time.sleep(0.05)
+  waiting.append(case)
+
 for tool in tools:
   before = set(flags.FLAGS)
   module = importlib.import_module(f"experiments.{tool}")
@@ -193,14 +220,17 @@ for tool in tools:
     if not PATHY.search(flag.help or ""):
       continue
     wants_dir = bool(re.search(r"\b(directory|dir|workdir|folder)\b", flag.help, re.I))
-    for value in (os.path.join(scratch, "missing"), a_file if wants_dir else a_dir):
-      argv = [tool] + [f"--{p.name}={placeholder(p)}" for p in own if required(p) and p is not flag]
+    for label in ("missing", "a_file" if wants_dir else "a_dir"):
+      # Each case's missing paths its own: a tool that works on one creates it, and the next case's must be missing.
+      case = len(results) + len(waiting)
+      value = os.path.join(scratch, f"missing_{case}" if label == "missing" else label)
+      argv = [tool] + [f"--{p.name}={placeholder(p, case)}" for p in own if required(p) and p is not flag]
       argv.append(f"--{flag.name}={value}")
-      code, output = run_case(module, argv)
-      results.append({"tool": tool, "flag": flag.name, "value": os.path.basename(value), "code": code,
-                      "output": output[-2000:]})
+      run_case(module, argv, {"tool": tool, "flag": flag.name, "value": label})
+      reap()
   for name in {f.name for f in own}:  # The libraries' flags stay: the next tool's imports find them registered.
     delattr(flags.FLAGS, name)
+reap(until_done=True)
 print(json.dumps(results))
 """
 
