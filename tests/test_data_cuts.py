@@ -10,7 +10,8 @@ import pytest
 from lenvm_jax.config import ConfigError, DataConfig, TrainConfig
 from lenvm_jax.data import cut_report, packing_stats, rows
 from lenvm_jax.data.records import Trajectory
-from tests.helpers import assert_one_error_line, run_cli, run_config, write_lines
+from tests.cli_server import CliServers
+from tests.helpers import assert_one_error_line, run_config, write_lines
 
 
 def _trajectory(prompt: int, completion: int, finished: bool = True, prompt_id=None):
@@ -91,8 +92,17 @@ def test_exactly_one_of_steps_and_epochs():
     DataConfig(prompt_cut="middle")
 
 
+@pytest.fixture(scope="module")
+def clis(tmp_path_factory):
+  """The tools run as processes of their own, forked from one server per tool (tests/cli_server.py): one python +
+  jax import per tool, not per call."""
+  servers = CliServers(tmp_path_factory.mktemp("cli_servers"))
+  yield servers
+  servers.close()
+
+
 @pytest.mark.slow
-def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
+def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path, clis):
   rng = np.random.default_rng(0)
   lines = []
   for i in range(24):
@@ -122,22 +132,22 @@ def test_training_by_epochs_reports_cuts_and_passes(tiny_config, tmp_path):
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert (saved["train"]["steps"], saved["train"]["epochs"]) == (5, 0.0)
   # The run trained without an eval split: evaluate_lengths reads held-out records from --eval_path instead.
-  result = run_cli("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}")
+  result = clis.run("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "run" / "length_eval.json").read_text())
   assert report["counts"]["trajectories"] == 20 and report["intervals"]["prompt_mre"]["problems"] > 1
   # --reuse reads that report back for the same step and flags, and evaluates again when a flag differs.
   for seed, reused in ((0, True), (1, False)):
-    result = run_cli("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}",
+    result = clis.run("evaluate_lengths", f"--workdir={tmp_path / 'run'}", f"--eval_path={config.data.train_path}",
                      "--reuse", f"--bootstrap_seed={seed}")
     assert result.returncode == 0 and ("--reuse:" in result.stdout) == reused, result.stdout[-2000:]
 
 
 @pytest.mark.slow
-def test_a_job_config_takes_its_data_directory_from_one_argument(tmp_path):
+def test_a_job_config_takes_its_data_directory_from_one_argument(tmp_path, clis):
   missing = tmp_path / "nowhere"
-  result = run_cli("train", f"--config=experiments/configs/smollm2_gsm.py:data_dir={missing}",
+  result = clis.run("train", f"--config=experiments/configs/smollm2_gsm.py:data_dir={missing}",
                    f"--workdir={tmp_path / 'run'}")
   assert_one_error_line(result, "config.data.train_path", str(missing / "train"))
-  result = run_cli("train", "--config=experiments/configs/smollm2_mix.py:dir=x", f"--workdir={tmp_path / 'run'}")
+  result = clis.run("train", "--config=experiments/configs/smollm2_mix.py:dir=x", f"--workdir={tmp_path / 'run'}")
   assert_one_error_line(result, "data_dir=DIR")
