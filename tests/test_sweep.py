@@ -44,9 +44,14 @@ def test_bad_specs_are_named(specs, zip_axes, message):
     sweep_spec.named_points(specs, zip_axes)
 
 
+# Steps per point: enough that the first point is still training well after its first checkpoint (step 5) when the
+# test interrupts it (25 steps and 5 checkpoints later; the test asserts that it did interrupt), few enough to be cheap.
+STEPS = 30
+
+
 def _sweep(sweep_dir, *extra):
   command = [sys.executable, "-m", "experiments.sweep", "--config=experiments/configs/tiny.py",
-             f"--sweep_dir={sweep_dir}", "--sweep=config.loss.gamma=0.9,0.97", "--sweep=config.train.steps=100",
+             f"--sweep_dir={sweep_dir}", "--sweep=config.loss.gamma=0.9,0.97", f"--sweep=config.train.steps={STEPS}",
              "--sweep=config.train.eval_every=0", *extra]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -79,15 +84,15 @@ def test_sweep_interrupted_then_resumed(tmp_path):
   assert proc.returncode == 1, out
   assert "gamma=0.9: stopped" in out and not (sweep_dir / "gamma=0.97").exists()
   stopped_at = max(_train_steps(first_point))
-  assert stopped_at < 100, "the first point finished before the interrupt: the test did not interrupt anything"
+  assert stopped_at < STEPS, "the first point finished before the interrupt: the test did not interrupt anything"
 
   proc = _sweep(sweep_dir, "--parallel=2")
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   # Resumed, not restarted: the log continues after the checkpointed step (the trainer saves on SIGTERM); a restart
   # from scratch would log steps 1..stopped_at twice.
-  assert _train_steps(first_point) == list(range(1, 101))
-  assert _train_steps(sweep_dir / "gamma=0.97") == list(range(1, 101))
+  assert _train_steps(first_point) == list(range(1, STEPS + 1))
+  assert _train_steps(sweep_dir / "gamma=0.97") == list(range(1, STEPS + 1))
   for name, gamma in (("gamma=0.9", 0.9), ("gamma=0.97", 0.97)):
     with open(sweep_dir / name / "config.json", encoding="utf-8") as f:
       assert json.load(f)["loss"]["gamma"] == gamma
@@ -95,11 +100,11 @@ def test_sweep_interrupted_then_resumed(tmp_path):
   with open(sweep_dir / "summary.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert [(r["point"], r["status"], r["config.loss.gamma"], r["step"]) for r in rows] == [
-      ("gamma=0.9", "done", "0.9", "100"), ("gamma=0.97", "done", "0.97", "100")]
+      ("gamma=0.9", "done", "0.9", str(STEPS)), ("gamma=0.97", "done", "0.97", str(STEPS))]
   assert float(rows[0]["eval/loss"]) != float(rows[1]["eval/loss"])
   table = out[out.index("point "):].splitlines()
   assert table[0].split() == ["point", "status", "step", "train/loss", "eval/loss", "eval/length_mae"]
-  assert table[1].split()[:3] == ["gamma=0.9", "done", "100"]
+  assert table[1].split()[:3] == ["gamma=0.9", "done", str(STEPS)]
 
   proc = _sweep(sweep_dir)  # Everything done: nothing is retrained, the table is written again.
   out, _ = proc.communicate(timeout=600)
