@@ -73,22 +73,20 @@ def test_tpu_compile_of_a_qwen25_layer_with_the_chunked_lm_term_fits(tpu_python,
 
 @pytest.mark.slow
 def test_tpu_compile_of_the_chunked_lm_term_keeps_the_logits_out_of_the_temporaries(tpu_python, tmp_path):
-  """Qwen's 151,936-word vocabulary on the tiny model, 2k-token rows: the chunks keep at least half a [tokens, vocab]
-  float32 array out of the train step's temporaries (measured: 0.23 against 1.76 GiB with whole rows, where that
-  array is 1.16 GiB; for Qwen2.5-1.5B's layer 2.10 against 3.05 GiB; at T 8192 the saving is 5.7 GiB,
-  docs/scaling.md)."""
-  reports = {}
-  for chunk in (256, 0):
-    result, reports[chunk] = _compile_check(
-        tpu_python, tmp_path, "--steps=train", "--config.model.vocab_size=151936", "--config.data.max_len=2048",
-        "--config.loss.lm_weight=1", f"--config.loss.lm_chunk={chunk}")
-    assert result.returncode == 0, result.stderr[-3000:]
-  chunked = reports[256]
-  assert chunked["attention"] == "splash" and chunked["lm_chunk"] == 256 and reports[0]["lm_chunk"] == 0
+  """Qwen's 151,936-word vocabulary on the tiny model, 2k-token rows: the chunks keep the [tokens, vocab] float32
+  array out of the train step's temporaries, which stay under half of it (measured: 0.23 GiB chunked against
+  1.76 GiB with whole rows, lm_chunk=0, where that array is 1.16 GiB: whole rows fail this; for Qwen2.5-1.5B's layer
+  2.10 against 3.05 GiB; at T 8192 the saving is 5.7 GiB, docs/scaling.md). One compile: the whole-row compile
+  that once stood beside it as a control costs as much and the bound alone fails on it."""
+  result, chunked = _compile_check(
+      tpu_python, tmp_path, "--steps=train", "--config.model.vocab_size=151936", "--config.data.max_len=2048",
+      "--config.loss.lm_weight=1", "--config.loss.lm_chunk=256")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert chunked["attention"] == "splash" and chunked["lm_chunk"] == 256
   tokens_per_chip = chunked["max_len"] * chunked["batch_size"] // chunked["devices"]
   logits_bytes = tokens_per_chip * 151936 * 4
-  saved = reports[0]["steps"]["train"]["memory"]["temporaries"] - chunked["steps"]["train"]["memory"]["temporaries"]
-  assert saved >= logits_bytes / 2, (saved, logits_bytes)
+  temporaries = chunked["steps"]["train"]["memory"]["temporaries"]
+  assert temporaries < logits_bytes / 2, (temporaries, logits_bytes)
 
 
 @pytest.mark.slow
