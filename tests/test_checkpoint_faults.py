@@ -1,9 +1,9 @@
 """Checkpoint faults a run survives (issue 19): only committed steps count, checksums catch damaged files and the
 newest intact step is restored instead, a checkpoint of another model names the changed config fields, keep_best
 keeps the best step beside the last ones, and kill -9 / SIGTERM / a damaged latest step / a full disk / a second
-trainer each leave a run that resumes exactly (the pattern of tests/test_resume.py).
+trainer each leave a run that resumes exactly: the same per-step losses and final params as one uninterrupted run.
 
-Over ~350 lines: one fault per test over one shared trained run.
+Over ~350 lines: one fault per test over one shared trained run (and one shared uninterrupted subprocess run).
 """
 
 import json
@@ -23,6 +23,7 @@ import pytest
 from lenvm_jax import errors
 from lenvm_jax.run import checkpoint_layout, workdir_lock
 from lenvm_jax.train import checkpointing, trainer
+from tests.cli_server import CliServers
 from tests.helpers import REPO, TRAIN_STEPS, final_params, leaves, logged, run_config, train_command, wait_for
 
 
@@ -217,8 +218,17 @@ def test_readers_skip_a_damaged_latest_step_and_say_so(trained_run, tmp_path, ca
     Predictor(str(workdir))
 
 
+@pytest.fixture(scope="module")
+def clis(tmp_path_factory):
+  """The tools (predict, export_hf, and train to its end) run as processes of their own, forked from one server per
+  tool (tests/cli_server.py): one python + jax import per tool, not per call."""
+  servers = CliServers(tmp_path_factory.mktemp("cli_servers"))
+  yield servers
+  servers.close()
+
+
 @pytest.mark.slow
-def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
+def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path, clis):
   workdir, _ = trained_run
   evals = {r["step"]: r["loss"] for r in logged(workdir, "eval").values()}
   best = min(evals, key=lambda s: (evals[s], -s))
@@ -226,21 +236,17 @@ def test_step_flag_picks_latest_best_or_a_number(trained_run, tmp_path):
   out = tmp_path / "p.jsonl"
   (tmp_path / "in.jsonl").write_text(json.dumps({"prompt_ids": [3, 4], "completion_ids": [5, 1]}) + "\n")
   for step, want in (("best", best), ("5", 5), ("latest", 10)):
-    result = subprocess.run([sys.executable, "-m", "experiments.predict", f"--workdir={workdir}",
-                             f"--input={tmp_path / 'in.jsonl'}", f"--output={out}", f"--step={step}"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = clis.run("predict", f"--workdir={workdir}", f"--input={tmp_path / 'in.jsonl'}", f"--output={out}",
+                      f"--step={step}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"checkpoint step {want})" in result.stdout, result.stdout
-  result = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={workdir}",
-                           f"--output={tmp_path / 'hf'}", "--step=7"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+  result = clis.run("export_hf", f"--workdir={workdir}", f"--output={tmp_path / 'hf'}", "--step=7")
   assert result.returncode == 2 and "no complete checkpoint of step 7 (there are 5, 10)" in result.stderr
   assert not (tmp_path / "hf").exists()
   from tests.helpers import write_tiny_gguf
   write_tiny_gguf(str(tmp_path / "other.gguf"))  # Another model's tokenizer, more tokens than the run's 64.
-  result = subprocess.run([sys.executable, "-m", "experiments.export_hf", f"--workdir={workdir}",
-                           f"--output={tmp_path / 'hf'}", f"--tokenizer={tmp_path / 'other.gguf'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  result = clis.run("export_hf", f"--workdir={workdir}", f"--output={tmp_path / 'hf'}",
+                    f"--tokenizer={tmp_path / 'other.gguf'}")
   assert result.returncode == 2 and "the model's vocabulary 64 (--tokenizer=" in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "hf").exists()
 
@@ -262,18 +268,21 @@ def test_resuming_with_another_model_names_the_changed_fields(trained_run, tmp_p
 # --------------------------------------------------------------- interrupted trainers resume exactly (subprocesses)
 
 
-def _run(workdir, check=True):
-  result = subprocess.run(train_command(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
+def _run(clis, workdir, check=True):
+  """The trainer run to its end (train_command's flags), as a process of its own forked from the train server."""
+  command = train_command(workdir)
+  assert command[1:3] == ["-m", "experiments.train"]
+  result = clis.run("train", *command[3:], timeout=900)
   if check:
     assert result.returncode == 0, result.stderr[-3000:]
   return result
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, clis):
   """The uninterrupted run every interrupted one must match: its per-step train records and final params."""
   workdir = tmp_path_factory.mktemp("straight") / "run"
-  _run(workdir)
+  _run(clis, workdir)
   return logged(workdir), final_params(workdir)
 
 
@@ -283,6 +292,7 @@ def _assert_exact(workdir, straight_run):
   assert sorted(got) == sorted(want) == list(range(1, TRAIN_STEPS + 1))
   for step in range(1, TRAIN_STEPS + 1):
     assert got[step]["loss"] == want[step]["loss"], step
+    assert got[step]["value_mse"] == want[step]["value_mse"], step
   for a, b in zip(leaves(final), leaves(final_params(workdir))):
     np.testing.assert_array_equal(a, b)
   assert not (workdir / workdir_lock.LOCK_FILE).exists()
@@ -300,30 +310,38 @@ def _committed(workdir, step):
 
 
 @pytest.mark.slow
-def test_sigterm_then_a_corrupted_latest_step_resumes_exactly(straight, tmp_path):
+def test_sigterm_then_a_corrupted_latest_step_resumes_exactly(straight, tmp_path, clis):
   workdir = tmp_path / "run"
   process = _start(workdir)
   wait_for(lambda: _committed(workdir, 10) and max(logged(workdir), default=0) >= 12, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-2000:]
+  assert process.returncode == 0, stderr[-2000:]  # A clean exit ...
+  assert "SIGTERM received" in stderr, stderr[-2000:]
   newest = checkpoint_layout.latest_step(str(workdir))
-  assert newest is not None and 10 < newest < TRAIN_STEPS  # SIGTERM saved the step it stopped at.
+  # ... that saved the step it stopped at.
+  assert newest is not None and 10 < newest < TRAIN_STEPS and newest >= max(logged(workdir)), newest
   _flip_bytes(_largest_file(workdir / "checkpoints" / str(newest)))
-  result = _run(workdir)
+  result = _run(clis, workdir)
   assert f"checkpoint step {newest} is damaged" in result.stderr and "resuming from checkpoint step 10" in result.stderr
   _assert_exact(workdir, straight)
   assert os.listdir(workdir / checkpoint_layout.REJECTED_DIR)[0].startswith(f"{newest}-")  # Kept aside, not deleted.
 
 
 @pytest.mark.slow
-def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(straight, tmp_path):
+def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(straight, tmp_path, clis):
   workdir = tmp_path / "run"
   process = _start(workdir)
   wait_for(lambda: _committed(workdir, 10) and max(logged(workdir), default=0) >= 16, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert (workdir / workdir_lock.LOCK_FILE).exists()  # Left behind by the killed trainer.
+  killed_at = max(logged(workdir))
+  assert killed_at < TRAIN_STEPS
+  # A save that died half-way leaves a temporary directory: it must be ignored, not restored.
+  half_saved = workdir / "checkpoints" / f"{killed_at + 1}.orbax-checkpoint-tmp-1700000000"
+  half_saved.mkdir()
+  (half_saved / "garbage").write_text("half written")
   newest = checkpoint_layout.latest_step(str(workdir))
   victim = _largest_file(workdir / "checkpoints" / str(newest))
   with open(victim, "rb+") as f:
@@ -331,11 +349,13 @@ def test_kill_nine_then_a_truncated_latest_step_and_a_stale_lock_resume_exactly(
   (workdir / "checkpoints" / "999").mkdir()
   with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
     f.write('{"step": 17, "split": "tr')  # A record cut by the kill.
-  result = _run(workdir)
+  result = _run(clis, workdir)
   assert "taking over the stale workdir lock" in result.stderr
   # Only checksummed steps count, so the truncated newest one is always caught by its checksums.
   assert f"checkpoint step {newest} cannot be restored" in result.stderr, result.stderr[-3000:]
   _assert_exact(workdir, straight)
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["train"]["steps"] == TRAIN_STEPS and config["loss"]["gamma"] == 0.98
 
 
 # The trainer, killed by SIGKILL at the injected point: after orbax committed step 10, before its checksums.
@@ -355,20 +375,20 @@ cli.run(train.main)
 
 
 @pytest.mark.slow
-def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_path):
+def test_kill_nine_between_commit_and_checksums_resumes_exactly(straight, tmp_path, clis):
   workdir = tmp_path / "run"
   command = [sys.executable, "-c", _KILLED_IN_THE_WINDOW] + train_command(workdir)[3:]
   killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert 10 in checkpoint_layout.committed_steps(str(workdir)) and checkpoint_layout.latest_step(str(workdir)) == 5
-  result = _run(workdir)
+  result = _run(clis, workdir)
   assert "checkpoint step 10 is incomplete (committed but without its checksums" in result.stderr
   assert "resuming from checkpoint step 5" in result.stderr
   _assert_exact(workdir, straight)
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(straight, tmp_path):
+def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(straight, tmp_path, clis):
   workdir = tmp_path / "run"
   first = _start(workdir)
   wait_for(lambda: max(logged(workdir), default=0) >= 3, first)
@@ -376,7 +396,7 @@ def test_a_second_trainer_on_a_live_workdir_is_refused_and_changes_nothing(strai
   try:
     holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
     config = (workdir / "config.json").read_bytes()
-    second = _run(workdir, check=False)
+    second = _run(clis, workdir, check=False)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"the workdir is in use by another trainer (host {holder['host']}, pid {first.pid}" in second.stderr
     assert json.loads((workdir / workdir_lock.LOCK_FILE).read_text()) == holder
@@ -397,7 +417,7 @@ def _mount_tmpfs(path, size):
 
 
 @pytest.mark.slow
-def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_exactly(straight, tmp_path):
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_exactly(straight, tmp_path, clis):
   disk = tmp_path / "disk"
   if not _mount_tmpfs(disk, "64m"):
     pytest.skip("mounting a tmpfs needs root; test_a_failed_save_names_the_step_to_resume_from covers the message")
@@ -422,7 +442,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_exactly(straight, 
     assert f"rerun the same command: it resumes from step {resume_from}" in last, last
     assert "Traceback" not in stderr, stderr[-3000:]
     os.remove(disk / "ballast")
-    _run(workdir)
+    _run(clis, workdir)
     _assert_exact(workdir, straight)
   finally:
     subprocess.run(["umount", str(disk)], check=False)
