@@ -22,7 +22,8 @@ from lenvm_jax.config import ConfigError, RunConfig
 from lenvm_jax.data import arrayrecord, jsonl, output_dir, prepare as prepare_lib, reference_jsonl
 from lenvm_jax.data.records import RecordError, Trajectory
 from lenvm_jax.train import trainer
-from tests.helpers import REPO, assert_one_error_line, run_cli, run_config, tiny_model
+from tests.cli_server import CliServers
+from tests.helpers import REPO, assert_one_error_line, run_config, tiny_model
 
 
 def _lines(path, lines, mode="w"):
@@ -352,30 +353,38 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
 
 # --------------------------------------------------------------------------------------- the CLIs (subprocesses)
 
+# The calls below run each tool as its own process, forked from one server per tool (tests/cli_server.py): ~35
+# calls of 7 tools, each paying ~4 s of CPU for python + jax imports as a subprocess of its own.
+@pytest.fixture(scope="module")
+def clis(tmp_path_factory):
+  servers = CliServers(tmp_path_factory.mktemp("cli_servers"))
+  yield servers
+  servers.close()
+
 
 @pytest.mark.slow
-def test_cli_config_files_that_cannot_load_are_one_line(tmp_path):
+def test_cli_config_files_that_cannot_load_are_one_line(tmp_path, clis):
   (tmp_path / "raises.py").write_text("def get_config():\n  raise KeyError('nope')\n")
   for module, flag in (("train", f"--workdir={tmp_path / 'w'}"), ("compile_check", None)):
     for config, needle in ((tmp_path / "missing.py", "no such config file (--config="),
                            (tmp_path / "raises.py", "raises.py:2: get_config() raised KeyError")):
-      assert_one_error_line(run_cli(module, f"--config={config}", *([flag] if flag else [])), needle)
+      assert_one_error_line(clis.run(module, f"--config={config}", *([flag] if flag else [])), needle)
   assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
-def test_cli_flag_mistakes_exit_2_naming_the_field(tmp_path):
+def test_cli_flag_mistakes_exit_2_naming_the_field(tmp_path, clis):
   train = ("train", "--config", "experiments/configs/tiny.py", f"--workdir={tmp_path / 'w'}")
-  assert_one_error_line(run_cli(*train, "--config.train.stepz=5"), "unknown config field (config.train.stepz)",
+  assert_one_error_line(clis.run(*train, "--config.train.stepz=5"), "unknown config field (config.train.stepz)",
                   "did you mean 'steps'")
-  assert_one_error_line(run_cli(*train, "--config.train.steps=abc"), "--config.train.steps=abc")
-  assert_one_error_line(run_cli(*train, "--config.checkpoint.keep_best=accuracy"), "config.checkpoint.keep_best")
-  assert_one_error_line(run_cli("predict", "--workdir=x", "--input=y"), "--output")  # A missing required flag.
+  assert_one_error_line(clis.run(*train, "--config.train.steps=abc"), "--config.train.steps=abc")
+  assert_one_error_line(clis.run(*train, "--config.checkpoint.keep_best=accuracy"), "config.checkpoint.keep_best")
+  assert_one_error_line(clis.run("predict", "--workdir=x", "--input=y"), "--output")  # A missing required flag.
   assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
-def test_cli_trainer_start_up_mistakes_leave_the_workdir_as_it_was(tmp_path):
+def test_cli_trainer_start_up_mistakes_leave_the_workdir_as_it_was(tmp_path, clis):
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "config.json").write_text('{"earlier": "config"}')
@@ -389,49 +398,49 @@ def test_cli_trainer_start_up_mistakes_leave_the_workdir_as_it_was(tmp_path):
        "config.loss.gamma"),
       (("--config.mesh.data=16",), "config.mesh"),
       (("--config.data.max_len=3",), "config.data.max_len")]:
-    assert_one_error_line(run_cli(*base, *args, timeout=600), culprit)
+    assert_one_error_line(clis.run(*base, *args, timeout=600), culprit)
   assert (workdir / "config.json").read_text() == '{"earlier": "config"}'  # A failed start rewrites nothing.
   assert sorted(os.listdir(workdir)) == ["config.json"]
   (tmp_path / "a_file").write_text("x")
-  assert_one_error_line(run_cli("train", "--config", "experiments/configs/tiny.py", f"--workdir={tmp_path / 'a_file'}"),
+  assert_one_error_line(clis.run("train", "--config", "experiments/configs/tiny.py", f"--workdir={tmp_path / 'a_file'}"),
                   "the workdir is a file")
 
 
 @pytest.mark.slow
-def test_cli_data_tools_refuse_to_mix_or_misread(tmp_path):
+def test_cli_data_tools_refuse_to_mix_or_misread(tmp_path, clis):
   data = _lines(tmp_path / "a.jsonl", [_record(prompt_id=str(i)) for i in range(8)])
   other = _lines(tmp_path / "b.jsonl", [_record(prompt_id=f"b{i}") for i in range(4)])
   out = tmp_path / "out"
   prepare = ("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--output_dir={out}")
-  assert run_cli(*prepare, f"--input={data}").returncode == 0
+  assert clis.run(*prepare, f"--input={data}").returncode == 0
   stats = (out / "stats.json").read_text()
-  assert_one_error_line(run_cli(*prepare, f"--input={other}"), "holds an import made with other settings", "--overwrite")
+  assert_one_error_line(clis.run(*prepare, f"--input={other}"), "holds an import made with other settings", "--overwrite")
   assert (out / "stats.json").read_text() == stats  # The first import is intact.
-  assert run_cli(*prepare, f"--input={other}", "--overwrite").returncode == 0
+  assert clis.run(*prepare, f"--input={other}", "--overwrite").returncode == 0
   assert sum(json.loads((out / "stats.json").read_text())["records"].values()) == 4
   (tmp_path / "file").write_text("x")
-  assert_one_error_line(run_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={data}",
+  assert_one_error_line(clis.run("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={data}",
                        f"--output_dir={tmp_path / 'file'}"), "the output directory is a file")
   empty = _lines(tmp_path / "empty.jsonl", [""])
-  assert_one_error_line(run_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={empty}",
+  assert_one_error_line(clis.run("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={empty}",
                        "--on_bad_record=skip", f"--output_dir={tmp_path / 'e'}"), "holds no records")
   latin = _lines(tmp_path / "latin.jsonl", b'{"prompt_ids": [3], "completion_ids": [1], "generator": "caf\xe9"}\n')
-  assert_one_error_line(run_cli("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={latin}",
+  assert_one_error_line(clis.run("prepare_data", "--format=tokenized_jsonl", "--vocab_size=64", f"--input={latin}",
                        f"--output_dir={tmp_path / 'l'}"), f"{latin}:1: field '<encoding>'")
 
 
 @pytest.mark.slow
-def test_cli_readers_of_a_run_without_checkpoints_or_config(tmp_path):
+def test_cli_readers_of_a_run_without_checkpoints_or_config(tmp_path, clis):
   (tmp_path / "empty_run").mkdir()
-  assert_one_error_line(run_cli("predict", f"--workdir={tmp_path / 'empty_run'}", "--input=x.jsonl",
+  assert_one_error_line(clis.run("predict", f"--workdir={tmp_path / 'empty_run'}", "--input=x.jsonl",
                        f"--output={tmp_path / 'p.jsonl'}"), "not a run directory")
-  assert_one_error_line(run_cli("predict", f"--workdir={tmp_path}", "--input=x.jsonl",
+  assert_one_error_line(clis.run("predict", f"--workdir={tmp_path}", "--input=x.jsonl",
                        f"--output={tmp_path / 'missing_dir' / 'p.jsonl'}"), "the output's directory does not exist")
   run = tmp_path / "started"
   run.mkdir()
   (run / "config.json").write_text(RunConfig.default("tiny").to_json())
   (run / "checkpoints" / "999").mkdir(parents=True)  # An empty step directory is no checkpoint.
-  assert_one_error_line(run_cli("export_hf", f"--workdir={run}", f"--output={tmp_path / 'hf'}"), "no complete checkpoint")
+  assert_one_error_line(clis.run("export_hf", f"--workdir={run}", f"--output={tmp_path / 'hf'}"), "no complete checkpoint")
 
 
 # ------------------------------------------------------------------------------------ model files at the boundary
@@ -520,7 +529,7 @@ def test_a_checkpoint_path_that_is_a_file_is_refused_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_convert_gguf_claims_its_output_like_export(tmp_path):
+def test_convert_gguf_claims_its_output_like_export(tmp_path, clis):
   from tests.helpers import write_tiny_gguf
   source = tmp_path / "tiny.gguf"
   write_tiny_gguf(str(source))
@@ -529,45 +538,45 @@ def test_convert_gguf_claims_its_output_like_export(tmp_path):
   (output / "notes.txt").write_text("someone else's")
   outside = tmp_path / "outside.json"
   outside.write_text("keep me")
-  assert_one_error_line(run_cli("convert_gguf", f"--input={source}", f"--output={output}"),
+  assert_one_error_line(clis.run("convert_gguf", f"--input={source}", f"--output={output}"),
                   "the output directory is not empty (notes.txt)", "--overwrite")
   assert sorted(os.listdir(output)) == ["notes.txt"]
   os.symlink(outside, output / "config.json")  # A planted link: replaced, never written through.
-  result = run_cli("convert_gguf", f"--input={source}", f"--output={output}", "--overwrite")
+  result = clis.run("convert_gguf", f"--input={source}", f"--output={output}", "--overwrite")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "notes.txt" not in os.listdir(output) and not os.path.islink(output / "config.json")
   assert outside.read_text() == "keep me"
   os.replace(source, output / "tiny.gguf")
-  assert_one_error_line(run_cli("convert_gguf", f"--input={output / 'tiny.gguf'}", f"--output={output}", "--overwrite"),
+  assert_one_error_line(clis.run("convert_gguf", f"--input={output / 'tiny.gguf'}", f"--output={output}", "--overwrite"),
                   "the output directory holds the input: --overwrite would delete it")
 
 
 @pytest.mark.slow
-def test_carve_validation_claims_its_output_and_never_rewrites_its_input(tmp_path):
+def test_carve_validation_claims_its_output_and_never_rewrites_its_input(tmp_path, clis):
   records = tmp_path / "r.jsonl"
   _lines(records, [json.dumps({"prompt_ids": [3, 4, 5 + i % 7], "completion_ids": [5, 1], "prompt_id": f"p{i % 8}"})
                    for i in range(40)])
   data = tmp_path / "data"
-  result = run_cli("prepare_data", "--format=tokenized_jsonl", f"--input={records}", "--vocab_size=64",
+  result = clis.run("prepare_data", "--format=tokenized_jsonl", f"--input={records}", "--vocab_size=64",
                 f"--output_dir={data}", "--max_len=32")
   assert result.returncode == 0, result.stderr[-3000:]
   before = {p.name: p.read_bytes() for p in data.iterdir()}
   for output in (data, data / "dev"):
-    assert_one_error_line(run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={output}"),
+    assert_one_error_line(clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={output}"),
                     "the output directory is the input directory or inside it")
   assert {p.name: p.read_bytes() for p in data.iterdir()} == before
-  assert_one_error_line(run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=nan"),
+  assert_one_error_line(clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=nan"),
                   "--fraction")
-  assert_one_error_line(run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=0.01"),
+  assert_one_error_line(clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={tmp_path / 'x'}", "--fraction=0.01"),
                   "--fraction=0.01 leaves the eval side without records")
   assert not list((tmp_path / "x").glob("*.array_record"))
-  assert_one_error_line(run_cli("prepare_data", "--format=tokenized_jsonl", f"--input={records},{tmp_path}/./r.jsonl",
+  assert_one_error_line(clis.run("prepare_data", "--format=tokenized_jsonl", f"--input={records},{tmp_path}/./r.jsonl",
                        "--vocab_size=64", f"--output_dir={tmp_path / 'twice'}"), "a file given twice")
   dev = tmp_path / "dev"
-  assert run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}").returncode == 0
-  assert_one_error_line(run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5"),
+  assert clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={dev}").returncode == 0
+  assert_one_error_line(clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5"),
                   "holds an import made with other settings (seed: 1 -> 5)", "--overwrite")
-  assert run_cli("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5", "--overwrite"
+  assert clis.run("carve_validation", f"--input_dir={data}", f"--output_dir={dev}", "--seed=5", "--overwrite"
               ).returncode == 0
   assert json.loads((dev / "carve.json").read_text())["seed"] == 5
 
