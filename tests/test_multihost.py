@@ -51,10 +51,10 @@ def test_two_processes_match_one_process(tmp_path, tiny_config):
                                      "--num_processes=2", f"--process_id={i}"],
                             cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  # The single process is this one (no third interpreter and jax start), meanwhile: its 8 devices are another mesh
-  # of the same global batches, which gives the same sums (tests/test_mesh.py).
+  # The single process is this one (no third interpreter and jax start), meanwhile, on 4 of its 8 devices: the
+  # hosts' global mesh.
   from lenvm_jax.train import trainer
-  for name, value in OVERRIDES.items():
+  for name, value in {**OVERRIDES, "mesh.data": 2 * DEVICES_PER_PROCESS}.items():
     *sections, field = name.split(".")
     functools.reduce(getattr, sections, tiny_config)[field] = value
   try:
