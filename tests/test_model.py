@@ -11,12 +11,12 @@ from lenvm_jax.model_config import ModelConfig, preset_fields
 from lenvm_jax.model.transformer import (CAUSAL_QUERY_BLOCKS, MIN_QUERY_BLOCK, Attention, LengthValueModel,
                                          attention_mask, dense)
 from lenvm_jax.model.transformer import abstract_model
-from tests.helpers import tiny_model
 
 
 def _model(**overrides):
-  """The tiny model, initialised under jit (eager init is a compile per op and shape: seconds on a cold cache)."""
-  return nnx.merge(*tiny_model(50, **overrides))
+  # Eager init: its per-op compiles are shared by every config here (a jitted init is one compile per config).
+  config = ModelConfig(**{**preset_fields("tiny"), "vocab_size": 50, **overrides})
+  return LengthValueModel(config, nnx.Rngs(0))
 
 
 def _forward(model):
