@@ -172,3 +172,50 @@ def test_a_run_trains_on_the_cache_resumes_on_it_and_refuses_a_stale_one(tmp_pat
   # A user error (the CLIs print it as one line, exit 2), raised before any step.
   with pytest.raises(ConfigError, match=r"config.train.feature_cache_dir: .* stale: its frozen weights"):
     _train(tmp_path / "other", tiny_config, seed=7, cache_dir=str(workdir / "feature_cache"))
+
+
+def test_a_stopped_build_goes_on_from_its_last_whole_chunk_and_equals_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                           caplog):
+  """A 46-minute build stopped by a kill or a session's end keeps its whole chunks: started again, it computes only
+  the rest, and every record's features equal those of a build that was never stopped."""
+  monkeypatch.setattr(feature_cache, "SHARD_BYTES", 1)  # One chunk per forward (8 records): 12 chunks.
+  run = _run()
+  state = _state(run)
+  whole = _ready(run, state.params, tmp_path / "whole")
+
+  class StoppedAfter40(feature_cache.progress.ProgressLine):
+    def update(self, done, *args, **kwargs):
+      if done > 40:
+        raise KeyboardInterrupt
+      return super().update(done, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(feature_cache.progress, "ProgressLine", StoppedAfter40)
+    with pytest.raises(KeyboardInterrupt):
+      _ready(run, state.params, tmp_path / "stopped")
+  assert not (tmp_path / "stopped" / "feature_cache" / "cache.json").exists()
+  counted = []
+
+  class Counted(feature_cache.progress.ProgressLine):
+    def update(self, done, *args, **kwargs):
+      counted.append(done)
+      return super().update(done, *args, **kwargs)
+
+  with caplog.at_level(logging.INFO), monkeypatch.context() as patch:
+    patch.setattr(feature_cache.progress, "ProgressLine", Counted)
+    resumed = _ready(run, state.params, tmp_path / "stopped")
+  assert "going on from 40 of 96 records" in caplog.text
+  assert counted[0] == 48 and counted[-1] == 96  # Only records 40 - 95 ran through the frozen layers.
+  assert not (tmp_path / "stopped" / "feature_cache" / feature_cache.PARTIAL).exists()
+  for i in range(96):
+    np.testing.assert_array_equal(resumed.reader[i], whole.reader[i])
+  # Other weights: the stopped build's chunks are not reused.
+  other = _state(run, seed=1)
+  with monkeypatch.context() as patch:
+    patch.setattr(feature_cache.progress, "ProgressLine", StoppedAfter40)
+    with pytest.raises(KeyboardInterrupt):
+      _ready(run, other.params, tmp_path / "other")
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    _ready(run, state.params, tmp_path / "other")
+  assert "starting over" in caplog.text and "going on" not in caplog.text

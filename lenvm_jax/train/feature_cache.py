@@ -37,6 +37,9 @@ from lenvm_jax.model import transformer
 
 VERSION = 1
 MANIFEST, INDEX, DIGESTS = "cache.json", "index.npy", "digests.npy"
+# A build in progress: the chunks done so far (their shards are on disk) and their index rows. A build stopped by a
+# kill or the end of a session goes on from its last whole chunk when started again with the same key and records.
+PARTIAL, PARTIAL_INDEX = "partial.json", "partial_index.npy"
 SHARD_BYTES = 256 << 20  # Features per shard file.
 FIELD = "config.train.feature_cache_dir"
 # Row lengths the cache computes at (each is one compile): powers of two from MIN_BUCKET, and data.max_len.
@@ -178,6 +181,20 @@ def _batch_rows(run: RunConfig, mesh) -> int:
   return max(run.train.eval_batch_size // divisor, 1) * divisor
 
 
+def _partial(path: str, plan: dict) -> dict | None:
+  """The progress of a build stopped at `path`, if it was for the same weights, records and chunking."""
+  try:
+    with open(os.path.join(path, PARTIAL), encoding="utf-8") as f:
+      progress_so_far = json.load(f)
+  except FileNotFoundError:
+    return None
+  same = all(progress_so_far.get(name) == value for name, value in json.loads(json.dumps(plan)).items())
+  if not same:
+    logging.warning("feature cache: a stopped build at %s was for other weights, records or chunking: starting over",
+                    path)
+  return progress_so_far if same else None
+
+
 def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: np.ndarray):
   """Computes the frozen layers' output for every record training reads and writes the cache at `path`."""
   if jax.process_count() > 1:
@@ -203,6 +220,15 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
   index = np.zeros((len(source), 3), np.int64)
   per_shard = max(SHARD_BYTES // (hidden * np.dtype(store).itemsize), run.data.max_len)
   shards, buffer, filled, total = [], [], 0, 0
+  # Records are sorted by length within a chunk, so a forward pads little; a chunk's features stay in memory.
+  chunk = rows_per_forward * max(SHARD_BYTES // 2 // (rows_per_forward * run.data.max_len * hidden * 4), 1)
+  plan = {"key": key, "records": hashlib.sha256(digests.tobytes()).hexdigest(), "chunk": chunk,
+          "per_shard": per_shard}
+  done = _partial(path, plan)
+  if done:
+    shards, total = done["shards"], done["tokens"]
+    index = np.load(os.path.join(path, PARTIAL_INDEX))
+    logging.info("feature cache: going on from %d of %d records built before", done["records_done"], len(kept))
 
   def flush():
     nonlocal buffer, filled
@@ -216,10 +242,9 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
     buffer, filled = [], 0
 
   # The build runs the frozen layers over every record once (minutes to an hour on a CPU): a progress line.
-  line = progress.ProgressLine("feature cache", len(kept), line_every_s=30)
-  # Records are sorted by length within a chunk, so a forward pads little; a chunk's features stay in memory.
-  chunk = rows_per_forward * max(SHARD_BYTES // 2 // (rows_per_forward * run.data.max_len * hidden * 4), 1)
-  for first in range(0, len(kept), chunk):
+  start_at = done["records_done"] if done else 0
+  line = progress.ProgressLine("feature cache", len(kept), line_every_s=30, start=start_at)
+  for first in range(start_at, len(kept), chunk):
     ids = kept[first:first + chunk]
     tokens_of = {i: to_row(source[i])[rows_lib.TOKENS] for i in ids}
     features = {}
@@ -245,7 +270,12 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
       buffer.append(features[i])
       filled += len(features[i])
       total += len(features[i])
-  flush()
+    flush()  # A chunk ends its shard, so the chunks done are whole files on disk.
+    with files.atomic_path(os.path.join(path, PARTIAL_INDEX)) as temporary:
+      with open(temporary, "wb") as f:
+        np.save(f, index)
+    files.write_atomic(os.path.join(path, PARTIAL), json.dumps(
+        {**plan, "records_done": first + len(ids), "shards": shards, "tokens": total}))
   with files.atomic_path(os.path.join(path, INDEX)) as temporary:
     with open(temporary, "wb") as f:
       np.save(f, index)
@@ -256,6 +286,9 @@ def build(run: RunConfig, params, source, path: str, mesh, key: dict, digests: n
   files.write_atomic(os.path.join(path, MANIFEST), json.dumps(
       {"key": key, "records": len(source), "cached_records": len(kept), "tokens": total, "bytes": size,
        "hidden_size": hidden, "shards": shards}, indent=1))
+  for name in (PARTIAL, PARTIAL_INDEX):
+    if os.path.exists(os.path.join(path, name)):
+      os.remove(os.path.join(path, name))
   logging.info("feature cache: %d records, %d tokens, %.1f MB at %s (%d frozen layers, %s) in %.1f s", len(kept),
                total, size / 1e6, path, frozen, key["dtype"], time.perf_counter() - start)
 
