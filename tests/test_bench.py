@@ -2,13 +2,12 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import REPO, one_device_env
 
 
 # bfloat16 (the accelerator default) runs the code path a GPU runs: our bf16 matmuls against PyTorch under autocast
@@ -21,7 +20,7 @@ from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
 @pytest.mark.parametrize("dtype, accum, loss_rtol", [("float32", 2, 1e-4), ("bfloat16", 1, 1e-3)])
 def test_bench_parts_and_same_first_loss(tmp_path, dtype, accum, loss_rtol):
   out = tmp_path / "bench.json"
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)  # One CPU device, as a user runs it.
+  env = one_device_env()
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench", "--preset=tiny", "--hidden_size=64", "--num_layers=2",
        "--head_dim=16", "--mlp_dim=128", "--seq_len=64", "--batch=4", "--steps=1", "--rounds=2", "--matmul_size=256",

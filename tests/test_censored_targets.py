@@ -3,8 +3,6 @@ config checks, and the synthetic world's budget cut."""
 
 import dataclasses
 import json
-import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ from lenvm_jax.data import rows, synthetic
 from lenvm_jax.data.records import Trajectory
 from lenvm_jax.value import metrics, targets
 from lenvm_jax.value.objective import Objective
-from tests.helpers import run_cli
+from tests.helpers import one_device_env, run_cli
 
 GAMMA = 0.9
 
@@ -174,8 +172,7 @@ def test_censored_is_closest_to_the_exact_values_at_small_scale(tmp_path):
   as_finished's (0.0612 / 0.0442 / 0.0367 at 100 steps: 17 %, 13 s longer); ~70 s on 2 busy cores, three trainer
   starts. On one device: the same numbers as on the 8 test devices, each step without the 8-way split's overhead (the
   whole job 54 s CPU; at 40 steps the censored margin is 6 %, too thin)."""
-  one_device = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-  env = dict(os.environ, XLA_FLAGS=f"{one_device} --xla_force_host_platform_device_count=1".strip())
+  env = one_device_env()
   result = run_cli("censored_targets", f"--workdir={tmp_path}", "--preset=tiny", "--steps=60", "--batch_size=16",
                    "--train_records=2000", "--eval_records=128", "--max_len=48", timeout=900, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

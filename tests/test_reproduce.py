@@ -2,13 +2,12 @@
 metric's seed range, PNG."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import REPO, one_device_env
 
 
 @pytest.mark.slow
@@ -16,7 +15,7 @@ def test_reproduce_writes_the_table_and_figure(tmp_path):
   out = tmp_path / "5b"
   # One CPU device, as a user runs it (the runs' mesh is not what this tests): its four runs and their scoring take
   # 53 s of CPU per call against 81 s on conftest's 8 fake devices, with the same table.
-  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
+  env = one_device_env()
   printed = subprocess.run(
       [sys.executable, "-m", "experiments.reproduce", "--figure=5b", "--steps=4", "--seeds=2", f"--out_dir={out}"],
       cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=900).stdout

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import FAST_COMPILE_XLA_FLAGS, REPO
+from tests.helpers import REPO, one_device_env
 from lenvm_jax import sweep_spec
 
 
@@ -55,7 +55,7 @@ def _sweep(sweep_dir, *extra):
              f"--sweep_dir={sweep_dir}", "--sweep=config.loss.gamma=0.9,0.97", f"--sweep=config.train.steps={STEPS}",
              "--sweep=config.train.eval_every=0", *extra]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_XLA_FLAGS))  # One device.
+                          env=one_device_env())
 
 
 def test_url_sweep_dir_is_refused():
